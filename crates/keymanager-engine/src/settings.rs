@@ -1,0 +1,242 @@
+//! `plugin_data` settings, already parsed from HCL, with typed accessors whose errors name
+//! the key and what it allows. Each layer takes its keys out; whatever is left is unknown.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One configuration value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SettingValue {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Integer(i64),
+    /// A non-integer number.
+    Float(f64),
+    /// A string.
+    String(String),
+    /// A list.
+    List(Vec<SettingValue>),
+    /// An object or block.
+    Map(BTreeMap<String, SettingValue>),
+}
+
+impl SettingValue {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Null => "null",
+            Self::Bool(_) => "a boolean",
+            Self::Integer(_) | Self::Float(_) => "a number",
+            Self::String(_) => "a string",
+            Self::List(_) => "a list",
+            Self::Map(_) => "a map",
+        }
+    }
+}
+
+/// A configuration error that names the key and what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// The text is not valid HCL.
+    #[error("plugin_data is not valid HCL: {0}")]
+    Syntax(String),
+    /// A key nobody recognised.
+    #[error("unknown key {key:?} in plugin_data; allowed keys: {allowed}")]
+    UnknownKey {
+        /// The key.
+        key: String,
+        /// The keys that are allowed.
+        allowed: String,
+    },
+    /// A key given more than once.
+    #[error("key {0:?} is set more than once in plugin_data")]
+    Duplicate(String),
+    /// A value of the wrong type.
+    #[error("{key:?} must be {expected}, got {found}")]
+    WrongType {
+        /// The key.
+        key: String,
+        /// What it must be.
+        expected: &'static str,
+        /// What it was.
+        found: &'static str,
+    },
+    /// A required key is missing.
+    #[error("{key:?} is required{hint}")]
+    Missing {
+        /// The key.
+        key: String,
+        /// Extra guidance, starting with `: ` or empty.
+        hint: String,
+    },
+    /// A value of the right type but not allowed.
+    #[error("invalid {key:?}: {reason}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why, including what is allowed.
+        reason: String,
+    },
+    /// Missing core configuration from SPIRE.
+    #[error("{0}")]
+    Core(String),
+}
+
+impl SettingsError {
+    /// A value that failed validation.
+    pub fn invalid(key: &str, reason: impl fmt::Display) -> Self {
+        Self::Invalid {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A required key that is missing.
+    pub fn missing(key: &str, hint: &str) -> Self {
+        Self::Missing {
+            key: key.to_string(),
+            hint: if hint.is_empty() {
+                String::new()
+            } else {
+                format!(": {hint}")
+            },
+        }
+    }
+}
+
+/// The top-level `plugin_data` keys, consumed as each layer reads them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settings {
+    values: BTreeMap<String, SettingValue>,
+}
+
+impl Settings {
+    /// Wraps parsed values.
+    pub fn new(values: BTreeMap<String, SettingValue>) -> Self {
+        Self { values }
+    }
+
+    /// Takes a string value.
+    pub fn take_string(&mut self, key: &str) -> Result<Option<String>, SettingsError> {
+        match self.values.remove(key) {
+            None | Some(SettingValue::Null) => Ok(None),
+            Some(SettingValue::String(s)) => Ok(Some(s)),
+            Some(other) => Err(wrong_type(key, "a string", &other)),
+        }
+    }
+
+    /// Takes a non-empty string value; an empty string counts as unset.
+    pub fn take_nonempty_string(&mut self, key: &str) -> Result<Option<String>, SettingsError> {
+        Ok(self.take_string(key)?.filter(|s| !s.is_empty()))
+    }
+
+    /// Takes a boolean value.
+    pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>, SettingsError> {
+        match self.values.remove(key) {
+            None | Some(SettingValue::Null) => Ok(None),
+            Some(SettingValue::Bool(b)) => Ok(Some(b)),
+            Some(other) => Err(wrong_type(key, "a boolean (true or false)", &other)),
+        }
+    }
+
+    /// Takes a non-negative integer value.
+    pub fn take_u64(&mut self, key: &str) -> Result<Option<u64>, SettingsError> {
+        match self.values.remove(key) {
+            None | Some(SettingValue::Null) => Ok(None),
+            Some(SettingValue::Integer(n)) => u64::try_from(n)
+                .map(Some)
+                .map_err(|_| SettingsError::invalid(key, format!("must not be negative, got {n}"))),
+            Some(other) => Err(wrong_type(key, "a non-negative integer", &other)),
+        }
+    }
+
+    /// Takes a map of strings (HCL `key = { a = "b" }` or a `key { a = "b" }` block).
+    pub fn take_string_map(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, SettingsError> {
+        match self.values.remove(key) {
+            None | Some(SettingValue::Null) => Ok(None),
+            Some(SettingValue::Map(map)) => map
+                .into_iter()
+                .map(|(k, v)| match v {
+                    SettingValue::String(s) => Ok((k, s)),
+                    other => Err(SettingsError::WrongType {
+                        key: format!("{key}.{k}"),
+                        expected: "a string",
+                        found: other.kind(),
+                    }),
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some(other) => Err(wrong_type(key, "a map of strings", &other)),
+        }
+    }
+
+    /// Fails on the first key nobody took, listing what is allowed.
+    pub fn finish(self, allowed: &[&str]) -> Result<(), SettingsError> {
+        match self.values.into_keys().next() {
+            None => Ok(()),
+            Some(key) => Err(SettingsError::UnknownKey {
+                key,
+                allowed: allowed.join(", "),
+            }),
+        }
+    }
+}
+
+fn wrong_type(key: &str, expected: &'static str, found: &SettingValue) -> SettingsError {
+    SettingsError::WrongType {
+        key: key.to_string(),
+        expected,
+        found: found.kind(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, SettingValue)]) -> Settings {
+        Settings::new(pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+    }
+
+    #[test]
+    fn typed_accessors_name_the_key_on_wrong_type() {
+        let mut s = settings(&[("keys_path", SettingValue::Integer(3))]);
+        let err = s.take_string("keys_path").unwrap_err();
+        assert_eq!(err.to_string(), "\"keys_path\" must be a string, got a number");
+    }
+
+    #[test]
+    fn leftover_keys_are_unknown_and_list_the_allowed_ones() {
+        let mut s = settings(&[
+            ("keys_path", SettingValue::String("/x".into())),
+            ("key_path", SettingValue::String("/y".into())),
+        ]);
+        assert_eq!(s.take_string("keys_path").unwrap().as_deref(), Some("/x"));
+        let err = s.finish(&["backend", "keys_path"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown key \"key_path\" in plugin_data; allowed keys: backend, keys_path"
+        );
+    }
+
+    #[test]
+    fn string_maps_check_every_value() {
+        let mut inner = BTreeMap::new();
+        inner.insert("team".to_string(), SettingValue::Bool(true));
+        let mut s = settings(&[("key_tags", SettingValue::Map(inner))]);
+        let err = s.take_string_map("key_tags").unwrap_err();
+        assert_eq!(err.to_string(), "\"key_tags.team\" must be a string, got a boolean");
+    }
+
+    #[test]
+    fn negative_integers_are_refused_for_counts() {
+        let mut s = settings(&[("max_keys", SettingValue::Integer(-1))]);
+        assert!(s.take_u64("max_keys").unwrap_err().to_string().contains("max_keys"));
+    }
+}
