@@ -23,10 +23,14 @@ impl BackendFactory for DiskFactory {
         KEYS
     }
 
-    fn parse(&self, settings: &mut Settings, _core: &CoreConfig) -> Result<Box<dyn BackendConfig>, SettingsError> {
-        let keys_path = settings
-            .take_nonempty_string("keys_path")?
-            .ok_or_else(|| SettingsError::missing("keys_path", "the path of the JSON file that holds the keys"))?;
+    fn parse(
+        &self,
+        settings: &mut Settings,
+        _core: &CoreConfig,
+    ) -> Result<Box<dyn BackendConfig>, SettingsError> {
+        let keys_path = settings.take_nonempty_string("keys_path")?.ok_or_else(|| {
+            SettingsError::missing("keys_path", "the path of the JSON file that holds the keys")
+        })?;
         Ok(Box::new(DiskConfig {
             keys_path: PathBuf::from(keys_path),
         }))

@@ -61,7 +61,10 @@ impl KeyFile {
                     .map_err(|e| {
                         BackendError::new(
                             BackendErrorKind::Internal,
-                            format!("keys file {} is corrupt: key {id:?} is not base64: {e}", self.path.display()),
+                            format!(
+                                "keys file {} is corrupt: key {id:?} is not base64: {e}",
+                                self.path.display()
+                            ),
                         )
                     })
             })
@@ -72,7 +75,10 @@ impl KeyFile {
     /// over the old one, fsync the directory. A crash leaves either the old or the new file.
     pub fn write(&self, entries: &BTreeMap<String, Vec<u8>>) -> Result<(), BackendError> {
         let format = FileFormat {
-            keys: entries.iter().map(|(id, der)| (id.clone(), STANDARD.encode(der))).collect(),
+            keys: entries
+                .iter()
+                .map(|(id, der)| (id.clone(), STANDARD.encode(der)))
+                .collect(),
         };
         let json = serde_json::to_vec(&format)
             .map_err(|e| self.error("cannot encode keys file", std::io::Error::other(e)))?;

@@ -81,7 +81,10 @@ impl Backend for DiskBackend {
                 let id = KeyId::new(&id).map_err(|_| {
                     BackendError::new(
                         BackendErrorKind::Internal,
-                        format!("keys file {} holds a key with an empty id", self.file.path().display()),
+                        format!(
+                            "keys file {} holds a key with an empty id",
+                            self.file.path().display()
+                        ),
                     )
                 })?;
                 Self::backend_key(id, key)
@@ -114,7 +117,10 @@ impl Backend for DiskBackend {
         scheme: SignatureScheme,
     ) -> Result<BackendSignature, BackendError> {
         let software = key.handle.downcast::<SoftwareKey>().ok_or_else(|| {
-            BackendError::new(BackendErrorKind::Internal, "key handle does not belong to the disk backend")
+            BackendError::new(
+                BackendErrorKind::Internal,
+                "key handle does not belong to the disk backend",
+            )
         })?;
         if software.is_rsa() {
             // RSA private-key operations take milliseconds: keep them off the async workers.
@@ -137,9 +143,9 @@ impl Backend for DiskBackend {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, BackendError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BackendError::with_source(BackendErrorKind::Internal, "disk backend task failed", e))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        BackendError::with_source(BackendErrorKind::Internal, "disk backend task failed", e)
+    })?
 }
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 use std::fmt;
 use std::sync::Arc;
 
-use keymanager_engine::{BackendError, BackendErrorKind, BackendSignature, Digest, HashAlgorithm, KeyType, SignatureScheme};
+use keymanager_engine::{
+    BackendError, BackendErrorKind, BackendSignature, Digest, HashAlgorithm, KeyType,
+    SignatureScheme,
+};
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::elliptic_curve::Generate;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
@@ -57,7 +60,11 @@ impl SoftwareKey {
                 let key_type = match bits {
                     2048 => KeyType::Rsa2048,
                     4096 => KeyType::Rsa4096,
-                    other => return Err(format!("RSA-{other} keys are not supported; use rsa-2048 or rsa-4096")),
+                    other => {
+                        return Err(format!(
+                            "RSA-{other} keys are not supported; use rsa-2048 or rsa-4096"
+                        ));
+                    }
                 };
                 Ok(Self::Rsa(Arc::new(key), key_type))
             }
@@ -102,17 +109,23 @@ impl SoftwareKey {
     }
 
     /// Signs `digest` (never hashed again) with `scheme`.
-    pub fn sign(&self, digest: &Digest, scheme: SignatureScheme) -> Result<BackendSignature, BackendError> {
+    pub fn sign(
+        &self,
+        digest: &Digest,
+        scheme: SignatureScheme,
+    ) -> Result<BackendSignature, BackendError> {
         let bytes = digest.as_bytes();
         match (self, scheme) {
             (Self::P256(key), SignatureScheme::Ecdsa(_)) => {
-                let signature: p256::ecdsa::DerSignature =
-                    key.sign_prehash(bytes).map_err(|e| internal(format!("ECDSA P-256 signing failed: {e}")))?;
+                let signature: p256::ecdsa::DerSignature = key
+                    .sign_prehash(bytes)
+                    .map_err(|e| internal(format!("ECDSA P-256 signing failed: {e}")))?;
                 Ok(BackendSignature::EcdsaDer(signature.as_bytes().to_vec()))
             }
             (Self::P384(key), SignatureScheme::Ecdsa(_)) => {
-                let signature: p384::ecdsa::DerSignature =
-                    key.sign_prehash(bytes).map_err(|e| internal(format!("ECDSA P-384 signing failed: {e}")))?;
+                let signature: p384::ecdsa::DerSignature = key
+                    .sign_prehash(bytes)
+                    .map_err(|e| internal(format!("ECDSA P-384 signing failed: {e}")))?;
                 Ok(BackendSignature::EcdsaDer(signature.as_bytes().to_vec()))
             }
             (Self::Rsa(key, _), SignatureScheme::RsaPkcs1v15(hash)) => key
@@ -126,7 +139,11 @@ impl SoftwareKey {
             }
             (key, scheme) => Err(BackendError::new(
                 BackendErrorKind::InvalidArgument,
-                format!("{} cannot be used with {} key", scheme.describe(), key.key_type()),
+                format!(
+                    "{} cannot be used with {} key",
+                    scheme.describe(),
+                    key.key_type()
+                ),
             )),
         }
     }
@@ -147,14 +164,23 @@ fn pkcs1v15_padding(hash: HashAlgorithm) -> Pkcs1v15Sign {
     }
 }
 
-fn sign_pss(key: &rsa::PrivateKey, hash: HashAlgorithm, salt_len: usize, digest: &[u8]) -> rsa::Result<Vec<u8>> {
+fn sign_pss(
+    key: &rsa::PrivateKey,
+    hash: HashAlgorithm,
+    salt_len: usize,
+    digest: &[u8],
+) -> rsa::Result<Vec<u8>> {
     match hash {
         HashAlgorithm::Sha224 => key.sign(Pss::<sha2::Sha224>::new_with_salt(salt_len), digest),
         HashAlgorithm::Sha256 => key.sign(Pss::<sha2::Sha256>::new_with_salt(salt_len), digest),
         HashAlgorithm::Sha384 => key.sign(Pss::<sha2::Sha384>::new_with_salt(salt_len), digest),
         HashAlgorithm::Sha512 => key.sign(Pss::<sha2::Sha512>::new_with_salt(salt_len), digest),
-        HashAlgorithm::Sha512_224 => key.sign(Pss::<sha2::Sha512_224>::new_with_salt(salt_len), digest),
-        HashAlgorithm::Sha512_256 => key.sign(Pss::<sha2::Sha512_256>::new_with_salt(salt_len), digest),
+        HashAlgorithm::Sha512_224 => {
+            key.sign(Pss::<sha2::Sha512_224>::new_with_salt(salt_len), digest)
+        }
+        HashAlgorithm::Sha512_256 => {
+            key.sign(Pss::<sha2::Sha512_256>::new_with_salt(salt_len), digest)
+        }
         HashAlgorithm::Sha3_224 => key.sign(Pss::<sha3::Sha3_224>::new_with_salt(salt_len), digest),
         HashAlgorithm::Sha3_256 => key.sign(Pss::<sha3::Sha3_256>::new_with_salt(salt_len), digest),
         HashAlgorithm::Sha3_384 => key.sign(Pss::<sha3::Sha3_384>::new_with_salt(salt_len), digest),

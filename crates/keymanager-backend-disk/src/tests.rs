@@ -42,9 +42,14 @@ async fn assert_verifies(
 async fn every_key_type_signs_verifiably_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.json");
-    let engine = Engine::start(Arc::new(DiskBackend::new(path.clone())), None).await.unwrap();
+    let engine = Engine::start(Arc::new(DiskBackend::new(path.clone())), None)
+        .await
+        .unwrap();
     for key_type in KeyType::ALL {
-        engine.generate_key(id(key_type.as_str()), key_type).await.unwrap();
+        engine
+            .generate_key(id(key_type.as_str()), key_type)
+            .await
+            .unwrap();
     }
     let sha = SignerOpts::Hash;
     let pss = |hash| SignerOpts::Pss {
@@ -52,17 +57,77 @@ async fn every_key_type_signs_verifiably_and_survives_a_restart() {
         salt: PssSaltLength::EqualsHash,
     };
     use HashAlgorithm::*;
-    assert_verifies(&engine, "ec-p256", sha(Sha256), &signature::ECDSA_P256_SHA256_ASN1).await;
-    assert_verifies(&engine, "ec-p256", sha(Sha384), &signature::ECDSA_P256_SHA384_ASN1).await;
-    assert_verifies(&engine, "ec-p384", sha(Sha384), &signature::ECDSA_P384_SHA384_ASN1).await;
-    assert_verifies(&engine, "ec-p384", sha(Sha256), &signature::ECDSA_P384_SHA256_ASN1).await;
+    assert_verifies(
+        &engine,
+        "ec-p256",
+        sha(Sha256),
+        &signature::ECDSA_P256_SHA256_ASN1,
+    )
+    .await;
+    assert_verifies(
+        &engine,
+        "ec-p256",
+        sha(Sha384),
+        &signature::ECDSA_P256_SHA384_ASN1,
+    )
+    .await;
+    assert_verifies(
+        &engine,
+        "ec-p384",
+        sha(Sha384),
+        &signature::ECDSA_P384_SHA384_ASN1,
+    )
+    .await;
+    assert_verifies(
+        &engine,
+        "ec-p384",
+        sha(Sha256),
+        &signature::ECDSA_P384_SHA256_ASN1,
+    )
+    .await;
     for rsa in ["rsa-2048", "rsa-4096"] {
-        assert_verifies(&engine, rsa, sha(Sha256), &signature::RSA_PKCS1_2048_8192_SHA256).await;
-        assert_verifies(&engine, rsa, sha(Sha384), &signature::RSA_PKCS1_2048_8192_SHA384).await;
-        assert_verifies(&engine, rsa, sha(Sha512), &signature::RSA_PKCS1_2048_8192_SHA512).await;
-        assert_verifies(&engine, rsa, pss(Sha256), &signature::RSA_PSS_2048_8192_SHA256).await;
-        assert_verifies(&engine, rsa, pss(Sha384), &signature::RSA_PSS_2048_8192_SHA384).await;
-        assert_verifies(&engine, rsa, pss(Sha512), &signature::RSA_PSS_2048_8192_SHA512).await;
+        assert_verifies(
+            &engine,
+            rsa,
+            sha(Sha256),
+            &signature::RSA_PKCS1_2048_8192_SHA256,
+        )
+        .await;
+        assert_verifies(
+            &engine,
+            rsa,
+            sha(Sha384),
+            &signature::RSA_PKCS1_2048_8192_SHA384,
+        )
+        .await;
+        assert_verifies(
+            &engine,
+            rsa,
+            sha(Sha512),
+            &signature::RSA_PKCS1_2048_8192_SHA512,
+        )
+        .await;
+        assert_verifies(
+            &engine,
+            rsa,
+            pss(Sha256),
+            &signature::RSA_PSS_2048_8192_SHA256,
+        )
+        .await;
+        assert_verifies(
+            &engine,
+            rsa,
+            pss(Sha384),
+            &signature::RSA_PSS_2048_8192_SHA384,
+        )
+        .await;
+        assert_verifies(
+            &engine,
+            rsa,
+            pss(Sha512),
+            &signature::RSA_PSS_2048_8192_SHA512,
+        )
+        .await;
     }
 
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -70,9 +135,21 @@ async fn every_key_type_signs_verifiably_and_survives_a_restart() {
 
     let before = engine.public_keys();
     drop(engine);
-    let reopened = Engine::start(Arc::new(DiskBackend::new(path)), None).await.unwrap();
-    assert_eq!(reopened.public_keys(), before, "keys must survive a restart");
-    assert_verifies(&reopened, "ec-p256", sha(Sha256), &signature::ECDSA_P256_SHA256_ASN1).await;
+    let reopened = Engine::start(Arc::new(DiskBackend::new(path)), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        reopened.public_keys(),
+        before,
+        "keys must survive a restart"
+    );
+    assert_verifies(
+        &reopened,
+        "ec-p256",
+        sha(Sha256),
+        &signature::ECDSA_P256_SHA256_ASN1,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -80,9 +157,14 @@ async fn file_uses_spires_disk_format() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.json");
     let backend = DiskBackend::new(path.clone());
-    backend.create_key(&id("x509-CA-A"), KeyType::EcP256).await.unwrap();
+    backend
+        .create_key(&id("x509-CA-A"), KeyType::EcP256)
+        .await
+        .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let encoded = json["keys"]["x509-CA-A"].as_str().expect("keys.<id> is a base64 string");
+    let encoded = json["keys"]["x509-CA-A"]
+        .as_str()
+        .expect("keys.<id> is a base64 string");
     let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).unwrap();
     // PKCS#8 PrivateKeyInfo starts with a SEQUENCE and carries the id-ecPublicKey OID.
     assert_eq!(der[0], 0x30);
@@ -95,21 +177,41 @@ async fn corrupt_or_unreadable_files_are_errors_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.json");
     std::fs::write(&path, b"{\"keys\": {\"a\": \"not base64!\"}}").unwrap();
-    let err = DiskBackend::new(path.clone()).load_keys().await.unwrap_err();
-    assert!(err.message.contains(&path.display().to_string()), "{}", err.message);
+    let err = DiskBackend::new(path.clone())
+        .load_keys()
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains(&path.display().to_string()),
+        "{}",
+        err.message
+    );
 
     std::fs::write(&path, b"garbage").unwrap();
-    let err = DiskBackend::new(path.clone()).load_keys().await.unwrap_err();
+    let err = DiskBackend::new(path.clone())
+        .load_keys()
+        .await
+        .unwrap_err();
     assert!(err.message.contains("is corrupt"), "{}", err.message);
     assert!(err.message.contains(&path.display().to_string()));
 
     std::fs::write(&path, b"{\"keys\": {\"a\": \"AAAA\"}}").unwrap();
-    let err = DiskBackend::new(path.clone()).load_keys().await.unwrap_err();
+    let err = DiskBackend::new(path.clone())
+        .load_keys()
+        .await
+        .unwrap_err();
     assert!(err.message.contains("key \"a\""), "{}", err.message);
 
     // A directory where the file should be cannot be read.
-    let err = DiskBackend::new(dir.path().to_path_buf()).load_keys().await.unwrap_err();
-    assert!(err.message.contains("cannot read keys file"), "{}", err.message);
+    let err = DiskBackend::new(dir.path().to_path_buf())
+        .load_keys()
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("cannot read keys file"),
+        "{}",
+        err.message
+    );
 }
 
 #[tokio::test]
@@ -118,22 +220,39 @@ async fn failed_write_keeps_the_previous_key() {
     let keys_dir = dir.path().join("keys");
     std::fs::create_dir(&keys_dir).unwrap();
     let path = keys_dir.join("keys.json");
-    let engine = Engine::start(Arc::new(DiskBackend::new(path.clone())), None).await.unwrap();
-    let original = engine.generate_key(id("JWT-Signer-A"), KeyType::EcP256).await.unwrap();
+    let engine = Engine::start(Arc::new(DiskBackend::new(path.clone())), None)
+        .await
+        .unwrap();
+    let original = engine
+        .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
+        .await
+        .unwrap();
 
     // Make the directory read-only so the temporary file cannot be created.
     std::fs::set_permissions(&keys_dir, std::fs::Permissions::from_mode(0o500)).unwrap();
     let running_as_root = std::fs::write(keys_dir.join("probe"), b"").is_ok();
     if !running_as_root {
-        let err = engine.generate_key(id("JWT-Signer-A"), KeyType::EcP256).await.unwrap_err();
-        assert!(err.to_string().contains("unable to write keys file"), "{err}");
+        let err = engine
+            .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unable to write keys file"),
+            "{err}"
+        );
         assert_eq!(engine.public_key(&id("JWT-Signer-A")).unwrap(), original);
     }
     std::fs::set_permissions(&keys_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
 
     // Root ignores directory modes, so also break the write by replacing the directory.
     std::fs::remove_dir_all(&keys_dir).unwrap();
-    let err = engine.generate_key(id("JWT-Signer-A"), KeyType::EcP256).await.unwrap_err();
-    assert!(err.to_string().contains("unable to write keys file"), "{err}");
+    let err = engine
+        .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("unable to write keys file"),
+        "{err}"
+    );
     assert_eq!(engine.public_key(&id("JWT-Signer-A")).unwrap(), original);
 }

@@ -288,7 +288,10 @@ mod tests {
         ));
         // 3 is Go's crypto.SHA1, sent by TLS 1.2 ACME signing.
         let err = HashAlgorithm::from_wire(3).unwrap_err();
-        assert!(err.to_string().contains("unsupported hash algorithm 3"), "{err}");
+        assert!(
+            err.to_string().contains("unsupported hash algorithm 3"),
+            "{err}"
+        );
         assert!(HashAlgorithm::from_wire(-7).is_err());
         assert!(HashAlgorithm::from_wire(16).is_err());
     }
@@ -296,11 +299,31 @@ mod tests {
     #[test]
     fn pss_salt_follows_go_semantics() {
         let h = HashAlgorithm::Sha256;
-        assert_eq!(PssSaltLength::from_wire(-1).unwrap().bytes(2048, h).unwrap(), 32);
+        assert_eq!(
+            PssSaltLength::from_wire(-1)
+                .unwrap()
+                .bytes(2048, h)
+                .unwrap(),
+            32
+        );
         // ceil(2047/8) - 32 - 2 = 222
-        assert_eq!(PssSaltLength::from_wire(0).unwrap().bytes(2048, h).unwrap(), 222);
-        assert_eq!(PssSaltLength::from_wire(20).unwrap().bytes(2048, h).unwrap(), 20);
-        assert!(PssSaltLength::from_wire(223).unwrap().bytes(2048, h).is_err());
+        assert_eq!(
+            PssSaltLength::from_wire(0).unwrap().bytes(2048, h).unwrap(),
+            222
+        );
+        assert_eq!(
+            PssSaltLength::from_wire(20)
+                .unwrap()
+                .bytes(2048, h)
+                .unwrap(),
+            20
+        );
+        assert!(
+            PssSaltLength::from_wire(223)
+                .unwrap()
+                .bytes(2048, h)
+                .is_err()
+        );
         assert!(PssSaltLength::from_wire(-2).is_err());
         assert!(PssSaltLength::from_wire(i32::MIN).is_err());
         assert!(PssSaltLength::from_wire(i32::MAX).is_err());

@@ -196,9 +196,9 @@ impl Capabilities {
     pub fn supports(&self, key_type: KeyType, scheme: SignatureScheme) -> bool {
         match self.signing {
             SigningSupport::Any => true,
-            SigningSupport::Only(list) => list
-                .iter()
-                .any(|&(t, f, h)| t == key_type && f == SchemeFamily::of(scheme) && h == scheme.hash()),
+            SigningSupport::Only(list) => list.iter().any(|&(t, f, h)| {
+                t == key_type && f == SchemeFamily::of(scheme) && h == scheme.hash()
+            }),
         }
     }
 

@@ -6,6 +6,7 @@
 //! never ends up with two freshly created keys.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::algorithm::{Digest, SignatureScheme, SignerOpts};
@@ -33,12 +34,16 @@ pub struct Engine {
     backend: Arc<dyn Backend>,
     keys: RwLock<HashMap<KeyId, Arc<ManagedKey>>>,
     generating: Mutex<HashMap<KeyId, Arc<tokio::sync::Mutex<()>>>>,
-    max_keys: Option<usize>,
+    /// 0 means unlimited.
+    max_keys: AtomicUsize,
 }
 
 impl Engine {
     /// Loads the backend's keys into the cache.
-    pub async fn start(backend: Arc<dyn Backend>, max_keys: Option<usize>) -> Result<Self, EngineError> {
+    pub async fn start(
+        backend: Arc<dyn Backend>,
+        max_keys: Option<usize>,
+    ) -> Result<Self, EngineError> {
         let loaded = backend.load_keys().await?;
         let mut keys = HashMap::with_capacity(loaded.len());
         for backend_key in loaded {
@@ -54,13 +59,23 @@ impl Engine {
                 tracing::warn!(key_id = %previous.public.id, "backend returned two keys for one id; the last one wins");
             }
         }
-        tracing::info!(backend = backend.name(), keys = keys.len(), "key engine started");
+        tracing::info!(
+            backend = backend.name(),
+            keys = keys.len(),
+            "key engine started"
+        );
         Ok(Self {
             backend,
             keys: RwLock::new(keys),
             generating: Mutex::new(HashMap::new()),
-            max_keys,
+            max_keys: AtomicUsize::new(max_keys.unwrap_or(0)),
         })
+    }
+
+    /// Changes the cap on distinct key ids (`None`: unlimited); applies to later GenerateKeys.
+    pub fn set_max_keys(&self, max_keys: Option<usize>) {
+        self.max_keys
+            .store(max_keys.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// The backend's name.
@@ -69,7 +84,11 @@ impl Engine {
     }
 
     /// Creates a new key under `id`, replacing any existing one, which is then retired.
-    pub async fn generate_key(&self, id: KeyId, key_type: KeyType) -> Result<PublicKey, EngineError> {
+    pub async fn generate_key(
+        &self,
+        id: KeyId,
+        key_type: KeyType,
+    ) -> Result<PublicKey, EngineError> {
         let capabilities = self.backend.capabilities();
         if !capabilities.key_types.contains(&key_type) {
             return Err(EngineError::KeyTypeUnsupported {
@@ -80,7 +99,8 @@ impl Engine {
         let id_lock = self.generate_lock(&id);
         let _serialised = id_lock.lock().await;
 
-        if let Some(limit) = self.max_keys {
+        let limit = self.max_keys.load(Ordering::Relaxed);
+        if limit > 0 {
             let count = self.read_keys().len();
             if count >= limit && !self.read_keys().contains_key(&id) {
                 return Err(EngineError::KeyLimitReached { id, count, limit });
@@ -136,13 +156,22 @@ impl Engine {
 
     /// Every cached public key, sorted by id.
     pub fn public_keys(&self) -> Vec<PublicKey> {
-        let mut keys: Vec<PublicKey> = self.read_keys().values().map(|k| k.public.clone()).collect();
+        let mut keys: Vec<PublicKey> = self
+            .read_keys()
+            .values()
+            .map(|k| k.public.clone())
+            .collect();
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         keys
     }
 
     /// Signs an already hashed digest with the key under `id`.
-    pub async fn sign(&self, id: &KeyId, digest: Vec<u8>, opts: SignerOpts) -> Result<Signature, EngineError> {
+    pub async fn sign(
+        &self,
+        id: &KeyId,
+        digest: Vec<u8>,
+        opts: SignerOpts,
+    ) -> Result<Signature, EngineError> {
         let key = self
             .read_keys()
             .get(id)
@@ -200,7 +229,10 @@ fn managed_key(backend_key: BackendKey) -> ManagedKey {
         spki_der: backend_key.spki_der.clone(),
         fingerprint: Fingerprint::of_spki(&backend_key.spki_der),
     };
-    ManagedKey { public, backend_key }
+    ManagedKey {
+        public,
+        backend_key,
+    }
 }
 
 fn scalar_len(key_type: KeyType) -> Option<usize> {
@@ -212,7 +244,11 @@ fn scalar_len(key_type: KeyType) -> Option<usize> {
 }
 
 /// Puts every backend's output into the form Go's `crypto.Signer` returns.
-fn normalise_signature(id: &KeyId, key_type: KeyType, raw: BackendSignature) -> Result<Vec<u8>, EngineError> {
+fn normalise_signature(
+    id: &KeyId,
+    key_type: KeyType,
+    raw: BackendSignature,
+) -> Result<Vec<u8>, EngineError> {
     let invalid = |reason: String| EngineError::InvalidBackendSignature {
         id: id.clone(),
         reason,
@@ -225,17 +261,28 @@ fn normalise_signature(id: &KeyId, key_type: KeyType, raw: BackendSignature) -> 
         }
         (Some(len), _, BackendSignature::EcdsaFixed(fixed)) => {
             if fixed.len() != 2 * len {
-                return Err(invalid(format!("ECDSA signature is {} bytes, expected {}", fixed.len(), 2 * len)));
+                return Err(invalid(format!(
+                    "ECDSA signature is {} bytes, expected {}",
+                    fixed.len(),
+                    2 * len
+                )));
             }
-            ecdsa_fixed_to_der(&fixed).ok_or_else(|| invalid("ECDSA signature could not be encoded".into()))
+            ecdsa_fixed_to_der(&fixed)
+                .ok_or_else(|| invalid("ECDSA signature could not be encoded".into()))
         }
         (_, Some(bits), BackendSignature::Rsa(sig)) => {
             if sig.len() != bits / 8 {
-                return Err(invalid(format!("RSA signature is {} bytes, expected {}", sig.len(), bits / 8)));
+                return Err(invalid(format!(
+                    "RSA signature is {} bytes, expected {}",
+                    sig.len(),
+                    bits / 8
+                )));
             }
             Ok(sig)
         }
-        (_, _, other) => Err(invalid(format!("signature kind {other:?} does not match a {key_type} key"))),
+        (_, _, other) => Err(invalid(format!(
+            "signature kind {other:?} does not match a {key_type} key"
+        ))),
     }
 }
 
@@ -281,7 +328,11 @@ mod tests {
         async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
             Ok(Vec::new())
         }
-        async fn create_key(&self, id: &KeyId, key_type: KeyType) -> Result<BackendKey, BackendError> {
+        async fn create_key(
+            &self,
+            id: &KeyId,
+            key_type: KeyType,
+        ) -> Result<BackendKey, BackendError> {
             let _held = self.hold_create.lock().await;
             let n = self.created.fetch_add(1, Ordering::SeqCst);
             Ok(BackendKey {
@@ -329,13 +380,23 @@ mod tests {
     async fn regenerating_changes_fingerprint_and_retires_the_old_key() {
         let backend = FakeBackend::new(any_capabilities());
         let engine = Engine::start(backend.clone(), None).await.unwrap();
-        let first = engine.generate_key(id("x509-CA-A"), KeyType::EcP256).await.unwrap();
-        let second = engine.generate_key(id("x509-CA-A"), KeyType::Rsa2048).await.unwrap();
+        let first = engine
+            .generate_key(id("x509-CA-A"), KeyType::EcP256)
+            .await
+            .unwrap();
+        let second = engine
+            .generate_key(id("x509-CA-A"), KeyType::Rsa2048)
+            .await
+            .unwrap();
         assert_ne!(first.fingerprint, second.fingerprint);
         assert_eq!(engine.public_key(&id("x509-CA-A")).unwrap(), second);
         assert_eq!(*backend.retired.lock().unwrap(), vec!["fake/0".to_string()]);
         let signature = engine
-            .sign(&id("x509-CA-A"), vec![0; 32], SignerOpts::Hash(HashAlgorithm::Sha256))
+            .sign(
+                &id("x509-CA-A"),
+                vec![0; 32],
+                SignerOpts::Hash(HashAlgorithm::Sha256),
+            )
             .await
             .unwrap();
         assert_eq!(signature.fingerprint, second.fingerprint);
@@ -345,26 +406,41 @@ mod tests {
     async fn sign_does_not_wait_for_a_generate_key_in_progress() {
         let backend = FakeBackend::new(any_capabilities());
         let engine = Arc::new(Engine::start(backend.clone(), None).await.unwrap());
-        engine.generate_key(id("JWT-Signer-A"), KeyType::EcP256).await.unwrap();
+        engine
+            .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
+            .await
+            .unwrap();
 
         // Hold the backend inside create_key for another id.
         let held = backend.hold_create.lock().await;
         let generating = {
             let engine = engine.clone();
-            tokio::spawn(async move { engine.generate_key(id("JWT-Signer-B"), KeyType::EcP256).await })
+            tokio::spawn(async move {
+                engine
+                    .generate_key(id("JWT-Signer-B"), KeyType::EcP256)
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!generating.is_finished());
 
         let signed = tokio::time::timeout(
             Duration::from_secs(1),
-            engine.sign(&id("JWT-Signer-A"), vec![0; 32], SignerOpts::Hash(HashAlgorithm::Sha256)),
+            engine.sign(
+                &id("JWT-Signer-A"),
+                vec![0; 32],
+                SignerOpts::Hash(HashAlgorithm::Sha256),
+            ),
         )
         .await
         .expect("sign must not wait for GenerateKey")
         .unwrap();
         assert!(!signed.bytes.is_empty());
-        assert_eq!(engine.public_keys().len(), 1, "B is not visible until created");
+        assert_eq!(
+            engine.public_keys().len(),
+            1,
+            "B is not visible until created"
+        );
 
         drop(held);
         generating.await.unwrap().unwrap();
@@ -373,21 +449,34 @@ mod tests {
 
     #[tokio::test]
     async fn fixed_ecdsa_output_is_returned_as_der() {
-        let engine = Engine::start(FakeBackend::new(any_capabilities()), None).await.unwrap();
+        let engine = Engine::start(FakeBackend::new(any_capabilities()), None)
+            .await
+            .unwrap();
         engine.generate_key(id("k"), KeyType::EcP384).await.unwrap();
         let signature = engine
-            .sign(&id("k"), vec![0; 64], SignerOpts::Hash(HashAlgorithm::Sha512))
+            .sign(
+                &id("k"),
+                vec![0; 64],
+                SignerOpts::Hash(HashAlgorithm::Sha512),
+            )
             .await
             .unwrap();
         assert_eq!(signature.bytes[0], 0x30);
-        assert_eq!(ecdsa_der_to_fixed(&signature.bytes, 48).unwrap(), vec![1; 96]);
+        assert_eq!(
+            ecdsa_der_to_fixed(&signature.bytes, 48).unwrap(),
+            vec![1; 96]
+        );
     }
 
     #[tokio::test]
     async fn invalid_requests_are_refused_before_the_backend() {
         const ONLY: &[(KeyType, SchemeFamily, HashAlgorithm)] = &[
             (KeyType::EcP256, SchemeFamily::Ecdsa, HashAlgorithm::Sha256),
-            (KeyType::Rsa2048, SchemeFamily::RsaPss, HashAlgorithm::Sha256),
+            (
+                KeyType::Rsa2048,
+                SchemeFamily::RsaPss,
+                HashAlgorithm::Sha256,
+            ),
         ];
         let engine = Engine::start(
             FakeBackend::new(Capabilities {
@@ -403,11 +492,21 @@ mod tests {
             engine.generate_key(id("k"), KeyType::EcP384).await,
             Err(EngineError::KeyTypeUnsupported { .. })
         ));
-        engine.generate_key(id("ec"), KeyType::EcP256).await.unwrap();
-        engine.generate_key(id("rsa"), KeyType::Rsa2048).await.unwrap();
+        engine
+            .generate_key(id("ec"), KeyType::EcP256)
+            .await
+            .unwrap();
+        engine
+            .generate_key(id("rsa"), KeyType::Rsa2048)
+            .await
+            .unwrap();
 
         let err = engine
-            .sign(&id("ec"), vec![0; 48], SignerOpts::Hash(HashAlgorithm::Sha384))
+            .sign(
+                &id("ec"),
+                vec![0; 48],
+                SignerOpts::Hash(HashAlgorithm::Sha384),
+            )
             .await
             .unwrap_err();
         assert_eq!(
@@ -415,7 +514,11 @@ mod tests {
             "the fake backend cannot sign ECDSA/SHA-384 with ec-p256 key \"ec\"; supported: ECDSA/SHA-256"
         );
         let err = engine
-            .sign(&id("ec"), vec![0; 31], SignerOpts::Hash(HashAlgorithm::Sha256))
+            .sign(
+                &id("ec"),
+                vec![0; 31],
+                SignerOpts::Hash(HashAlgorithm::Sha256),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, EngineError::DigestLength { .. }));
@@ -439,18 +542,35 @@ mod tests {
             .sign(&id("rsa"), vec![0; 32], pss(PssSaltLength::Maximum))
             .await
             .unwrap_err();
-        assert!(matches!(err, EngineError::PssSaltUnsupported { requested: 222, .. }), "{err}");
-        let err = engine.sign(&id("missing"), vec![0; 32], pss(PssSaltLength::EqualsHash)).await;
+        assert!(
+            matches!(err, EngineError::PssSaltUnsupported { requested: 222, .. }),
+            "{err}"
+        );
+        let err = engine
+            .sign(&id("missing"), vec![0; 32], pss(PssSaltLength::EqualsHash))
+            .await;
         assert_eq!(err.unwrap_err().to_string(), "key \"missing\" not found");
     }
 
     #[tokio::test]
     async fn key_limit_refuses_new_ids_but_allows_rotation() {
-        let engine = Engine::start(FakeBackend::new(any_capabilities()), Some(2)).await.unwrap();
+        let engine = Engine::start(FakeBackend::new(any_capabilities()), Some(2))
+            .await
+            .unwrap();
         engine.generate_key(id("a"), KeyType::EcP256).await.unwrap();
         engine.generate_key(id("b"), KeyType::EcP256).await.unwrap();
         engine.generate_key(id("a"), KeyType::EcP256).await.unwrap();
-        let err = engine.generate_key(id("c"), KeyType::EcP256).await.unwrap_err();
-        assert!(matches!(err, EngineError::KeyLimitReached { count: 2, limit: 2, .. }));
+        let err = engine
+            .generate_key(id("c"), KeyType::EcP256)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::KeyLimitReached {
+                count: 2,
+                limit: 2,
+                ..
+            }
+        ));
     }
 }

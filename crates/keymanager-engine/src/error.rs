@@ -15,7 +15,9 @@ pub enum EngineError {
     #[error("key type is required")]
     KeyTypeRequired,
     /// A key type value outside the protocol enum.
-    #[error("unknown key type {0}; supported: ec-p256 (1), ec-p384 (2), rsa-2048 (3), rsa-4096 (4)")]
+    #[error(
+        "unknown key type {0}; supported: ec-p256 (1), ec-p384 (2), rsa-2048 (3), rsa-4096 (4)"
+    )]
     UnknownKeyType(i32),
     /// The backend cannot create keys of this type.
     #[error("the {backend} backend does not support key type {key_type}")]
@@ -51,7 +53,9 @@ pub enum EngineError {
     #[error("RSA-PSS options cannot be used with {0} key")]
     PssOnEcKey(KeyType),
     /// A negative salt length other than -1.
-    #[error("invalid PSS salt length {0}; use -1 (hash length), 0 (maximum) or a positive byte count")]
+    #[error(
+        "invalid PSS salt length {0}; use -1 (hash length), 0 (maximum) or a positive byte count"
+    )]
     InvalidPssSaltLength(i32),
     /// The requested salt does not fit the modulus.
     #[error(
@@ -80,7 +84,9 @@ pub enum EngineError {
         hash_len: usize,
     },
     /// The backend cannot use this scheme with this key.
-    #[error("the {backend} backend cannot sign {scheme} with {key_type} key {id:?}; supported: {supported}")]
+    #[error(
+        "the {backend} backend cannot sign {scheme} with {key_type} key {id:?}; supported: {supported}"
+    )]
     SchemeUnsupported {
         /// Backend name.
         backend: &'static str,
@@ -100,7 +106,9 @@ pub enum EngineError {
     #[error("not configured")]
     NotConfigured,
     /// The live-key cap refuses another key.
-    #[error("refusing to create key {id:?}: this server already holds {count} keys (limit {limit})")]
+    #[error(
+        "refusing to create key {id:?}: this server already holds {count} keys (limit {limit})"
+    )]
     KeyLimitReached {
         /// Requested id.
         id: KeyId,

@@ -171,8 +171,14 @@ mod tests {
             assert_eq!(KeyType::from_wire(t.to_wire()).unwrap(), t);
             assert_eq!(KeyType::parse(t.as_str()), Some(t));
         }
-        assert!(matches!(KeyType::from_wire(0), Err(EngineError::KeyTypeRequired)));
-        assert!(matches!(KeyType::from_wire(9), Err(EngineError::UnknownKeyType(9))));
+        assert!(matches!(
+            KeyType::from_wire(0),
+            Err(EngineError::KeyTypeRequired)
+        ));
+        assert!(matches!(
+            KeyType::from_wire(9),
+            Err(EngineError::UnknownKeyType(9))
+        ));
     }
 
     #[test]

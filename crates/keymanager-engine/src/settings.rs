@@ -201,14 +201,22 @@ mod tests {
     use super::*;
 
     fn settings(pairs: &[(&str, SettingValue)]) -> Settings {
-        Settings::new(pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+        Settings::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
     }
 
     #[test]
     fn typed_accessors_name_the_key_on_wrong_type() {
         let mut s = settings(&[("keys_path", SettingValue::Integer(3))]);
         let err = s.take_string("keys_path").unwrap_err();
-        assert_eq!(err.to_string(), "\"keys_path\" must be a string, got a number");
+        assert_eq!(
+            err.to_string(),
+            "\"keys_path\" must be a string, got a number"
+        );
     }
 
     #[test]
@@ -231,12 +239,20 @@ mod tests {
         inner.insert("team".to_string(), SettingValue::Bool(true));
         let mut s = settings(&[("key_tags", SettingValue::Map(inner))]);
         let err = s.take_string_map("key_tags").unwrap_err();
-        assert_eq!(err.to_string(), "\"key_tags.team\" must be a string, got a boolean");
+        assert_eq!(
+            err.to_string(),
+            "\"key_tags.team\" must be a string, got a boolean"
+        );
     }
 
     #[test]
     fn negative_integers_are_refused_for_counts() {
         let mut s = settings(&[("max_keys", SettingValue::Integer(-1))]);
-        assert!(s.take_u64("max_keys").unwrap_err().to_string().contains("max_keys"));
+        assert!(
+            s.take_u64("max_keys")
+                .unwrap_err()
+                .to_string()
+                .contains("max_keys")
+        );
     }
 }

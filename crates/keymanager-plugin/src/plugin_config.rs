@@ -1,0 +1,169 @@
+//! The whole `plugin_data`: the keys every backend shares, then the backend's own keys.
+
+use keymanager_engine::settings::SettingsError;
+use keymanager_engine::{BackendConfig, BackendFactory, CoreConfig};
+
+use crate::hcl_settings;
+use crate::logging::LogLevel;
+
+/// Keys read by the runtime itself, whatever the backend.
+pub const COMMON_KEYS: &[&str] = &["backend", "log_level", "max_keys"];
+/// The backend used when `plugin_data` names none: the embedded software default.
+pub const DEFAULT_BACKEND: &str = "disk";
+
+/// A validated plugin configuration.
+#[derive(Debug)]
+pub struct PluginConfig {
+    /// SPIRE's core configuration.
+    pub core: CoreConfig,
+    /// The selected backend's name.
+    pub backend_name: &'static str,
+    /// Plugin log level.
+    pub log_level: LogLevel,
+    /// Cap on distinct key ids this server may hold (`None`: unlimited).
+    pub max_keys: Option<usize>,
+    /// The backend's own settings.
+    pub backend: Box<dyn BackendConfig>,
+}
+
+/// Parses and validates `plugin_data` without side effects.
+pub fn parse_plugin_config(
+    backends: &[&'static dyn BackendFactory],
+    core: Option<CoreConfig>,
+    hcl_text: &str,
+) -> Result<PluginConfig, SettingsError> {
+    let core = validate_core(core)?;
+    let mut settings = hcl_settings::parse(hcl_text)?;
+    let backend_name = settings
+        .take_nonempty_string("backend")?
+        .unwrap_or_else(|| DEFAULT_BACKEND.to_string());
+    let factory = backends
+        .iter()
+        .find(|f| f.name() == backend_name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = backends.iter().map(|f| f.name()).collect();
+            SettingsError::invalid(
+                "backend",
+                format!(
+                    "unknown backend {backend_name:?}; available: {}",
+                    names.join(", ")
+                ),
+            )
+        })?;
+    let log_level = match settings.take_nonempty_string("log_level")? {
+        None => LogLevel::Info,
+        Some(name) => LogLevel::parse(&name).ok_or_else(|| {
+            SettingsError::invalid(
+                "log_level",
+                format!("{name:?} is not one of {}", LogLevel::NAMES),
+            )
+        })?,
+    };
+    let max_keys = match settings.take_u64("max_keys")? {
+        None | Some(0) => None,
+        Some(n) => {
+            Some(usize::try_from(n).map_err(|_| SettingsError::invalid("max_keys", "too large"))?)
+        }
+    };
+    let backend = factory.parse(&mut settings, &core)?;
+    let allowed: Vec<&str> = COMMON_KEYS
+        .iter()
+        .chain(factory.setting_keys())
+        .copied()
+        .collect();
+    settings.finish(&allowed)?;
+    Ok(PluginConfig {
+        core,
+        backend_name: factory.name(),
+        log_level,
+        max_keys,
+        backend,
+    })
+}
+
+fn validate_core(core: Option<CoreConfig>) -> Result<CoreConfig, SettingsError> {
+    let core =
+        core.ok_or_else(|| SettingsError::Core("server core configuration is required".into()))?;
+    let td = core.trust_domain.as_str();
+    if td.is_empty() {
+        return Err(SettingsError::Core(
+            "server core configuration must contain trust_domain".into(),
+        ));
+    }
+    let valid = td
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
+    if !valid {
+        return Err(SettingsError::Core(format!(
+            "trust domain {td:?} is malformed: only lowercase letters, digits, '.', '-' and '_' are allowed"
+        )));
+    }
+    Ok(core)
+}
+
+#[cfg(test)]
+mod tests {
+    use keymanager_backend_disk::DiskFactory;
+
+    use super::*;
+
+    const BACKENDS: &[&'static dyn BackendFactory] = &[&DiskFactory];
+
+    fn core() -> Option<CoreConfig> {
+        Some(CoreConfig {
+            trust_domain: "example.org".into(),
+        })
+    }
+
+    #[test]
+    fn defaults_to_disk_and_reads_common_keys() {
+        let config = parse_plugin_config(
+            BACKENDS,
+            core(),
+            "keys_path = \"/k.json\"\nlog_level = \"DEBUG\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.backend_name, "disk");
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.backend.store_identity(), "disk:/k.json");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_allowed_values() {
+        let err = |text: &str| {
+            parse_plugin_config(BACKENDS, core(), text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(""),
+            "\"keys_path\" is required: the path of the JSON file that holds the keys"
+        );
+        assert_eq!(
+            err("keys_path = \"/k\"\nkey_path = \"/k\"\n"),
+            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, keys_path"
+        );
+        assert_eq!(
+            err("keys_path = 7\n"),
+            "\"keys_path\" must be a string, got a number"
+        );
+        assert_eq!(
+            err("keys_path = \"/k\"\nlog_level = \"verbose\"\n"),
+            "invalid \"log_level\": \"verbose\" is not one of trace, debug, info, warn, error"
+        );
+        assert_eq!(
+            err("backend = \"hsm\"\n"),
+            "invalid \"backend\": unknown backend \"hsm\"; available: disk"
+        );
+        assert!(err("keys_path = {").starts_with("plugin_data is not valid HCL"));
+    }
+
+    #[test]
+    fn core_configuration_is_checked() {
+        assert!(parse_plugin_config(BACKENDS, None, "keys_path = \"/k\"").is_err());
+        let bad = Some(CoreConfig {
+            trust_domain: "Example.org".into(),
+        });
+        assert!(parse_plugin_config(BACKENDS, bad, "keys_path = \"/k\"").is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! The plugin's configured state: which engine serves requests, and how Configure swaps it.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use keymanager_engine::{BackendFactory, CoreConfig, Engine, EngineError};
+use tonic::Status;
+
+use crate::logging::LogControl;
+use crate::plugin_config::{PluginConfig, parse_plugin_config};
+use crate::status::{engine_error_to_status, settings_error_to_status};
+
+struct Active {
+    engine: Arc<Engine>,
+    store_identity: String,
+    trust_domain: String,
+}
+
+/// Shared by every service: the backends on offer and the active engine.
+pub struct PluginState {
+    backends: &'static [&'static dyn BackendFactory],
+    log_control: LogControl,
+    active: RwLock<Option<Arc<Active>>>,
+    /// Configure calls run one at a time; KeyManager calls never wait for this.
+    configuring: tokio::sync::Mutex<()>,
+}
+
+impl PluginState {
+    /// A state with nothing configured yet.
+    pub fn new(backends: &'static [&'static dyn BackendFactory], log_control: LogControl) -> Self {
+        Self {
+            backends,
+            log_control,
+            active: RwLock::new(None),
+            configuring: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The engine for a KeyManager call, or FailedPrecondition before Configure.
+    pub fn engine(&self) -> Result<Arc<Engine>, EngineError> {
+        self.active
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|a| a.engine.clone())
+            .ok_or(EngineError::NotConfigured)
+    }
+
+    /// Applies a configuration. The first call opens the backend and loads its keys. A
+    /// later call (SPIRE re-Configures on SIGUSR1 with `plugin_data_file`) keeps the engine,
+    /// its keys and any in-flight signatures, and applies the new log level and key cap; a
+    /// change of key store or trust domain is refused, because it would drop keys in use.
+    pub async fn configure(&self, core: Option<CoreConfig>, hcl_text: &str) -> Result<(), Status> {
+        let config = parse_plugin_config(self.backends, core, hcl_text)
+            .map_err(|e| settings_error_to_status(&e))?;
+        let _one_at_a_time = self.configuring.lock().await;
+        let current = self
+            .active
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let identity = config.backend.store_identity();
+        if let Some(current) = current {
+            if current.store_identity != identity
+                || current.trust_domain != config.core.trust_domain
+            {
+                return Err(Status::invalid_argument(format!(
+                    "cannot switch the key store at run time (from {} in trust domain {:?} to {} in {:?}); \
+                     restart spire-server to use a different key store",
+                    current.store_identity,
+                    current.trust_domain,
+                    identity,
+                    config.core.trust_domain
+                )));
+            }
+            self.apply_runtime_settings(&config, &current.engine);
+            tracing::info!(backend = config.backend_name, store = %identity, "configuration reloaded; keys kept");
+            return Ok(());
+        }
+        let backend = config
+            .backend
+            .open()
+            .await
+            .map_err(|e| engine_error_to_status(&EngineError::Backend(e)))?;
+        let engine = Engine::start(backend, config.max_keys)
+            .await
+            .map_err(|e| engine_error_to_status(&e))?;
+        self.apply_runtime_settings(&config, &engine);
+        tracing::info!(
+            backend = config.backend_name,
+            store = %identity,
+            trust_domain = %config.core.trust_domain,
+            backend_config = ?config.backend,
+            "configured"
+        );
+        *self.active.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Active {
+            engine: Arc::new(engine),
+            store_identity: identity,
+            trust_domain: config.core.trust_domain,
+        }));
+        Ok(())
+    }
+
+    /// Checks a configuration without side effects, for `spire-server validate`.
+    pub fn validate(&self, core: Option<CoreConfig>, hcl_text: &str) -> (bool, Vec<String>) {
+        match parse_plugin_config(self.backends, core, hcl_text) {
+            Ok(config) => {
+                let mut notes = vec![format!(
+                    "backend {:?} with key store {}",
+                    config.backend_name,
+                    config.backend.store_identity()
+                )];
+                notes.extend(config.backend.notes());
+                (true, notes)
+            }
+            Err(error) => (false, vec![error.to_string()]),
+        }
+    }
+
+    /// Called at Deinit and exit.
+    pub async fn close(&self) {
+        if self
+            .active
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            tracing::debug!("closing the key engine");
+        }
+    }
+
+    fn apply_runtime_settings(&self, config: &PluginConfig, engine: &Engine) {
+        self.log_control.set_level(config.log_level);
+        engine.set_max_keys(config.max_keys);
+    }
+}
