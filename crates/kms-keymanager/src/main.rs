@@ -1,1 +1,22 @@
-fn main() {}
+//! `kms-keymanager`: a SPIRE server KeyManager plugin when SPIRE starts it (the
+//! `KeyManager=KeyManager` magic cookie is set), an operator CLI otherwise.
+
+mod bench;
+mod cli;
+mod demo;
+mod svid;
+
+use std::process::ExitCode;
+
+use keymanager_backend_disk::DiskFactory;
+use keymanager_engine::BackendFactory;
+
+/// Every backend compiled into this binary, selected by `backend = "<name>"` in plugin_data.
+pub const BACKENDS: &[&'static dyn BackendFactory] = &[&DiskFactory];
+
+fn main() -> ExitCode {
+    if keymanager_plugin::is_launched_by_host() {
+        return keymanager_plugin::serve(BACKENDS);
+    }
+    cli::run()
+}

@@ -1,0 +1,79 @@
+//! The operator CLI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sha2::Digest as _;
+
+/// Keeps a SPIFFE trust domain's signing keys in a KMS or HSM and signs with them there.
+///
+/// Started by spire-server (as a KeyManager `plugin_cmd`), this binary serves the plugin
+/// protocol. Run by hand, it is this CLI.
+#[derive(Parser)]
+#[command(name = "kms-keymanager", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the plugin end to end on the embedded `disk` backend: generate a CA key and a JWT
+    /// key through SignData, mint a CA certificate, an X.509-SVID and a JWT-SVID, and verify
+    /// them with an independent library.
+    Demo(crate::demo::DemoArgs),
+    /// Measure SignData latency and throughput through the plugin socket against in-process
+    /// signing, plus idle memory and start-up time.
+    Bench(crate::bench::BenchArgs),
+    /// Print the SHA-256 of a plugin binary, for `plugin_checksum` in server.conf.
+    Checksum {
+        /// The binary (default: this one).
+        path: Option<PathBuf>,
+    },
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(crate::demo::run(args))),
+        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(crate::bench::run(args))),
+        Command::Checksum { path } => checksum(path),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn checksum(path: Option<PathBuf>) -> Result<(), String> {
+    let path = match path {
+        Some(path) => path,
+        None => std::env::current_exe().map_err(|e| format!("cannot locate this binary: {e}"))?,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    println!("{}", hex::encode(sha2::Sha256::digest(&bytes)));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
