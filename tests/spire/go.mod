@@ -2,7 +2,11 @@ module github.com/kms-keymanager/kms-keymanager/tests/spire
 
 go 1.26.6
 
-require github.com/spiffe/spire v1.15.3
+require (
+	github.com/sirupsen/logrus v1.9.4
+	github.com/spiffe/go-spiffe/v2 v2.8.1
+	github.com/spiffe/spire v1.15.3
+)
 
 require (
 	cel.dev/expr v0.25.2 // indirect
@@ -187,11 +191,9 @@ require (
 	github.com/segmentio/asm v1.2.1 // indirect
 	github.com/shirou/gopsutil/v4 v4.26.7 // indirect
 	github.com/shopspring/decimal v1.4.0 // indirect
-	github.com/sirupsen/logrus v1.9.4 // indirect
 	github.com/smallstep/pkcs7 v0.2.3 // indirect
 	github.com/spf13/cast v1.10.0 // indirect
 	github.com/spf13/pflag v1.0.10 // indirect
-	github.com/spiffe/go-spiffe/v2 v2.8.1 // indirect
 	github.com/spiffe/spire-api-sdk v1.2.5-0.20260428072036-00f73a61093a // indirect
 	github.com/spiffe/spire-plugin-sdk v1.4.4-0.20260617144146-5dcde407c4d1 // indirect
 	github.com/stretchr/testify v1.11.1 // indirect

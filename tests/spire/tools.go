@@ -1,6 +1,6 @@
 //go:build tools
 
-// Package tools pins the spire-server command at the module's SPIRE version, so
+// Package tools pins the spire-server command at this module's SPIRE version, so
 // `go build github.com/spiffe/spire/cmd/spire-server` here builds exactly v1.15.3.
 package tools
 
