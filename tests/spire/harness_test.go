@@ -51,7 +51,7 @@ type keyManagerRepo struct {
 	keymanager.Repository
 }
 
-func (r *keyManagerRepo) Binder() any                     { return r.SetKeyManager }
+func (r *keyManagerRepo) Binder() any                      { return r.SetKeyManager }
 func (r *keyManagerRepo) Constraints() catalog.Constraints { return catalog.ExactlyOne() }
 func (r *keyManagerRepo) Versions() []catalog.Version      { return []catalog.Version{v1{}} }
 func (r *keyManagerRepo) BuiltIns() []catalog.BuiltIn      { return []catalog.BuiltIn{disk.BuiltIn()} }
@@ -148,4 +148,13 @@ func tryLoad(config catalog.PluginConfig) (*loaded, error) {
 		return nil, err
 	}
 	return &loaded{KeyManager: repo.km.GetKeyManager(), Logs: capture, catalog: cat}, nil
+}
+
+func catalogConfig(t *testing.T, pluginData string) catalog.PluginConfig {
+	return catalog.PluginConfig{
+		Type:       "KeyManager",
+		Name:       "kms",
+		Path:       pluginBinary(t),
+		DataSource: catalog.FixedData(pluginData),
+	}
 }
