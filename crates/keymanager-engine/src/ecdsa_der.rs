@@ -4,7 +4,7 @@
 /// Encodes a fixed-width `r || s` signature as minimal DER. Returns `None` when the input
 /// has odd length, is empty, or is longer than a P-521 signature.
 pub fn ecdsa_fixed_to_der(fixed: &[u8]) -> Option<Vec<u8>> {
-    if fixed.is_empty() || fixed.len() % 2 != 0 || fixed.len() > 132 {
+    if fixed.is_empty() || !fixed.len().is_multiple_of(2) || fixed.len() > 132 {
         return None;
     }
     let (r, s) = fixed.split_at(fixed.len() / 2);
