@@ -107,6 +107,35 @@ impl SettingsError {
     }
 }
 
+/// A secret setting (access key, token, PIN). Its `Debug` and `Display` never show the
+/// value, so a configuration struct holding one can be logged with `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The value, for the one place that hands it to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The top-level `plugin_data` keys, consumed as each layer reads them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Settings {
@@ -131,6 +160,11 @@ impl Settings {
     /// Takes a non-empty string value; an empty string counts as unset.
     pub fn take_nonempty_string(&mut self, key: &str) -> Result<Option<String>, SettingsError> {
         Ok(self.take_string(key)?.filter(|s| !s.is_empty()))
+    }
+
+    /// Takes a secret string; wrong-type errors never echo the value.
+    pub fn take_secret(&mut self, key: &str) -> Result<Option<Secret>, SettingsError> {
+        Ok(self.take_nonempty_string(key)?.map(Secret::new))
     }
 
     /// Takes a boolean value.
@@ -242,6 +276,26 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "\"key_tags.team\" must be a string, got a boolean"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_or_display() {
+        let mut s = settings(&[(
+            "secret_access_key",
+            SettingValue::String("wJalrXUtnFEMI".into()),
+        )]);
+        let secret = s.take_secret("secret_access_key").unwrap().unwrap();
+        assert_eq!(secret.expose(), "wJalrXUtnFEMI");
+        assert!(!format!("{secret:?} {secret}").contains("wJalr"));
+        #[derive(Debug)]
+        #[allow(dead_code, reason = "only Debug output is inspected")]
+        struct Config {
+            secret: Secret,
+        }
+        assert_eq!(
+            format!("{:?}", Config { secret }),
+            "Config { secret: Secret(<redacted>) }"
         );
     }
 
