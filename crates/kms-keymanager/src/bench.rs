@@ -126,6 +126,29 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             ));
         }
     }
+    // An RPC without crypto: the protocol round trip on its own.
+    let rpc_only = measure(1, duration, {
+        let client = plugin.key_manager();
+        move |_digest| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .get_public_key(keymanager_proto::keymanager::GetPublicKeyRequest {
+                        key_id: "ec-p256".into(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.message().to_string())
+            }
+        }
+    })
+    .await?;
+    println!(
+        "| ec-p256 | 1 | plugin GetPublicKey (no signing) | {} | {} | {:.0} |",
+        us(rpc_only.p50),
+        us(rpc_only.p99),
+        rpc_only.throughput
+    );
     println!();
     for line in summary {
         println!("- {line}");
