@@ -22,7 +22,7 @@ import (
 const trustDomain = "example.org"
 
 // pluginBinary is the kms-keymanager binary under test (set by scripts/test-all.sh).
-func pluginBinary(t *testing.T) string {
+func pluginBinary(t testing.TB) string {
 	t.Helper()
 	path := os.Getenv("KMS_KEYMANAGER_BIN")
 	if path == "" {
@@ -35,7 +35,7 @@ func pluginBinary(t *testing.T) string {
 	return abs
 }
 
-func sha256File(t *testing.T, path string) string {
+func sha256File(t testing.TB, path string) string {
 	t.Helper()
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -101,7 +101,7 @@ type loaded struct {
 
 // loadExternal loads kms-keymanager through SPIRE's catalog exactly as spire-server does
 // for `plugin_cmd`, with `plugin_checksum` set, and unloads it at test cleanup.
-func loadExternal(t *testing.T, pluginData string) *loaded {
+func loadExternal(t testing.TB, pluginData string) *loaded {
 	t.Helper()
 	return load(t, catalog.PluginConfig{
 		Type:       "KeyManager",
@@ -113,7 +113,7 @@ func loadExternal(t *testing.T, pluginData string) *loaded {
 }
 
 // loadBuiltInDisk loads SPIRE's own disk KeyManager.
-func loadBuiltInDisk(t *testing.T, keysPath string) *loaded {
+func loadBuiltInDisk(t testing.TB, keysPath string) *loaded {
 	t.Helper()
 	return load(t, catalog.PluginConfig{
 		Type:       "KeyManager",
@@ -122,7 +122,7 @@ func loadBuiltInDisk(t *testing.T, keysPath string) *loaded {
 	})
 }
 
-func load(t *testing.T, config catalog.PluginConfig) *loaded {
+func load(t testing.TB, config catalog.PluginConfig) *loaded {
 	t.Helper()
 	l, err := tryLoad(config)
 	if err != nil {

@@ -6,6 +6,7 @@
 //! unreadable file is an error naming the path, never a silent fresh start.
 
 mod config;
+mod fast_signer;
 mod keyfile;
 mod software_key;
 

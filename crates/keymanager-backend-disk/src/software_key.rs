@@ -13,10 +13,19 @@ use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
 use rsa::traits::PublicKeyParts;
 use rsa::{Pkcs1v15Sign, Pss};
 
+use crate::fast_signer::FastSigner;
+
 /// A private key held in process memory. Cheap to clone (shared); zeroised on drop by the
 /// underlying crates. `Debug` never prints key material.
 #[derive(Clone)]
-pub enum SoftwareKey {
+pub struct SoftwareKey {
+    material: KeyMaterial,
+    fast: Arc<FastSigner>,
+}
+
+/// The key in RustCrypto form: generation, PKCS#8, and every scheme off the fast path.
+#[derive(Clone)]
+enum KeyMaterial {
     /// ECDSA P-256.
     P256(Arc<p256::ecdsa::SigningKey>),
     /// ECDSA P-384.
@@ -34,6 +43,68 @@ impl fmt::Debug for SoftwareKey {
 impl SoftwareKey {
     /// Generates a fresh key from the operating system's RNG.
     pub fn generate(key_type: KeyType) -> Result<Self, BackendError> {
+        let material = KeyMaterial::generate(key_type)?;
+        let pkcs8 = material.to_pkcs8_der()?;
+        Ok(Self::with_fast_path(material, &pkcs8))
+    }
+
+    /// Decodes a PKCS#8 DER private key (the format SPIRE's disk plugin stores).
+    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, String> {
+        Ok(Self::with_fast_path(KeyMaterial::from_pkcs8_der(der)?, der))
+    }
+
+    fn with_fast_path(material: KeyMaterial, pkcs8: &[u8]) -> Self {
+        let fast = match &material {
+            KeyMaterial::P256(_) => FastSigner::p256(pkcs8),
+            KeyMaterial::P384(_) => FastSigner::p384(pkcs8),
+            KeyMaterial::Rsa(..) => FastSigner::rsa(pkcs8),
+        };
+        Self {
+            material,
+            fast: Arc::new(fast),
+        }
+    }
+
+    /// Encodes the key as PKCS#8 DER.
+    pub fn to_pkcs8_der(&self) -> Result<Vec<u8>, BackendError> {
+        self.material.to_pkcs8_der()
+    }
+
+    /// The public key as DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Result<Vec<u8>, BackendError> {
+        self.material.spki_der()
+    }
+
+    /// The key type.
+    pub fn key_type(&self) -> KeyType {
+        self.material.key_type()
+    }
+
+    /// True for RSA keys.
+    pub fn is_rsa(&self) -> bool {
+        matches!(self.material, KeyMaterial::Rsa(..))
+    }
+
+    /// Signs `digest` (never hashed again) with `scheme`: the aws-lc-rs fast path when it
+    /// covers the scheme, RustCrypto otherwise.
+    pub fn sign(
+        &self,
+        digest: &Digest,
+        scheme: SignatureScheme,
+    ) -> Result<BackendSignature, BackendError> {
+        if let Some(signature) = self.fast.sign(digest.as_bytes(), scheme) {
+            return Ok(if self.is_rsa() {
+                BackendSignature::Rsa(signature)
+            } else {
+                BackendSignature::EcdsaDer(signature)
+            });
+        }
+        self.material.sign(digest, scheme)
+    }
+}
+
+impl KeyMaterial {
+    fn generate(key_type: KeyType) -> Result<Self, BackendError> {
         Ok(match key_type {
             KeyType::EcP256 => Self::P256(Arc::new(p256::ecdsa::SigningKey::generate())),
             KeyType::EcP384 => Self::P384(Arc::new(p384::ecdsa::SigningKey::generate())),
@@ -46,8 +117,7 @@ impl SoftwareKey {
         })
     }
 
-    /// Decodes a PKCS#8 DER private key (the format SPIRE's disk plugin stores).
-    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, String> {
+    fn from_pkcs8_der(der: &[u8]) -> Result<Self, String> {
         if let Ok(key) = p256::ecdsa::SigningKey::from_pkcs8_der(der) {
             return Ok(Self::P256(Arc::new(key)));
         }
@@ -72,8 +142,7 @@ impl SoftwareKey {
         }
     }
 
-    /// Encodes the key as PKCS#8 DER.
-    pub fn to_pkcs8_der(&self) -> Result<Vec<u8>, BackendError> {
+    fn to_pkcs8_der(&self) -> Result<Vec<u8>, BackendError> {
         let document = match self {
             Self::P256(key) => key.to_pkcs8_der(),
             Self::P384(key) => key.to_pkcs8_der(),
@@ -83,8 +152,7 @@ impl SoftwareKey {
         Ok(document.as_bytes().to_vec())
     }
 
-    /// The public key as DER SubjectPublicKeyInfo.
-    pub fn spki_der(&self) -> Result<Vec<u8>, BackendError> {
+    fn spki_der(&self) -> Result<Vec<u8>, BackendError> {
         let document = match self {
             Self::P256(key) => key.verifying_key().to_public_key_der(),
             Self::P384(key) => key.verifying_key().to_public_key_der(),
@@ -94,8 +162,7 @@ impl SoftwareKey {
         Ok(document.as_bytes().to_vec())
     }
 
-    /// The key type.
-    pub fn key_type(&self) -> KeyType {
+    fn key_type(&self) -> KeyType {
         match self {
             Self::P256(_) => KeyType::EcP256,
             Self::P384(_) => KeyType::EcP384,
@@ -103,13 +170,7 @@ impl SoftwareKey {
         }
     }
 
-    /// True for RSA keys.
-    pub fn is_rsa(&self) -> bool {
-        matches!(self, Self::Rsa(..))
-    }
-
-    /// Signs `digest` (never hashed again) with `scheme`.
-    pub fn sign(
+    fn sign(
         &self,
         digest: &Digest,
         scheme: SignatureScheme,

@@ -256,3 +256,54 @@ async fn failed_write_keeps_the_previous_key() {
     );
     assert_eq!(engine.public_key(&id("JWT-Signer-A")).unwrap(), original);
 }
+
+#[test]
+fn production_schemes_take_the_aws_lc_fast_path_and_the_rest_fall_back() {
+    use crate::fast_signer::FastSigner;
+    use keymanager_engine::{PssSaltLength, SignatureScheme};
+    let ec = SoftwareKey::generate(KeyType::EcP256).unwrap();
+    let fast = FastSigner::p256(&ec.to_pkcs8_der().unwrap());
+    assert!(
+        fast.sign(&[1; 32], SignatureScheme::Ecdsa(HashAlgorithm::Sha256))
+            .is_some()
+    );
+    assert!(
+        fast.sign(&[1; 48], SignatureScheme::Ecdsa(HashAlgorithm::Sha384))
+            .is_none()
+    );
+
+    let rsa = SoftwareKey::generate(KeyType::Rsa2048).unwrap();
+    let fast = FastSigner::rsa(&rsa.to_pkcs8_der().unwrap());
+    let pss = |salt, salt_len| SignatureScheme::RsaPss {
+        hash: HashAlgorithm::Sha256,
+        salt,
+        salt_len,
+    };
+    assert!(
+        fast.sign(
+            &[1; 32],
+            SignatureScheme::RsaPkcs1v15(HashAlgorithm::Sha256)
+        )
+        .is_some()
+    );
+    assert!(
+        fast.sign(&[1; 32], pss(PssSaltLength::EqualsHash, 32))
+            .is_some()
+    );
+    assert!(
+        fast.sign(&[1; 32], pss(PssSaltLength::Exact(20), 20))
+            .is_none()
+    );
+    assert!(
+        fast.sign(
+            &[1; 28],
+            SignatureScheme::RsaPkcs1v15(HashAlgorithm::Sha224)
+        )
+        .is_none()
+    );
+    // A key aws-lc-rs cannot load still signs through the fallback.
+    assert!(matches!(
+        FastSigner::rsa(b"not a key"),
+        FastSigner::Unavailable
+    ));
+}
