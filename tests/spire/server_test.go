@@ -38,6 +38,14 @@ type spireServer struct {
 }
 
 func newSpireServer(t *testing.T) *spireServer {
+	return newSpireServerWith(t, func(s *spireServer) string {
+		return fmt.Sprintf("plugin_data {\n            keys_path = %q\n        }", s.keysPath())
+	})
+}
+
+// newSpireServerWith writes server.conf with the KeyManager's plugin_data (or
+// plugin_data_file) line produced by pluginData.
+func newSpireServerWith(t *testing.T, pluginData func(*spireServer) string) *spireServer {
 	t.Helper()
 	bin := os.Getenv("SPIRE_SERVER_BIN")
 	if bin == "" {
@@ -70,16 +78,14 @@ plugins {
     KeyManager "kms" {
         plugin_cmd = %q
         plugin_checksum = %q
-        plugin_data {
-            keys_path = %q
-        }
+        %s
     }
     NodeAttestor "join_token" {
         plugin_data {}
     }
 }
 `, freePort(t), s.socket, trustDomain, filepath.Join(dir, "data"), filepath.Join(dir, "data", "datastore.sqlite3"),
-		plugin, sha256File(t, plugin), s.keysPath())
+		plugin, sha256File(t, plugin), pluginData(s))
 	require.NoError(t, os.WriteFile(s.conf, []byte(conf), 0o600))
 	return s
 }
@@ -265,4 +271,65 @@ func TestRealSpireServer(t *testing.T) {
 	requireCleanPluginExit(t, log2)
 	block, _ := pem.Decode([]byte(bundle1))
 	require.NotNil(t, block)
+}
+
+func (s *spireServer) validate() (string, error) {
+	out, err := exec.Command(s.bin, "validate", "-config", s.conf).CombinedOutput()
+	return string(out), err
+}
+
+func waitForLog(t *testing.T, s *spireServer, text string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(s.log(), text) {
+		if time.Now().After(deadline) {
+			t.Fatalf("log never showed %q:\n%s", text, s.log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestRealSpireServerValidateAndReconfigure: `spire-server validate` reaches the plugin's
+// Validate, and SIGUSR1 with plugin_data_file re-Configures the running plugin, which keeps
+// its keys and refuses a key-store switch without breaking signing.
+func TestRealSpireServerValidateAndReconfigure(t *testing.T) {
+	var dataFile string
+	s := newSpireServerWith(t, func(s *spireServer) string {
+		dataFile = filepath.Join(s.dir, "kms.hcl")
+		return fmt.Sprintf("plugin_data_file = %q", dataFile)
+	})
+	writeData := func(text string) { require.NoError(t, os.WriteFile(dataFile, []byte(text), 0o600)) }
+	good := fmt.Sprintf("keys_path = %q\nlog_level = \"info\"\n", s.keysPath())
+
+	writeData(good)
+	out, err := s.validate()
+	require.NoError(t, err, out)
+	require.Contains(t, out, "SPIRE server configuration file is valid.")
+
+	writeData(good + "keys_pth = \"typo\"\n")
+	out, err = s.validate()
+	require.Error(t, err)
+	require.Contains(t, out, `unknown key "keys_pth" in plugin_data`)
+
+	writeData(fmt.Sprintf("keys_path = %q\n", filepath.Join(s.dir, "missing", "keys.json")))
+	out, err = s.validate()
+	require.Error(t, err)
+	require.Contains(t, out, "does not exist")
+
+	writeData(good)
+	s.start(1)
+	root := s.mintAndVerify(t)
+
+	writeData(strings.Replace(good, `"info"`, `"debug"`, 1))
+	require.NoError(t, s.cmd.Process.Signal(syscall.SIGUSR1))
+	waitForLog(t, s, "configuration reloaded; keys kept")
+	require.True(t, s.mintAndVerify(t).PublicKey.(equaler).Equal(root.PublicKey))
+
+	writeData(fmt.Sprintf("keys_path = %q\n", filepath.Join(s.dir, "other.json")))
+	require.NoError(t, s.cmd.Process.Signal(syscall.SIGUSR1))
+	waitForLog(t, s, "cannot switch the key store at run time")
+	require.True(t, s.mintAndVerify(t).PublicKey.(equaler).Equal(root.PublicKey),
+		"a refused reconfigure must leave the server signing with the same CA key")
+
+	requireCleanPluginExit(t, s.stop())
 }

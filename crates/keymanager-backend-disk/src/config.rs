@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use keymanager_engine::settings::{Settings, SettingsError};
 use keymanager_engine::{Backend, BackendConfig, BackendError, BackendFactory, CoreConfig};
 
-use crate::DiskBackend;
+use crate::{DiskBackend, KeyFile, SoftwareKey};
 
 /// Registers the `disk` backend.
 pub struct DiskFactory;
@@ -50,22 +50,29 @@ impl BackendConfig for DiskConfig {
         format!("disk:{}", self.keys_path.display())
     }
 
-    fn notes(&self) -> Vec<String> {
-        let mut notes = Vec::new();
+    fn problems(&self) -> Vec<String> {
         match self.keys_path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => notes.push(format!(
-                "the directory {} of keys_path does not exist; GenerateKey will fail until it is created",
-                dir.display()
-            )),
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                return vec![format!(
+                    "the directory {} of keys_path does not exist; GenerateKey would fail",
+                    dir.display()
+                )];
+            }
             _ => {}
         }
-        if !self.keys_path.exists() {
-            notes.push(format!(
-                "keys file {} does not exist yet; it will be created on the first GenerateKey",
-                self.keys_path.display()
-            ));
-        }
-        notes
+        // Reading is side-effect free: a file that Configure would refuse is a problem now.
+        let entries = match KeyFile::new(self.keys_path.clone()).read() {
+            Ok(entries) => entries,
+            Err(error) => return vec![error.message],
+        };
+        entries
+            .iter()
+            .filter_map(|(id, der)| {
+                SoftwareKey::from_pkcs8_der(der)
+                    .err()
+                    .map(|e| format!("keys file {}: key {id:?}: {e}", self.keys_path.display()))
+            })
+            .collect()
     }
 
     async fn open(&self) -> Result<Arc<dyn Backend>, BackendError> {

@@ -41,8 +41,10 @@ pub trait BackendConfig: fmt::Debug + Send + Sync {
     /// A runtime re-Configure may only keep the same store, so keys are never dropped.
     fn store_identity(&self) -> String;
 
-    /// Human-readable notes for `spire-server validate` (e.g. "the file will be created").
-    fn notes(&self) -> Vec<String> {
+    /// Problems that would make this configuration fail at run time, for
+    /// `spire-server validate`. SPIRE reports **every** note as a validation error, so this
+    /// lists problems only, never information. Must have no side effects.
+    fn problems(&self) -> Vec<String> {
         Vec::new()
     }
 

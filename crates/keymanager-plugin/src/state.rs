@@ -100,17 +100,19 @@ impl PluginState {
         Ok(())
     }
 
-    /// Checks a configuration without side effects, for `spire-server validate`.
+    /// Checks a configuration without side effects, for `spire-server validate`. SPIRE
+    /// prints every note as a validation error, so notes are problems only.
     pub fn validate(&self, core: Option<CoreConfig>, hcl_text: &str) -> (bool, Vec<String>) {
         match parse_plugin_config(self.backends, core, hcl_text) {
             Ok(config) => {
-                let mut notes = vec![format!(
-                    "backend {:?} with key store {}",
-                    config.backend_name,
-                    config.backend.store_identity()
-                )];
-                notes.extend(config.backend.notes());
-                (true, notes)
+                let problems = config.backend.problems();
+                tracing::info!(
+                    backend = config.backend_name,
+                    store = %config.backend.store_identity(),
+                    problems = problems.len(),
+                    "validated configuration"
+                );
+                (problems.is_empty(), problems)
             }
             Err(error) => (false, vec![error.to_string()]),
         }

@@ -152,18 +152,23 @@ async fn every_rpc_and_its_errors() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("trust_domain"));
 
-    // Validate checks without side effects.
+    // Validate checks without side effects. SPIRE prints every note as a validation error,
+    // so a good configuration has none.
     let validated = plugin.validate("example.org", &hcl(&keys)).await.unwrap();
-    assert!(validated.valid);
+    assert!(validated.valid, "{:?}", validated.notes);
+    assert!(validated.notes.is_empty(), "{:?}", validated.notes);
+    assert!(!keys.exists(), "Validate must not create anything");
+    let missing_dir = dir.path().join("no-such-dir/keys.json");
+    let validated = plugin
+        .validate("example.org", &hcl(&missing_dir))
+        .await
+        .unwrap();
+    assert!(!validated.valid);
     assert!(
-        validated
-            .notes
-            .iter()
-            .any(|n| n.contains("will be created")),
+        validated.notes[0].contains("does not exist"),
         "{:?}",
         validated.notes
     );
-    assert!(!keys.exists(), "Validate must not create anything");
     let validated = plugin
         .validate("example.org", "keys_pth = \"x\"")
         .await
