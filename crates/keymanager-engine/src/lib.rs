@@ -5,7 +5,8 @@
 //! signing requests are valid, ECDSA signature normalisation, fingerprints, and the
 //! in-memory public-key cache ([`Engine`]). A backend is a small adapter behind
 //! [`Backend`]: create a key, sign with it, list its keys, retire a replaced key, and
-//! declare what it can do through [`Capabilities`].
+//! declare what it can do through [`Capabilities`]. [`sweep`] holds the stale-key rules
+//! every KMS backend applies.
 
 mod algorithm;
 mod backend;
@@ -14,6 +15,7 @@ mod engine;
 mod error;
 mod key;
 pub mod settings;
+pub mod sweep;
 
 pub use algorithm::{Digest, HashAlgorithm, PssSaltLength, SignatureScheme, SignerOpts};
 pub use backend::{
