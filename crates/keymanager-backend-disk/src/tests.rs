@@ -1,6 +1,6 @@
 use std::os::unix::fs::PermissionsExt;
 
-use keymanager_engine::{Engine, HashAlgorithm, PssSaltLength, SignerOpts};
+use keymanager_engine::{Engine, EngineOptions, HashAlgorithm, PssSaltLength, SignerOpts};
 use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
 use sha2::Digest as _;
 
@@ -42,9 +42,12 @@ async fn assert_verifies(
 async fn every_key_type_signs_verifiably_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.json");
-    let engine = Engine::start(Arc::new(DiskBackend::new(path.clone())), None)
-        .await
-        .unwrap();
+    let engine = Engine::start(
+        Arc::new(DiskBackend::new(path.clone())),
+        EngineOptions::default(),
+    )
+    .await
+    .unwrap();
     for key_type in KeyType::ALL {
         engine
             .generate_key(id(key_type.as_str()), key_type)
@@ -135,7 +138,7 @@ async fn every_key_type_signs_verifiably_and_survives_a_restart() {
 
     let before = engine.public_keys();
     drop(engine);
-    let reopened = Engine::start(Arc::new(DiskBackend::new(path)), None)
+    let reopened = Engine::start(Arc::new(DiskBackend::new(path)), EngineOptions::default())
         .await
         .unwrap();
     assert_eq!(
@@ -220,9 +223,12 @@ async fn failed_write_keeps_the_previous_key() {
     let keys_dir = dir.path().join("keys");
     std::fs::create_dir(&keys_dir).unwrap();
     let path = keys_dir.join("keys.json");
-    let engine = Engine::start(Arc::new(DiskBackend::new(path.clone())), None)
-        .await
-        .unwrap();
+    let engine = Engine::start(
+        Arc::new(DiskBackend::new(path.clone())),
+        EngineOptions::default(),
+    )
+    .await
+    .unwrap();
     let original = engine
         .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
         .await

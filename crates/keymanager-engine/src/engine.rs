@@ -14,6 +14,18 @@ use crate::backend::{Backend, BackendKey, BackendSignature, PssSaltSupport};
 use crate::ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
 use crate::error::EngineError;
 use crate::key::{Fingerprint, KeyId, KeyType, PublicKey};
+use crate::resilience::{CallStats, OperationStats, RateLimiter, RetryPolicy, with_retries};
+
+/// Engine settings that do not depend on the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineOptions {
+    /// Cap on distinct key ids (`None`: unlimited).
+    pub max_keys: Option<usize>,
+    /// Client-side limit on SignData calls per second (`None`: unlimited).
+    pub max_signs_per_second: Option<f64>,
+    /// Retries of transient failures of idempotent backend calls.
+    pub retry: RetryPolicy,
+}
 
 /// A signature and the fingerprint of the key instance that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,15 +48,20 @@ pub struct Engine {
     generating: Mutex<HashMap<KeyId, Arc<tokio::sync::Mutex<()>>>>,
     /// 0 means unlimited.
     max_keys: AtomicUsize,
+    sign_limiter: RwLock<Option<Arc<RateLimiter>>>,
+    retry: RetryPolicy,
+    stats: CallStats,
 }
 
 impl Engine {
     /// Loads the backend's keys into the cache.
     pub async fn start(
         backend: Arc<dyn Backend>,
-        max_keys: Option<usize>,
+        options: EngineOptions,
     ) -> Result<Self, EngineError> {
-        let loaded = backend.load_keys().await?;
+        let stats = CallStats::default();
+        let loaded =
+            with_retries(options.retry, "load_keys", &stats, || backend.load_keys()).await?;
         let mut keys = HashMap::with_capacity(loaded.len());
         for backend_key in loaded {
             let managed = managed_key(backend_key);
@@ -68,7 +85,10 @@ impl Engine {
             backend,
             keys: RwLock::new(keys),
             generating: Mutex::new(HashMap::new()),
-            max_keys: AtomicUsize::new(max_keys.unwrap_or(0)),
+            max_keys: AtomicUsize::new(options.max_keys.unwrap_or(0)),
+            sign_limiter: RwLock::new(options.max_signs_per_second.map(limiter)),
+            retry: options.retry,
+            stats,
         })
     }
 
@@ -76,6 +96,19 @@ impl Engine {
     pub fn set_max_keys(&self, max_keys: Option<usize>) {
         self.max_keys
             .store(max_keys.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Changes the client-side SignData rate limit (`None`: unlimited).
+    pub fn set_max_signs_per_second(&self, per_second: Option<f64>) {
+        *self
+            .sign_limiter
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = per_second.map(limiter);
+    }
+
+    /// Backend calls, failures and throttles per operation since start.
+    pub fn call_stats(&self) -> std::collections::BTreeMap<&'static str, OperationStats> {
+        self.stats.snapshot()
     }
 
     /// The backend's name.
@@ -107,7 +140,16 @@ impl Engine {
             }
         }
 
-        let created = self.backend.create_key(&id, key_type).await?;
+        // Never retried automatically: a lost response after a successful create would leave
+        // a second key behind. Backends make creation idempotent themselves.
+        self.stats.record_call("create_key");
+        let created = self
+            .backend
+            .create_key(&id, key_type)
+            .await
+            .inspect_err(|e| {
+                self.stats.record_failure("create_key", e.kind);
+            })?;
         if created.key_type != key_type || created.id != id || created.spki_der.is_empty() {
             return Err(EngineError::Backend(crate::backend::BackendError::new(
                 crate::backend::BackendErrorKind::Internal,
@@ -133,7 +175,9 @@ impl Engine {
         );
         if let Some(old) = replaced {
             // The new key is live; failing to retire the old one must not fail the request.
+            self.stats.record_call("retire_key");
             if let Err(error) = self.backend.retire_key(&old.backend_key).await {
+                self.stats.record_failure("retire_key", error.kind);
                 tracing::warn!(
                     key_id = %id,
                     fingerprint = %old.public.fingerprint,
@@ -200,7 +244,18 @@ impl Engine {
                 hash_len: hash.output_len(),
             });
         }
-        let raw = self.backend.sign(&key.backend_key, &digest, scheme).await?;
+        let limiter = self
+            .sign_limiter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(limiter) = limiter {
+            limiter.acquire().await;
+        }
+        let raw = with_retries(self.retry, "sign", &self.stats, || {
+            self.backend.sign(&key.backend_key, &digest, scheme)
+        })
+        .await?;
         let bytes = normalise_signature(id, key_type, raw)?;
         Ok(Signature {
             bytes,
@@ -220,6 +275,14 @@ impl Engine {
             .or_default()
             .clone()
     }
+}
+
+fn limiter(per_second: f64) -> Arc<RateLimiter> {
+    // A burst of one second's worth: SPIRE's rotations sign a handful of documents at once.
+    Arc::new(RateLimiter::new(
+        per_second,
+        per_second.ceil().clamp(1.0, 10_000.0) as u32,
+    ))
 }
 
 fn managed_key(backend_key: BackendKey) -> ManagedKey {
@@ -295,7 +358,9 @@ mod tests {
 
     use super::*;
     use crate::algorithm::{HashAlgorithm, PssSaltLength};
-    use crate::backend::{BackendError, Capabilities, KeyHandle, SchemeFamily, SigningSupport};
+    use crate::backend::{
+        BackendError, BackendErrorKind, Capabilities, KeyHandle, SchemeFamily, SigningSupport,
+    };
 
     /// A backend with fake key material: "public keys" are counters, "signatures" are
     /// fixed-width byte strings. `create_key` can be held open to prove locking rules.
@@ -304,6 +369,9 @@ mod tests {
         created: AtomicUsize,
         retired: Mutex<Vec<String>>,
         hold_create: tokio::sync::Mutex<()>,
+        /// The next this-many sign/create calls fail with ThrottlingException-like errors.
+        transient_sign_failures: AtomicUsize,
+        transient_create_failures: AtomicUsize,
     }
 
     impl FakeBackend {
@@ -313,6 +381,8 @@ mod tests {
                 created: AtomicUsize::new(0),
                 retired: Mutex::new(Vec::new()),
                 hold_create: tokio::sync::Mutex::new(()),
+                transient_sign_failures: AtomicUsize::new(0),
+                transient_create_failures: AtomicUsize::new(0),
             })
         }
     }
@@ -334,6 +404,12 @@ mod tests {
             key_type: KeyType,
         ) -> Result<BackendKey, BackendError> {
             let _held = self.hold_create.lock().await;
+            if take_failure(&self.transient_create_failures) {
+                return Err(BackendError::new(
+                    BackendErrorKind::Unavailable,
+                    "connection reset",
+                ));
+            }
             let n = self.created.fetch_add(1, Ordering::SeqCst);
             Ok(BackendKey {
                 id: id.clone(),
@@ -348,6 +424,12 @@ mod tests {
             _digest: &Digest,
             _scheme: SignatureScheme,
         ) -> Result<BackendSignature, BackendError> {
+            if take_failure(&self.transient_sign_failures) {
+                return Err(BackendError::new(
+                    BackendErrorKind::ResourceExhausted,
+                    "ThrottlingException",
+                ));
+            }
             Ok(match key.key_type {
                 KeyType::EcP256 => BackendSignature::EcdsaFixed(vec![1; 64]),
                 KeyType::EcP384 => BackendSignature::EcdsaFixed(vec![1; 96]),
@@ -362,6 +444,12 @@ mod tests {
                 .push(replaced.handle.locator().to_string());
             Ok(())
         }
+    }
+
+    fn take_failure(counter: &AtomicUsize) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     fn any_capabilities() -> Capabilities {
@@ -379,7 +467,9 @@ mod tests {
     #[tokio::test]
     async fn regenerating_changes_fingerprint_and_retires_the_old_key() {
         let backend = FakeBackend::new(any_capabilities());
-        let engine = Engine::start(backend.clone(), None).await.unwrap();
+        let engine = Engine::start(backend.clone(), EngineOptions::default())
+            .await
+            .unwrap();
         let first = engine
             .generate_key(id("x509-CA-A"), KeyType::EcP256)
             .await
@@ -405,7 +495,11 @@ mod tests {
     #[tokio::test]
     async fn sign_does_not_wait_for_a_generate_key_in_progress() {
         let backend = FakeBackend::new(any_capabilities());
-        let engine = Arc::new(Engine::start(backend.clone(), None).await.unwrap());
+        let engine = Arc::new(
+            Engine::start(backend.clone(), EngineOptions::default())
+                .await
+                .unwrap(),
+        );
         engine
             .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
             .await
@@ -449,9 +543,12 @@ mod tests {
 
     #[tokio::test]
     async fn fixed_ecdsa_output_is_returned_as_der() {
-        let engine = Engine::start(FakeBackend::new(any_capabilities()), None)
-            .await
-            .unwrap();
+        let engine = Engine::start(
+            FakeBackend::new(any_capabilities()),
+            EngineOptions::default(),
+        )
+        .await
+        .unwrap();
         engine.generate_key(id("k"), KeyType::EcP384).await.unwrap();
         let signature = engine
             .sign(
@@ -484,7 +581,7 @@ mod tests {
                 signing: SigningSupport::Only(ONLY),
                 pss_salt: PssSaltSupport::HashLengthOnly,
             }),
-            None,
+            EngineOptions::default(),
         )
         .await
         .unwrap();
@@ -554,9 +651,15 @@ mod tests {
 
     #[tokio::test]
     async fn key_limit_refuses_new_ids_but_allows_rotation() {
-        let engine = Engine::start(FakeBackend::new(any_capabilities()), Some(2))
-            .await
-            .unwrap();
+        let engine = Engine::start(
+            FakeBackend::new(any_capabilities()),
+            EngineOptions {
+                max_keys: Some(2),
+                ..EngineOptions::default()
+            },
+        )
+        .await
+        .unwrap();
         engine.generate_key(id("a"), KeyType::EcP256).await.unwrap();
         engine.generate_key(id("b"), KeyType::EcP256).await.unwrap();
         engine.generate_key(id("a"), KeyType::EcP256).await.unwrap();
@@ -572,5 +675,101 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttled_signs_are_retried_and_counted_but_creation_is_not_retried() {
+        let backend = FakeBackend::new(any_capabilities());
+        let engine = Engine::start(backend.clone(), EngineOptions::default())
+            .await
+            .unwrap();
+        engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
+
+        backend.transient_sign_failures.store(2, Ordering::SeqCst);
+        let signed = engine
+            .sign(
+                &id("k"),
+                vec![0; 32],
+                SignerOpts::Hash(HashAlgorithm::Sha256),
+            )
+            .await
+            .unwrap();
+        assert!(!signed.bytes.is_empty());
+        let stats = engine.call_stats();
+        assert_eq!((stats["sign"].calls, stats["sign"].throttles), (3, 2));
+
+        backend.transient_create_failures.store(1, Ordering::SeqCst);
+        let err = engine
+            .generate_key(id("k2"), KeyType::EcP256)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, EngineError::Backend(ref e) if e.kind == BackendErrorKind::Unavailable)
+        );
+        let stats = engine.call_stats();
+        assert_eq!(
+            (stats["create_key"].calls, stats["create_key"].failures),
+            (2, 1)
+        );
+        assert_eq!(
+            backend.created.load(Ordering::SeqCst),
+            1,
+            "no second key was created"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sign_rate_limit_paces_a_burst() {
+        let engine = Arc::new(
+            Engine::start(
+                FakeBackend::new(any_capabilities()),
+                EngineOptions {
+                    max_signs_per_second: Some(5.0),
+                    ..EngineOptions::default()
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..15 {
+            let engine = engine.clone();
+            tasks.push(tokio::spawn(async move {
+                engine
+                    .sign(
+                        &id("k"),
+                        vec![0; 32],
+                        SignerOpts::Hash(HashAlgorithm::Sha256),
+                    )
+                    .await
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        // A burst of 5, then 10 more at 5/s.
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(1990) && elapsed <= Duration::from_millis(2100),
+            "{elapsed:?}"
+        );
+        engine.set_max_signs_per_second(None);
+        let started = tokio::time::Instant::now();
+        for _ in 0..50 {
+            engine
+                .sign(
+                    &id("k"),
+                    vec![0; 32],
+                    SignerOpts::Hash(HashAlgorithm::Sha256),
+                )
+                .await
+                .unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(10),
+            "limit removed at run time"
+        );
     }
 }

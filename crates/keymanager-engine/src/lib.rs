@@ -14,6 +14,7 @@ mod ecdsa_der;
 mod engine;
 mod error;
 mod key;
+pub mod resilience;
 pub mod settings;
 pub mod sweep;
 
@@ -24,6 +25,6 @@ pub use backend::{
     SigningSupport,
 };
 pub use ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
-pub use engine::{Engine, Signature};
+pub use engine::{Engine, EngineOptions, Signature};
 pub use error::EngineError;
 pub use key::{Fingerprint, KeyId, KeyType, PublicKey};

@@ -7,7 +7,7 @@ use crate::hcl_settings;
 use crate::logging::LogLevel;
 
 /// Keys read by the runtime itself, whatever the backend.
-pub const COMMON_KEYS: &[&str] = &["backend", "log_level", "max_keys"];
+pub const COMMON_KEYS: &[&str] = &["backend", "log_level", "max_keys", "max_signs_per_second"];
 /// The backend used when `plugin_data` names none: the embedded software default.
 pub const DEFAULT_BACKEND: &str = "disk";
 
@@ -22,6 +22,8 @@ pub struct PluginConfig {
     pub log_level: LogLevel,
     /// Cap on distinct key ids this server may hold (`None`: unlimited).
     pub max_keys: Option<usize>,
+    /// Client-side SignData rate limit (`None`: unlimited).
+    pub max_signs_per_second: Option<f64>,
     /// The backend's own settings.
     pub backend: Box<dyn BackendConfig>,
 }
@@ -65,6 +67,16 @@ pub fn parse_plugin_config(
             Some(usize::try_from(n).map_err(|_| SettingsError::invalid("max_keys", "too large"))?)
         }
     };
+    let max_signs_per_second = match settings.take_u64("max_signs_per_second")? {
+        None | Some(0) => None,
+        Some(n) if n > 1_000_000 => {
+            return Err(SettingsError::invalid(
+                "max_signs_per_second",
+                format!("{n} is above the maximum of 1000000 (use 0 for no limit)"),
+            ));
+        }
+        Some(n) => Some(n as f64),
+    };
     let backend = factory.parse(&mut settings, &core)?;
     let allowed: Vec<&str> = COMMON_KEYS
         .iter()
@@ -77,6 +89,7 @@ pub fn parse_plugin_config(
         backend_name: factory.name(),
         log_level,
         max_keys,
+        max_signs_per_second,
         backend,
     })
 }
@@ -126,6 +139,24 @@ mod tests {
         assert_eq!(config.backend_name, "disk");
         assert_eq!(config.log_level, LogLevel::Debug);
         assert_eq!(config.backend.store_identity(), "disk:/k.json");
+        assert_eq!(config.max_signs_per_second, None);
+        let limited = parse_plugin_config(
+            BACKENDS,
+            core(),
+            "keys_path = \"/k\"\nmax_signs_per_second = 50\nmax_keys = 12\n",
+        )
+        .unwrap();
+        assert_eq!(limited.max_signs_per_second, Some(50.0));
+        assert_eq!(limited.max_keys, Some(12));
+        let err = parse_plugin_config(
+            BACKENDS,
+            core(),
+            "keys_path = \"/k\"\nmax_signs_per_second = \"fast\"\n",
+        );
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            "\"max_signs_per_second\" must be a non-negative integer, got a string"
+        );
     }
 
     #[test]
@@ -141,7 +172,7 @@ mod tests {
         );
         assert_eq!(
             err("keys_path = \"/k\"\nkey_path = \"/k\"\n"),
-            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, keys_path"
+            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, keys_path"
         );
         assert_eq!(
             err("keys_path = 7\n"),

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use keymanager_engine::{BackendFactory, CoreConfig, Engine, EngineError};
+use keymanager_engine::{BackendFactory, CoreConfig, Engine, EngineError, EngineOptions};
 use tonic::Status;
 
 use crate::logging::LogControl;
@@ -81,7 +81,12 @@ impl PluginState {
             .open()
             .await
             .map_err(|e| engine_error_to_status(&EngineError::Backend(e)))?;
-        let engine = Engine::start(backend, config.max_keys)
+        let options = EngineOptions {
+            max_keys: config.max_keys,
+            max_signs_per_second: config.max_signs_per_second,
+            ..EngineOptions::default()
+        };
+        let engine = Engine::start(backend, options)
             .await
             .map_err(|e| engine_error_to_status(&e))?;
         self.apply_runtime_settings(&config, &engine);
@@ -133,5 +138,6 @@ impl PluginState {
     fn apply_runtime_settings(&self, config: &PluginConfig, engine: &Engine) {
         self.log_control.set_level(config.log_level);
         engine.set_max_keys(config.max_keys);
+        engine.set_max_signs_per_second(config.max_signs_per_second);
     }
 }

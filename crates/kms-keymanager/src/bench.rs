@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keymanager_backend_disk::DiskBackend;
-use keymanager_engine::{Engine, HashAlgorithm, KeyId, KeyType, SignerOpts};
+use keymanager_engine::{Engine, EngineOptions, HashAlgorithm, KeyId, KeyType, SignerOpts};
 use keymanager_host::PluginProcess;
 use keymanager_proto::keymanager::sign_data_request::SignerOpts as WireOpts;
 use keymanager_proto::keymanager::{GenerateKeyRequest, SignDataRequest};
@@ -62,9 +62,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     }
     // The same keys, loaded in this process from the plugin's keys file.
     let engine = Arc::new(
-        Engine::start(Arc::new(DiskBackend::new(keys_path.clone())), None)
-            .await
-            .map_err(|e| e.to_string())?,
+        Engine::start(
+            Arc::new(DiskBackend::new(keys_path.clone())),
+            EngineOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?,
     );
 
     println!(
