@@ -15,6 +15,7 @@ mod engine;
 mod error;
 mod key;
 pub mod resilience;
+pub mod server_identity;
 pub mod settings;
 pub mod sweep;
 
