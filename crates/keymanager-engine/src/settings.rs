@@ -148,6 +148,11 @@ impl Settings {
         Self { values }
     }
 
+    /// True when `key` is present with a non-null value (it is not taken).
+    pub fn contains(&self, key: &str) -> bool {
+        !matches!(self.values.get(key), None | Some(SettingValue::Null))
+    }
+
     /// Takes a string value.
     pub fn take_string(&mut self, key: &str) -> Result<Option<String>, SettingsError> {
         match self.values.remove(key) {

@@ -1,0 +1,611 @@
+//! `plugin_data` of the `aws_kms` backend.
+//!
+//! SPIRE's keys, same meaning: `access_key_id`, `secret_access_key`, `region`,
+//! `key_identifier_file`, `key_identifier_value`, `key_policy_file`, `key_tags`,
+//! `enable_tag_based_key_discovery`. Ours: `key_prefix` (the older external plugin's
+//! per-server prefix, mapped onto the server identity, deprecated), `assume_role_arn`,
+//! `external_id`, `role_session_name`, `endpoint`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use keymanager_engine::server_identity::ServerIdSource;
+use keymanager_engine::settings::{Secret, Settings, SettingsError};
+
+/// The keys this backend reads.
+pub const SETTING_KEYS: &[&str] = &[
+    "access_key_id",
+    "secret_access_key",
+    "region",
+    "key_identifier_file",
+    "key_identifier_value",
+    "key_policy_file",
+    "key_tags",
+    "enable_tag_based_key_discovery",
+    "key_prefix",
+    "assume_role_arn",
+    "external_id",
+    "role_session_name",
+    "endpoint",
+];
+
+/// Default STS session name when assuming a role.
+pub const DEFAULT_ROLE_SESSION_NAME: &str = "kms-keymanager";
+
+/// Where AWS credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credentials {
+    /// The SDK's default chain: environment, shared config/profile, web identity, ECS, EC2.
+    DefaultChain,
+    /// Static keys from `plugin_data` (both set). `Debug` redacts the secret.
+    Static {
+        /// The access key id (not secret on its own, but still not logged in full).
+        access_key_id: String,
+        /// The secret key.
+        secret_access_key: Secret,
+    },
+}
+
+/// How the server finds its keys at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// By alias prefix (`alias/SPIRE_SERVER/<td>/<server id>/`), SPIRE's default.
+    Alias,
+    /// By tags through the Resource Groups Tagging API.
+    Tags,
+}
+
+/// Cross-account access through STS AssumeRole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssumeRole {
+    /// The role ARN.
+    pub role_arn: String,
+    /// The external id the role's trust policy requires, if any.
+    pub external_id: Option<Secret>,
+    /// STS session name.
+    pub session_name: String,
+}
+
+/// A validated `aws_kms` configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsKmsConfig {
+    /// The KMS region.
+    pub region: String,
+    /// Credentials.
+    pub credentials: Credentials,
+    /// The server identity.
+    pub server_id: ServerIdSource,
+    /// A key policy (JSON text) from `key_policy_file`, replacing the default policy.
+    pub key_policy: Option<String>,
+    /// User tags added to every key this server creates.
+    pub key_tags: BTreeMap<String, String>,
+    /// Discovery mode.
+    pub discovery: Discovery,
+    /// Cross-account role, if any.
+    pub assume_role: Option<AssumeRole>,
+    /// Endpoint override (VPC endpoints, local testing).
+    pub endpoint: Option<String>,
+    /// Deprecation warnings to log when the backend opens.
+    pub warnings: Vec<String>,
+}
+
+impl AwsKmsConfig {
+    /// Takes and validates this backend's keys from `settings`. Reads `key_policy_file`
+    /// (reading is the only I/O; nothing is written).
+    pub fn parse(settings: &mut Settings) -> Result<Self, SettingsError> {
+        let mut warnings = Vec::new();
+        let region = settings.take_nonempty_string("region")?.ok_or_else(|| {
+            SettingsError::missing(
+                "region",
+                "the AWS region of the KMS keys, e.g. \"us-east-1\"",
+            )
+        })?;
+        if !region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(SettingsError::invalid(
+                "region",
+                format!("{region:?} is not an AWS region name (lowercase letters, digits and '-')"),
+            ));
+        }
+
+        let credentials = match (
+            settings.take_nonempty_string("access_key_id")?,
+            settings.take_secret("secret_access_key")?,
+        ) {
+            (None, None) => Credentials::DefaultChain,
+            (Some(access_key_id), Some(secret_access_key)) => Credentials::Static {
+                access_key_id,
+                secret_access_key,
+            },
+            (Some(_), None) => {
+                return Err(SettingsError::missing(
+                    "secret_access_key",
+                    "access_key_id and secret_access_key must be set together (or neither, for the default credential chain)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::missing(
+                    "access_key_id",
+                    "access_key_id and secret_access_key must be set together (or neither, for the default credential chain)",
+                ));
+            }
+        };
+
+        let key_prefix = settings.take_nonempty_string("key_prefix")?;
+        let has_identifier =
+            settings.contains("key_identifier_file") || settings.contains("key_identifier_value");
+        let server_id = match key_prefix {
+            Some(prefix) if has_identifier => {
+                return Err(SettingsError::invalid(
+                    "key_prefix",
+                    format!(
+                        "key_prefix ({prefix:?}) is deprecated and cannot be combined with key_identifier_file or key_identifier_value; remove it"
+                    ),
+                ));
+            }
+            Some(prefix) => {
+                let value = prefix.trim_end_matches('/').to_string();
+                check_identifier_value(&value)
+                    .map_err(|reason| SettingsError::invalid("key_prefix", reason))?;
+                warnings.push(format!(
+                    "key_prefix is deprecated: it is used as key_identifier_value = {value:?}; set that instead"
+                ));
+                ServerIdSource::Value(value)
+            }
+            None => ServerIdSource::take_from(settings, check_identifier_value)?,
+        };
+
+        let key_policy = match settings.take_nonempty_string("key_policy_file")? {
+            None => None,
+            Some(path) => Some(read_policy(PathBuf::from(path))?),
+        };
+
+        let key_tags = settings.take_string_map("key_tags")?.unwrap_or_default();
+        check_key_tags(&key_tags)?;
+
+        let discovery = if settings
+            .take_bool("enable_tag_based_key_discovery")?
+            .unwrap_or(false)
+        {
+            Discovery::Tags
+        } else {
+            Discovery::Alias
+        };
+
+        let role_arn = settings.take_nonempty_string("assume_role_arn")?;
+        let external_id = settings.take_secret("external_id")?;
+        let session_name = settings.take_nonempty_string("role_session_name")?;
+        let assume_role = match role_arn {
+            None => {
+                if external_id.is_some() || session_name.is_some() {
+                    return Err(SettingsError::missing(
+                        "assume_role_arn",
+                        "external_id and role_session_name only apply together with assume_role_arn",
+                    ));
+                }
+                None
+            }
+            Some(role_arn) => {
+                check_role_arn(&role_arn)?;
+                if let Some(external_id) = &external_id {
+                    check_sts_string("external_id", external_id.expose(), 2, 1224, "+=,.@:/-")?;
+                }
+                let session_name =
+                    session_name.unwrap_or_else(|| DEFAULT_ROLE_SESSION_NAME.to_string());
+                check_sts_string("role_session_name", &session_name, 2, 64, "+=,.@-")?;
+                Some(AssumeRole {
+                    role_arn,
+                    external_id,
+                    session_name,
+                })
+            }
+        };
+
+        let endpoint = settings.take_nonempty_string("endpoint")?;
+        if let Some(endpoint) = &endpoint {
+            let rest = endpoint
+                .strip_prefix("https://")
+                .or_else(|| endpoint.strip_prefix("http://"))
+                .filter(|rest| !rest.is_empty() && !rest.starts_with('/'));
+            if rest.is_none() {
+                return Err(SettingsError::invalid(
+                    "endpoint",
+                    format!("{endpoint:?} must be an http:// or https:// URL with a host"),
+                ));
+            }
+        }
+
+        Ok(Self {
+            region,
+            credentials,
+            server_id,
+            key_policy,
+            key_tags,
+            discovery,
+            assume_role,
+            endpoint,
+            warnings,
+        })
+    }
+}
+
+/// SPIRE's rule for `key_identifier_value`: at most 256 characters of `[A-Za-z0-9/_-]`, not
+/// starting with `alias/aws/`. (SPIRE's regex class `[A-z]` also lets `[ \ ] ^ _` and a
+/// backtick through; KMS rejects those in alias names, so they are refused here up front.)
+pub fn check_identifier_value(value: &str) -> Result<(), String> {
+    if value.len() > 256 {
+        return Err(format!(
+            "is {} characters long; the maximum is 256",
+            value.len()
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-')))
+    {
+        return Err(format!(
+            "contains {bad:?}; allowed are letters, digits, '/', '_' and '-'"
+        ));
+    }
+    if value.starts_with("alias/aws/") {
+        return Err("must not start with \"alias/aws/\" (reserved for AWS managed keys)".into());
+    }
+    Ok(())
+}
+
+/// SPIRE's `key_tags` rules: at most 50 tags; keys 1–128 characters, values up to 256;
+/// letters, digits, spaces and `+ - = . _ : / @`; no `aws:` or `spire-` prefix.
+fn check_key_tags(tags: &BTreeMap<String, String>) -> Result<(), SettingsError> {
+    if tags.len() > 50 {
+        return Err(SettingsError::invalid(
+            "key_tags",
+            format!("{} tags given; KMS allows at most 50", tags.len()),
+        ));
+    }
+    let allowed = |c: char| c.is_alphanumeric() || c == ' ' || "+-=._:/@".contains(c);
+    for (key, value) in tags {
+        let tag_key = format!("key_tags.{key}");
+        let chars = key.chars().count();
+        if !(1..=128).contains(&chars) {
+            return Err(SettingsError::invalid(
+                &tag_key,
+                "tag keys must be 1 to 128 characters",
+            ));
+        }
+        if value.chars().count() > 256 {
+            return Err(SettingsError::invalid(
+                &tag_key,
+                "tag values must be at most 256 characters",
+            ));
+        }
+        if let Some(bad) = key.chars().chain(value.chars()).find(|c| !allowed(*c)) {
+            return Err(SettingsError::invalid(
+                &tag_key,
+                format!(
+                    "contains {bad:?}; allowed are letters, digits, spaces and + - = . _ : / @"
+                ),
+            ));
+        }
+        let lower = key.to_lowercase();
+        if lower.starts_with("aws:") || lower.starts_with("spire-") {
+            return Err(SettingsError::invalid(
+                &tag_key,
+                "the prefixes \"aws:\" and \"spire-\" are reserved",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_role_arn(arn: &str) -> Result<(), SettingsError> {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let valid = parts.len() == 6
+        && parts[0] == "arn"
+        && parts[1].starts_with("aws")
+        && parts[2] == "iam"
+        && parts[3].is_empty()
+        && parts[4].len() == 12
+        && parts[4].chars().all(|c| c.is_ascii_digit())
+        && parts[5]
+            .strip_prefix("role/")
+            .is_some_and(|name| !name.is_empty());
+    if valid {
+        Ok(())
+    } else {
+        Err(SettingsError::invalid(
+            "assume_role_arn",
+            format!("{arn:?} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)"),
+        ))
+    }
+}
+
+fn check_sts_string(
+    key: &str,
+    value: &str,
+    min: usize,
+    max: usize,
+    symbols: &str,
+) -> Result<(), SettingsError> {
+    let len = value.chars().count();
+    if !(min..=max).contains(&len) {
+        return Err(SettingsError::invalid(
+            key,
+            format!("must be {min} to {max} characters"),
+        ));
+    }
+    if value
+        .chars()
+        .any(|c| !(c.is_ascii_alphanumeric() || c == '_' || symbols.contains(c)))
+    {
+        return Err(SettingsError::invalid(
+            key,
+            format!("allowed are letters, digits and _{symbols}"),
+        ));
+    }
+    Ok(())
+}
+
+fn read_policy(path: PathBuf) -> Result<String, SettingsError> {
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        SettingsError::invalid(
+            "key_policy_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(_)) => Ok(text),
+        Ok(_) => Err(SettingsError::invalid(
+            "key_policy_file",
+            format!(
+                "{} must hold a JSON object (a KMS key policy)",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(SettingsError::invalid(
+            "key_policy_file",
+            format!("{} is not valid JSON: {e}", path.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keymanager_engine::settings::SettingValue;
+
+    use super::*;
+
+    fn settings(pairs: &[(&str, SettingValue)]) -> Settings {
+        Settings::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
+    }
+
+    fn s(v: &str) -> SettingValue {
+        SettingValue::String(v.into())
+    }
+
+    fn base() -> Vec<(&'static str, SettingValue)> {
+        vec![
+            ("region", s("us-east-1")),
+            ("key_identifier_value", s("server-a")),
+        ]
+    }
+
+    fn parse(extra: &[(&'static str, SettingValue)]) -> Result<AwsKmsConfig, String> {
+        let mut pairs = base();
+        pairs.extend_from_slice(extra);
+        let mut settings = settings(&pairs);
+        let config = AwsKmsConfig::parse(&mut settings).map_err(|e| e.to_string())?;
+        settings.finish(SETTING_KEYS).map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn minimal_configuration_uses_the_default_chain_and_alias_discovery() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.credentials, Credentials::DefaultChain);
+        assert_eq!(config.discovery, Discovery::Alias);
+        assert_eq!(config.server_id, ServerIdSource::Value("server-a".into()));
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn region_is_required_and_checked() {
+        let mut settings = settings(&[("key_identifier_value", s("a"))]);
+        let err = AwsKmsConfig::parse(&mut settings).unwrap_err().to_string();
+        assert!(err.starts_with("\"region\" is required"), "{err}");
+        assert!(
+            parse(&[("region", s("US East"))])
+                .unwrap_err()
+                .contains("not an AWS region name")
+        );
+    }
+
+    #[test]
+    fn static_credentials_must_come_in_pairs_and_never_show_in_debug() {
+        let err = parse(&[("access_key_id", s("AKIAEXAMPLE"))]).unwrap_err();
+        assert!(err.contains("\"secret_access_key\" is required"), "{err}");
+        let err = parse(&[("secret_access_key", s("wJalrXUtnFEMIK7MDENG"))]).unwrap_err();
+        assert!(err.contains("\"access_key_id\" is required"), "{err}");
+        let config = parse(&[
+            ("access_key_id", s("AKIAEXAMPLE")),
+            ("secret_access_key", s("wJalrXUtnFEMIK7MDENG")),
+        ])
+        .unwrap();
+        assert!(matches!(config.credentials, Credentials::Static { .. }));
+        assert!(
+            !format!("{config:?}").contains("wJalr"),
+            "secret must be redacted"
+        );
+    }
+
+    #[test]
+    fn identifier_values_follow_spires_rules() {
+        assert!(check_identifier_value("server/a_b-1").is_ok());
+        assert!(
+            check_identifier_value(&"a".repeat(257))
+                .unwrap_err()
+                .contains("256")
+        );
+        assert!(check_identifier_value("a^b").unwrap_err().contains("'^'"));
+        assert!(
+            check_identifier_value("alias/aws/x")
+                .unwrap_err()
+                .contains("reserved")
+        );
+    }
+
+    #[test]
+    fn key_prefix_is_deprecated_and_maps_onto_the_identity() {
+        let mut pairs = vec![
+            ("region", s("us-east-1")),
+            ("key_prefix", s("SPIRE_SERVER_KEY/")),
+        ];
+        let config = AwsKmsConfig::parse(&mut settings(&pairs)).unwrap();
+        assert_eq!(
+            config.server_id,
+            ServerIdSource::Value("SPIRE_SERVER_KEY".into())
+        );
+        assert!(config.warnings[0].contains("deprecated"));
+        pairs.push(("key_identifier_value", s("x")));
+        let err = AwsKmsConfig::parse(&mut settings(&pairs))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be combined"), "{err}");
+    }
+
+    #[test]
+    fn key_tags_follow_kms_and_spire_limits() {
+        let tags = |pairs: &[(&str, &str)]| {
+            SettingValue::Map(pairs.iter().map(|(k, v)| (k.to_string(), s(v))).collect())
+        };
+        assert!(
+            parse(&[(
+                "key_tags",
+                tags(&[("team", "pki"), ("cost center", "a+b=c@d:e/f")])
+            )])
+            .is_ok()
+        );
+        assert!(
+            parse(&[("key_tags", tags(&[("aws:x", "y")]))])
+                .unwrap_err()
+                .contains("reserved")
+        );
+        assert!(
+            parse(&[("key_tags", tags(&[("Spire-x", "y")]))])
+                .unwrap_err()
+                .contains("reserved")
+        );
+        assert!(
+            parse(&[("key_tags", tags(&[("a", "b!")]))])
+                .unwrap_err()
+                .contains("'!'")
+        );
+        let long_key = "k".repeat(129);
+        assert!(
+            parse(&[("key_tags", tags(&[(long_key.as_str(), "v")]))])
+                .unwrap_err()
+                .contains("1 to 128")
+        );
+        let many: Vec<(String, String)> = (0..51).map(|i| (format!("t{i}"), "v".into())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert!(
+            parse(&[("key_tags", tags(&many))])
+                .unwrap_err()
+                .contains("at most 50")
+        );
+    }
+
+    #[test]
+    fn assume_role_settings_are_validated_together() {
+        let config = parse(&[
+            (
+                "assume_role_arn",
+                s("arn:aws:iam::123456789012:role/spire-kms"),
+            ),
+            ("external_id", s("tenant-42")),
+        ])
+        .unwrap();
+        let role = config.assume_role.unwrap();
+        assert_eq!(role.session_name, DEFAULT_ROLE_SESSION_NAME);
+        assert!(!format!("{role:?}").contains("tenant-42"));
+        assert!(
+            parse(&[("assume_role_arn", s("arn:aws:iam::12345:role/x"))])
+                .unwrap_err()
+                .contains("not an IAM role ARN")
+        );
+        assert!(
+            parse(&[("external_id", s("x1"))])
+                .unwrap_err()
+                .contains("\"assume_role_arn\" is required")
+        );
+        assert!(
+            parse(&[
+                (
+                    "assume_role_arn",
+                    s("arn:aws-us-gov:iam::123456789012:role/a/b")
+                ),
+                ("role_session_name", s("bad name")),
+            ])
+            .unwrap_err()
+            .contains("role_session_name")
+        );
+    }
+
+    #[test]
+    fn endpoint_and_discovery_and_unknown_keys() {
+        let config = parse(&[
+            ("endpoint", s("http://127.0.0.1:4566")),
+            ("enable_tag_based_key_discovery", SettingValue::Bool(true)),
+        ])
+        .unwrap();
+        assert_eq!(config.discovery, Discovery::Tags);
+        assert!(
+            parse(&[("endpoint", s("127.0.0.1:4566"))])
+                .unwrap_err()
+                .contains("http:// or https://")
+        );
+        assert!(
+            parse(&[("enable_tag_based_key_discovery", s("yes"))])
+                .unwrap_err()
+                .contains("boolean")
+        );
+        assert!(
+            parse(&[("regoin", s("x"))])
+                .unwrap_err()
+                .contains("unknown key \"regoin\"")
+        );
+    }
+
+    #[test]
+    fn key_policy_file_must_be_a_json_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.json");
+        std::fs::write(&path, r#"{"Version": "2012-10-17", "Statement": []}"#).unwrap();
+        let config = parse(&[("key_policy_file", s(path.to_str().unwrap()))]).unwrap();
+        assert!(config.key_policy.unwrap().contains("2012-10-17"));
+        std::fs::write(&path, "[1]").unwrap();
+        assert!(
+            parse(&[("key_policy_file", s(path.to_str().unwrap()))])
+                .unwrap_err()
+                .contains("JSON object")
+        );
+        std::fs::write(&path, "{").unwrap();
+        assert!(
+            parse(&[("key_policy_file", s(path.to_str().unwrap()))])
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+        let missing = dir.path().join("missing.json");
+        assert!(
+            parse(&[("key_policy_file", s(missing.to_str().unwrap()))])
+                .unwrap_err()
+                .contains("cannot read")
+        );
+    }
+}
