@@ -464,6 +464,16 @@ mod tests {
         KeyId::new(s).unwrap()
     }
 
+    async fn sign_sha256(engine: &Engine, key: &str) -> Result<Signature, EngineError> {
+        engine
+            .sign(
+                &id(key),
+                vec![0; 32],
+                SignerOpts::Hash(HashAlgorithm::Sha256),
+            )
+            .await
+    }
+
     #[tokio::test]
     async fn regenerating_changes_fingerprint_and_retires_the_old_key() {
         let backend = FakeBackend::new(any_capabilities());
@@ -481,14 +491,7 @@ mod tests {
         assert_ne!(first.fingerprint, second.fingerprint);
         assert_eq!(engine.public_key(&id("x509-CA-A")).unwrap(), second);
         assert_eq!(*backend.retired.lock().unwrap(), vec!["fake/0".to_string()]);
-        let signature = engine
-            .sign(
-                &id("x509-CA-A"),
-                vec![0; 32],
-                SignerOpts::Hash(HashAlgorithm::Sha256),
-            )
-            .await
-            .unwrap();
+        let signature = sign_sha256(&engine, "x509-CA-A").await.unwrap();
         assert_eq!(signature.fingerprint, second.fingerprint);
     }
 
@@ -686,14 +689,7 @@ mod tests {
         engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
 
         backend.transient_sign_failures.store(2, Ordering::SeqCst);
-        let signed = engine
-            .sign(
-                &id("k"),
-                vec![0; 32],
-                SignerOpts::Hash(HashAlgorithm::Sha256),
-            )
-            .await
-            .unwrap();
+        let signed = sign_sha256(&engine, "k").await.unwrap();
         assert!(!signed.bytes.is_empty());
         let stats = engine.call_stats();
         assert_eq!((stats["sign"].calls, stats["sign"].throttles), (3, 2));
@@ -736,15 +732,7 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..15 {
             let engine = engine.clone();
-            tasks.push(tokio::spawn(async move {
-                engine
-                    .sign(
-                        &id("k"),
-                        vec![0; 32],
-                        SignerOpts::Hash(HashAlgorithm::Sha256),
-                    )
-                    .await
-            }));
+            tasks.push(tokio::spawn(async move { sign_sha256(&engine, "k").await }));
         }
         for task in tasks {
             task.await.unwrap().unwrap();
@@ -758,14 +746,7 @@ mod tests {
         engine.set_max_signs_per_second(None);
         let started = tokio::time::Instant::now();
         for _ in 0..50 {
-            engine
-                .sign(
-                    &id("k"),
-                    vec![0; 32],
-                    SignerOpts::Hash(HashAlgorithm::Sha256),
-                )
-                .await
-                .unwrap();
+            sign_sha256(&engine, "k").await.unwrap();
         }
         assert!(
             started.elapsed() < Duration::from_millis(10),

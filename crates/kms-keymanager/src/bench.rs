@@ -39,16 +39,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let keys_path = dir.path().join("keys.json");
 
-    let plugin = PluginProcess::launch(&binary)
-        .await
-        .map_err(|e| e.to_string())?;
-    plugin
-        .configure(
-            "example.org",
-            &format!("keys_path = {:?}\n", keys_path.display().to_string()),
-        )
-        .await
-        .map_err(|s| s.message().to_string())?;
+    let plugin = launch_configured(&binary, &keys_path).await?;
     let key_types = [KeyType::EcP256, KeyType::Rsa2048];
     for key_type in key_types {
         plugin
@@ -242,7 +233,8 @@ where
     })
 }
 
-async fn idle_rss_fresh(binary: &Path, keys_path: &Path) -> Result<Option<u64>, String> {
+/// A plugin launched as SPIRE launches it, configured on the disk backend at `keys_path`.
+async fn launch_configured(binary: &Path, keys_path: &Path) -> Result<PluginProcess, String> {
     let plugin = PluginProcess::launch(binary)
         .await
         .map_err(|e| e.to_string())?;
@@ -253,6 +245,11 @@ async fn idle_rss_fresh(binary: &Path, keys_path: &Path) -> Result<Option<u64>, 
         )
         .await
         .map_err(|s| s.message().to_string())?;
+    Ok(plugin)
+}
+
+async fn idle_rss_fresh(binary: &Path, keys_path: &Path) -> Result<Option<u64>, String> {
+    let plugin = launch_configured(binary, keys_path).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss = plugin.pid().and_then(rss_kib);
     let _ = plugin.shutdown().await;
