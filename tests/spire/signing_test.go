@@ -108,6 +108,11 @@ func TestPluginLogsAreParsedBySpire(t *testing.T) {
 	require.Equal(t, "x509-CA-A", entry.Data["key_id"])
 	require.Equal(t, "ec-p256", entry.Data["key_type"])
 	require.NotNil(t, p.Logs.find("configured"), "debug+info lines arrive parsed, not as raw text")
+
+	// At unload the plugin reports its backend calls per operation.
+	require.NoError(t, p.catalog.Close())
+	require.Eventually(t, func() bool { return p.Logs.find("backend calls since start") != nil }, 5e9, 1e7)
+	require.Equal(t, "disk", p.Logs.find("backend calls since start").Data["backend"])
 }
 
 // Keys written by SPIRE's built-in disk KeyManager load in kms-keymanager with the same

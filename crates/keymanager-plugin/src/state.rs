@@ -22,6 +22,8 @@ pub struct PluginState {
     active: RwLock<Option<Arc<Active>>>,
     /// Configure calls run one at a time; KeyManager calls never wait for this.
     configuring: tokio::sync::Mutex<()>,
+    /// Deinit and process exit both close; the report is made once.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl PluginState {
@@ -32,6 +34,7 @@ impl PluginState {
             log_control,
             active: RwLock::new(None),
             configuring: tokio::sync::Mutex::new(()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -123,15 +126,27 @@ impl PluginState {
         }
     }
 
-    /// Called at Deinit and exit.
+    /// Called at Deinit and exit: reports the backend calls made since start.
     pub async fn close(&self) {
-        if self
+        if self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let active = self
             .active
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-        {
-            tracing::debug!("closing the key engine");
+            .clone();
+        if let Some(active) = active {
+            for (operation, stats) in active.engine.call_stats() {
+                tracing::info!(
+                    backend = active.engine.backend_name(),
+                    operation,
+                    calls = stats.calls,
+                    failures = stats.failures,
+                    throttles = stats.throttles,
+                    "backend calls since start"
+                );
+            }
         }
     }
 
