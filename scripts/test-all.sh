@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SPIRE_VERSION=v1.15.3
+MOTO_VERSION=5.2.5
+FLASK_VERSION=3.1.3
+FLASK_CORS_VERSION=6.0.5
 CACHE=${KMS_KEYMANAGER_CACHE:-$HOME/.cache/kms-keymanager}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 SPIRE_SERVER_BIN=$CACHE/bin/spire-server-$SPIRE_VERSION
@@ -22,6 +25,7 @@ need() { command -v "$1" >/dev/null || { echo "missing tool: $1 ($2)" >&2; exit 
 need cargo "Rust toolchain 1.95 (rustup)"
 need go "Go 1.26"
 need git "git"
+need python3 "Python 3.11 (for moto)"
 
 step "spire-server $SPIRE_VERSION"
 if [[ ! -x $SPIRE_SERVER_BIN ]]; then
@@ -33,6 +37,16 @@ if [[ ! -x $SPIRE_SERVER_BIN ]]; then
   mv "$SPIRE_SERVER_BIN.tmp" "$SPIRE_SERVER_BIN"
 fi
 "$SPIRE_SERVER_BIN" --version 2>&1 | head -1
+
+step "moto (AWS KMS stand-in) $MOTO_VERSION"
+MOTO_VENV=$CACHE/venv-moto-$MOTO_VERSION
+if [[ ! -x $MOTO_VENV/bin/python ]] || ! "$MOTO_VENV/bin/python" -c "import moto, flask, flask_cors" 2>/dev/null; then
+  rm -rf "$MOTO_VENV"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install -q "moto==$MOTO_VERSION" "flask==$FLASK_VERSION" "flask-cors==$FLASK_CORS_VERSION"
+fi
+export MOTO_PYTHON=$MOTO_VENV/bin/python
+"$MOTO_PYTHON" -c "import moto; print('moto', moto.__version__)"
 
 step "format and lint"
 cargo fmt --all --check

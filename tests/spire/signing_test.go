@@ -151,7 +151,7 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 		{`keys_path = "/tmp/k.json"` + "\n" + `keys_pth = "x"`, `unknown key "keys_pth" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, keys_path`},
 		{`keys_path = 42`, `"keys_path" must be a string, got a number`},
 		{`keys_path = "/tmp/k.json"` + "\n" + `log_level = "loud"`, `"loud" is not one of trace, debug, info, warn, error`},
-		{`backend = "aws"`, `unknown backend "aws"; available: disk`},
+		{`backend = "aws"`, `unknown backend "aws"; available: disk, aws_kms`},
 	} {
 		_, err := tryLoad(catalogConfig(t, tc.data))
 		require.Error(t, err, tc.data)

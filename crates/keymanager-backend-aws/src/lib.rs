@@ -6,7 +6,9 @@
 //! (aliases, descriptions, tags). The KMS client and the `Backend` implementation come next;
 //! until then the backend is not registered in the binary.
 
+mod backend;
 pub mod config;
 pub mod naming;
 
+pub use backend::{AwsKmsBackend, AwsKmsFactory};
 pub use config::{AwsKmsConfig, Credentials, Discovery};

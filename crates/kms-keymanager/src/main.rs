@@ -8,6 +8,7 @@ mod svid;
 
 use std::process::ExitCode;
 
+use keymanager_backend_aws::AwsKmsFactory;
 use keymanager_backend_disk::DiskFactory;
 use keymanager_engine::BackendFactory;
 
@@ -17,7 +18,7 @@ use keymanager_engine::BackendFactory;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every backend compiled into this binary, selected by `backend = "<name>"` in plugin_data.
-pub const BACKENDS: &[&'static dyn BackendFactory] = &[&DiskFactory];
+pub const BACKENDS: &[&'static dyn BackendFactory] = &[&DiskFactory, &AwsKmsFactory];
 
 fn main() -> ExitCode {
     if keymanager_plugin::is_launched_by_host() {

@@ -1,0 +1,614 @@
+//! The `aws_kms` backend: keys are asymmetric SIGN_VERIFY KMS keys, found through this
+//! server's aliases, and every signature is a KMS `Sign` over the digest.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag};
+use keymanager_engine::server_identity::ServerIdSource;
+use keymanager_engine::settings::{Settings, SettingsError};
+use keymanager_engine::{
+    Backend, BackendConfig, BackendError, BackendErrorKind, BackendFactory, BackendKey,
+    BackendSignature, Capabilities, CoreConfig, Digest, HashAlgorithm, KeyHandle, KeyId, KeyType,
+    PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
+};
+
+use crate::config::{AwsKmsConfig, Credentials, Discovery, SETTING_KEYS};
+use crate::naming;
+
+/// KMS's deletion window for replaced keys.
+const DELETION_WINDOW_DAYS: i32 = 7;
+/// One KMS call may take this long; the engine retries inside SPIRE's 30 s deadline.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What AWS KMS signs: ECDSA only with the curve's own hash; RSA PKCS#1 and PSS with
+/// SHA-256/384/512; PSS always with a salt as long as the hash.
+const SIGNING: &[(KeyType, SchemeFamily, HashAlgorithm)] = &[
+    (KeyType::EcP256, SchemeFamily::Ecdsa, HashAlgorithm::Sha256),
+    (KeyType::EcP384, SchemeFamily::Ecdsa, HashAlgorithm::Sha384),
+    (
+        KeyType::Rsa2048,
+        SchemeFamily::RsaPkcs1v15,
+        HashAlgorithm::Sha256,
+    ),
+    (
+        KeyType::Rsa2048,
+        SchemeFamily::RsaPkcs1v15,
+        HashAlgorithm::Sha384,
+    ),
+    (
+        KeyType::Rsa2048,
+        SchemeFamily::RsaPkcs1v15,
+        HashAlgorithm::Sha512,
+    ),
+    (
+        KeyType::Rsa2048,
+        SchemeFamily::RsaPss,
+        HashAlgorithm::Sha256,
+    ),
+    (
+        KeyType::Rsa2048,
+        SchemeFamily::RsaPss,
+        HashAlgorithm::Sha384,
+    ),
+    (
+        KeyType::Rsa2048,
+        SchemeFamily::RsaPss,
+        HashAlgorithm::Sha512,
+    ),
+    (
+        KeyType::Rsa4096,
+        SchemeFamily::RsaPkcs1v15,
+        HashAlgorithm::Sha256,
+    ),
+    (
+        KeyType::Rsa4096,
+        SchemeFamily::RsaPkcs1v15,
+        HashAlgorithm::Sha384,
+    ),
+    (
+        KeyType::Rsa4096,
+        SchemeFamily::RsaPkcs1v15,
+        HashAlgorithm::Sha512,
+    ),
+    (
+        KeyType::Rsa4096,
+        SchemeFamily::RsaPss,
+        HashAlgorithm::Sha256,
+    ),
+    (
+        KeyType::Rsa4096,
+        SchemeFamily::RsaPss,
+        HashAlgorithm::Sha384,
+    ),
+    (
+        KeyType::Rsa4096,
+        SchemeFamily::RsaPss,
+        HashAlgorithm::Sha512,
+    ),
+];
+
+const CAPABILITIES: Capabilities = Capabilities {
+    key_types: &KeyType::ALL,
+    signing: SigningSupport::Only(SIGNING),
+    pss_salt: PssSaltSupport::HashLengthOnly,
+};
+
+/// Registers the `aws_kms` backend.
+pub struct AwsKmsFactory;
+
+impl BackendFactory for AwsKmsFactory {
+    fn name(&self) -> &'static str {
+        "aws_kms"
+    }
+
+    fn setting_keys(&self) -> &'static [&'static str] {
+        SETTING_KEYS
+    }
+
+    fn parse(
+        &self,
+        settings: &mut Settings,
+        core: &CoreConfig,
+    ) -> Result<Box<dyn BackendConfig>, SettingsError> {
+        let config = AwsKmsConfig::parse(settings)?;
+        if config.discovery == Discovery::Tags {
+            return Err(SettingsError::invalid(
+                "enable_tag_based_key_discovery",
+                "tag-based discovery is not available in this build yet; remove the key to use alias discovery",
+            ));
+        }
+        Ok(Box::new(AwsBackendConfig {
+            config,
+            trust_domain: core.trust_domain.clone(),
+        }))
+    }
+}
+
+/// A validated configuration plus the trust domain.
+#[derive(Debug)]
+pub struct AwsBackendConfig {
+    config: AwsKmsConfig,
+    trust_domain: String,
+}
+
+#[async_trait]
+impl BackendConfig for AwsBackendConfig {
+    fn store_identity(&self) -> String {
+        let server = match &self.config.server_id {
+            ServerIdSource::File(path) => format!("file:{}", path.display()),
+            ServerIdSource::Value(value) => format!("value:{value}"),
+        };
+        format!(
+            "aws_kms:{}:{}:{}:{server}",
+            self.config.region,
+            self.config
+                .endpoint
+                .as_deref()
+                .unwrap_or("default-endpoint"),
+            self.trust_domain
+        )
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.config.server_id.problems()
+    }
+
+    async fn open(&self) -> Result<Arc<dyn Backend>, BackendError> {
+        for warning in &self.config.warnings {
+            tracing::warn!("{warning}");
+        }
+        let server_id = self.config.server_id.resolve()?;
+        let client = kms_client(&self.config).await;
+        tracing::info!(
+            region = %self.config.region,
+            endpoint = self.config.endpoint.as_deref().unwrap_or("default"),
+            server_id = %server_id,
+            alias_prefix = %naming::alias_prefix(&self.trust_domain, &server_id),
+            "aws_kms backend ready"
+        );
+        Ok(Arc::new(AwsKmsBackend {
+            client,
+            trust_domain: self.trust_domain.clone(),
+            server_id,
+            config: self.config.clone(),
+        }))
+    }
+}
+
+async fn kms_client(config: &AwsKmsConfig) -> aws_sdk_kms::Client {
+    use aws_config::retry::RetryConfig;
+    use aws_config::timeout::TimeoutConfig;
+    use aws_config::{BehaviorVersion, Region};
+
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(config.region.clone()))
+        // The engine retries idempotent calls within SPIRE's deadline; SDK retries on top
+        // would multiply attempts (and would retry CreateKey).
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .build(),
+        );
+    if let Some(endpoint) = &config.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Credentials::Static {
+        access_key_id,
+        secret_access_key,
+    } = &config.credentials
+    {
+        loader = loader.credentials_provider(aws_sdk_kms::config::Credentials::new(
+            access_key_id,
+            secret_access_key.expose(),
+            None,
+            None,
+            "plugin_data",
+        ));
+    }
+    let sdk_config = loader.load().await;
+    let mut kms_config = aws_sdk_kms::config::Builder::from(&sdk_config);
+    if let Some(role) = &config.assume_role {
+        let mut provider = aws_config::sts::AssumeRoleProvider::builder(&role.role_arn)
+            .session_name(&role.session_name)
+            .configure(&sdk_config);
+        if let Some(external_id) = &role.external_id {
+            provider = provider.external_id(external_id.expose());
+        }
+        kms_config = kms_config.credentials_provider(provider.build().await);
+    }
+    aws_sdk_kms::Client::from_conf(kms_config.build())
+}
+
+/// The KMS key behind a [`KeyHandle`].
+struct KmsKeyRef {
+    arn: String,
+}
+
+/// The backend.
+pub struct AwsKmsBackend {
+    client: aws_sdk_kms::Client,
+    trust_domain: String,
+    server_id: String,
+    config: AwsKmsConfig,
+}
+
+impl AwsKmsBackend {
+    async fn public_key(&self, id: KeyId, arn: &str) -> Result<BackendKey, BackendError> {
+        let out = self
+            .client
+            .get_public_key()
+            .key_id(arn)
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("GetPublicKey", arn, e))?;
+        let spec = out.key_spec().cloned();
+        let key_type = match spec {
+            Some(KeySpec::EccNistP256) => KeyType::EcP256,
+            Some(KeySpec::EccNistP384) => KeyType::EcP384,
+            Some(KeySpec::Rsa2048) => KeyType::Rsa2048,
+            Some(KeySpec::Rsa4096) => KeyType::Rsa4096,
+            other => {
+                return Err(BackendError::new(
+                    BackendErrorKind::FailedPrecondition,
+                    format!(
+                        "KMS key {arn} for {id:?} has key spec {other:?}, which SPIRE cannot use"
+                    ),
+                ));
+            }
+        };
+        let spki = out
+            .public_key()
+            .map(|b| b.as_ref().to_vec())
+            .unwrap_or_default();
+        if spki.is_empty() {
+            return Err(BackendError::new(
+                BackendErrorKind::Internal,
+                format!("KMS returned no public key for {arn}"),
+            ));
+        }
+        Ok(BackendKey {
+            id,
+            key_type,
+            spki_der: Arc::from(spki),
+            handle: KeyHandle::new(
+                arn.to_string(),
+                KmsKeyRef {
+                    arn: arn.to_string(),
+                },
+            ),
+        })
+    }
+
+    fn tags(&self, id: &KeyId) -> Result<Vec<Tag>, BackendError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string();
+        let ours = [
+            (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
+            (naming::TAG_SERVER_ID, self.server_id.as_str()),
+            (naming::TAG_KEY_ID, id.as_str()),
+            (naming::TAG_ACTIVE, "true"),
+            (naming::TAG_LAST_UPDATE, now.as_str()),
+        ];
+        ours.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain(
+                self.config
+                    .key_tags
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            )
+            .map(|(k, v)| {
+                Tag::builder().tag_key(k).tag_value(v).build().map_err(|e| {
+                    BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
+                })
+            })
+            .collect()
+    }
+
+    async fn point_alias(&self, alias: &str, arn: &str) -> Result<(), BackendError> {
+        match self
+            .client
+            .update_alias()
+            .alias_name(alias)
+            .target_key_id(arn)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("NotFoundException") => self
+                .client
+                .create_alias()
+                .alias_name(alias)
+                .target_key_id(arn)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| map_sdk_error("CreateAlias", alias, e)),
+            Err(e) => Err(map_sdk_error("UpdateAlias", alias, e)),
+        }
+    }
+
+    async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string();
+        // The intent is recorded in KMS first: if the process dies before the schedule call,
+        // the next sweep still finds and finishes it.
+        let intent = Tag::builder()
+            .tag_key(naming::TAG_DELETE_INTENT)
+            .tag_value(now)
+            .build()
+            .map_err(|e| {
+                BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
+            })?;
+        if let Err(error) = self
+            .client
+            .tag_resource()
+            .key_id(arn)
+            .tags(intent)
+            .send()
+            .await
+        {
+            tracing::warn!(key = arn, error = %map_sdk_error("TagResource", arn, error), "could not record deletion intent");
+        }
+        match self
+            .client
+            .schedule_key_deletion()
+            .key_id(arn)
+            .pending_window_in_days(DELETION_WINDOW_DAYS)
+            .send()
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    key = arn,
+                    days = DELETION_WINDOW_DAYS,
+                    "replaced KMS key scheduled for deletion"
+                );
+                Ok(())
+            }
+            Err(e)
+                if e.code() == Some("KMSInvalidStateException")
+                    || e.code() == Some("NotFoundException") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_sdk_error("ScheduleKeyDeletion", arn, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for AwsKmsBackend {
+    fn name(&self) -> &'static str {
+        "aws_kms"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &CAPABILITIES
+    }
+
+    async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
+        let mut keys = Vec::new();
+        let mut aliases = self.client.list_aliases().into_paginator().items().send();
+        while let Some(alias) = aliases.next().await {
+            let alias = alias.map_err(|e| map_sdk_error("ListAliases", "aliases", e))?;
+            let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id()) else {
+                continue;
+            };
+            let Some(key_id) = naming::key_id_from_alias(name, &self.trust_domain, &self.server_id)
+            else {
+                continue;
+            };
+            let described = self
+                .client
+                .describe_key()
+                .key_id(target)
+                .send()
+                .await
+                .map_err(|e| map_sdk_error("DescribeKey", target, e))?;
+            let Some(metadata) = described.key_metadata() else {
+                continue;
+            };
+            let arn = metadata.arn().unwrap_or(target).to_string();
+            if metadata.key_state() != Some(&KeyState::Enabled) {
+                // Reported, not fatal: SPIRE regenerates the key when it needs it.
+                tracing::warn!(alias = name, key = %arn, state = ?metadata.key_state(), "skipping a key that is not enabled");
+                continue;
+            }
+            let Ok(id) = KeyId::new(&key_id) else {
+                continue;
+            };
+            keys.push(self.public_key(id, &arn).await?);
+        }
+        Ok(keys)
+    }
+
+    async fn create_key(&self, id: &KeyId, key_type: KeyType) -> Result<BackendKey, BackendError> {
+        let alias = naming::alias_name(&self.trust_domain, &self.server_id, id.as_str())
+            .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))?;
+        let spec = match key_type {
+            KeyType::EcP256 => KeySpec::EccNistP256,
+            KeyType::EcP384 => KeySpec::EccNistP384,
+            KeyType::Rsa2048 => KeySpec::Rsa2048,
+            KeyType::Rsa4096 => KeySpec::Rsa4096,
+        };
+        let mut request = self
+            .client
+            .create_key()
+            .key_spec(spec)
+            .key_usage(KeyUsageType::SignVerify)
+            .description(naming::description(&self.trust_domain, id.as_str()))
+            .set_tags(Some(self.tags(id)?));
+        if let Some(policy) = &self.config.key_policy {
+            request = request.policy(policy);
+        }
+        let created = request
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("CreateKey", id.as_str(), e))?;
+        let arn = created
+            .key_metadata()
+            .and_then(|m| m.arn())
+            .ok_or_else(|| {
+                BackendError::new(BackendErrorKind::Internal, "CreateKey returned no key ARN")
+            })?
+            .to_string();
+        let finish = async {
+            let key = self.public_key(id.clone(), &arn).await?;
+            self.point_alias(&alias, &arn).await?;
+            Ok::<_, BackendError>(key)
+        };
+        match finish.await {
+            Ok(key) => Ok(key),
+            Err(error) => {
+                // The key exists but is not reachable under its alias: never leave it behind.
+                if let Err(cleanup) = self.schedule_deletion(&arn).await {
+                    tracing::warn!(key = %arn, error = %cleanup, "could not schedule the half-created key for deletion; the sweep will");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn sign(
+        &self,
+        key: &BackendKey,
+        digest: &Digest,
+        scheme: SignatureScheme,
+    ) -> Result<BackendSignature, BackendError> {
+        let key_ref = key.handle.downcast::<KmsKeyRef>().ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Internal,
+                "key handle does not belong to aws_kms",
+            )
+        })?;
+        let algorithm = match (scheme, scheme.hash()) {
+            (SignatureScheme::Ecdsa(_), HashAlgorithm::Sha256) => SigningAlgorithmSpec::EcdsaSha256,
+            (SignatureScheme::Ecdsa(_), HashAlgorithm::Sha384) => SigningAlgorithmSpec::EcdsaSha384,
+            (SignatureScheme::RsaPkcs1v15(_), HashAlgorithm::Sha256) => {
+                SigningAlgorithmSpec::RsassaPkcs1V15Sha256
+            }
+            (SignatureScheme::RsaPkcs1v15(_), HashAlgorithm::Sha384) => {
+                SigningAlgorithmSpec::RsassaPkcs1V15Sha384
+            }
+            (SignatureScheme::RsaPkcs1v15(_), HashAlgorithm::Sha512) => {
+                SigningAlgorithmSpec::RsassaPkcs1V15Sha512
+            }
+            (SignatureScheme::RsaPss { .. }, HashAlgorithm::Sha256) => {
+                SigningAlgorithmSpec::RsassaPssSha256
+            }
+            (SignatureScheme::RsaPss { .. }, HashAlgorithm::Sha384) => {
+                SigningAlgorithmSpec::RsassaPssSha384
+            }
+            (SignatureScheme::RsaPss { .. }, HashAlgorithm::Sha512) => {
+                SigningAlgorithmSpec::RsassaPssSha512
+            }
+            (scheme, _) => {
+                return Err(BackendError::new(
+                    BackendErrorKind::InvalidArgument,
+                    format!("AWS KMS cannot sign {}", scheme.describe()),
+                ));
+            }
+        };
+        let out = self
+            .client
+            .sign()
+            .key_id(&key_ref.arn)
+            .message(Blob::new(digest.as_bytes()))
+            .message_type(MessageType::Digest)
+            .signing_algorithm(algorithm)
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("Sign", &key_ref.arn, e))?;
+        let signature = out
+            .signature()
+            .map(|b| b.as_ref().to_vec())
+            .unwrap_or_default();
+        Ok(if key.key_type.is_rsa() {
+            BackendSignature::Rsa(signature)
+        } else {
+            BackendSignature::EcdsaDer(signature)
+        })
+    }
+
+    async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError> {
+        let key_ref = replaced.handle.downcast::<KmsKeyRef>().ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Internal,
+                "key handle does not belong to aws_kms",
+            )
+        })?;
+        self.schedule_deletion(&key_ref.arn).await
+    }
+}
+
+/// Maps an SDK failure to a kind once, naming the operation and the object.
+fn map_sdk_error<E>(
+    operation: &str,
+    object: &str,
+    error: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
+) -> BackendError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let (kind, detail) = match &error {
+        SdkError::TimeoutError(_) => (BackendErrorKind::Unavailable, "timed out".to_string()),
+        SdkError::DispatchFailure(_) => (
+            BackendErrorKind::Unavailable,
+            "could not reach KMS".to_string(),
+        ),
+        SdkError::ResponseError(_) => (
+            BackendErrorKind::Unavailable,
+            "unreadable KMS response".to_string(),
+        ),
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("unknown");
+            let kind = match code {
+                "ThrottlingException" | "LimitExceededException" => {
+                    BackendErrorKind::ResourceExhausted
+                }
+                "NotFoundException" => BackendErrorKind::NotFound,
+                "AccessDeniedException" | "AccessDenied" | "UnrecognizedClientException" => {
+                    BackendErrorKind::PermissionDenied
+                }
+                "DisabledException" | "KMSInvalidStateException" => {
+                    BackendErrorKind::FailedPrecondition
+                }
+                "ValidationException" | "InvalidKeyUsageException" => {
+                    BackendErrorKind::InvalidArgument
+                }
+                "KMSInternalException"
+                | "DependencyTimeoutException"
+                | "InternalFailure"
+                | "ServiceUnavailable" => BackendErrorKind::Unavailable,
+                _ if service.raw().status().is_server_error() => BackendErrorKind::Unavailable,
+                _ => BackendErrorKind::Internal,
+            };
+            (
+                kind,
+                format!("{code}: {}", service.err().message().unwrap_or("")),
+            )
+        }
+        _ => (
+            BackendErrorKind::Internal,
+            "request could not be built".to_string(),
+        ),
+    };
+    BackendError::new(
+        kind,
+        format!("KMS {operation} on {object} failed: {detail}"),
+    )
+}

@@ -1,0 +1,118 @@
+"""Starts moto's server with four corrections to its KMS model, so that signatures made
+through it are the ones AWS KMS would make (see shared test-peers notes):
+
+1. Sign honours MessageType=DIGEST: the message is a pre-hashed digest, never hashed again,
+   and a digest of the wrong length is a ValidationException.
+2. RSASSA_PSS uses a salt as long as the hash (AWS), not the maximum.
+3. Sign refuses Disabled keys (DisabledException) and PendingDeletion keys
+   (KMSInvalidStateException).
+4. GetPublicKey returns KeySpec (moto only returns the deprecated CustomerMasterKeySpec).
+5. ScheduleKeyDeletion, CancelKeyDeletion, EnableKey and DisableKey accept a key ARN, as
+   AWS does (moto looks the ARN up as a bare key id and fails with HTTP 500).
+6. ScheduleKeyDeletion enforces AWS's 7-30 day window (moto silently ignores others).
+
+Usage: python moto_kms_shim.py -H 127.0.0.1 -p PORT
+"""
+
+import base64
+import json
+import sys
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+from moto.core.exceptions import JsonRESTError
+from moto.kms import models, responses
+from moto.kms.exceptions import ValidationException
+
+HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+
+
+def _blob(value):
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return base64.b64decode(value)
+
+
+def sign(self):
+    key_id = self._get_param("KeyId")
+    message = _blob(self._get_param("Message") or b"")
+    message_type = self._get_param("MessageType") or "RAW"
+    algorithm = self._get_param("SigningAlgorithm")
+    self._validate_key_id(key_id)
+    key = self.kms_backend.describe_key(key_id)
+    if key.key_state == "Disabled":
+        raise JsonRESTError("DisabledException", f"{key.arn} is disabled.")
+    if key.key_state != "Enabled":
+        raise JsonRESTError("KMSInvalidStateException", f"{key.arn} is {key.key_state}.")
+    if key.key_usage != "SIGN_VERIFY" or algorithm not in key.signing_algorithms:
+        raise ValidationException(
+            f"1 validation error detected: Value '{algorithm}' at 'SigningAlgorithm' "
+            f"is not valid for key {key.arn} (valid: {key.signing_algorithms})"
+        )
+    if not message:
+        raise ValidationException("Message must have length greater than or equal to 1")
+    hash_algorithm = HASHES[algorithm.rsplit("_", 1)[1]]()
+    if message_type == "DIGEST":
+        if len(message) != hash_algorithm.digest_size:
+            raise ValidationException(
+                f"Digest is {len(message)} bytes; {algorithm} needs {hash_algorithm.digest_size}"
+            )
+        chosen = utils.Prehashed(hash_algorithm)
+    else:
+        chosen = hash_algorithm
+    private = key.private_key.private_key
+    if algorithm.startswith("ECDSA"):
+        signature = private.sign(message, ec.ECDSA(chosen))
+    elif algorithm.startswith("RSASSA_PSS"):
+        pss = padding.PSS(
+            mgf=padding.MGF1(hash_algorithm), salt_length=hash_algorithm.digest_size
+        )
+        signature = private.sign(message, pss, chosen)
+    else:
+        signature = private.sign(message, padding.PKCS1v15(), chosen)
+    return json.dumps(
+        {
+            "KeyId": key.arn,
+            "Signature": base64.b64encode(signature).decode(),
+            "SigningAlgorithm": algorithm,
+        }
+    )
+
+
+_get_public_key = responses.KmsResponse.get_public_key
+
+
+def get_public_key(self):
+    body = json.loads(_get_public_key(self))
+    body.setdefault("KeySpec", body.get("CustomerMasterKeySpec"))
+    return json.dumps(body)
+
+
+def _accept_arn(method):
+    def wrapper(self, key_id, *args, **kwargs):
+        if isinstance(key_id, str) and key_id.startswith("arn:"):
+            key_id = key_id.rsplit("/", 1)[-1]
+        return method(self, key_id, *args, **kwargs)
+
+    return wrapper
+
+
+def _check_window(method):
+    def wrapper(self, key_id, pending_window_in_days, *args, **kwargs):
+        if not 7 <= int(pending_window_in_days) <= 30:
+            raise ValidationException("PendingWindowInDays must be between 7 and 30")
+        return method(self, key_id, pending_window_in_days, *args, **kwargs)
+
+    return wrapper
+
+
+for _name in ("schedule_key_deletion", "cancel_key_deletion", "enable_key", "disable_key"):
+    setattr(models.KmsBackend, _name, _accept_arn(getattr(models.KmsBackend, _name)))
+models.KmsBackend.schedule_key_deletion = _check_window(models.KmsBackend.schedule_key_deletion)
+responses.KmsResponse.sign = sign
+responses.KmsResponse.get_public_key = get_public_key
+
+if __name__ == "__main__":
+    from moto.server import main
+
+    main(sys.argv[1:])
