@@ -162,6 +162,11 @@ impl BackendConfig for AwsBackendConfig {
         for warning in &self.config.warnings {
             tracing::warn!("{warning}");
         }
+        if self.config.key_policy.is_none() {
+            tracing::warn!(
+                "no key_policy_file: new keys get the account's default key policy; set key_policy_file for a least-privilege policy"
+            );
+        }
         let server_id = self.config.server_id.resolve()?;
         let client = kms_client(&self.config).await;
         tracing::info!(
