@@ -115,3 +115,70 @@ func requireStatusContains(t *testing.T, err error, text string) {
 	require.True(t, strings.Contains(err.Error(), text), err.Error())
 	require.Contains(t, err.Error(), "InvalidArgument")
 }
+
+// kmsKeysOf lists, in KMS itself, the public keys behind one server's aliases.
+func kmsKeysOf(t *testing.T, endpoint, serverID string) map[string]crypto.PublicKey {
+	ctx := context.Background()
+	client := kmsClient(endpoint)
+	prefix := "alias/SPIRE_SERVER/example_org/" + serverID + "/"
+	out := map[string]crypto.PublicKey{}
+	paginator := kms.NewListAliasesPaginator(client, &kms.ListAliasesInput{})
+	for paginator.HasMorePages() {
+		page, err := paginator.NextPage(ctx)
+		require.NoError(t, err)
+		for _, alias := range page.Aliases {
+			name := aws.ToString(alias.AliasName)
+			if !strings.HasPrefix(name, prefix) {
+				continue
+			}
+			pub, err := client.GetPublicKey(ctx, &kms.GetPublicKeyInput{KeyId: alias.AliasName})
+			require.NoError(t, err)
+			parsed, err := x509.ParsePKIXPublicKey(pub.PublicKey)
+			require.NoError(t, err)
+			out[strings.TrimPrefix(name, prefix)] = parsed
+		}
+	}
+	return out
+}
+
+// TestRealSpireServerAwsKms: two real spire-servers with different identities share one
+// (moto) KMS account. Both mint SVIDs that verify against their bundles with CA and JWT
+// keys held in KMS under their own aliases; neither touches the other's keys; a restart
+// finds the same CA key.
+func TestRealSpireServerAwsKms(t *testing.T) {
+	endpoint := startMoto(t)
+	newServer := func(serverID string) *spireServer {
+		s := newSpireServerWith(t, func(*spireServer) string {
+			return "plugin_data {\n" + awsPluginData(endpoint, serverID) + "}"
+		})
+		s.storeKeys = func() map[string]crypto.PublicKey { return kmsKeysOf(t, endpoint, serverID) }
+		return s
+	}
+	a := newServer("server-a")
+	a.start(1)
+	rootA := a.mintAndVerify(t)
+	keysA := kmsKeysOf(t, endpoint, "server-a")
+	require.Contains(t, keysA, "x509-CA-A")
+
+	b := newServer("server-b")
+	b.start(1)
+	rootB := b.mintAndVerify(t)
+	require.False(t, rootA.PublicKey.(equaler).Equal(rootB.PublicKey), "each server has its own CA key")
+	for id, key := range kmsKeysOf(t, endpoint, "server-a") {
+		require.True(t, key.(equaler).Equal(keysA[id]), "server-b must not touch server-a's key %s", id)
+	}
+
+	requireCleanPluginExitOf(t, b.stop())
+	log := a.stop()
+	require.Contains(t, log, "Shutdown requested by the host; exiting")
+	a.start(2)
+	require.True(t, a.mintAndVerify(t).PublicKey.(equaler).Equal(rootA.PublicKey), "restart reuses the CA key in KMS")
+	require.NotContains(t, a.stop(), "plugin failed to exit gracefully")
+}
+
+// requireCleanPluginExitOf checks a server's log only (another server's plugin may still run).
+func requireCleanPluginExitOf(t *testing.T, log string) {
+	t.Helper()
+	require.Contains(t, log, "Shutdown requested by the host; exiting")
+	require.NotContains(t, log, "plugin failed to exit gracefully")
+}

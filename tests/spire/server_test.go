@@ -35,6 +35,8 @@ type spireServer struct {
 	cmd     *exec.Cmd
 	exited  chan error
 	logPath string
+	// storeKeys lists the public keys the backend holds for this server, by SPIRE key id.
+	storeKeys func() map[string]crypto.PublicKey
 }
 
 func newSpireServer(t *testing.T) *spireServer {
@@ -56,6 +58,7 @@ func newSpireServerWith(t *testing.T, pluginData func(*spireServer) string) *spi
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	s := &spireServer{t: t, bin: bin, dir: dir, socket: filepath.Join(dir, "api.sock"), conf: filepath.Join(dir, "server.conf")}
+	s.storeKeys = s.keysInStore
 	plugin := pluginBinary(t)
 	conf := fmt.Sprintf(`server {
     bind_address = "127.0.0.1"
@@ -220,7 +223,7 @@ func (s *spireServer) mintAndVerify(t *testing.T) *x509.Certificate {
 	require.Equal(t, id, jwt.ID)
 
 	// The keys that signed are the plugin's: the CA key and the JWT key are in its store.
-	keys := s.keysInStore()
+	keys := s.storeKeys()
 	require.True(t, strings.HasPrefix(idOfKey(keys, root.PublicKey), "x509-CA-"), "root CA key must be a plugin key")
 	headerJSON, err := base64.RawURLEncoding.DecodeString(strings.Split(token, ".")[0])
 	require.NoError(t, err)
