@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
@@ -181,4 +182,44 @@ func requireCleanPluginExitOf(t *testing.T, log string) {
 	t.Helper()
 	require.Contains(t, log, "Shutdown requested by the host; exiting")
 	require.NotContains(t, log, "plugin failed to exit gracefully")
+}
+
+// TestAwsKmsSweepRemovesAbandonedKeys: a server whose identity changed ("old") leaves keys
+// behind; the sweep of another server ("sweeper", short thresholds) puts them on the
+// deletion path, while a live peer's stamped keys and the sweeper's own keys stay.
+func TestAwsKmsSweepRemovesAbandonedKeys(t *testing.T) {
+	ctx := context.Background()
+	endpoint := startMoto(t)
+	client := kmsClient(endpoint)
+	fast := "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"3s\"\nclock_skew_allowance = \"1s\"\n"
+	state := func(serverID, keyID string) kmstypes.KeyState {
+		out, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{
+			KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/" + keyID),
+		})
+		require.NoError(t, err)
+		return out.KeyMetadata.KeyState
+	}
+
+	old := loadExternal(t, awsPluginData(endpoint, "old"))
+	_, err := old.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NoError(t, old.catalog.Close()) // its identity file is gone: nobody stamps these keys
+
+	peer := loadExternal(t, awsPluginData(endpoint, "peer")+fast)
+	_, err = peer.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	sweeper := loadExternal(t, awsPluginData(endpoint, "sweeper")+fast)
+	_, err = sweeper.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+
+	require.Eventually(t, func() bool {
+		return state("old", "x509-CA-A") == kmstypes.KeyStatePendingDeletion
+	}, 20*time.Second, 250*time.Millisecond, "the abandoned key must be swept")
+	require.Equal(t, kmstypes.KeyStateEnabled, state("peer", "x509-CA-A"), "a live peer's stamped key stays")
+	require.Equal(t, kmstypes.KeyStateEnabled, state("sweeper", "x509-CA-A"), "the sweeper's own key stays")
+	// Both live servers sweep; whichever got there first logged it.
+	require.Eventually(t, func() bool {
+		return sweeper.Logs.find("stale key put on the deletion path") != nil ||
+			peer.Logs.find("stale key put on the deletion path") != nil
+	}, 5*time.Second, 50*time.Millisecond)
 }

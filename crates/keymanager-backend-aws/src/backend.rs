@@ -8,8 +8,10 @@ use async_trait::async_trait;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag};
+use keymanager_engine::lifecycle::KeyLifecycle;
 use keymanager_engine::server_identity::ServerIdSource;
 use keymanager_engine::settings::{Settings, SettingsError};
+use keymanager_engine::sweep::{KeyRecord, StoreKeyState, SweeperIdentity};
 use keymanager_engine::{
     Backend, BackendConfig, BackendError, BackendErrorKind, BackendFactory, BackendKey,
     BackendSignature, Capabilities, CoreConfig, Digest, HashAlgorithm, KeyHandle, KeyId, KeyType,
@@ -110,6 +112,10 @@ impl BackendFactory for AwsKmsFactory {
         SETTING_KEYS
     }
 
+    fn manages_key_lifecycle(&self) -> bool {
+        true
+    }
+
     fn parse(
         &self,
         settings: &mut Settings,
@@ -168,7 +174,7 @@ impl BackendConfig for AwsBackendConfig {
             );
         }
         let server_id = self.config.server_id.resolve()?;
-        let client = kms_client(&self.config).await;
+        let (client, tagging) = clients(&self.config).await;
         tracing::info!(
             region = %self.config.region,
             endpoint = self.config.endpoint.as_deref().unwrap_or("default"),
@@ -178,6 +184,7 @@ impl BackendConfig for AwsBackendConfig {
         );
         Ok(Arc::new(AwsKmsBackend {
             client,
+            tagging,
             trust_domain: self.trust_domain.clone(),
             server_id,
             config: self.config.clone(),
@@ -185,7 +192,10 @@ impl BackendConfig for AwsBackendConfig {
     }
 }
 
-async fn kms_client(config: &AwsKmsConfig) -> aws_sdk_kms::Client {
+/// The KMS client and the Resource Groups Tagging client, sharing credentials.
+async fn clients(
+    config: &AwsKmsConfig,
+) -> (aws_sdk_kms::Client, aws_sdk_resourcegroupstagging::Client) {
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
     use aws_config::{BehaviorVersion, Region};
@@ -219,6 +229,7 @@ async fn kms_client(config: &AwsKmsConfig) -> aws_sdk_kms::Client {
     }
     let sdk_config = loader.load().await;
     let mut kms_config = aws_sdk_kms::config::Builder::from(&sdk_config);
+    let mut tagging_config = aws_sdk_resourcegroupstagging::config::Builder::from(&sdk_config);
     if let Some(role) = &config.assume_role {
         let mut provider = aws_config::sts::AssumeRoleProvider::builder(&role.role_arn)
             .session_name(&role.session_name)
@@ -226,9 +237,14 @@ async fn kms_client(config: &AwsKmsConfig) -> aws_sdk_kms::Client {
         if let Some(external_id) = &role.external_id {
             provider = provider.external_id(external_id.expose());
         }
-        kms_config = kms_config.credentials_provider(provider.build().await);
+        let shared = aws_sdk_kms::config::SharedCredentialsProvider::new(provider.build().await);
+        kms_config = kms_config.credentials_provider(shared.clone());
+        tagging_config = tagging_config.credentials_provider(shared);
     }
-    aws_sdk_kms::Client::from_conf(kms_config.build())
+    (
+        aws_sdk_kms::Client::from_conf(kms_config.build()),
+        aws_sdk_resourcegroupstagging::Client::from_conf(tagging_config.build()),
+    )
 }
 
 /// The KMS key behind a [`KeyHandle`].
@@ -239,6 +255,7 @@ struct KmsKeyRef {
 /// The backend.
 pub struct AwsKmsBackend {
     client: aws_sdk_kms::Client,
+    tagging: aws_sdk_resourcegroupstagging::Client,
     trust_domain: String,
     server_id: String,
     config: AwsKmsConfig,
@@ -558,6 +575,137 @@ impl Backend for AwsKmsBackend {
         })?;
         self.schedule_deletion(&key_ref.arn).await
     }
+
+    fn lifecycle(&self) -> Option<&dyn KeyLifecycle> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl KeyLifecycle for AwsKmsBackend {
+    fn identity(&self) -> SweeperIdentity {
+        SweeperIdentity {
+            trust_domain: self.trust_domain.clone(),
+            server_id: self.server_id.clone(),
+        }
+    }
+
+    async fn stamp(&self, keys: &[BackendKey], now: SystemTime) -> Result<(), BackendError> {
+        let stamp = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string();
+        for key in keys {
+            let Some(key_ref) = key.handle.downcast::<KmsKeyRef>() else {
+                continue;
+            };
+            let tag = Tag::builder()
+                .tag_key(naming::TAG_LAST_UPDATE)
+                .tag_value(stamp.clone())
+                .build()
+                .map_err(|e| {
+                    BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
+                })?;
+            self.client
+                .tag_resource()
+                .key_id(&key_ref.arn)
+                .tags(tag)
+                .send()
+                .await
+                .map_err(|e| map_sdk_error("TagResource", &key_ref.arn, e))?;
+        }
+        Ok(())
+    }
+
+    async fn list_trust_domain_keys(&self) -> Result<Vec<KeyRecord>, BackendError> {
+        use aws_sdk_resourcegroupstagging::types::TagFilter;
+        let filter = TagFilter::builder()
+            .key(naming::TAG_TRUST_DOMAIN)
+            .values(&self.trust_domain)
+            .build();
+        let mut pages = self
+            .tagging
+            .get_resources()
+            .resource_type_filters("kms:key")
+            .tag_filters(filter)
+            .into_paginator()
+            .items()
+            .send();
+        let mut records = Vec::new();
+        while let Some(mapping) = pages.next().await {
+            let mapping = mapping.map_err(|e| map_tagging_error(&e))?;
+            let Some(arn) = mapping.resource_arn() else {
+                continue;
+            };
+            let tag = |key: &str| {
+                mapping
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == key)
+                    .map(|t| t.value().to_string())
+            };
+            let described = match self.client.describe_key().key_id(arn).send().await {
+                Ok(out) => out,
+                Err(e) if e.code() == Some("NotFoundException") => continue,
+                Err(e) => return Err(map_sdk_error("DescribeKey", arn, e)),
+            };
+            let Some(metadata) = described.key_metadata() else {
+                continue;
+            };
+            let state = match metadata.key_state() {
+                Some(KeyState::Enabled) => StoreKeyState::Enabled,
+                Some(KeyState::PendingDeletion) | Some(KeyState::PendingReplicaDeletion) => {
+                    StoreKeyState::PendingDeletion
+                }
+                _ => StoreKeyState::Disabled,
+            };
+            records.push(KeyRecord {
+                locator: arn.to_string(),
+                trust_domain: tag(naming::TAG_TRUST_DOMAIN),
+                server_id: tag(naming::TAG_SERVER_ID),
+                state,
+                active: tag(naming::TAG_ACTIVE).as_deref() == Some("true"),
+                last_stamp: tag(naming::TAG_LAST_UPDATE)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+                created: metadata
+                    .creation_date()
+                    .and_then(|d| u64::try_from(d.secs()).ok())
+                    .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+                deletion_intent: tag(naming::TAG_DELETE_INTENT).is_some(),
+            });
+        }
+        Ok(records)
+    }
+
+    async fn delete(&self, locator: &str) -> Result<(), BackendError> {
+        self.schedule_deletion(locator).await
+    }
+}
+
+fn map_tagging_error<E>(
+    error: &SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
+) -> BackendError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let kind = match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            BackendErrorKind::Unavailable
+        }
+        SdkError::ServiceError(service) => match service.err().code() {
+            Some("ThrottlingException") => BackendErrorKind::ResourceExhausted,
+            Some("AccessDeniedException") => BackendErrorKind::PermissionDenied,
+            _ => BackendErrorKind::Internal,
+        },
+        _ => BackendErrorKind::Internal,
+    };
+    let code = match error {
+        SdkError::ServiceError(service) => service.err().code().unwrap_or("unknown"),
+        _ => "no response",
+    };
+    BackendError::new(kind, format!("tagging GetResources failed: {code}"))
 }
 
 /// Maps an SDK failure to a kind once, naming the operation and the object.

@@ -25,6 +25,12 @@ pub trait BackendFactory: Send + Sync {
     /// The `plugin_data` keys this backend understands, for error messages.
     fn setting_keys(&self) -> &'static [&'static str];
 
+    /// True when the backend stamps and sweeps keys (see [`Backend::lifecycle`]), so the
+    /// schedule settings apply to it.
+    fn manages_key_lifecycle(&self) -> bool {
+        false
+    }
+
     /// Parses and validates this backend's settings. Must have no side effects: it also
     /// serves SPIRE's `Validate`. Every recognised key must be taken out of `settings`.
     fn parse(
@@ -80,6 +86,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts removing a key that was replaced under its id. Backends with a deletion
     /// window schedule it; the engine calls this only after the new key is live.
     async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError>;
+
+    /// Liveness stamps and stale-key sweeps, for backends whose keys outlive the server
+    /// (every KMS). `None` for backends without shared key stores (disk).
+    fn lifecycle(&self) -> Option<&dyn crate::lifecycle::KeyLifecycle> {
+        None
+    }
 }
 
 /// A key as a backend knows it.

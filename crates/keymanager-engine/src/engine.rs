@@ -111,6 +111,52 @@ impl Engine {
         self.stats.snapshot()
     }
 
+    /// True when the backend stamps and sweeps keys.
+    pub fn has_lifecycle(&self) -> bool {
+        self.backend.lifecycle().is_some()
+    }
+
+    /// Refreshes the liveness stamps of every key this server serves.
+    pub async fn stamp_keys(&self) -> Result<(), EngineError> {
+        let Some(lifecycle) = self.backend.lifecycle() else {
+            return Ok(());
+        };
+        let keys: Vec<BackendKey> = self
+            .read_keys()
+            .values()
+            .map(|k| k.backend_key.clone())
+            .collect();
+        self.stats.record_call("stamp");
+        lifecycle
+            .stamp(&keys, std::time::SystemTime::now())
+            .await
+            .inspect_err(|e| self.stats.record_failure("stamp", e.kind))?;
+        tracing::debug!(keys = keys.len(), "liveness stamps refreshed");
+        Ok(())
+    }
+
+    /// Sweeps the trust domain for stale and abandoned keys; keys this engine serves are
+    /// never deleted. `None` for backends without a lifecycle.
+    pub async fn sweep(
+        &self,
+        policy: crate::sweep::SweepPolicy,
+    ) -> Result<Option<crate::lifecycle::SweepReport>, EngineError> {
+        let Some(lifecycle) = self.backend.lifecycle() else {
+            return Ok(None);
+        };
+        let in_use: std::collections::HashSet<String> = self
+            .read_keys()
+            .values()
+            .map(|k| k.backend_key.handle.locator().to_string())
+            .collect();
+        self.stats.record_call("sweep");
+        let report =
+            crate::lifecycle::run_sweep(lifecycle, &in_use, std::time::SystemTime::now(), policy)
+                .await
+                .inspect_err(|e| self.stats.record_failure("sweep", e.kind))?;
+        Ok(Some(report))
+    }
+
     /// The backend's name.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()

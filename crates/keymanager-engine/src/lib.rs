@@ -14,6 +14,7 @@ mod ecdsa_der;
 mod engine;
 mod error;
 mod key;
+pub mod lifecycle;
 pub mod resilience;
 pub mod server_identity;
 pub mod settings;

@@ -192,6 +192,24 @@ impl Settings {
         }
     }
 
+    /// Takes a duration written as a number and a unit: `90s`, `10m`, `6h`, `14d`.
+    pub fn take_duration(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<std::time::Duration>, SettingsError> {
+        let Some(text) = self.take_nonempty_string(key)? else {
+            return Ok(None);
+        };
+        parse_duration(&text)
+            .map(Some)
+            .ok_or_else(|| {
+                SettingsError::invalid(
+                    key,
+                    format!("{text:?} is not a duration; write a whole number and a unit: s, m, h or d (e.g. \"6h\")"),
+                )
+            })
+    }
+
     /// Takes a map of strings (HCL `key = { a = "b" }` or a `key { a = "b" }` block).
     pub fn take_string_map(
         &mut self,
@@ -225,6 +243,26 @@ impl Settings {
             }),
         }
     }
+}
+
+fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    if number == 0 {
+        return None;
+    }
+    number
+        .checked_mul(seconds)
+        .map(std::time::Duration::from_secs)
 }
 
 fn wrong_type(key: &str, expected: &'static str, found: &SettingValue) -> SettingsError {
@@ -302,6 +340,29 @@ mod tests {
             format!("{:?}", Config { secret }),
             "Config { secret: Secret(<redacted>) }"
         );
+    }
+
+    #[test]
+    fn durations_need_a_number_and_a_unit() {
+        let mut s = settings(&[
+            ("a", SettingValue::String("6h".into())),
+            ("b", SettingValue::String("14d".into())),
+            ("c", SettingValue::String("6".into())),
+            ("d", SettingValue::String("0s".into())),
+            ("e", SettingValue::String("1w".into())),
+        ]);
+        assert_eq!(
+            s.take_duration("a").unwrap(),
+            Some(std::time::Duration::from_secs(6 * 3600))
+        );
+        assert_eq!(
+            s.take_duration("b").unwrap(),
+            Some(std::time::Duration::from_secs(14 * 86400))
+        );
+        for key in ["c", "d", "e"] {
+            let err = s.take_duration(key).unwrap_err().to_string();
+            assert!(err.contains("is not a duration"), "{err}");
+        }
     }
 
     #[test]

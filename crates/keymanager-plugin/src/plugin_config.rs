@@ -1,5 +1,6 @@
 //! The whole `plugin_data`: the keys every backend shares, then the backend's own keys.
 
+use keymanager_engine::lifecycle::LifecycleSchedule;
 use keymanager_engine::settings::SettingsError;
 use keymanager_engine::{BackendConfig, BackendFactory, CoreConfig};
 
@@ -8,6 +9,13 @@ use crate::logging::LogLevel;
 
 /// Keys read by the runtime itself, whatever the backend.
 pub const COMMON_KEYS: &[&str] = &["backend", "log_level", "max_keys", "max_signs_per_second"];
+/// Schedule keys, read only for backends that stamp and sweep keys in a shared store.
+pub const LIFECYCLE_KEYS: &[&str] = &[
+    "liveness_interval",
+    "sweep_interval",
+    "stale_key_age",
+    "clock_skew_allowance",
+];
 /// The backend used when `plugin_data` names none: the embedded software default.
 pub const DEFAULT_BACKEND: &str = "disk";
 
@@ -24,6 +32,8 @@ pub struct PluginConfig {
     pub max_keys: Option<usize>,
     /// Client-side SignData rate limit (`None`: unlimited).
     pub max_signs_per_second: Option<f64>,
+    /// Liveness stamps and sweeps (KMS backends).
+    pub lifecycle: LifecycleSchedule,
     /// The backend's own settings.
     pub backend: Box<dyn BackendConfig>,
 }
@@ -77,12 +87,34 @@ pub fn parse_plugin_config(
         }
         Some(n) => Some(n as f64),
     };
+    let mut lifecycle = LifecycleSchedule::default();
+    let mut allowed: Vec<&str> = COMMON_KEYS.to_vec();
+    if factory.manages_key_lifecycle() {
+        allowed.extend_from_slice(LIFECYCLE_KEYS);
+        if let Some(every) = settings.take_duration("liveness_interval")? {
+            lifecycle.stamp_every = every;
+        }
+        if let Some(every) = settings.take_duration("sweep_interval")? {
+            lifecycle.sweep_every = every;
+        }
+        if let Some(age) = settings.take_duration("stale_key_age")? {
+            lifecycle.policy.stale_after = age;
+        }
+        if let Some(skew) = settings.take_duration("clock_skew_allowance")? {
+            lifecycle.policy.max_clock_skew = skew;
+        }
+        if lifecycle.stamp_every >= lifecycle.policy.stale_after {
+            return Err(SettingsError::invalid(
+                "liveness_interval",
+                format!(
+                    "{:?} must be shorter than stale_key_age ({:?}), or other servers would sweep this server's live keys",
+                    lifecycle.stamp_every, lifecycle.policy.stale_after
+                ),
+            ));
+        }
+    }
     let backend = factory.parse(&mut settings, &core)?;
-    let allowed: Vec<&str> = COMMON_KEYS
-        .iter()
-        .chain(factory.setting_keys())
-        .copied()
-        .collect();
+    allowed.extend_from_slice(factory.setting_keys());
     settings.finish(&allowed)?;
     Ok(PluginConfig {
         core,
@@ -90,6 +122,7 @@ pub fn parse_plugin_config(
         log_level,
         max_keys,
         max_signs_per_second,
+        lifecycle,
         backend,
     })
 }

@@ -5,6 +5,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use keymanager_engine::{BackendFactory, CoreConfig, Engine, EngineError, EngineOptions};
 use tonic::Status;
 
+use keymanager_engine::lifecycle::LifecycleSchedule;
+
 use crate::logging::LogControl;
 use crate::plugin_config::{PluginConfig, parse_plugin_config};
 use crate::status::{engine_error_to_status, settings_error_to_status};
@@ -13,6 +15,9 @@ struct Active {
     engine: Arc<Engine>,
     store_identity: String,
     trust_domain: String,
+    /// Read by the background tasks at every turn, so a re-Configure applies to them.
+    schedule: Arc<RwLock<LifecycleSchedule>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Shared by every service: the backends on offer and the active engine.
@@ -76,6 +81,10 @@ impl PluginState {
                 )));
             }
             self.apply_runtime_settings(&config, &current.engine);
+            *current
+                .schedule
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = config.lifecycle;
             tracing::info!(backend = config.backend_name, store = %identity, "configuration reloaded; keys kept");
             return Ok(());
         }
@@ -100,10 +109,19 @@ impl PluginState {
             backend_config = ?config.backend,
             "configured"
         );
+        let engine = Arc::new(engine);
+        let schedule = Arc::new(RwLock::new(config.lifecycle));
+        let tasks = if engine.has_lifecycle() {
+            spawn_lifecycle_tasks(engine.clone(), schedule.clone())
+        } else {
+            Vec::new()
+        };
         *self.active.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Active {
-            engine: Arc::new(engine),
+            engine,
             store_identity: identity,
             trust_domain: config.core.trust_domain,
+            schedule,
+            tasks,
         }));
         Ok(())
     }
@@ -137,6 +155,9 @@ impl PluginState {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         if let Some(active) = active {
+            for task in &active.tasks {
+                task.abort();
+            }
             for (operation, stats) in active.engine.call_stats() {
                 tracing::info!(
                     backend = active.engine.backend_name(),
@@ -155,4 +176,47 @@ impl PluginState {
         engine.set_max_keys(config.max_keys);
         engine.set_max_signs_per_second(config.max_signs_per_second);
     }
+}
+
+/// Stamps this server's keys and sweeps the trust domain on the configured schedule. Each
+/// task first runs one interval after start, like SPIRE's KMS key managers.
+fn spawn_lifecycle_tasks(
+    engine: Arc<Engine>,
+    schedule: Arc<RwLock<LifecycleSchedule>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let read = |schedule: &Arc<RwLock<LifecycleSchedule>>| {
+        *schedule.read().unwrap_or_else(PoisonError::into_inner)
+    };
+    let stamper = {
+        let engine = engine.clone();
+        let schedule = schedule.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(read(&schedule).stamp_every).await;
+                if let Err(error) = engine.stamp_keys().await {
+                    tracing::warn!(%error, "liveness stamp failed; retrying at the next interval");
+                }
+            }
+        })
+    };
+    let sweeper = tokio::spawn(async move {
+        loop {
+            let current = read(&schedule);
+            tokio::time::sleep(current.sweep_every).await;
+            match engine.sweep(current.policy).await {
+                Ok(Some(report)) => tracing::info!(
+                    examined = report.decisions.len(),
+                    deleted = report.decisions.iter().filter(|d| d.is_delete()).count()
+                        - report.failed.len(),
+                    failed = report.failed.len(),
+                    "stale-key sweep finished"
+                ),
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "stale-key sweep failed; retrying at the next interval")
+                }
+            }
+        }
+    });
+    vec![stamper, sweeper]
 }
