@@ -3,7 +3,9 @@ package spire_test
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"fmt"
 	"strings"
@@ -222,4 +224,81 @@ func TestAwsKmsSweepRemovesAbandonedKeys(t *testing.T) {
 		return sweeper.Logs.find("stale key put on the deletion path") != nil ||
 			peer.Logs.find("stale key put on the deletion path") != nil
 	}, 5*time.Second, 50*time.Millisecond)
+}
+
+// TestAwsKmsFaults: throttling, 5xx, dropped connections and a timeout between the plugin
+// and KMS never yield a wrong signature or a leaked key; SignData succeeds within SPIRE's
+// 30 s deadline once the fault clears.
+func TestAwsKmsFaults(t *testing.T) {
+	ctx := context.Background()
+	endpoint := startMoto(t)
+	proxy := newFaultProxy(t, endpoint)
+	p := loadExternal(t, awsPluginData(proxy.URL, "faulty"))
+	key, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	digest := sha256.Sum256([]byte("fault tolerant"))
+
+	for name, faults := range map[string][]fault{
+		"throttled three times": {faultThrottle, faultThrottle, faultThrottle},
+		"two 500s":              {faultServer500, faultServer500},
+		"dropped connections":   {faultDrop, faultDrop},
+		"one timeout":           {faultSlow},
+	} {
+		t.Run(name, func(t *testing.T) {
+			before := proxy.calls("Sign")
+			proxy.inject("Sign", faults...)
+			started := time.Now()
+			sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+			require.NoError(t, err)
+			require.Less(t, time.Since(started), 30*time.Second, "inside SPIRE's deadline")
+			require.True(t, ecdsa.VerifyASN1(key.Public().(*ecdsa.PublicKey), digest[:], sig), "never a wrong signature")
+			require.Equal(t, len(faults)+1, proxy.calls("Sign")-before, "one retry per fault, no more")
+		})
+	}
+
+	t.Run("persistent throttling fails cleanly within the deadline", func(t *testing.T) {
+		proxy.inject("Sign", faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle)
+		started := time.Now()
+		_, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+		require.Error(t, err)
+		require.Contains(t, err.Error(), "ResourceExhausted")
+		require.Less(t, time.Since(started), 30*time.Second)
+		proxy.mu.Lock()
+		proxy.queue["Sign"] = nil
+		proxy.mu.Unlock()
+		_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
+		require.NoError(t, err, "signing works again once the fault clears")
+	})
+
+	liveKeys := func() int {
+		client := kmsClient(endpoint)
+		out, err := client.ListKeys(ctx, &kms.ListKeysInput{})
+		require.NoError(t, err)
+		n := 0
+		for _, k := range out.Keys {
+			d, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: k.KeyId})
+			require.NoError(t, err)
+			if d.KeyMetadata.KeyState == kmstypes.KeyStateEnabled {
+				n++
+			}
+		}
+		return n
+	}
+	t.Run("a failed GenerateKey leaves no live key", func(t *testing.T) {
+		before := liveKeys()
+		proxy.inject("CreateKey", faultServer500)
+		_, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+		require.Error(t, err, "key creation is never retried blindly")
+		proxy.inject("CreateAlias", faultDrop)
+		_, err = p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+		require.Error(t, err)
+		require.Equal(t, before, liveKeys(), "the half-created key was put on the deletion path")
+		again, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+		require.NoError(t, err)
+		require.Equal(t, before+1, liveKeys())
+		current, err := p.KeyManager.GetKey(ctx, "x509-CA-A")
+		require.NoError(t, err)
+		require.True(t, current.Public().(equaler).Equal(key.Public()), "no fault replaced a key")
+		require.NotNil(t, again)
+	})
 }
