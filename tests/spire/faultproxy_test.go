@@ -28,6 +28,8 @@ type faultProxy struct {
 	mu    sync.Mutex
 	queue map[string][]fault
 	seen  map[string]int
+	// latency is added to every request (benchmarks: a KMS round trip).
+	latency time.Duration
 }
 
 func newFaultProxy(t *testing.T, target string) *faultProxy {
@@ -47,7 +49,11 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 			next = &queued[0]
 			p.queue[operation] = queued[1:]
 		}
+		latency := p.latency
 		p.mu.Unlock()
+		if latency > 0 {
+			time.Sleep(latency)
+		}
 		if next == nil {
 			forward.ServeHTTP(w, r)
 			return
@@ -80,6 +86,15 @@ func (p *faultProxy) inject(operation string, faults ...fault) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.queue[operation] = append(p.queue[operation], faults...)
+}
+
+// snapshot returns and resets the per-operation call counts.
+func (p *faultProxy) snapshot() map[string]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := p.seen
+	p.seen = map[string]int{}
+	return out
 }
 
 func (p *faultProxy) calls(operation string) int {

@@ -16,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/spire/pkg/common/catalog"
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
+	"github.com/spiffe/spire/pkg/server/plugin/keymanager/awskms"
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager/disk"
 )
 
@@ -54,7 +55,9 @@ type keyManagerRepo struct {
 func (r *keyManagerRepo) Binder() any                      { return r.SetKeyManager }
 func (r *keyManagerRepo) Constraints() catalog.Constraints { return catalog.ExactlyOne() }
 func (r *keyManagerRepo) Versions() []catalog.Version      { return []catalog.Version{v1{}} }
-func (r *keyManagerRepo) BuiltIns() []catalog.BuiltIn      { return []catalog.BuiltIn{disk.BuiltIn()} }
+func (r *keyManagerRepo) BuiltIns() []catalog.BuiltIn {
+	return []catalog.BuiltIn{disk.BuiltIn(), awskms.BuiltIn()}
+}
 
 type v1 struct{}
 

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag};
+use futures_util::future::join_all;
 use keymanager_engine::lifecycle::KeyLifecycle;
 use keymanager_engine::server_identity::ServerIdSource;
 use keymanager_engine::settings::{Settings, SettingsError};
@@ -21,6 +22,8 @@ use keymanager_engine::{
 use crate::config::{AwsKmsConfig, Credentials, Discovery, SETTING_KEYS};
 use crate::naming;
 
+/// Keys described and loaded at once during discovery.
+const DISCOVERY_CONCURRENCY: usize = 16;
 /// KMS's deletion window for replaced keys.
 const DELETION_WINDOW_DAYS: i32 = 7;
 /// One KMS call may take this long; the engine retries inside SPIRE's 30 s deadline.
@@ -337,27 +340,72 @@ impl AwsKmsBackend {
             .collect()
     }
 
-    async fn point_alias(&self, alias: &str, arn: &str) -> Result<(), BackendError> {
-        match self
-            .client
-            .update_alias()
-            .alias_name(alias)
-            .target_key_id(arn)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("NotFoundException") => self
-                .client
+    /// Points `alias` at `arn`: UpdateAlias when this server already serves a key under
+    /// the id (rotation), CreateAlias otherwise, each falling back to the other when the
+    /// store disagrees (an alias left by a crashed start, or deleted by hand).
+    async fn point_alias(&self, alias: &str, arn: &str, exists: bool) -> Result<(), BackendError> {
+        let update = || {
+            self.client
+                .update_alias()
+                .alias_name(alias)
+                .target_key_id(arn)
+                .send()
+        };
+        let create = || {
+            self.client
                 .create_alias()
                 .alias_name(alias)
                 .target_key_id(arn)
                 .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| map_sdk_error("CreateAlias", alias, e)),
-            Err(e) => Err(map_sdk_error("UpdateAlias", alias, e)),
+        };
+        if exists {
+            match update().await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some("NotFoundException") => create()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| map_sdk_error("CreateAlias", alias, e)),
+                Err(e) => Err(map_sdk_error("UpdateAlias", alias, e)),
+            }
+        } else {
+            match create().await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some("AlreadyExistsException") => update()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| map_sdk_error("UpdateAlias", alias, e)),
+                Err(e) => Err(map_sdk_error("CreateAlias", alias, e)),
+            }
         }
+    }
+
+    /// Describes and loads one aliased key; `None` for a key that is not usable now.
+    async fn load_one(
+        &self,
+        alias: &str,
+        target: &str,
+        key_id: &str,
+    ) -> Result<Option<BackendKey>, BackendError> {
+        let described = self
+            .client
+            .describe_key()
+            .key_id(target)
+            .send()
+            .await
+            .map_err(|e| map_sdk_error("DescribeKey", target, e))?;
+        let Some(metadata) = described.key_metadata() else {
+            return Ok(None);
+        };
+        let arn = metadata.arn().unwrap_or(target).to_string();
+        if metadata.key_state() != Some(&KeyState::Enabled) {
+            // Reported, not fatal: SPIRE regenerates the key when it needs it.
+            tracing::warn!(alias, key = %arn, state = ?metadata.key_state(), "skipping a key that is not enabled");
+            return Ok(None);
+        }
+        let Ok(id) = KeyId::new(key_id) else {
+            return Ok(None);
+        };
+        self.public_key(id, &arn).await.map(Some)
     }
 
     async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
@@ -423,42 +471,41 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
-        let mut keys = Vec::new();
+        // This server's aliases first; then DescribeKey + GetPublicKey per key, a few at a
+        // time, so start-up costs a handful of round trips rather than two per key.
+        let mut mine = Vec::new();
         let mut aliases = self.client.list_aliases().into_paginator().items().send();
         while let Some(alias) = aliases.next().await {
             let alias = alias.map_err(|e| map_sdk_error("ListAliases", "aliases", e))?;
             let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id()) else {
                 continue;
             };
-            let Some(key_id) = naming::key_id_from_alias(name, &self.trust_domain, &self.server_id)
-            else {
-                continue;
-            };
-            let described = self
-                .client
-                .describe_key()
-                .key_id(target)
-                .send()
-                .await
-                .map_err(|e| map_sdk_error("DescribeKey", target, e))?;
-            let Some(metadata) = described.key_metadata() else {
-                continue;
-            };
-            let arn = metadata.arn().unwrap_or(target).to_string();
-            if metadata.key_state() != Some(&KeyState::Enabled) {
-                // Reported, not fatal: SPIRE regenerates the key when it needs it.
-                tracing::warn!(alias = name, key = %arn, state = ?metadata.key_state(), "skipping a key that is not enabled");
-                continue;
+            if let Some(key_id) =
+                naming::key_id_from_alias(name, &self.trust_domain, &self.server_id)
+            {
+                mine.push((name.to_string(), target.to_string(), key_id));
             }
-            let Ok(id) = KeyId::new(&key_id) else {
-                continue;
-            };
-            keys.push(self.public_key(id, &arn).await?);
+        }
+        let mut keys = Vec::with_capacity(mine.len());
+        for batch in mine.chunks(DISCOVERY_CONCURRENCY) {
+            let loaded = batch
+                .iter()
+                .map(|(alias, target, key_id)| self.load_one(alias, target, key_id));
+            for result in join_all(loaded).await {
+                if let Some(key) = result? {
+                    keys.push(key);
+                }
+            }
         }
         Ok(keys)
     }
 
-    async fn create_key(&self, id: &KeyId, key_type: KeyType) -> Result<BackendKey, BackendError> {
+    async fn create_key(
+        &self,
+        id: &KeyId,
+        key_type: KeyType,
+        replaces: Option<&BackendKey>,
+    ) -> Result<BackendKey, BackendError> {
         let alias = naming::alias_name(&self.trust_domain, &self.server_id, id.as_str())
             .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))?;
         let spec = match key_type {
@@ -490,7 +537,7 @@ impl Backend for AwsKmsBackend {
             .to_string();
         let finish = async {
             let key = self.public_key(id.clone(), &arn).await?;
-            self.point_alias(&alias, &arn).await?;
+            self.point_alias(&alias, &arn, replaces.is_some()).await?;
             Ok::<_, BackendError>(key)
         };
         match finish.await {

@@ -93,7 +93,12 @@ impl Backend for DiskBackend {
             .collect()
     }
 
-    async fn create_key(&self, id: &KeyId, key_type: KeyType) -> Result<BackendKey, BackendError> {
+    async fn create_key(
+        &self,
+        id: &KeyId,
+        key_type: KeyType,
+        _replaces: Option<&BackendKey>,
+    ) -> Result<BackendKey, BackendError> {
         // Key generation (seconds for RSA-4096) runs off the async workers and outside any lock.
         let key = blocking(move || SoftwareKey::generate(key_type)).await?;
         let pkcs8 = key.to_pkcs8_der()?;

@@ -161,7 +161,7 @@ async fn file_uses_spires_disk_format() {
     let path = dir.path().join("keys.json");
     let backend = DiskBackend::new(path.clone());
     backend
-        .create_key(&id("x509-CA-A"), KeyType::EcP256)
+        .create_key(&id("x509-CA-A"), KeyType::EcP256, None)
         .await
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

@@ -71,8 +71,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError>;
 
     /// Creates a fresh key for `id`. When it returns, the store maps `id` to the new key;
-    /// the key it replaced (if any) is handed to [`Backend::retire_key`] afterwards.
-    async fn create_key(&self, id: &KeyId, key_type: KeyType) -> Result<BackendKey, BackendError>;
+    /// the key it replaced (`replaces`, the one this server serves now, if any) is handed to
+    /// [`Backend::retire_key`] afterwards.
+    async fn create_key(
+        &self,
+        id: &KeyId,
+        key_type: KeyType,
+        replaces: Option<&BackendKey>,
+    ) -> Result<BackendKey, BackendError>;
 
     /// Signs `digest` with `key`. The engine has already checked the scheme against
     /// [`Capabilities`], the digest length, and that the scheme fits the key type.

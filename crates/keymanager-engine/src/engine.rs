@@ -186,12 +186,13 @@ impl Engine {
             }
         }
 
+        let current = self.read_keys().get(&id).cloned();
         // Never retried automatically: a lost response after a successful create would leave
         // a second key behind. Backends make creation idempotent themselves.
         self.stats.record_call("create_key");
         let created = self
             .backend
-            .create_key(&id, key_type)
+            .create_key(&id, key_type, current.as_ref().map(|k| &k.backend_key))
             .await
             .inspect_err(|e| {
                 self.stats.record_failure("create_key", e.kind);
@@ -448,6 +449,7 @@ mod tests {
             &self,
             id: &KeyId,
             key_type: KeyType,
+            _replaces: Option<&BackendKey>,
         ) -> Result<BackendKey, BackendError> {
             let _held = self.hold_create.lock().await;
             if take_failure(&self.transient_create_failures) {
