@@ -302,3 +302,59 @@ func TestAwsKmsFaults(t *testing.T) {
 		require.NotNil(t, again)
 	})
 }
+
+// TestAwsKmsTagDiscovery: with enable_tag_based_key_discovery the plugin finds its keys by
+// tags, so start-up costs the same number of KMS calls whatever else is in the account, and
+// a rotated-out key (tagged inactive) is never picked up again.
+func TestAwsKmsTagDiscovery(t *testing.T) {
+	ctx := context.Background()
+	endpoint := startMoto(t)
+	proxy := newFaultProxy(t, endpoint)
+	data := awsPluginData(proxy.URL, "tagged") + "enable_tag_based_key_discovery = true\n"
+
+	t.Run("conformance", func(t *testing.T) {
+		n := 0
+		keymanagertest.Test(t, keymanagertest.Config{
+			Create: func(t *testing.T) keymanager.KeyManager {
+				n++
+				return loadExternal(t, awsPluginData(proxy.URL, fmt.Sprintf("tag-conformance-%d", n))+"enable_tag_based_key_discovery = true\n").KeyManager
+			},
+			UnsupportedSignatureAlgorithms: map[keymanager.KeyType][]x509.SignatureAlgorithm{
+				keymanager.ECP256: {x509.ECDSAWithSHA384, x509.ECDSAWithSHA512},
+				keymanager.ECP384: {x509.ECDSAWithSHA256, x509.ECDSAWithSHA512},
+			},
+		})
+	})
+
+	first := loadExternal(t, data)
+	for _, id := range []string{"x509-CA-A", "JWT-Signer-A"} {
+		_, err := first.KeyManager.GenerateKey(ctx, id, keymanager.ECP256)
+		require.NoError(t, err)
+	}
+	current, err := first.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256) // rotation
+	require.NoError(t, err)
+	require.NoError(t, first.catalog.Close())
+
+	startupCalls := func() map[string]int {
+		proxy.snapshot()
+		p := loadExternal(t, data)
+		calls := proxy.snapshot()
+		keys, err := p.KeyManager.GetKeys(ctx)
+		require.NoError(t, err)
+		require.Len(t, keys, 2, "the rotated-out key is not discovered")
+		found, err := p.KeyManager.GetKey(ctx, "x509-CA-A")
+		require.NoError(t, err)
+		require.True(t, found.Public().(equaler).Equal(current.Public()))
+		require.NoError(t, p.catalog.Close())
+		return calls
+	}
+	quiet := startupCalls()
+	client := kmsClient(endpoint)
+	for i := 0; i < 300; i++ {
+		_, err := client.CreateKey(ctx, &kms.CreateKeyInput{KeySpec: kmstypes.KeySpecEccNistP256, KeyUsage: kmstypes.KeyUsageTypeSignVerify})
+		require.NoError(t, err)
+	}
+	crowded := startupCalls()
+	require.Equal(t, quiet, crowded, "start-up calls must not depend on foreign keys")
+	require.Equal(t, 2, crowded["GetPublicKey"])
+}

@@ -125,12 +125,6 @@ impl BackendFactory for AwsKmsFactory {
         core: &CoreConfig,
     ) -> Result<Box<dyn BackendConfig>, SettingsError> {
         let config = AwsKmsConfig::parse(settings)?;
-        if config.discovery == Discovery::Tags {
-            return Err(SettingsError::invalid(
-                "enable_tag_based_key_discovery",
-                "tag-based discovery is not available in this build yet; remove the key to use alias discovery",
-            ));
-        }
         Ok(Box::new(AwsBackendConfig {
             config,
             trust_domain: core.trust_domain.clone(),
@@ -379,6 +373,112 @@ impl AwsKmsBackend {
         }
     }
 
+    /// Alias discovery (SPIRE's default): pages through the account's aliases.
+    async fn load_by_alias(&self) -> Result<Vec<BackendKey>, BackendError> {
+        // This server's aliases first; then DescribeKey + GetPublicKey per key, a few at a
+        // time, so start-up costs a handful of round trips rather than two per key.
+        let mut mine = Vec::new();
+        let mut aliases = self.client.list_aliases().into_paginator().items().send();
+        while let Some(alias) = aliases.next().await {
+            let alias = alias.map_err(|e| map_sdk_error("ListAliases", "aliases", e))?;
+            let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id()) else {
+                continue;
+            };
+            if let Some(key_id) =
+                naming::key_id_from_alias(name, &self.trust_domain, &self.server_id)
+            {
+                mine.push((name.to_string(), target.to_string(), key_id));
+            }
+        }
+        let mut keys = Vec::with_capacity(mine.len());
+        for batch in mine.chunks(DISCOVERY_CONCURRENCY) {
+            let loaded = batch
+                .iter()
+                .map(|(alias, target, key_id)| self.load_one(alias, target, key_id));
+            for result in join_all(loaded).await {
+                if let Some(key) = result? {
+                    keys.push(key);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Tag discovery: asks the tagging API for this server's active keys only, so start-up
+    /// cost does not grow with the other keys in the account. One GetPublicKey per key.
+    async fn load_by_tags(&self) -> Result<Vec<BackendKey>, BackendError> {
+        use aws_sdk_resourcegroupstagging::types::TagFilter;
+        let filters = [
+            (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
+            (naming::TAG_SERVER_ID, self.server_id.as_str()),
+            (naming::TAG_ACTIVE, "true"),
+        ]
+        .map(|(key, value)| TagFilter::builder().key(key).values(value).build());
+        let mut pages = self
+            .tagging
+            .get_resources()
+            .resource_type_filters("kms:key")
+            .set_tag_filters(Some(filters.to_vec()))
+            .into_paginator()
+            .items()
+            .send();
+        // Newest stamp wins when a crash left two active keys for one id.
+        let mut newest: std::collections::BTreeMap<String, (u64, String)> =
+            std::collections::BTreeMap::new();
+        while let Some(mapping) = pages.next().await {
+            let mapping = mapping.map_err(|e| map_tagging_error(&e))?;
+            let Some(arn) = mapping.resource_arn() else {
+                continue;
+            };
+            let tag = |key: &str| {
+                mapping
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == key)
+                    .map(|t| t.value().to_string())
+            };
+            let Some(key_id) = tag(naming::TAG_KEY_ID) else {
+                continue;
+            };
+            let stamp = tag(naming::TAG_LAST_UPDATE)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            match newest.get(&key_id) {
+                Some((existing, other)) if *existing >= stamp => {
+                    tracing::warn!(key_id = %key_id, kept = %other, ignored = arn, "two active keys for one id; keeping the newest")
+                }
+                _ => {
+                    newest.insert(key_id, (stamp, arn.to_string()));
+                }
+            }
+        }
+        let found: Vec<(String, String)> =
+            newest.into_iter().map(|(id, (_, arn))| (id, arn)).collect();
+        let mut keys = Vec::with_capacity(found.len());
+        for batch in found.chunks(DISCOVERY_CONCURRENCY) {
+            let loaded = batch.iter().map(|(key_id, arn)| async move {
+                let Ok(id) = KeyId::new(key_id) else {
+                    return Ok(None);
+                };
+                match self.public_key(id, arn).await {
+                    Ok(key) => Ok(Some(key)),
+                    // Disabled or pending deletion: reported, regenerated when SPIRE asks.
+                    Err(error) if error.kind == BackendErrorKind::FailedPrecondition => {
+                        tracing::warn!(key = %arn, %error, "skipping a key that is not usable");
+                        Ok(None)
+                    }
+                    Err(error) => Err(error),
+                }
+            });
+            for result in join_all(loaded).await {
+                if let Some(key) = result? {
+                    keys.push(key);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
     /// Describes and loads one aliased key; `None` for a key that is not usable now.
     async fn load_one(
         &self,
@@ -423,11 +523,20 @@ impl AwsKmsBackend {
             .map_err(|e| {
                 BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
             })?;
+        // Inactive in the same call: tag discovery then never finds a replaced key.
+        let inactive = Tag::builder()
+            .tag_key(naming::TAG_ACTIVE)
+            .tag_value("false")
+            .build()
+            .map_err(|e| {
+                BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
+            })?;
         if let Err(error) = self
             .client
             .tag_resource()
             .key_id(arn)
             .tags(intent)
+            .tags(inactive)
             .send()
             .await
         {
@@ -471,33 +580,10 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
-        // This server's aliases first; then DescribeKey + GetPublicKey per key, a few at a
-        // time, so start-up costs a handful of round trips rather than two per key.
-        let mut mine = Vec::new();
-        let mut aliases = self.client.list_aliases().into_paginator().items().send();
-        while let Some(alias) = aliases.next().await {
-            let alias = alias.map_err(|e| map_sdk_error("ListAliases", "aliases", e))?;
-            let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id()) else {
-                continue;
-            };
-            if let Some(key_id) =
-                naming::key_id_from_alias(name, &self.trust_domain, &self.server_id)
-            {
-                mine.push((name.to_string(), target.to_string(), key_id));
-            }
+        match self.config.discovery {
+            Discovery::Alias => self.load_by_alias().await,
+            Discovery::Tags => self.load_by_tags().await,
         }
-        let mut keys = Vec::with_capacity(mine.len());
-        for batch in mine.chunks(DISCOVERY_CONCURRENCY) {
-            let loaded = batch
-                .iter()
-                .map(|(alias, target, key_id)| self.load_one(alias, target, key_id));
-            for result in join_all(loaded).await {
-                if let Some(key) = result? {
-                    keys.push(key);
-                }
-            }
-        }
-        Ok(keys)
     }
 
     async fn create_key(
