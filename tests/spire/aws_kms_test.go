@@ -358,3 +358,45 @@ func TestAwsKmsTagDiscovery(t *testing.T) {
 	require.Equal(t, quiet, crowded, "start-up calls must not depend on foreign keys")
 	require.Equal(t, 2, crowded["GetPublicKey"])
 }
+
+// TestAwsKmsAssumedRoleKeyPolicy: with assume_role_arn the plugin works through STS
+// credentials of that role, and (no key_policy_file) new keys get a least-privilege policy
+// naming exactly that role; as a plain user, keys get the account default policy.
+func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
+	ctx := context.Background()
+	endpoint := startMoto(t)
+	client := kmsClient(endpoint)
+	policyOf := func(serverID string) string {
+		// GetKeyPolicy takes a key id or ARN, not an alias.
+		described, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{
+			KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/x509-CA-A"),
+		})
+		require.NoError(t, err)
+		out, err := client.GetKeyPolicy(ctx, &kms.GetKeyPolicyInput{
+			KeyId:      described.KeyMetadata.KeyId,
+			PolicyName: aws.String("default"),
+		})
+		require.NoError(t, err)
+		return aws.ToString(out.Policy)
+	}
+
+	role := loadExternal(t, awsPluginData(endpoint, "with-role")+
+		"assume_role_arn = \"arn:aws:iam::123456789012:role/spire-server\"\nexternal_id = \"tenant-7\"\n")
+	key, err := role.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	digest := sha256.Sum256([]byte("as the role"))
+	sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	require.NoError(t, err)
+	require.True(t, ecdsa.VerifyASN1(key.Public().(*ecdsa.PublicKey), digest[:], sig))
+	policy := policyOf("with-role")
+	require.Contains(t, policy, `"arn:aws:iam::123456789012:role/spire-server"`)
+	require.Contains(t, policy, `"kms:Sign"`)
+	require.NotContains(t, policy, `"kms:*"`)
+	require.NotContains(t, policy, "tenant-7", "the external id is a secret, never in a policy")
+	require.NotNil(t, role.Logs.find("new keys get a least-privilege key policy for this server's role"))
+
+	user := loadExternal(t, awsPluginData(endpoint, "as-user"))
+	_, err = user.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NotContains(t, policyOf("as-user"), "spire-server", "plain users get the account default policy")
+}

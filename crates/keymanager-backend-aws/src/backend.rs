@@ -21,6 +21,7 @@ use keymanager_engine::{
 
 use crate::config::{AwsKmsConfig, Credentials, Discovery, SETTING_KEYS};
 use crate::naming;
+use crate::policy::CallerRole;
 
 /// Keys described and loaded at once during discovery.
 const DISCOVERY_CONCURRENCY: usize = 16;
@@ -165,13 +166,12 @@ impl BackendConfig for AwsBackendConfig {
         for warning in &self.config.warnings {
             tracing::warn!("{warning}");
         }
-        if self.config.key_policy.is_none() {
-            tracing::warn!(
-                "no key_policy_file: new keys get the account's default key policy; set key_policy_file for a least-privilege policy"
-            );
-        }
         let server_id = self.config.server_id.resolve()?;
-        let (client, tagging) = clients(&self.config).await;
+        let (client, tagging, sts) = clients(&self.config).await;
+        let key_policy = match &self.config.key_policy {
+            Some(policy) => Some(policy.clone()),
+            None => default_key_policy(&sts).await,
+        };
         tracing::info!(
             region = %self.config.region,
             endpoint = self.config.endpoint.as_deref().unwrap_or("default"),
@@ -184,6 +184,7 @@ impl BackendConfig for AwsBackendConfig {
             tagging,
             trust_domain: self.trust_domain.clone(),
             server_id,
+            key_policy,
             config: self.config.clone(),
         }))
     }
@@ -192,7 +193,11 @@ impl BackendConfig for AwsBackendConfig {
 /// The KMS client and the Resource Groups Tagging client, sharing credentials.
 async fn clients(
     config: &AwsKmsConfig,
-) -> (aws_sdk_kms::Client, aws_sdk_resourcegroupstagging::Client) {
+) -> (
+    aws_sdk_kms::Client,
+    aws_sdk_resourcegroupstagging::Client,
+    aws_sdk_sts::Client,
+) {
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
     use aws_config::{BehaviorVersion, Region};
@@ -227,6 +232,7 @@ async fn clients(
     let sdk_config = loader.load().await;
     let mut kms_config = aws_sdk_kms::config::Builder::from(&sdk_config);
     let mut tagging_config = aws_sdk_resourcegroupstagging::config::Builder::from(&sdk_config);
+    let mut sts_config = aws_sdk_sts::config::Builder::from(&sdk_config);
     if let Some(role) = &config.assume_role {
         let mut provider = aws_config::sts::AssumeRoleProvider::builder(&role.role_arn)
             .session_name(&role.session_name)
@@ -236,12 +242,41 @@ async fn clients(
         }
         let shared = aws_sdk_kms::config::SharedCredentialsProvider::new(provider.build().await);
         kms_config = kms_config.credentials_provider(shared.clone());
-        tagging_config = tagging_config.credentials_provider(shared);
+        tagging_config = tagging_config.credentials_provider(shared.clone());
+        sts_config = sts_config.credentials_provider(shared);
     }
     (
         aws_sdk_kms::Client::from_conf(kms_config.build()),
         aws_sdk_resourcegroupstagging::Client::from_conf(tagging_config.build()),
+        aws_sdk_sts::Client::from_conf(sts_config.build()),
     )
+}
+
+/// The least-privilege policy when this server runs as an assumed role; `None` (the account
+/// default, with a warning) otherwise or when STS cannot tell.
+async fn default_key_policy(sts: &aws_sdk_sts::Client) -> Option<String> {
+    match sts.get_caller_identity().send().await {
+        Ok(identity) => match identity.arn().and_then(CallerRole::from_caller_arn) {
+            Some(role) => {
+                tracing::info!(role = %role.role_arn(), "new keys get a least-privilege key policy for this server's role");
+                Some(role.key_policy())
+            }
+            None => {
+                tracing::warn!(
+                    caller = identity.arn().unwrap_or("unknown"),
+                    "not running as an assumed role and no key_policy_file: new keys get the account's default key policy"
+                );
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(
+                error = %aws_sdk_sts::error::DisplayErrorContext(&error),
+                "cannot determine the caller identity; new keys get the account's default key policy"
+            );
+            None
+        }
+    }
 }
 
 /// The KMS key behind a [`KeyHandle`].
@@ -253,6 +288,9 @@ struct KmsKeyRef {
 pub struct AwsKmsBackend {
     client: aws_sdk_kms::Client,
     tagging: aws_sdk_resourcegroupstagging::Client,
+    /// `key_policy_file`, else the least-privilege policy for an assumed role, else `None`
+    /// (the account's default policy).
+    key_policy: Option<String>,
     trust_domain: String,
     server_id: String,
     config: AwsKmsConfig,
@@ -607,7 +645,7 @@ impl Backend for AwsKmsBackend {
             .key_usage(KeyUsageType::SignVerify)
             .description(naming::description(&self.trust_domain, id.as_str()))
             .set_tags(Some(self.tags(id)?));
-        if let Some(policy) = &self.config.key_policy {
+        if let Some(policy) = &self.key_policy {
             request = request.policy(policy);
         }
         let created = request

@@ -9,6 +9,7 @@
 mod backend;
 pub mod config;
 pub mod naming;
+pub mod policy;
 
 pub use backend::{AwsKmsBackend, AwsKmsFactory};
 pub use config::{AwsKmsConfig, Credentials, Discovery};
