@@ -10,6 +10,8 @@ through it are the ones AWS KMS would make (see shared test-peers notes):
 5. ScheduleKeyDeletion, CancelKeyDeletion, EnableKey and DisableKey accept a key ARN, as
    AWS does (moto looks the ARN up as a bare key id and fails with HTTP 500).
 6. ScheduleKeyDeletion enforces AWS's 7-30 day window (moto silently ignores others).
+7. ListAliases pages like AWS: `Limit` (1-100, default 50), `NextMarker`/`Truncated`
+   (moto returns every alias at once, which hides pagination bugs).
 
 Usage: python moto_kms_shim.py -H 127.0.0.1 -p PORT
 """
@@ -109,6 +111,24 @@ def _check_window(method):
 for _name in ("schedule_key_deletion", "cancel_key_deletion", "enable_key", "disable_key"):
     setattr(models.KmsBackend, _name, _accept_arn(getattr(models.KmsBackend, _name)))
 models.KmsBackend.schedule_key_deletion = _check_window(models.KmsBackend.schedule_key_deletion)
+_list_aliases = responses.KmsResponse.list_aliases
+
+
+def list_aliases(self):
+    body = json.loads(_list_aliases(self))
+    aliases = body.get("Aliases", [])
+    limit = int(self._get_param("Limit") or 50)
+    if not 1 <= limit <= 100:
+        raise ValidationException("Limit must be between 1 and 100")
+    start = int(self._get_param("Marker") or 0)
+    page = aliases[start : start + limit]
+    result = {"Aliases": page, "Truncated": start + limit < len(aliases)}
+    if result["Truncated"]:
+        result["NextMarker"] = str(start + limit)
+    return json.dumps(result)
+
+
+responses.KmsResponse.list_aliases = list_aliases
 responses.KmsResponse.sign = sign
 responses.KmsResponse.get_public_key = get_public_key
 

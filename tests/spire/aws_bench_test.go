@@ -64,6 +64,9 @@ func TestAwsKmsSideBySide(t *testing.T) {
 		{"kms-keymanager", func(id string) *loaded {
 			return loadExternal(t, awsPluginData(proxy.URL, id))
 		}},
+		{"kms-keymanager-tag-discovery", func(id string) *loaded {
+			return loadExternal(t, awsPluginData(proxy.URL, id)+"enable_tag_based_key_discovery = true\n")
+		}},
 		{"spire-builtin-aws_kms", func(id string) *loaded {
 			return load(t, catalog.PluginConfig{
 				Type: "KeyManager", Name: "aws_kms",

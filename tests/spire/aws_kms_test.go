@@ -95,6 +95,28 @@ func TestAwsKmsKeysLiveInKms(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, p.catalog.Close())
 
+	// Enough foreign aliases that discovery has to follow ListAliases pages (the shim pages
+	// like AWS: 50 per page by default).
+	for i := 0; i < 120; i++ {
+		out, err := client.CreateKey(ctx, &kms.CreateKeyInput{KeySpec: kmstypes.KeySpecEccNistP256, KeyUsage: kmstypes.KeyUsageTypeSignVerify})
+		require.NoError(t, err)
+		_, err = client.CreateAlias(ctx, &kms.CreateAliasInput{
+			AliasName:   aws.String(fmt.Sprintf("alias/SPIRE_SERVER/example_org/zz-foreign-%03d/x509-CA-A", i)),
+			TargetKeyId: out.KeyMetadata.KeyId,
+		})
+		require.NoError(t, err)
+	}
+	firstPage, err := client.ListAliases(ctx, &kms.ListAliasesInput{})
+	require.NoError(t, err)
+	require.True(t, firstPage.Truncated, "the emulator must page ListAliases, as AWS does")
+	late := loadExternal(t, awsPluginData(endpoint, "late"))
+	lateKey, err := late.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NoError(t, late.catalog.Close())
+	lateAgain, err := loadExternal(t, awsPluginData(endpoint, "late")).KeyManager.GetKey(ctx, "JWT-Signer-A")
+	require.NoError(t, err, "a key whose alias is on the third ListAliases page is found")
+	require.True(t, lateAgain.Public().(equaler).Equal(lateKey.Public()))
+
 	// A restarted plugin finds the same key through its alias; another server id does not.
 	again := loadExternal(t, awsPluginData(endpoint, "server-a"))
 	found, err := again.KeyManager.GetKey(ctx, "x509-CA-A")

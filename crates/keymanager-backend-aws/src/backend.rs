@@ -416,7 +416,14 @@ impl AwsKmsBackend {
         // This server's aliases first; then DescribeKey + GetPublicKey per key, a few at a
         // time, so start-up costs a handful of round trips rather than two per key.
         let mut mine = Vec::new();
-        let mut aliases = self.client.list_aliases().into_paginator().items().send();
+        // 100 is KMS's largest page (the default is 50).
+        let mut aliases = self
+            .client
+            .list_aliases()
+            .limit(100)
+            .into_paginator()
+            .items()
+            .send();
         while let Some(alias) = aliases.next().await {
             let alias = alias.map_err(|e| map_sdk_error("ListAliases", "aliases", e))?;
             let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id()) else {
