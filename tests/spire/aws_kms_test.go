@@ -132,6 +132,19 @@ func TestAwsKmsKeysLiveInKms(t *testing.T) {
 	require.NoError(t, err)
 	_, err = found.Sign(rand.Reader, make([]byte, 48), crypto.SHA384)
 	requireStatusContains(t, err, "cannot sign ECDSA/SHA-384 with ec-p256 key")
+
+	// A disabled key behind this server's alias does not break start-up: it is reported,
+	// and SPIRE's next GenerateKey replaces it.
+	arn, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String(alias)})
+	require.NoError(t, err)
+	_, err = client.DisableKey(ctx, &kms.DisableKeyInput{KeyId: arn.KeyMetadata.KeyId})
+	require.NoError(t, err)
+	restarted := loadExternal(t, awsPluginData(endpoint, "server-a"))
+	_, err = restarted.KeyManager.GetKey(ctx, "x509-CA-A")
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "NotFound")
+	_, err = restarted.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
 }
 
 func requireStatusContains(t *testing.T, err error, text string) {
@@ -167,21 +180,36 @@ func kmsKeysOf(t *testing.T, endpoint, serverID string) map[string]crypto.Public
 }
 
 // TestRealSpireServerAwsKms: two real spire-servers with different identities share one
-// (moto) KMS account. Both mint SVIDs that verify against their bundles with CA and JWT
-// keys held in KMS under their own aliases; neither touches the other's keys; a restart
-// finds the same CA key.
+// (moto) KMS account, with short lifecycle thresholds. Both mint SVIDs that verify against
+// their bundles with CA and JWT keys held in KMS under their own aliases; a restart finds
+// the same CA key; while both run, each one's stamps protect its keys from the other's
+// sweeps; once server-a is gone for good (its identity changed), server-b's sweep puts
+// server-a's keys on the deletion path.
 func TestRealSpireServerAwsKms(t *testing.T) {
+	ctx := context.Background()
 	endpoint := startMoto(t)
+	fast := "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"4s\"\nclock_skew_allowance = \"1s\"\n"
 	newServer := func(serverID string) *spireServer {
 		s := newSpireServerWith(t, func(*spireServer) string {
-			return "plugin_data {\n" + awsPluginData(endpoint, serverID) + "}"
+			return "plugin_data {\n" + awsPluginData(endpoint, serverID) + fast + "}"
 		})
 		s.storeKeys = func() map[string]crypto.PublicKey { return kmsKeysOf(t, endpoint, serverID) }
 		return s
 	}
+	caKeyState := func(serverID string) kmstypes.KeyState {
+		out, err := kmsClient(endpoint).DescribeKey(ctx, &kms.DescribeKeyInput{
+			KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/x509-CA-A"),
+		})
+		require.NoError(t, err)
+		return out.KeyMetadata.KeyState
+	}
+
 	a := newServer("server-a")
 	a.start(1)
 	rootA := a.mintAndVerify(t)
+	requireCleanPluginExitOf(t, a.stop())
+	a.start(2)
+	require.True(t, a.mintAndVerify(t).PublicKey.(equaler).Equal(rootA.PublicKey), "restart reuses the CA key in KMS")
 	keysA := kmsKeysOf(t, endpoint, "server-a")
 	require.Contains(t, keysA, "x509-CA-A")
 
@@ -189,16 +217,18 @@ func TestRealSpireServerAwsKms(t *testing.T) {
 	b.start(1)
 	rootB := b.mintAndVerify(t)
 	require.False(t, rootA.PublicKey.(equaler).Equal(rootB.PublicKey), "each server has its own CA key")
+	time.Sleep(7 * time.Second) // several stamps and sweeps by both servers
 	for id, key := range kmsKeysOf(t, endpoint, "server-a") {
-		require.True(t, key.(equaler).Equal(keysA[id]), "server-b must not touch server-a's key %s", id)
+		require.True(t, key.(equaler).Equal(keysA[id]), "server-b must not touch live server-a's key %s", id)
 	}
+	require.Equal(t, kmstypes.KeyStateEnabled, caKeyState("server-a"))
 
+	requireCleanPluginExitOf(t, a.stop()) // server-a never comes back under this identity
+	require.Eventually(t, func() bool { return caKeyState("server-a") == kmstypes.KeyStatePendingDeletion },
+		30*time.Second, 250*time.Millisecond, "server-b's sweep must remove the abandoned keys")
+	require.Equal(t, kmstypes.KeyStateEnabled, caKeyState("server-b"))
+	b.mintAndVerify(t)
 	requireCleanPluginExitOf(t, b.stop())
-	log := a.stop()
-	require.Contains(t, log, "Shutdown requested by the host; exiting")
-	a.start(2)
-	require.True(t, a.mintAndVerify(t).PublicKey.(equaler).Equal(rootA.PublicKey), "restart reuses the CA key in KMS")
-	require.NotContains(t, a.stop(), "plugin failed to exit gracefully")
 }
 
 // requireCleanPluginExitOf checks a server's log only (another server's plugin may still run).
