@@ -76,6 +76,7 @@ func TestAwsKmsKeysLiveInKms(t *testing.T) {
 	require.Equal(t, "example.org", tagMap["spire-server-td"])
 	require.Equal(t, "server-a", tagMap["spire-server-id"])
 	require.Equal(t, "x509-CA-A", tagMap["spire-key-id"])
+	require.Equal(t, "true", tagMap["spire-active"], "activated once the alias points at it")
 
 	// Rotation: the alias moves, the old key goes to PendingDeletion with its intent tag.
 	_, err = p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
@@ -345,6 +346,8 @@ func TestAwsKmsFaults(t *testing.T) {
 		_, err = p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
 		require.Error(t, err)
 		require.Equal(t, before, liveKeys(), "the half-created key was put on the deletion path")
+		// Even if that clean-up had failed, the key was never activated: the sweep's
+		// half-created rule removes it after the grace period instead of keeping it 14 days.
 		again, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
 		require.NoError(t, err)
 		require.Equal(t, before+1, liveKeys())

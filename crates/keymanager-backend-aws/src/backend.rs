@@ -353,7 +353,9 @@ impl AwsKmsBackend {
             (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
             (naming::TAG_SERVER_ID, self.server_id.as_str()),
             (naming::TAG_KEY_ID, id.as_str()),
-            (naming::TAG_ACTIVE, "true"),
+            // Activated only once the alias points at it: a key left behind by a crash
+            // half-way through GenerateKey stays inactive, and the sweep removes it.
+            (naming::TAG_ACTIVE, "false"),
             (naming::TAG_LAST_UPDATE, now.as_str()),
         ];
         ours.iter()
@@ -524,6 +526,25 @@ impl AwsKmsBackend {
         Ok(keys)
     }
 
+    /// Marks a key active once its alias points at it.
+    async fn activate(&self, arn: &str) -> Result<(), BackendError> {
+        let active = Tag::builder()
+            .tag_key(naming::TAG_ACTIVE)
+            .tag_value("true")
+            .build()
+            .map_err(|e| {
+                BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
+            })?;
+        self.client
+            .tag_resource()
+            .key_id(arn)
+            .tags(active)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| map_sdk_error("TagResource", arn, e))
+    }
+
     /// Describes and loads one aliased key; `None` for a key that is not usable now.
     async fn load_one(
         &self,
@@ -669,6 +690,7 @@ impl Backend for AwsKmsBackend {
         let finish = async {
             let key = self.public_key(id.clone(), &arn).await?;
             self.point_alias(&alias, &arn, replaces.is_some()).await?;
+            self.activate(&arn).await?;
             Ok::<_, BackendError>(key)
         };
         match finish.await {
