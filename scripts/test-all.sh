@@ -14,6 +14,7 @@ SPIRE_VERSION=v1.15.3
 MOTO_VERSION=5.2.5
 FLASK_VERSION=3.1.3
 FLASK_CORS_VERSION=6.0.5
+LOCALSTACK_VERSION=2026.3.0
 CACHE=${KMS_KEYMANAGER_CACHE:-$HOME/.cache/kms-keymanager}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 SPIRE_SERVER_BIN=$CACHE/bin/spire-server-$SPIRE_VERSION
@@ -47,6 +48,20 @@ if [[ ! -x $MOTO_VENV/bin/python ]] || ! "$MOTO_VENV/bin/python" -c "import moto
 fi
 export MOTO_PYTHON=$MOTO_VENV/bin/python
 "$MOTO_PYTHON" -c "import moto; print('moto', moto.__version__)"
+
+step "LocalStack (second AWS KMS peer) $LOCALSTACK_VERSION"
+# LocalStack needs Python 3.13 (pyenv has it on this machine kind) and a few pins
+# (shared/docs/test-peers.md §1b).
+LS_VENV=$CACHE/venv-localstack-$LOCALSTACK_VERSION
+if [[ ! -x $LS_VENV/bin/python ]] || ! "$LS_VENV/bin/python" -c "import localstack" 2>/dev/null; then
+  PY313=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python3 2>/dev/null | head -1)
+  [[ -n $PY313 ]] || { echo "LocalStack needs Python 3.13 (pyenv install 3.13)" >&2; exit 1; }
+  rm -rf "$LS_VENV"
+  "$PY313" -m venv "$LS_VENV"
+  "$LS_VENV/bin/pip" install -q "localstack-core[runtime]==$LOCALSTACK_VERSION"
+  "$LS_VENV/bin/pip" install -q 'cbor2<6' 'cryptography<44' 'pyopenssl<24.3' service_identity
+fi
+export LOCALSTACK_PYTHON=$LS_VENV/bin/python
 
 step "format and lint"
 cargo fmt --all --check

@@ -455,3 +455,46 @@ func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
 	require.NoError(t, err)
 	require.NotContains(t, policyOf("as-user"), "spire-server", "plain users get the account default policy")
 }
+
+// TestAwsKmsAgainstLocalStack runs the aws_kms backend against a second, independent KMS
+// implementation: SPIRE's conformance suite (every signature verified by Go's crypto), and
+// discovery across LocalStack's own ListAliases paging.
+func TestAwsKmsAgainstLocalStack(t *testing.T) {
+	ctx := context.Background()
+	endpoint := startLocalStack(t)
+	t.Run("conformance", func(t *testing.T) {
+		n := 0
+		keymanagertest.Test(t, keymanagertest.Config{
+			Create: func(t *testing.T) keymanager.KeyManager {
+				n++
+				return loadExternal(t, awsPluginData(endpoint, fmt.Sprintf("ls-conformance-%d", n))).KeyManager
+			},
+			UnsupportedSignatureAlgorithms: map[keymanager.KeyType][]x509.SignatureAlgorithm{
+				keymanager.ECP256: {x509.ECDSAWithSHA384, x509.ECDSAWithSHA512},
+				keymanager.ECP384: {x509.ECDSAWithSHA256, x509.ECDSAWithSHA512},
+			},
+		})
+	})
+	t.Run("discovery across ListAliases pages", func(t *testing.T) {
+		client := kmsClient(endpoint)
+		for i := 0; i < 110; i++ {
+			out, err := client.CreateKey(ctx, &kms.CreateKeyInput{KeySpec: kmstypes.KeySpecEccNistP256, KeyUsage: kmstypes.KeyUsageTypeSignVerify})
+			require.NoError(t, err)
+			_, err = client.CreateAlias(ctx, &kms.CreateAliasInput{
+				AliasName:   aws.String(fmt.Sprintf("alias/SPIRE_SERVER/example_org/ls-foreign-%03d/x509-CA-A", i)),
+				TargetKeyId: out.KeyMetadata.KeyId,
+			})
+			require.NoError(t, err)
+		}
+		page, err := client.ListAliases(ctx, &kms.ListAliasesInput{Limit: aws.Int32(100)})
+		require.NoError(t, err)
+		require.True(t, page.Truncated, "LocalStack pages ListAliases")
+		late := loadExternal(t, awsPluginData(endpoint, "ls-late"))
+		key, err := late.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+		require.NoError(t, err)
+		require.NoError(t, late.catalog.Close())
+		found, err := loadExternal(t, awsPluginData(endpoint, "ls-late")).KeyManager.GetKey(ctx, "JWT-Signer-A")
+		require.NoError(t, err)
+		require.True(t, found.Public().(equaler).Equal(key.Public()))
+	})
+}

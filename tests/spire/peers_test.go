@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -64,4 +65,62 @@ access_key_id = "test"
 secret_access_key = "test"
 key_identifier_value = %q
 `, endpoint, serverID)
+}
+
+// startLocalStack starts LocalStack (KMS and STS, host mode, no docker) on a free 127.0.0.1
+// port as a second AWS peer: independent KMS signing and real ListAliases paging.
+// LOCALSTACK_PYTHON is the interpreter of the venv scripts/test-all.sh installs it into.
+func startLocalStack(t *testing.T) string {
+	t.Helper()
+	python := os.Getenv("LOCALSTACK_PYTHON")
+	if python == "" {
+		t.Fatal("LOCALSTACK_PYTHON must point at the python of the LocalStack venv (scripts/test-all.sh sets it)")
+	}
+	port := freePort(t)
+	dir := t.TempDir()
+	cmd := exec.Command(python, "-m", "localstack.runtime.main")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(),
+		fmt.Sprintf("GATEWAY_LISTEN=127.0.0.1:%d", port),
+		fmt.Sprintf("LOCALSTACK_HOST=127.0.0.1:%d", port),
+		"SERVICES=kms,sts", "DNS_ADDRESS=0", "DISABLE_EVENTS=1", "SKIP_SSL_CERT_DOWNLOAD=1",
+		"EAGER_SERVICE_LOADING=1", "PERSISTENCE=0", "LOCALSTACK_VOLUME_DIR="+filepath.Join(dir, "data"),
+	)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	logPath := filepath.Join(dir, "localstack.log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _, _ = cmd.Process.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		}
+		logFile.Close()
+	})
+	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		resp, err := http.Get(endpoint + "/_localstack/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return endpoint
+			}
+		}
+		if time.Now().After(deadline) {
+			data, _ := os.ReadFile(logPath)
+			t.Fatalf("LocalStack did not start: %v\n%s", err, data)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
