@@ -1,10 +1,11 @@
 //! The `aws_kms` backend, drop-in for SPIRE's built-in `aws_kms` KeyManager.
 //!
-//! This crate currently holds the configuration (every `plugin_data` key of SPIRE's
-//! `aws_kms` with the same meaning and SPIRE's validation rules, plus `key_prefix`,
-//! `assume_role_arn`, `external_id`, `role_session_name` and `endpoint`) and the key naming
-//! (aliases, descriptions, tags). The KMS client and the `Backend` implementation come next;
-//! until then the backend is not registered in the binary.
+//! - `config`: every `plugin_data` key of SPIRE's `aws_kms` with the same meaning and
+//!   SPIRE's validation rules, plus `key_prefix`, `assume_role_arn`, `external_id`,
+//!   `role_session_name` and `endpoint`;
+//! - `naming`: SPIRE's aliases, descriptions and tags, byte for byte;
+//! - `policy`: the least-privilege default key policy for an assumed role;
+//! - `backend`: the KMS adapter behind the engine's `Backend` and `KeyLifecycle` traits.
 
 mod backend;
 pub mod config;
