@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	kmstypes "github.com/aws/aws-sdk-go-v2/service/kms/types"
 	"github.com/spiffe/spire/pkg/common/catalog"
@@ -46,15 +45,12 @@ func TestAwsKmsSideBySide(t *testing.T) {
 	// Foreign keys: other servers' aliases and plain keys in the same account.
 	client := kmsClient(endpoint)
 	for i := 0; i < foreign; i++ {
-		out, err := client.CreateKey(ctx, &kms.CreateKeyInput{KeySpec: kmstypes.KeySpecEccNistP256, KeyUsage: kmstypes.KeyUsageTypeSignVerify})
-		require.NoError(t, err)
 		if i%2 == 0 {
-			_, err = client.CreateAlias(ctx, &kms.CreateAliasInput{
-				AliasName:   aws.String(fmt.Sprintf("alias/SPIRE_SERVER/example_org/foreign-%d/x509-CA-A", i)),
-				TargetKeyId: out.KeyMetadata.KeyId,
-			})
-			require.NoError(t, err)
+			createForeignKey(t, client, fmt.Sprintf("alias/SPIRE_SERVER/example_org/foreign-%d/x509-CA-A", i))
+			continue
 		}
+		_, err := client.CreateKey(ctx, &kms.CreateKeyInput{KeySpec: kmstypes.KeySpecEccNistP256, KeyUsage: kmstypes.KeyUsageTypeSignVerify})
+		require.NoError(t, err)
 	}
 
 	impls := []struct {

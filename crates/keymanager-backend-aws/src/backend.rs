@@ -454,48 +454,30 @@ impl AwsKmsBackend {
     /// Tag discovery: asks the tagging API for this server's active keys only, so start-up
     /// cost does not grow with the other keys in the account. One GetPublicKey per key.
     async fn load_by_tags(&self) -> Result<Vec<BackendKey>, BackendError> {
-        use aws_sdk_resourcegroupstagging::types::TagFilter;
-        let filters = [
-            (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
-            (naming::TAG_SERVER_ID, self.server_id.as_str()),
-            (naming::TAG_ACTIVE, "true"),
-        ]
-        .map(|(key, value)| TagFilter::builder().key(key).values(value).build());
-        let mut pages = self
-            .tagging
-            .get_resources()
-            .resource_type_filters("kms:key")
-            .set_tag_filters(Some(filters.to_vec()))
-            .into_paginator()
-            .items()
-            .send();
+        let tagged = self
+            .tagged_keys(&[
+                (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
+                (naming::TAG_SERVER_ID, self.server_id.as_str()),
+                (naming::TAG_ACTIVE, "true"),
+            ])
+            .await?;
         // Newest stamp wins when a crash left two active keys for one id.
         let mut newest: std::collections::BTreeMap<String, (u64, String)> =
             std::collections::BTreeMap::new();
-        while let Some(mapping) = pages.next().await {
-            let mapping = mapping.map_err(|e| map_tagging_error(&e))?;
-            let Some(arn) = mapping.resource_arn() else {
+        for (arn, tags) in tagged {
+            let Some(key_id) = tags.get(naming::TAG_KEY_ID).cloned() else {
                 continue;
             };
-            let tag = |key: &str| {
-                mapping
-                    .tags()
-                    .iter()
-                    .find(|t| t.key() == key)
-                    .map(|t| t.value().to_string())
-            };
-            let Some(key_id) = tag(naming::TAG_KEY_ID) else {
-                continue;
-            };
-            let stamp = tag(naming::TAG_LAST_UPDATE)
+            let stamp = tags
+                .get(naming::TAG_LAST_UPDATE)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             match newest.get(&key_id) {
                 Some((existing, other)) if *existing >= stamp => {
-                    tracing::warn!(key_id = %key_id, kept = %other, ignored = arn, "two active keys for one id; keeping the newest")
+                    tracing::warn!(key_id = %key_id, kept = %other, ignored = %arn, "two active keys for one id; keeping the newest")
                 }
                 _ => {
-                    newest.insert(key_id, (stamp, arn.to_string()));
+                    newest.insert(key_id, (stamp, arn));
                 }
             }
         }
@@ -543,6 +525,41 @@ impl AwsKmsBackend {
             .await
             .map(|_| ())
             .map_err(|e| map_sdk_error("TagResource", arn, e))
+    }
+
+    /// KMS keys whose tags match every (key, value) pair, with all their tags, through the
+    /// Resource Groups Tagging API (never a listing of the whole account).
+    async fn tagged_keys(
+        &self,
+        filters: &[(&str, &str)],
+    ) -> Result<Vec<(String, std::collections::BTreeMap<String, String>)>, BackendError> {
+        use aws_sdk_resourcegroupstagging::types::TagFilter;
+        let filters = filters
+            .iter()
+            .map(|(key, value)| TagFilter::builder().key(*key).values(*value).build())
+            .collect();
+        let mut pages = self
+            .tagging
+            .get_resources()
+            .resource_type_filters("kms:key")
+            .set_tag_filters(Some(filters))
+            .into_paginator()
+            .items()
+            .send();
+        let mut out = Vec::new();
+        while let Some(mapping) = pages.next().await {
+            let mapping = mapping.map_err(|e| map_tagging_error(&e))?;
+            let Some(arn) = mapping.resource_arn() else {
+                continue;
+            };
+            let tags = mapping
+                .tags()
+                .iter()
+                .map(|t| (t.key().to_string(), t.value().to_string()))
+                .collect();
+            out.push((arn.to_string(), tags));
+        }
+        Ok(out)
     }
 
     /// Describes and loads one aliased key; `None` for a key that is not usable now.
@@ -819,32 +836,13 @@ impl KeyLifecycle for AwsKmsBackend {
     }
 
     async fn list_trust_domain_keys(&self) -> Result<Vec<KeyRecord>, BackendError> {
-        use aws_sdk_resourcegroupstagging::types::TagFilter;
-        let filter = TagFilter::builder()
-            .key(naming::TAG_TRUST_DOMAIN)
-            .values(&self.trust_domain)
-            .build();
-        let mut pages = self
-            .tagging
-            .get_resources()
-            .resource_type_filters("kms:key")
-            .tag_filters(filter)
-            .into_paginator()
-            .items()
-            .send();
+        let tagged = self
+            .tagged_keys(&[(naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str())])
+            .await?;
         let mut records = Vec::new();
-        while let Some(mapping) = pages.next().await {
-            let mapping = mapping.map_err(|e| map_tagging_error(&e))?;
-            let Some(arn) = mapping.resource_arn() else {
-                continue;
-            };
-            let tag = |key: &str| {
-                mapping
-                    .tags()
-                    .iter()
-                    .find(|t| t.key() == key)
-                    .map(|t| t.value().to_string())
-            };
+        for (arn, tags) in tagged {
+            let arn = arn.as_str();
+            let tag = |key: &str| tags.get(key).cloned();
             let described = match self.client.describe_key().key_id(arn).send().await {
                 Ok(out) => out,
                 Err(e) if e.code() == Some("NotFoundException") => continue,
