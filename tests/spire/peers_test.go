@@ -41,16 +41,25 @@ func startMoto(t *testing.T) string {
 		logFile.Close()
 	})
 	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
-	deadline := time.Now().Add(30 * time.Second)
+	waitReady(t, "moto", endpoint+"/moto-api/", 30*time.Second, logPath)
+	return endpoint
+}
+
+// waitReady polls url until it answers 200, or fails the test with the peer's log.
+func waitReady(t *testing.T, name, url string, timeout time.Duration, logPath string) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
-		resp, err := http.Get(endpoint + "/moto-api/")
+		resp, err := http.Get(url)
 		if err == nil {
 			resp.Body.Close()
-			return endpoint
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
 		}
 		if time.Now().After(deadline) {
 			data, _ := os.ReadFile(logPath)
-			t.Fatalf("moto did not start: %v\n%s", err, data)
+			t.Fatalf("%s did not start: %v\n%s", name, err, data)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -108,19 +117,6 @@ func startLocalStack(t *testing.T) string {
 		logFile.Close()
 	})
 	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		resp, err := http.Get(endpoint + "/_localstack/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return endpoint
-			}
-		}
-		if time.Now().After(deadline) {
-			data, _ := os.ReadFile(logPath)
-			t.Fatalf("LocalStack did not start: %v\n%s", err, data)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitReady(t, "LocalStack", endpoint+"/_localstack/health", 90*time.Second, logPath)
+	return endpoint
 }

@@ -344,11 +344,7 @@ impl AwsKmsBackend {
     }
 
     fn tags(&self, id: &KeyId) -> Result<Vec<Tag>, BackendError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            .to_string();
+        let now = unix_seconds(SystemTime::now());
         let ours = [
             (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
             (naming::TAG_SERVER_ID, self.server_id.as_str()),
@@ -366,11 +362,7 @@ impl AwsKmsBackend {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone())),
             )
-            .map(|(k, v)| {
-                Tag::builder().tag_key(k).tag_value(v).build().map_err(|e| {
-                    BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
-                })
-            })
+            .map(|(k, v)| tag(&k, &v))
             .collect()
     }
 
@@ -510,13 +502,7 @@ impl AwsKmsBackend {
 
     /// Marks a key active once its alias points at it.
     async fn activate(&self, arn: &str) -> Result<(), BackendError> {
-        let active = Tag::builder()
-            .tag_key(naming::TAG_ACTIVE)
-            .tag_value("true")
-            .build()
-            .map_err(|e| {
-                BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
-            })?;
+        let active = tag(naming::TAG_ACTIVE, "true")?;
         self.client
             .tag_resource()
             .key_id(arn)
@@ -548,7 +534,7 @@ impl AwsKmsBackend {
             .send();
         let mut out = Vec::new();
         while let Some(mapping) = pages.next().await {
-            let mapping = mapping.map_err(|e| map_tagging_error(&e))?;
+            let mapping = mapping.map_err(|e| map_sdk_error("GetResources", "tagging API", e))?;
             let Some(arn) = mapping.resource_arn() else {
                 continue;
             };
@@ -592,28 +578,12 @@ impl AwsKmsBackend {
     }
 
     async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            .to_string();
+        let now = unix_seconds(SystemTime::now());
         // The intent is recorded in KMS first: if the process dies before the schedule call,
         // the next sweep still finds and finishes it.
-        let intent = Tag::builder()
-            .tag_key(naming::TAG_DELETE_INTENT)
-            .tag_value(now)
-            .build()
-            .map_err(|e| {
-                BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
-            })?;
+        let intent = tag(naming::TAG_DELETE_INTENT, &now)?;
         // Inactive in the same call: tag discovery then never finds a replaced key.
-        let inactive = Tag::builder()
-            .tag_key(naming::TAG_ACTIVE)
-            .tag_value("false")
-            .build()
-            .map_err(|e| {
-                BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
-            })?;
+        let inactive = tag(naming::TAG_ACTIVE, "false")?;
         if let Err(error) = self
             .client
             .tag_resource()
@@ -728,12 +698,7 @@ impl Backend for AwsKmsBackend {
         digest: &Digest,
         scheme: SignatureScheme,
     ) -> Result<BackendSignature, BackendError> {
-        let key_ref = key.handle.downcast::<KmsKeyRef>().ok_or_else(|| {
-            BackendError::new(
-                BackendErrorKind::Internal,
-                "key handle does not belong to aws_kms",
-            )
-        })?;
+        let key_ref = key.handle.get::<KmsKeyRef>(self.name())?;
         let algorithm = match (scheme, scheme.hash()) {
             (SignatureScheme::Ecdsa(_), HashAlgorithm::Sha256) => SigningAlgorithmSpec::EcdsaSha256,
             (SignatureScheme::Ecdsa(_), HashAlgorithm::Sha384) => SigningAlgorithmSpec::EcdsaSha384,
@@ -784,12 +749,7 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError> {
-        let key_ref = replaced.handle.downcast::<KmsKeyRef>().ok_or_else(|| {
-            BackendError::new(
-                BackendErrorKind::Internal,
-                "key handle does not belong to aws_kms",
-            )
-        })?;
+        let key_ref = replaced.handle.get::<KmsKeyRef>(self.name())?;
         self.schedule_deletion(&key_ref.arn).await
     }
 
@@ -808,26 +768,15 @@ impl KeyLifecycle for AwsKmsBackend {
     }
 
     async fn stamp(&self, keys: &[BackendKey], now: SystemTime) -> Result<(), BackendError> {
-        let stamp = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            .to_string();
+        let stamp = unix_seconds(now);
         for key in keys {
             let Some(key_ref) = key.handle.downcast::<KmsKeyRef>() else {
                 continue;
             };
-            let tag = Tag::builder()
-                .tag_key(naming::TAG_LAST_UPDATE)
-                .tag_value(stamp.clone())
-                .build()
-                .map_err(|e| {
-                    BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e)
-                })?;
             self.client
                 .tag_resource()
                 .key_id(&key_ref.arn)
-                .tags(tag)
+                .tags(tag(naming::TAG_LAST_UPDATE, &stamp)?)
                 .send()
                 .await
                 .map_err(|e| map_sdk_error("TagResource", &key_ref.arn, e))?;
@@ -882,31 +831,25 @@ impl KeyLifecycle for AwsKmsBackend {
     }
 }
 
-fn map_tagging_error<E>(
-    error: &SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
-) -> BackendError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let kind = match error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            BackendErrorKind::Unavailable
-        }
-        SdkError::ServiceError(service) => match service.err().code() {
-            Some("ThrottlingException") => BackendErrorKind::ResourceExhausted,
-            Some("AccessDeniedException") => BackendErrorKind::PermissionDenied,
-            _ => BackendErrorKind::Internal,
-        },
-        _ => BackendErrorKind::Internal,
-    };
-    let code = match error {
-        SdkError::ServiceError(service) => service.err().code().unwrap_or("unknown"),
-        _ => "no response",
-    };
-    BackendError::new(kind, format!("tagging GetResources failed: {code}"))
+/// A KMS tag.
+fn tag(key: &str, value: &str) -> Result<Tag, BackendError> {
+    Tag::builder()
+        .tag_key(key)
+        .tag_value(value)
+        .build()
+        .map_err(|e| BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e))
 }
 
-/// Maps an SDK failure to a kind once, naming the operation and the object.
+/// Unix seconds, as the `spire-last-update` and intent tags hold them.
+fn unix_seconds(at: SystemTime) -> String {
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .to_string()
+}
+
+/// Maps an SDK failure (KMS or the tagging API: both share smithy's response type) to a
+/// kind once, naming the operation and the object.
 fn map_sdk_error<E>(
     operation: &str,
     object: &str,

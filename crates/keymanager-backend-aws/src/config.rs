@@ -32,8 +32,9 @@ pub const SETTING_KEYS: &[&str] = &[
 /// Default STS session name when assuming a role.
 pub const DEFAULT_ROLE_SESSION_NAME: &str = "kms-keymanager";
 
-/// Where AWS credentials come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where AWS credentials come from. `Debug` shows neither the secret key nor the full
+/// access key id (the configuration is logged at Configure).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Credentials {
     /// The SDK's default chain: environment, shared config/profile, web identity, ECS, EC2.
     DefaultChain,
@@ -44,6 +45,21 @@ pub enum Credentials {
         /// The secret key.
         secret_access_key: Secret,
     },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DefaultChain => f.write_str("DefaultChain"),
+            Self::Static { access_key_id, .. } => {
+                let shown: String = access_key_id.chars().take(4).collect();
+                write!(
+                    f,
+                    "Static {{ access_key_id: \"{shown}…\", secret_access_key: <redacted> }}"
+                )
+            }
+        }
+    }
 }
 
 /// How the server finds its keys at start-up.
@@ -441,6 +457,10 @@ mod tests {
         assert!(
             !format!("{config:?}").contains("wJalr"),
             "secret must be redacted"
+        );
+        assert!(
+            !format!("{config:?}").contains("AKIAEXAMPLE"),
+            "the access key id is not logged in full"
         );
     }
 

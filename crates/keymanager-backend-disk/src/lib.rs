@@ -122,12 +122,7 @@ impl Backend for DiskBackend {
         digest: &Digest,
         scheme: SignatureScheme,
     ) -> Result<BackendSignature, BackendError> {
-        let software = key.handle.downcast::<SoftwareKey>().ok_or_else(|| {
-            BackendError::new(
-                BackendErrorKind::Internal,
-                "key handle does not belong to the disk backend",
-            )
-        })?;
+        let software = key.handle.get::<SoftwareKey>(self.name())?;
         if software.is_rsa() {
             // RSA private-key operations take milliseconds: keep them off the async workers.
             let software = software.clone();

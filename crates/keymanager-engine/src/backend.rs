@@ -139,6 +139,20 @@ impl KeyHandle {
     pub fn downcast<T: Any + Send + Sync>(&self) -> Option<&T> {
         self.inner.downcast_ref::<T>()
     }
+
+    /// The backend's state as `T`, or an Internal error naming `backend` (a handle from
+    /// another backend reached it: a bug, never user input).
+    pub fn get<T: Any + Send + Sync>(&self, backend: &str) -> Result<&T, BackendError> {
+        self.downcast::<T>().ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Internal,
+                format!(
+                    "key handle {:?} does not belong to the {backend} backend",
+                    self.locator
+                ),
+            )
+        })
+    }
 }
 
 impl fmt::Debug for KeyHandle {

@@ -31,16 +31,6 @@ pub struct RetryPolicy {
     pub budget: Duration,
 }
 
-impl RetryPolicy {
-    /// No retries (software backends: their failures are not transient).
-    pub const NONE: RetryPolicy = RetryPolicy {
-        max_attempts: 1,
-        initial_backoff: Duration::ZERO,
-        max_backoff: Duration::ZERO,
-        budget: Duration::ZERO,
-    };
-}
-
 impl Default for RetryPolicy {
     /// 6 attempts, 100 ms doubling to 5 s, within 20 s: well inside SPIRE's 30 s deadline.
     fn default() -> Self {
@@ -299,7 +289,13 @@ mod tests {
                 assert!(full_jitter(policy, attempt) <= ceiling);
             }
         }
-        assert_eq!(full_jitter(RetryPolicy::NONE, 3), Duration::ZERO);
+        let no_backoff = RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+            budget: Duration::ZERO,
+        };
+        assert_eq!(full_jitter(no_backoff, 3), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
