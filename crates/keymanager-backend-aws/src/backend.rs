@@ -102,6 +102,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
     signing: SigningSupport::Only(SIGNING),
     pss_salt: PssSaltSupport::HashLengthOnly,
+    key_algorithm_name: None,
 };
 
 /// Registers the `aws_kms` backend.

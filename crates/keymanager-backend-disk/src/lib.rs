@@ -27,6 +27,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
     signing: SigningSupport::Any,
     pss_salt: PssSaltSupport::Any,
+    key_algorithm_name: None,
 };
 
 /// Software keys in a local file.

@@ -183,6 +183,9 @@ pub struct Capabilities {
     pub signing: SigningSupport,
     /// Which PSS salt lengths it can produce.
     pub pss_salt: PssSaltSupport,
+    /// The store's own name for the algorithm a key type gets (Cloud KMS fixes the hash per
+    /// key: `EC_SIGN_P256_SHA256`), for error messages.
+    pub key_algorithm_name: Option<fn(KeyType) -> &'static str>,
 }
 
 /// Signing combinations a backend supports.
@@ -253,10 +256,14 @@ impl Capabilities {
                         format!("{family}/{h}")
                     })
                     .collect();
-                if items.is_empty() {
+                let supported = if items.is_empty() {
                     "nothing".to_string()
                 } else {
                     items.join(", ")
+                };
+                match self.key_algorithm_name {
+                    Some(name) => format!("{supported} (the key is {})", name(key_type)),
+                    None => supported,
                 }
             }
         }

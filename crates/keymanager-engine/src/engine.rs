@@ -505,6 +505,7 @@ mod tests {
             key_types: &KeyType::ALL,
             signing: SigningSupport::Any,
             pss_salt: PssSaltSupport::Any,
+            key_algorithm_name: None,
         }
     }
 
@@ -631,6 +632,7 @@ mod tests {
                 key_types: &[KeyType::EcP256, KeyType::Rsa2048],
                 signing: SigningSupport::Only(ONLY),
                 pss_salt: PssSaltSupport::HashLengthOnly,
+                key_algorithm_name: None,
             }),
             EngineOptions::default(),
         )

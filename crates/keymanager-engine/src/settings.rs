@@ -233,6 +233,20 @@ impl Settings {
         }
     }
 
+    /// Takes a nested block (HCL `key { a = "b" }` or `key = { a = "b" }`) as settings of
+    /// its own whose keys are named `key.a`, so errors name the full path.
+    pub fn take_block(&mut self, key: &str) -> Result<Option<Settings>, SettingsError> {
+        match self.values.remove(key) {
+            None | Some(SettingValue::Null) => Ok(None),
+            Some(SettingValue::Map(map)) => Ok(Some(Settings::new(
+                map.into_iter()
+                    .map(|(k, v)| (format!("{key}.{k}"), v))
+                    .collect(),
+            ))),
+            Some(other) => Err(wrong_type(key, "a block of settings", &other)),
+        }
+    }
+
     /// Fails on the first key nobody took, listing what is allowed.
     pub fn finish(self, allowed: &[&str]) -> Result<(), SettingsError> {
         match self.values.into_keys().next() {

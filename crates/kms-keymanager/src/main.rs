@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use keymanager_backend_aws::AwsKmsFactory;
 use keymanager_backend_disk::DiskFactory;
+use keymanager_backend_gcp::GcpKmsFactory;
 use keymanager_engine::BackendFactory;
 
 // Every RPC allocates in hyper/h2/prost on both sides of the socket; mimalloc measurably
@@ -18,7 +19,8 @@ use keymanager_engine::BackendFactory;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every backend compiled into this binary, selected by `backend = "<name>"` in plugin_data.
-pub const BACKENDS: &[&'static dyn BackendFactory] = &[&DiskFactory, &AwsKmsFactory];
+pub const BACKENDS: &[&'static dyn BackendFactory] =
+    &[&DiskFactory, &AwsKmsFactory, &GcpKmsFactory];
 
 fn main() -> ExitCode {
     if keymanager_plugin::is_launched_by_host() {

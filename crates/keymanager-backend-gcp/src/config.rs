@@ -1,0 +1,540 @@
+//! `plugin_data` of the `gcp_kms` backend.
+//!
+//! SPIRE's keys, same meaning: `key_ring`, `key_identifier_file`, `key_identifier_value`,
+//! `key_policy_file`, `service_account_file`, and the `shared_keys` block of the shared-keys
+//! mode (`crypto_key_template`, `key_id_extraction_regex`). Older SPIRE releases called the
+//! identifier file `key_metadata_file`: accepted as a deprecated alias. Ours:
+//! `protection_level`, `endpoint`, and in `shared_keys`: `shared_key_ids`, `reuse_window`,
+//! `lock_lease`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keymanager_engine::server_identity::ServerIdSource;
+use keymanager_engine::settings::{Settings, SettingsError};
+
+use crate::naming::{self, KeyTemplate};
+
+/// The keys this backend reads.
+pub const SETTING_KEYS: &[&str] = &[
+    "key_ring",
+    "key_identifier_file",
+    "key_identifier_value",
+    "key_metadata_file",
+    "key_policy_file",
+    "service_account_file",
+    "shared_keys",
+    "protection_level",
+    "endpoint",
+];
+
+/// The keys of the `shared_keys` block.
+pub const SHARED_KEYS_SETTING_KEYS: &[&str] = &[
+    "shared_keys.crypto_key_template",
+    "shared_keys.key_id_extraction_regex",
+    "shared_keys.shared_key_ids",
+    "shared_keys.reuse_window",
+    "shared_keys.lock_lease",
+];
+
+/// SPIRE's JWT signing keys (`JWT-Signer-A`, `JWT-Signer-B`): the keys shared by default.
+pub const DEFAULT_SHARED_KEY_IDS: &str = "^JWT-Signer-";
+/// A version another server created less than this long ago is reused, not duplicated.
+pub const DEFAULT_REUSE_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// How long a rotation lock protects its holder before others may take it over.
+pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(60);
+/// A lease must outlast one KMS call of the holder (see `backend::ATTEMPT_TIMEOUT`).
+pub const MIN_LOCK_LEASE: Duration = Duration::from_secs(10);
+
+/// Where Cloud KMS keys are protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtectionLevel {
+    /// Software keys (Cloud KMS default).
+    Software,
+    /// Cloud HSM (FIPS 140-2 Level 3).
+    Hsm,
+}
+
+/// The shared-keys mode: several servers use the same CryptoKeys for some key ids.
+#[derive(Clone, Debug)]
+pub struct SharedKeys {
+    /// Names the CryptoKey of a shared key id.
+    pub template: KeyTemplate,
+    /// Finds the SPIRE key id in a CryptoKey id (one capturing group).
+    pub key_id_regex: regex::Regex,
+    /// Which SPIRE key ids are shared (the others stay per-server).
+    pub shared_key_ids: regex::Regex,
+    /// Reuse a version created less than this long ago.
+    pub reuse_window: Duration,
+    /// Lease of the rotation lock.
+    pub lock_lease: Duration,
+}
+
+impl PartialEq for SharedKeys {
+    fn eq(&self, other: &Self) -> bool {
+        self.template == other.template
+            && self.key_id_regex.as_str() == other.key_id_regex.as_str()
+            && self.shared_key_ids.as_str() == other.shared_key_ids.as_str()
+            && self.reuse_window == other.reuse_window
+            && self.lock_lease == other.lock_lease
+    }
+}
+
+/// A validated `gcp_kms` configuration. Holds no secrets: credentials stay in the files the
+/// paths name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GcpKmsConfig {
+    /// `projects/<p>/locations/<l>/keyRings/<r>`.
+    pub key_ring: String,
+    /// The server identity.
+    pub server_id: ServerIdSource,
+    /// An IAM policy (v3 JSON) from `key_policy_file`, replacing the default policy.
+    pub key_policy: Option<serde_json::Value>,
+    /// A service account key file; else Application Default Credentials.
+    pub service_account_file: Option<PathBuf>,
+    /// The shared-keys mode, if configured.
+    pub shared: Option<SharedKeys>,
+    /// Protection level of created keys.
+    pub protection_level: ProtectionLevel,
+    /// Endpoint override (private endpoints, local testing).
+    pub endpoint: Option<String>,
+    /// Deprecation warnings to log when the backend opens.
+    pub warnings: Vec<String>,
+}
+
+impl GcpKmsConfig {
+    /// Takes and validates this backend's keys from `settings`. Reads `key_policy_file`
+    /// (reading is the only I/O; nothing is written).
+    pub fn parse(settings: &mut Settings) -> Result<Self, SettingsError> {
+        let mut warnings = Vec::new();
+        let key_ring = settings.take_nonempty_string("key_ring")?.ok_or_else(|| {
+            SettingsError::missing(
+                "key_ring",
+                "the key ring of the keys, as projects/<project>/locations/<location>/keyRings/<ring>",
+            )
+        })?;
+        check_key_ring(&key_ring).map_err(|reason| SettingsError::invalid("key_ring", reason))?;
+
+        let metadata_file = settings.take_nonempty_string("key_metadata_file")?;
+        let server_id = match metadata_file {
+            Some(path) => {
+                if settings.contains("key_identifier_file")
+                    || settings.contains("key_identifier_value")
+                {
+                    return Err(SettingsError::invalid(
+                        "key_metadata_file",
+                        "key_metadata_file is the deprecated name of key_identifier_file; set only one of key_metadata_file, key_identifier_file, key_identifier_value",
+                    ));
+                }
+                warnings.push(
+                    "key_metadata_file is deprecated: it is used as key_identifier_file; rename it"
+                        .to_string(),
+                );
+                ServerIdSource::File(PathBuf::from(path))
+            }
+            None => ServerIdSource::take_from(settings, naming::check_server_id).map_err(
+                explain_identity_in_shared_mode(settings.contains("shared_keys")),
+            )?,
+        };
+
+        let key_policy = match settings.take_nonempty_string("key_policy_file")? {
+            None => None,
+            Some(path) => Some(read_policy(PathBuf::from(path))?),
+        };
+        let service_account_file = settings
+            .take_nonempty_string("service_account_file")?
+            .map(PathBuf::from);
+        if let Some(path) = &service_account_file
+            && !path.is_file()
+        {
+            return Err(SettingsError::invalid(
+                "service_account_file",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+
+        let protection_level = match settings.take_nonempty_string("protection_level")? {
+            None => ProtectionLevel::Software,
+            Some(level) => match level.to_ascii_lowercase().as_str() {
+                "software" => ProtectionLevel::Software,
+                "hsm" => ProtectionLevel::Hsm,
+                _ => {
+                    return Err(SettingsError::invalid(
+                        "protection_level",
+                        format!("{level:?} is not allowed; use \"software\" or \"hsm\""),
+                    ));
+                }
+            },
+        };
+
+        let endpoint = settings.take_nonempty_string("endpoint")?;
+        if let Some(endpoint) = &endpoint
+            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+        {
+            return Err(SettingsError::invalid(
+                "endpoint",
+                format!(
+                    "{endpoint:?} must be a URL starting with https:// (or http:// for local testing)"
+                ),
+            ));
+        }
+
+        let shared = match settings.take_block("shared_keys")? {
+            None => None,
+            Some(block) => Some(parse_shared_keys(block)?),
+        };
+
+        Ok(Self {
+            key_ring,
+            server_id,
+            key_policy,
+            service_account_file,
+            shared,
+            protection_level,
+            endpoint,
+            warnings,
+        })
+    }
+}
+
+/// In shared-keys mode the identity is still needed (X509 CA and WIT keys stay per-server);
+/// say so, since SPIRE's draft documentation calls it optional there.
+fn explain_identity_in_shared_mode(shared: bool) -> impl Fn(SettingsError) -> SettingsError {
+    move |error| match error {
+        SettingsError::Missing { key, hint } if shared => SettingsError::Missing {
+            key,
+            hint: format!(
+                "{hint} (also in shared-keys mode: only the keys named by shared_keys.shared_key_ids are shared; X509 CA and WIT keys stay per-server)"
+            ),
+        },
+        other => other,
+    }
+}
+
+fn parse_shared_keys(mut block: Settings) -> Result<SharedKeys, SettingsError> {
+    const TEMPLATE: &str = "shared_keys.crypto_key_template";
+    const REGEX: &str = "shared_keys.key_id_extraction_regex";
+    const IDS: &str = "shared_keys.shared_key_ids";
+    let template_text = block.take_nonempty_string(TEMPLATE)?.ok_or_else(|| {
+        SettingsError::missing(
+            TEMPLATE,
+            "a Go template naming the shared CryptoKey, e.g. \"spire-key-{{ .TrustDomain }}-{{ .KeyID }}\"",
+        )
+    })?;
+    let template =
+        KeyTemplate::parse(&template_text).map_err(|e| SettingsError::invalid(TEMPLATE, e))?;
+    let regex_text = block.take_nonempty_string(REGEX)?.ok_or_else(|| {
+        SettingsError::missing(
+            REGEX,
+            "a regular expression with one capturing group that finds the SPIRE key id in a CryptoKey id, e.g. \"^spire-key-[^-]+-(.+)$\"",
+        )
+    })?;
+    let key_id_regex = regex::Regex::new(&regex_text).map_err(|e| {
+        SettingsError::invalid(REGEX, format!("{regex_text:?} does not compile: {e}"))
+    })?;
+    let groups = key_id_regex.captures_len() - 1;
+    if groups != 1 {
+        return Err(SettingsError::invalid(
+            REGEX,
+            format!(
+                "{regex_text:?} has {groups} capturing groups; it needs exactly one (the SPIRE key id)"
+            ),
+        ));
+    }
+    // The template and the regex must agree: what one names, the other must find.
+    for sample in ["JWT-Signer-A", "x509-CA-B", "WIT-Signer-A"] {
+        let name = template
+            .render(&naming::trust_domain_hash("example.org"), sample)
+            .map_err(|e| SettingsError::invalid(TEMPLATE, e))?;
+        match naming::extract_key_id(&key_id_regex, &name) {
+            Some(found) if found == sample => {}
+            Some(found) => {
+                return Err(SettingsError::invalid(
+                    REGEX,
+                    format!(
+                        "{regex_text:?} finds {found:?} in {name:?} (the template's CryptoKey id for key id {sample:?}); it must find {sample:?}"
+                    ),
+                ));
+            }
+            None => {
+                return Err(SettingsError::invalid(
+                    REGEX,
+                    format!(
+                        "{regex_text:?} does not match {name:?}, the CryptoKey id the template gives key id {sample:?}"
+                    ),
+                ));
+            }
+        }
+    }
+    let ids_text = block
+        .take_nonempty_string(IDS)?
+        .unwrap_or_else(|| DEFAULT_SHARED_KEY_IDS.to_string());
+    let shared_key_ids = regex::Regex::new(&ids_text)
+        .map_err(|e| SettingsError::invalid(IDS, format!("{ids_text:?} does not compile: {e}")))?;
+    let reuse_window = block
+        .take_duration("shared_keys.reuse_window")?
+        .unwrap_or(DEFAULT_REUSE_WINDOW);
+    let lock_lease = block
+        .take_duration("shared_keys.lock_lease")?
+        .unwrap_or(DEFAULT_LOCK_LEASE);
+    if lock_lease < MIN_LOCK_LEASE {
+        return Err(SettingsError::invalid(
+            "shared_keys.lock_lease",
+            format!(
+                "must be at least {}s: the lease has to outlast one Cloud KMS call of the lock holder",
+                MIN_LOCK_LEASE.as_secs()
+            ),
+        ));
+    }
+    block.finish(SHARED_KEYS_SETTING_KEYS)?;
+    Ok(SharedKeys {
+        template,
+        key_id_regex,
+        shared_key_ids,
+        reuse_window,
+        lock_lease,
+    })
+}
+
+/// `projects/<p>/locations/<l>/keyRings/<r>` with non-empty, slash-free parts.
+fn check_key_ring(ring: &str) -> Result<(), String> {
+    let parts: Vec<&str> = ring.split('/').collect();
+    let shape_ok = parts.len() == 6
+        && parts[0] == "projects"
+        && parts[2] == "locations"
+        && parts[4] == "keyRings"
+        && [parts[1], parts[3], parts[5]].iter().all(|p| !p.is_empty());
+    if !shape_ok {
+        return Err(format!(
+            "{ring:?} is not a key ring resource name; write projects/<project>/locations/<location>/keyRings/<ring>"
+        ));
+    }
+    if !parts[5]
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "key ring id {:?} may only contain letters, digits, '_' and '-'",
+            parts[5]
+        ));
+    }
+    Ok(())
+}
+
+/// Reads an IAM policy: JSON with `"version": 3` and a `bindings` list of role + members.
+fn read_policy(path: PathBuf) -> Result<serde_json::Value, SettingsError> {
+    const KEY: &str = "key_policy_file";
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SettingsError::invalid(KEY, format!("cannot read {}: {e}", path.display())))?;
+    let policy: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| SettingsError::invalid(KEY, format!("{} is not JSON: {e}", path.display())))?;
+    if policy.get("version").and_then(|v| v.as_i64()) != Some(3) {
+        return Err(SettingsError::invalid(
+            KEY,
+            format!(
+                "{} must be an IAM policy of version 3 (\"version\": 3)",
+                path.display()
+            ),
+        ));
+    }
+    let bindings = policy.get("bindings").and_then(|b| b.as_array());
+    let well_formed = bindings.is_some_and(|bindings| {
+        !bindings.is_empty()
+            && bindings.iter().all(|b| {
+                b.get("role").and_then(|r| r.as_str()).is_some()
+                    && b.get("members")
+                        .and_then(|m| m.as_array())
+                        .is_some_and(|m| !m.is_empty() && m.iter().all(|x| x.is_string()))
+            })
+    });
+    if !well_formed {
+        return Err(SettingsError::invalid(
+            KEY,
+            format!(
+                "{} needs a non-empty \"bindings\" list whose entries have a \"role\" and a non-empty \"members\" list",
+                path.display()
+            ),
+        ));
+    }
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use keymanager_engine::settings::SettingValue;
+
+    use super::*;
+
+    fn s(v: &str) -> SettingValue {
+        SettingValue::String(v.to_string())
+    }
+
+    fn parse(pairs: &[(&str, SettingValue)]) -> Result<GcpKmsConfig, String> {
+        let mut values: BTreeMap<String, SettingValue> = BTreeMap::new();
+        values.insert(
+            "key_ring".into(),
+            s("projects/p/locations/global/keyRings/spire"),
+        );
+        values.insert("key_identifier_value".into(), s("server-a"));
+        for (k, v) in pairs {
+            if matches!(v, SettingValue::Null) {
+                values.remove(*k);
+            } else {
+                values.insert(k.to_string(), v.clone());
+            }
+        }
+        let mut settings = Settings::new(values);
+        let config = GcpKmsConfig::parse(&mut settings).map_err(|e| e.to_string())?;
+        settings.finish(SETTING_KEYS).map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    fn shared(pairs: &[(&str, &str)]) -> SettingValue {
+        SettingValue::Map(pairs.iter().map(|(k, v)| (k.to_string(), s(v))).collect())
+    }
+
+    const TEMPLATE: (&str, &str) = (
+        "crypto_key_template",
+        "spire-key-{{ .TrustDomain }}-{{ .KeyID }}",
+    );
+    const REGEX: (&str, &str) = ("key_id_extraction_regex", "^spire-key-[^-]+-(.+)$");
+
+    #[test]
+    fn minimal_standard_configuration() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.server_id, ServerIdSource::Value("server-a".into()));
+        assert_eq!(config.protection_level, ProtectionLevel::Software);
+        assert!(config.shared.is_none() && config.warnings.is_empty());
+    }
+
+    #[test]
+    fn key_ring_is_required_and_must_be_a_resource_name() {
+        let err = parse(&[("key_ring", SettingValue::Null)]).unwrap_err();
+        assert!(err.starts_with("\"key_ring\" is required"), "{err}");
+        let err = parse(&[("key_ring", s("projects/p/keyRings/r"))]).unwrap_err();
+        assert!(
+            err.contains("projects/<project>/locations/<location>/keyRings/<ring>"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn identifier_follows_gcp_label_rules_and_crypto_key_id_length() {
+        let err = parse(&[("key_identifier_value", s("Server-A"))]).unwrap_err();
+        assert!(err.contains("lowercase"), "{err}");
+        let err = parse(&[("key_identifier_value", s(&"a".repeat(41)))]).unwrap_err();
+        assert!(err.contains("at most"), "{err}");
+        let err = parse(&[("key_identifier_value", SettingValue::Null)]).unwrap_err();
+        assert!(err.contains("key_identifier_file"), "{err}");
+    }
+
+    #[test]
+    fn key_metadata_file_is_a_deprecated_alias() {
+        let config = parse(&[
+            ("key_identifier_value", SettingValue::Null),
+            ("key_metadata_file", s("/tmp/server_id")),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.server_id,
+            ServerIdSource::File(PathBuf::from("/tmp/server_id"))
+        );
+        assert!(config.warnings[0].contains("deprecated"));
+        let err = parse(&[("key_metadata_file", s("/tmp/x"))]).unwrap_err();
+        assert!(err.contains("set only one"), "{err}");
+    }
+
+    #[test]
+    fn protection_level_and_endpoint_are_checked() {
+        assert_eq!(
+            parse(&[("protection_level", s("HSM"))])
+                .unwrap()
+                .protection_level,
+            ProtectionLevel::Hsm
+        );
+        let err = parse(&[("protection_level", s("external"))]).unwrap_err();
+        assert!(err.contains("\"software\" or \"hsm\""), "{err}");
+        let err = parse(&[("endpoint", s("127.0.0.1:8080"))]).unwrap_err();
+        assert!(err.contains("https://"), "{err}");
+    }
+
+    #[test]
+    fn policy_file_must_be_a_v3_policy_with_bindings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.json");
+        std::fs::write(&path, r#"{"version": 1, "bindings": []}"#).unwrap();
+        let err = parse(&[("key_policy_file", s(path.to_str().unwrap()))]).unwrap_err();
+        assert!(err.contains("version 3"), "{err}");
+        std::fs::write(
+            &path,
+            r#"{"version": 3, "bindings": [{"role": "roles/cloudkms.signerVerifier", "members": ["serviceAccount:a@p.iam.gserviceaccount.com"]}]}"#,
+        )
+        .unwrap();
+        assert!(
+            parse(&[("key_policy_file", s(path.to_str().unwrap()))])
+                .unwrap()
+                .key_policy
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn shared_keys_block_is_validated() {
+        let config = parse(&[("shared_keys", shared(&[TEMPLATE, REGEX]))]).unwrap();
+        let shared_keys = config.shared.unwrap();
+        assert_eq!(shared_keys.reuse_window, DEFAULT_REUSE_WINDOW);
+        assert!(shared_keys.shared_key_ids.is_match("JWT-Signer-A"));
+        assert!(!shared_keys.shared_key_ids.is_match("x509-CA-A"));
+
+        let err = parse(&[("shared_keys", shared(&[REGEX]))]).unwrap_err();
+        assert!(err.contains("shared_keys.crypto_key_template"), "{err}");
+        let err = parse(&[(
+            "shared_keys",
+            shared(&[
+                TEMPLATE,
+                ("key_id_extraction_regex", "^spire-key-([^-]+)-(.+)$"),
+            ]),
+        )])
+        .unwrap_err();
+        assert!(err.contains("has 2 capturing groups"), "{err}");
+        let err = parse(&[(
+            "shared_keys",
+            shared(&[TEMPLATE, ("key_id_extraction_regex", "^spire-(key)-")]),
+        )])
+        .unwrap_err();
+        assert!(err.contains("finds \"key\""), "{err}");
+        let err = parse(&[(
+            "shared_keys",
+            shared(&[
+                ("crypto_key_template", "spire-{{ .Region }}-{{ .KeyID }}"),
+                REGEX,
+            ]),
+        )])
+        .unwrap_err();
+        assert!(err.contains(".Region"), "{err}");
+        let err = parse(&[(
+            "shared_keys",
+            shared(&[TEMPLATE, REGEX, ("lock_lease", "1s")]),
+        )])
+        .unwrap_err();
+        assert!(err.contains("at least 10s"), "{err}");
+        let err =
+            parse(&[("shared_keys", shared(&[TEMPLATE, REGEX, ("colour", "x")]))]).unwrap_err();
+        assert!(err.contains("shared_keys.colour"), "{err}");
+    }
+
+    #[test]
+    fn shared_mode_still_needs_an_identity_and_says_why() {
+        let err = parse(&[
+            ("key_identifier_value", SettingValue::Null),
+            ("shared_keys", shared(&[TEMPLATE, REGEX])),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("X509 CA and WIT keys stay per-server"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! The `gcp_kms` backend, drop-in for SPIRE's built-in `gcp_kms` KeyManager, with the
+//! shared-keys mode of SPIRE's draft (spiffe/spire#6537) done with a real lock.
+//!
+//! - `config`: every `plugin_data` key of SPIRE's `gcp_kms` (both document versions) with
+//!   the same meaning, plus `protection_level` and `endpoint`;
+//! - `naming`: SPIRE's CryptoKey ids and labels, the shared-key template, lock ids;
+//! - `kms`: the Cloud KMS calls on Google's official client, error mapping, CRC32C checks;
+//! - `backend`: the adapter behind the engine's `Backend` and `KeyLifecycle` traits;
+//! - `shared`: shared-key rotation under an atomic, leased lock.
+
+mod backend;
+pub mod config;
+mod kms;
+pub mod naming;
+mod shared;
+
+pub use backend::{GcpKmsBackend, GcpKmsFactory};
+pub use config::{GcpKmsConfig, ProtectionLevel, SharedKeys};

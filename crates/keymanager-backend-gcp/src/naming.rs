@@ -1,0 +1,267 @@
+//! CryptoKey ids and labels, as SPIRE's `gcp_kms` writes them, plus the shared-keys mode's
+//! template and the rotation lock's key ids.
+
+use sha1::{Digest, Sha1};
+
+/// Prefix of SPIRE's per-server CryptoKey ids: `spire-key-<server id>-<key id>`.
+pub const CRYPTO_KEY_PREFIX: &str = "spire-key";
+/// Cloud KMS caps CryptoKey ids at 63 characters.
+pub const MAX_CRYPTO_KEY_ID_LEN: usize = 63;
+/// The longest SPIRE key id (`JWT-Signer-A`, `WIT-Signer-B`) the server id must leave room for.
+pub const MAX_SPIRE_KEY_ID_LEN: usize = 12;
+
+/// SHA-1 of the trust domain (label values cannot hold dots).
+pub const LABEL_TRUST_DOMAIN: &str = "spire-server-td";
+/// The owning server's id (per-server keys only).
+pub const LABEL_SERVER_ID: &str = "spire-server-id";
+/// Unix seconds of the last liveness stamp.
+pub const LABEL_LAST_UPDATE: &str = "spire-last-update";
+/// `true` while the key is in use; `false` once its versions are destroyed.
+pub const LABEL_ACTIVE: &str = "spire-active";
+/// `true` on the CryptoKeys of the shared-keys mode.
+pub const LABEL_SHARED: &str = "spire-shared";
+/// `true` on rotation-lock CryptoKeys (they never get versions).
+pub const LABEL_LOCK: &str = "spire-lock";
+/// The lock holder's server id.
+pub const LABEL_LOCK_HOLDER: &str = "spire-lock-holder";
+/// Unix seconds when the lock's lease ends.
+pub const LABEL_LOCK_EXPIRES: &str = "spire-lock-expires";
+
+/// The `spire-server-td` label value: hex SHA-1 of the trust domain name.
+pub fn trust_domain_hash(trust_domain: &str) -> String {
+    hex::encode(Sha1::digest(trust_domain.as_bytes()))
+}
+
+/// The longest server id that keeps `spire-key-<id>-<key id>` within 63 characters.
+pub const MAX_SERVER_ID_LEN: usize =
+    MAX_CRYPTO_KEY_ID_LEN - CRYPTO_KEY_PREFIX.len() - 2 - MAX_SPIRE_KEY_ID_LEN;
+
+/// A server id must be a valid label value (lowercase letters, digits, `_`, `-`) and short
+/// enough for the CryptoKey ids it goes into.
+pub fn check_server_id(value: &str) -> Result<(), String> {
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "{value:?} may only contain lowercase letters, digits, '_' and '-' (it is a Cloud KMS label value)"
+        ));
+    }
+    if value.len() > MAX_SERVER_ID_LEN {
+        return Err(format!(
+            "{value:?} is {} characters; at most {MAX_SERVER_ID_LEN} keep CryptoKey ids (spire-key-<id>-<key id>) within 63",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A CryptoKey id must be 1–63 of `[a-zA-Z0-9_-]`.
+pub fn check_crypto_key_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_CRYPTO_KEY_ID_LEN {
+        return Err(format!(
+            "CryptoKey id {id:?} must be 1 to {MAX_CRYPTO_KEY_ID_LEN} characters"
+        ));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "CryptoKey id {id:?} may only contain letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// SPIRE's per-server CryptoKey id.
+pub fn standard_crypto_key_id(server_id: &str, key_id: &str) -> String {
+    format!("{CRYPTO_KEY_PREFIX}-{server_id}-{key_id}")
+}
+
+/// The SPIRE key id inside a per-server CryptoKey id, if it is this server's.
+pub fn key_id_from_standard(crypto_key_id: &str, server_id: &str) -> Option<String> {
+    crypto_key_id
+        .strip_prefix(&format!("{CRYPTO_KEY_PREFIX}-{server_id}-"))
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+}
+
+/// The last path segment of a resource name.
+pub fn last_segment(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// The first capture of `regex` in `crypto_key_id`.
+pub fn extract_key_id(regex: &regex::Regex, crypto_key_id: &str) -> Option<String> {
+    regex
+        .captures(crypto_key_id)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_string())
+        .filter(|id| !id.is_empty())
+}
+
+/// The rotation lock's CryptoKey id for replacing version `basis` (0: no version yet) of
+/// `crypto_key`, attempt `attempt` (bumped when an expired lease is taken over). Creating a
+/// CryptoKey is atomic in Cloud KMS: exactly one creator of an id succeeds.
+pub fn lock_crypto_key_id(crypto_key: &str, basis: u64, attempt: u32) -> String {
+    let digest = Sha1::digest(format!("{crypto_key}@{basis}").as_bytes());
+    format!("spire-lock-{}-{attempt}", &hex::encode(digest)[..24])
+}
+
+/// One piece of a `crypto_key_template`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    TrustDomain,
+    KeyId,
+}
+
+/// A `crypto_key_template`: Go template syntax with the two fields SPIRE documents,
+/// `{{ .TrustDomain }}` (the SHA-1 hex of the trust domain) and `{{ .KeyID }}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyTemplate {
+    source: String,
+    pieces: Vec<Piece>,
+}
+
+impl KeyTemplate {
+    /// Parses a template; every action must be `.TrustDomain` or `.KeyID`, and `.KeyID`
+    /// must appear (otherwise every key id would name the same CryptoKey).
+    pub fn parse(source: &str) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut rest = source;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                pieces.push(Piece::Text(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let end = after
+                .find("}}")
+                .ok_or_else(|| format!("{source:?}: \"{{{{\" without a closing \"}}}}\""))?;
+            let action = after[..end]
+                .trim_start_matches('-')
+                .trim_end_matches('-')
+                .trim();
+            pieces.push(match action {
+                ".TrustDomain" => Piece::TrustDomain,
+                ".KeyID" => Piece::KeyId,
+                other => {
+                    return Err(format!(
+                        "{source:?}: unsupported action {{{{ {other} }}}}; only {{{{ .TrustDomain }}}} and {{{{ .KeyID }}}} are available"
+                    ));
+                }
+            });
+            rest = &after[end + 2..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        if !pieces.contains(&Piece::KeyId) {
+            return Err(format!(
+                "{source:?} must contain {{{{ .KeyID }}}}: without it every key id names the same CryptoKey"
+            ));
+        }
+        Ok(Self {
+            source: source.to_string(),
+            pieces,
+        })
+    }
+
+    /// The CryptoKey id for a key id, checked against Cloud KMS's id rules.
+    pub fn render(&self, trust_domain_hash: &str, key_id: &str) -> Result<String, String> {
+        let id: String = self
+            .pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Text(text) => text.as_str(),
+                Piece::TrustDomain => trust_domain_hash,
+                Piece::KeyId => key_id,
+            })
+            .collect();
+        check_crypto_key_id(&id).map_err(|e| format!("template {:?} gives {e}", self.source))?;
+        Ok(id)
+    }
+
+    /// The template text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_domain_hash_is_sha1_hex() {
+        // SHA-1("example.org"), computed independently with `printf example.org | sha1sum`.
+        assert_eq!(
+            trust_domain_hash("example.org"),
+            "20116dfd6774a9e7b32eddfea3f6cb094e38fc3f"
+        );
+        assert_ne!(trust_domain_hash("a.org"), trust_domain_hash("b.org"));
+    }
+
+    #[test]
+    fn standard_names_round_trip_and_stay_within_63_characters() {
+        let server = uuid::Uuid::new_v4().hyphenated().to_string();
+        let id = standard_crypto_key_id(&server, "JWT-Signer-A");
+        assert!(id.len() <= MAX_CRYPTO_KEY_ID_LEN, "{id}");
+        assert_eq!(
+            key_id_from_standard(&id, &server).as_deref(),
+            Some("JWT-Signer-A")
+        );
+        assert_eq!(key_id_from_standard(&id, "other"), None);
+        assert!(check_server_id(&server).is_ok());
+        assert!(check_server_id(&"a".repeat(MAX_SERVER_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn templates_render_the_two_fields_and_refuse_others() {
+        let t = KeyTemplate::parse("spire-key-{{ .TrustDomain }}-{{.KeyID}}").unwrap();
+        assert_eq!(
+            t.render("abc", "JWT-Signer-A").unwrap(),
+            "spire-key-abc-JWT-Signer-A"
+        );
+        assert!(
+            KeyTemplate::parse("k-{{ .TrustDomain }}")
+                .unwrap_err()
+                .contains(".KeyID")
+        );
+        assert!(
+            KeyTemplate::parse("k-{{ .KeyID | upper }}")
+                .unwrap_err()
+                .contains("unsupported")
+        );
+        assert!(
+            KeyTemplate::parse("k-{{ .KeyID")
+                .unwrap_err()
+                .contains("closing")
+        );
+        let long = KeyTemplate::parse(&format!("{}-{{{{ .KeyID }}}}", "x".repeat(60))).unwrap();
+        assert!(
+            long.render("t", "JWT-Signer-A")
+                .unwrap_err()
+                .contains("1 to 63")
+        );
+    }
+
+    #[test]
+    fn lock_ids_depend_on_key_basis_and_attempt() {
+        let a = lock_crypto_key_id("projects/p/locations/l/keyRings/r/cryptoKeys/k", 3, 0);
+        assert!(check_crypto_key_id(&a).is_ok());
+        assert_ne!(
+            a,
+            lock_crypto_key_id("projects/p/locations/l/keyRings/r/cryptoKeys/k", 4, 0)
+        );
+        assert_ne!(
+            a,
+            lock_crypto_key_id("projects/p/locations/l/keyRings/r/cryptoKeys/k", 3, 1)
+        );
+        assert_ne!(
+            a,
+            lock_crypto_key_id("projects/p/locations/l/keyRings/r/cryptoKeys/j", 3, 0)
+        );
+    }
+}

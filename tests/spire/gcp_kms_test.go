@@ -1,0 +1,521 @@
+package spire_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/sha512"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
+	keymanagertest "github.com/spiffe/spire/pkg/server/plugin/keymanager/test"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+)
+
+// gcpEnv is a Cloud KMS fake with a key ring and a service account key for the plugin.
+type gcpEnv struct {
+	fake   *gcpKmsFake
+	ring   string
+	saFile string
+	email  string
+}
+
+const gcpServiceAccount = "spire-server@test-project.iam.gserviceaccount.com"
+
+func newGcpEnv(t *testing.T, fakeArgs ...string) *gcpEnv {
+	t.Helper()
+	fake := startGcpKmsFake(t, append([]string{"--require-auth"}, fakeArgs...)...)
+	ring := "projects/test-project/locations/europe-west1/keyRings/spire"
+	fake.CreateKeyRing(t, ring)
+	// A real service account key file: the plugin signs its own access JWTs with it.
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	require.NoError(t, err)
+	sa, err := json.Marshal(map[string]string{
+		"type":           "service_account",
+		"project_id":     "test-project",
+		"private_key_id": "test-key-1",
+		"private_key":    string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
+		"client_email":   gcpServiceAccount,
+		"client_id":      "1234567890",
+		"token_uri":      fake.Endpoint + "/token",
+	})
+	require.NoError(t, err)
+	saFile := filepath.Join(t.TempDir(), "service-account.json")
+	require.NoError(t, os.WriteFile(saFile, sa, 0o600))
+	return &gcpEnv{fake: fake, ring: ring, saFile: saFile, email: gcpServiceAccount}
+}
+
+// pluginData configures the gcp_kms backend against the fake.
+func (e *gcpEnv) pluginData(serverID string, extra ...string) string {
+	return fmt.Sprintf(`backend = "gcp_kms"
+key_ring = %q
+endpoint = %q
+service_account_file = %q
+key_identifier_value = %q
+`, e.ring, e.fake.Endpoint, e.saFile, serverID) + strings.Join(extra, "\n") + "\n"
+}
+
+// sharedKeys is a shared_keys block whose CryptoKeys start with prefix.
+func sharedKeys(prefix string, extra ...string) string {
+	return fmt.Sprintf(`shared_keys {
+    crypto_key_template = "%s-{{ .TrustDomain }}-{{ .KeyID }}"
+    key_id_extraction_regex = "^%s-[0-9a-f]+-(.+)$"
+    %s
+}`, prefix, prefix, strings.Join(extra, "\n    "))
+}
+
+// publicKey reads a version's public key straight from the fake's REST API.
+func (e *gcpEnv) publicKey(t *testing.T, version string) crypto.PublicKey {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, e.fake.Endpoint+"/v1/"+version+"/publicKey", nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	var body struct{ Pem string }
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&body))
+	block, _ := pem.Decode([]byte(body.Pem))
+	require.NotNil(t, block)
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	require.NoError(t, err)
+	return pub
+}
+
+// enabledVersions lists a CryptoKey's ENABLED versions, oldest first.
+func enabledVersions(key *gcpFakeCryptoKey) []gcpFakeVersion {
+	var out []gcpFakeVersion
+	for _, v := range key.Versions {
+		if v.State == "ENABLED" {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// keysOf lists, by SPIRE key id, the newest enabled public key of every CryptoKey that
+// keyID names (keyID returns "" for CryptoKeys that are not this server's).
+func (e *gcpEnv) keysOf(t *testing.T, keyID func(*gcpFakeCryptoKey) string) map[string]crypto.PublicKey {
+	keys := map[string]crypto.PublicKey{}
+	state := e.fake.State(t, e.ring)
+	for i := range state.CryptoKeys {
+		key := &state.CryptoKeys[i]
+		id := keyID(key)
+		enabled := enabledVersions(key)
+		if id == "" || len(enabled) == 0 {
+			continue
+		}
+		keys[id] = e.publicKey(t, enabled[len(enabled)-1].Name)
+	}
+	return keys
+}
+
+func (e *gcpEnv) standardKeysOf(t *testing.T, serverID string) map[string]crypto.PublicKey {
+	prefix := "spire-key-" + serverID + "-"
+	return e.keysOf(t, func(k *gcpFakeCryptoKey) string {
+		id := k.Name[strings.LastIndex(k.Name, "/")+1:]
+		if k.Labels["spire-server-id"] != serverID || !strings.HasPrefix(id, prefix) {
+			return ""
+		}
+		return strings.TrimPrefix(id, prefix)
+	})
+}
+
+func tdHash() string {
+	sum := sha1.Sum([]byte(trustDomain))
+	return hex.EncodeToString(sum[:])
+}
+
+func gcpConformance(t *testing.T, env *gcpEnv, shared bool) {
+	n := 0
+	keymanagertest.Test(t, keymanagertest.Config{
+		Create: func(t *testing.T) keymanager.KeyManager {
+			n++
+			extra := ""
+			if shared {
+				// Every conformance key id goes through the shared path (fresh CryptoKeys
+				// per key manager: the suite expects an empty store each time).
+				extra = sharedKeys(fmt.Sprintf("conf%d", n), `shared_key_ids = ".*"`)
+			}
+			return loadExternal(t, env.pluginData(fmt.Sprintf("conformance-%d", n), extra)).KeyManager
+		},
+		UnsupportedSignatureAlgorithms: map[keymanager.KeyType][]x509.SignatureAlgorithm{
+			keymanager.ECP256:  {x509.ECDSAWithSHA384, x509.ECDSAWithSHA512},
+			keymanager.ECP384:  {x509.ECDSAWithSHA256, x509.ECDSAWithSHA512},
+			keymanager.RSA2048: {x509.SHA384WithRSA, x509.SHA512WithRSA, x509.SHA256WithRSAPSS, x509.SHA384WithRSAPSS, x509.SHA512WithRSAPSS},
+			keymanager.RSA4096: {x509.SHA384WithRSA, x509.SHA512WithRSA, x509.SHA256WithRSAPSS, x509.SHA384WithRSAPSS, x509.SHA512WithRSAPSS},
+		},
+	})
+}
+
+// TestConformanceGcpKms runs SPIRE's KeyManager conformance suite on gcp_kms, in standard
+// and in shared-keys mode, against the Cloud KMS fake.
+func TestConformanceGcpKms(t *testing.T) {
+	env := newGcpEnv(t, "--generation-delay", "0.02")
+	t.Run("standard", func(t *testing.T) { gcpConformance(t, env, false) })
+	t.Run("shared_keys", func(t *testing.T) { gcpConformance(t, env, true) })
+}
+
+// TestGcpKmsKeysLiveInKms checks in the KMS what the plugin did: SPIRE's CryptoKey name and
+// labels, the IAM policy, versions (rotation destroys the replaced one), restart, key type
+// change, slow generation, the hash rule and the CRC32C checks.
+func TestGcpKmsKeysLiveInKms(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0.02")
+	p := loadExternal(t, env.pluginData("server-a"))
+
+	first, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	state := env.fake.State(t, env.ring)
+	key := state.Key("spire-key-server-a-x509-CA-A")
+	require.NotNil(t, key, "SPIRE's CryptoKey id spire-key-<server id>-<key id>")
+	require.Equal(t, "ASYMMETRIC_SIGN", key.Purpose)
+	require.Equal(t, "EC_SIGN_P256_SHA256", key.VersionTemplate.Algorithm)
+	require.Equal(t, tdHash(), key.Labels["spire-server-td"])
+	require.Equal(t, "server-a", key.Labels["spire-server-id"])
+	require.Equal(t, "true", key.Labels["spire-active"])
+	require.NotEmpty(t, key.Labels["spire-last-update"])
+	require.Len(t, key.IamPolicy.Bindings, 1)
+	require.Equal(t, "roles/cloudkms.signerVerifier", key.IamPolicy.Bindings[0].Role)
+	require.Equal(t, []string{"serviceAccount:" + gcpServiceAccount}, key.IamPolicy.Bindings[0].Members)
+	require.Len(t, enabledVersions(key), 1)
+	require.True(t, env.publicKey(t, key.Versions[0].Name).(equaler).Equal(first.Public()), "SPIRE got the KMS key")
+	// The plugin authenticated as the service account (self-signed JWTs from the key file).
+	require.NotZero(t, env.fake.Callers(t)[gcpServiceAccount]["cryptoKeys.create"])
+
+	digest := sha256.Sum256([]byte("signed in Cloud KMS"))
+	sig, err := first.Sign(rand.Reader, digest[:], crypto.SHA256)
+	require.NoError(t, err)
+	require.True(t, ecdsa.VerifyASN1(first.Public().(*ecdsa.PublicKey), digest[:], sig))
+
+	// The hash must match the key's algorithm: refused before any call, naming the algorithm.
+	env.fake.ResetCalls(t)
+	d384 := sha512.Sum384([]byte("wrong hash"))
+	_, err = first.Sign(rand.Reader, d384[:], crypto.SHA384)
+	requireStatus(t, err, codes.InvalidArgument, "EC_SIGN_P256_SHA256")
+	require.Zero(t, env.fake.Calls(t)["cryptoKeyVersions.asymmetricSign"])
+
+	// Rotation adds a version and schedules the replaced one for destruction.
+	second, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	key = env.fake.State(t, env.ring).Key("spire-key-server-a-x509-CA-A")
+	require.Len(t, key.Versions, 2)
+	require.Equal(t, "DESTROY_SCHEDULED", key.Versions[0].State)
+	require.NotNil(t, key.Versions[0].DestroyTime)
+	require.Equal(t, "ENABLED", key.Versions[1].State)
+	require.True(t, env.publicKey(t, key.Versions[1].Name).(equaler).Equal(second.Public()))
+
+	// A restarted plugin finds the same key; another server id sees nothing.
+	again := loadExternal(t, env.pluginData("server-a"))
+	got, err := again.KeyManager.GetKey(ctx, "x509-CA-A")
+	require.NoError(t, err)
+	require.True(t, got.Public().(equaler).Equal(second.Public()))
+	other := loadExternal(t, env.pluginData("server-b"))
+	keys, err := other.KeyManager.GetKeys(ctx)
+	require.NoError(t, err)
+	require.Empty(t, keys)
+
+	// A key type change updates the template and adds a version of the new algorithm.
+	rsaKey, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.RSA2048)
+	require.NoError(t, err)
+	key = env.fake.State(t, env.ring).Key("spire-key-server-a-x509-CA-A")
+	require.Equal(t, "RSA_SIGN_PKCS1_2048_SHA256", key.VersionTemplate.Algorithm)
+	require.Len(t, enabledVersions(key), 1)
+	sig, err = rsaKey.Sign(rand.Reader, digest[:], crypto.SHA256)
+	require.NoError(t, err)
+	require.NoError(t, rsa.VerifyPKCS1v15(rsaKey.Public().(*rsa.PublicKey), crypto.SHA256, digest[:], sig))
+
+	// Slow generation (RSA-4096, HSM): the plugin waits with backoff instead of giving up
+	// after SPIRE's ten quick tries (spiffe/spire#6923).
+	env.fake.SetGenerationDelay(t, 3*time.Second)
+	started := time.Now()
+	_, err = p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, time.Since(started), 3*time.Second)
+	env.fake.SetGenerationDelay(t, 20*time.Millisecond)
+
+	// CRC32C: a corrupted signature is never returned (the engine retries the sign); a
+	// corrupted public key fails the GenerateKey.
+	env.fake.ResetCalls(t)
+	env.fake.Corrupt(t, "asymmetricSign", "signatureCrc32c", 1)
+	sig, err = rsaKey.Sign(rand.Reader, digest[:], crypto.SHA256)
+	require.NoError(t, err)
+	require.NoError(t, rsa.VerifyPKCS1v15(rsaKey.Public().(*rsa.PublicKey), crypto.SHA256, digest[:], sig))
+	require.Equal(t, 2, env.fake.Calls(t)["cryptoKeyVersions.asymmetricSign"])
+	env.fake.Corrupt(t, "getPublicKey", "pemCrc32c", 1)
+	_, err = p.KeyManager.GenerateKey(ctx, "x509-CA-B", keymanager.ECP256)
+	requireStatus(t, err, codes.Unavailable, "CRC32C")
+}
+
+// TestGcpKmsCustomPolicyAndBadInput: key_policy_file replaces the default policy; bad
+// configuration names the key and what is allowed.
+func TestGcpKmsCustomPolicyAndBadInput(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0")
+	policy := filepath.Join(t.TempDir(), "policy.json")
+	require.NoError(t, os.WriteFile(policy, []byte(`{"version": 3, "bindings": [
+        {"role": "roles/cloudkms.signer", "members": ["group:spire-admins@example.org"]}]}`), 0o600))
+	p := loadExternal(t, env.pluginData("custom", fmt.Sprintf("key_policy_file = %q", policy)))
+	_, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP384)
+	require.NoError(t, err)
+	key := env.fake.State(t, env.ring).Key("spire-key-custom-x509-CA-A")
+	require.Len(t, key.IamPolicy.Bindings, 1)
+	require.Equal(t, "roles/cloudkms.signer", key.IamPolicy.Bindings[0].Role)
+	require.Equal(t, []string{"group:spire-admins@example.org"}, key.IamPolicy.Bindings[0].Members)
+
+	for data, want := range map[string]string{
+		`backend = "gcp_kms"` + "\n" + `key_identifier_value = "a"`: `"key_ring" is required`,
+		env.pluginData("Upper-Case"):                                "lowercase letters",
+		env.pluginData("a", `protection_level = "external"`):        `"software" or "hsm"`,
+		env.pluginData("a", "shared_keys {\n crypto_key_template = \"k-{{ .KeyID }}\"\n key_id_extraction_regex = \"^k-(.+)-(.+)$\"\n}"): "has 2 capturing groups",
+		env.pluginData("a", sharedKeys("a-much-too-long-prefix")):                                                                        "must be 1 to 63 characters",
+	} {
+		_, err := tryLoad(catalogConfig(t, data))
+		require.Error(t, err, data)
+		require.Contains(t, err.Error(), want)
+	}
+}
+
+// TestRealSpireServerGcpKms: a real spire-server on gcp_kms mints SVIDs that verify against
+// its bundle with keys that live in Cloud KMS, and finds the same CA key after a restart.
+func TestRealSpireServerGcpKms(t *testing.T) {
+	env := newGcpEnv(t, "--generation-delay", "0.05")
+	s := newSpireServerWith(t, func(*spireServer) string {
+		return "plugin_data {\n" + env.pluginData("server-a") + "}"
+	})
+	s.storeKeys = func() map[string]crypto.PublicKey { return env.standardKeysOf(t, "server-a") }
+	s.start(1)
+	root := s.mintAndVerify(t)
+	requireCleanPluginExitOf(t, s.stop())
+	s.start(2)
+	require.True(t, s.mintAndVerify(t).PublicKey.(equaler).Equal(root.PublicKey), "restart reuses the CA key in Cloud KMS")
+	requireCleanPluginExitOf(t, s.stop())
+}
+
+// TestRealSpireServersShareJWTKeys: two real spire-servers in shared-keys mode (own
+// datastores, own CA keys) end up publishing the same JWT signing key, which lives in one
+// shared CryptoKey with exactly one version.
+func TestRealSpireServersShareJWTKeys(t *testing.T) {
+	env := newGcpEnv(t, "--generation-delay", "0.05")
+	newServer := func(serverID string) *spireServer {
+		s := newSpireServerWith(t, func(*spireServer) string {
+			return "plugin_data {\n" + env.pluginData(serverID, sharedKeys("jwt")) + "}"
+		})
+		s.storeKeys = func() map[string]crypto.PublicKey {
+			keys := env.standardKeysOf(t, serverID)
+			for id, key := range env.keysOf(t, func(k *gcpFakeCryptoKey) string {
+				if k.Labels["spire-shared"] != "true" {
+					return ""
+				}
+				return k.Name[strings.LastIndex(k.Name, "-JWT-Signer-")+1:]
+			}) {
+				keys[id] = key
+			}
+			return keys
+		}
+		return s
+	}
+	jwtKeys := func(s *spireServer) []crypto.PublicKey {
+		out := s.mustCLI("bundle", "show", "-format", "spiffe")
+		bundle, err := spiffebundle.Parse(spiffeid.RequireTrustDomainFromString(trustDomain), []byte(out))
+		require.NoError(t, err)
+		var keys []crypto.PublicKey
+		for _, key := range bundle.JWTBundle().JWTAuthorities() {
+			keys = append(keys, key)
+		}
+		return keys
+	}
+	a, b := newServer("server-a"), newServer("server-b")
+	a.start(1)
+	b.start(1)
+	rootA, rootB := a.mintAndVerify(t), b.mintAndVerify(t)
+	require.False(t, rootA.PublicKey.(equaler).Equal(rootB.PublicKey), "X509 CA keys stay per-server")
+	keysA, keysB := jwtKeys(a), jwtKeys(b)
+	require.NotEmpty(t, keysA)
+	shared := false
+	for _, ka := range keysA {
+		for _, kb := range keysB {
+			shared = shared || ka.(equaler).Equal(kb)
+		}
+	}
+	require.True(t, shared, "both servers publish the same JWT key")
+	key := env.fake.State(t, env.ring).Key(fmt.Sprintf("jwt-%s-JWT-Signer-A", tdHash()))
+	require.NotNil(t, key)
+	require.Len(t, key.Versions, 1, "one shared version, not one per server")
+	requireCleanPluginExitOf(t, a.stop())
+	requireCleanPluginExitOf(t, b.stop())
+}
+
+// TestGcpKmsSharedRotationLock: N plugin instances rotate the same shared key at the same
+// instant, 100 times: every time exactly one new version is created and all instances end
+// up on it.
+func TestGcpKmsSharedRotationLock(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0")
+	const instances, trials = 4, 100
+	var kms []keymanager.KeyManager
+	for i := 0; i < instances; i++ {
+		kms = append(kms, loadExternal(t, env.pluginData(fmt.Sprintf("replica-%d", i), sharedKeys("locktest"))).KeyManager)
+	}
+	name := fmt.Sprintf("locktest-%s-JWT-Signer-A", tdHash())
+	versions := func() int {
+		key := env.fake.State(t, env.ring).Key(name)
+		if key == nil {
+			return 0
+		}
+		return len(key.Versions)
+	}
+	for trial := 0; trial < trials; trial++ {
+		before := versions()
+		start := make(chan struct{})
+		results := make([]crypto.PublicKey, instances)
+		errs := make([]error, instances)
+		var wg sync.WaitGroup
+		for i, km := range kms {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				key, err := km.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+				errs[i] = err
+				if err == nil {
+					results[i] = key.Public()
+				}
+			}()
+		}
+		close(start)
+		wg.Wait()
+		for i := range kms {
+			require.NoError(t, errs[i], "trial %d instance %d", trial, i)
+			require.True(t, results[i].(equaler).Equal(results[0]), "trial %d: instance %d got another key", trial, i)
+		}
+		require.Equal(t, before+1, versions(), "trial %d: exactly one new version", trial)
+	}
+}
+
+// TestGcpKmsSharedLockLeaseAfterCrash: a lock left by a holder that crashed before creating
+// its version blocks the rotation only until its lease ends; then exactly one version is made.
+func TestGcpKmsSharedLockLeaseAfterCrash(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0")
+	p := loadExternal(t, env.pluginData("survivor", sharedKeys("crash")))
+	_, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+	require.NoError(t, err)
+	name := fmt.Sprintf("%s/cryptoKeys/crash-%s-JWT-Signer-A", env.ring, tdHash())
+
+	// The crashed holder's lock for rotating away from version 1 (documented id scheme).
+	sum := sha1.Sum([]byte(name + "@1"))
+	lockID := "spire-lock-" + hex.EncodeToString(sum[:])[:24] + "-0"
+	lease := 6 * time.Second
+	body := fmt.Sprintf(`{"purpose": "ASYMMETRIC_SIGN", "versionTemplate": {"algorithm": "EC_SIGN_P256_SHA256"},
+        "labels": {"spire-lock": "true", "spire-lock-holder": "crashed", "spire-lock-expires": "%d"}}`, time.Now().Add(lease).Unix())
+	req, err := http.NewRequest(http.MethodPost, env.fake.Endpoint+"/v1/"+env.ring+"/cryptoKeys?cryptoKeyId="+lockID+"&skipInitialVersionCreation=true", strings.NewReader(body))
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+
+	started := time.Now()
+	rotated, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, time.Since(started), lease-time.Second, "the live lease was respected")
+	require.Less(t, time.Since(started), lease+20*time.Second, "the expired lease was taken over")
+	key := env.fake.State(t, env.ring).Key(name[strings.LastIndex(name, "/")+1:])
+	require.Len(t, key.Versions, 2, "exactly one new version")
+	require.True(t, env.publicKey(t, key.Versions[1].Name).(equaler).Equal(rotated.Public()))
+	require.Equal(t, "ENABLED", key.Versions[0].State, "shared versions are not destroyed at rotation: others may still sign")
+}
+
+// TestGcpKmsFaults: throttling, 5xx, timeouts and dropped connections between the plugin and
+// Cloud KMS never yield a wrong signature; each costs one retry; persistent throttling ends
+// in a clean ResourceExhausted; a failed version creation keeps the current key.
+func TestGcpKmsFaults(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0")
+	p := loadExternal(t, env.pluginData("faulty"))
+	key, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	digest := sha256.Sum256([]byte("fault tolerant"))
+	const sign = "cryptoKeyVersions.asymmetricSign"
+
+	for _, fault := range []string{"resource_exhausted", "unavailable", "internal", "deadline_exceeded", "drop", "slow:9"} {
+		t.Run(fault, func(t *testing.T) {
+			env.fake.ResetCalls(t)
+			env.fake.Faults(t, sign, fault)
+			started := time.Now()
+			sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+			require.NoError(t, err)
+			require.True(t, ecdsa.VerifyASN1(key.Public().(*ecdsa.PublicKey), digest[:], sig))
+			require.Equal(t, 2, env.fake.Calls(t)[sign], "exactly one retry")
+			require.Less(t, time.Since(started), 30*time.Second, "inside SPIRE's deadline")
+		})
+	}
+
+	env.fake.Faults(t, sign, strings.Split(strings.Repeat("resource_exhausted,", 40), ",")[:40]...)
+	_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	requireStatus(t, err, codes.ResourceExhausted, "RESOURCE_EXHAUSTED")
+	env.fake.Faults(t, sign)
+
+	env.fake.Faults(t, "cryptoKeyVersions.create", "unavailable")
+	_, err = p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.Error(t, err)
+	current, err := p.KeyManager.GetKey(ctx, "x509-CA-A")
+	require.NoError(t, err)
+	require.True(t, current.Public().(equaler).Equal(key.Public()), "the current key stays in service")
+	_, err = current.Sign(rand.Reader, digest[:], crypto.SHA256)
+	require.NoError(t, err)
+}
+
+// TestGcpKmsSweep: a server whose identity is gone leaves keys behind; a live server's sweep
+// (short thresholds) destroys their versions and marks them inactive, while a live peer's
+// stamped key and the sweeper's own key stay.
+func TestGcpKmsSweep(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0")
+	fast := "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"6s\"\nclock_skew_allowance = \"1s\""
+	old := loadExternal(t, env.pluginData("old"))
+	_, err := old.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NoError(t, old.catalog.Close())
+
+	peer := loadExternal(t, env.pluginData("peer", fast))
+	_, err = peer.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	sweeper := loadExternal(t, env.pluginData("sweeper", fast))
+	_, err = sweeper.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+
+	key := func(server string) *gcpFakeCryptoKey {
+		return env.fake.State(t, env.ring).Key("spire-key-" + server + "-x509-CA-A")
+	}
+	require.Eventually(t, func() bool {
+		k := key("old")
+		return k.Versions[0].State == "DESTROY_SCHEDULED" && k.Labels["spire-active"] == "false"
+	}, 40*time.Second, 250*time.Millisecond, "the abandoned key's versions are destroyed and it is marked inactive")
+	require.Equal(t, "ENABLED", key("peer").Versions[0].State, "a live peer's stamped key stays")
+	require.Equal(t, "ENABLED", key("sweeper").Versions[0].State, "the sweeper's own key stays")
+}

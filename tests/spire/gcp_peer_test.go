@@ -1,0 +1,281 @@
+package spire_test
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// gcpHarnessToken authenticates the tests' own calls under --require-auth: an unsigned JWT
+// whose subject the fake records as the caller (it reads claims, it does not verify them).
+var gcpHarnessToken = base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"none"}`)) + "." +
+	base64.RawURLEncoding.EncodeToString([]byte(`{"iss":"test-harness@test-project.iam.gserviceaccount.com"}`)) + "."
+
+// gcpKmsFake is a running tests/peers/gcp_kms_fake.py: a fake of the Cloud KMS REST API (v1)
+// with test controls under /_fake/.
+type gcpKmsFake struct {
+	// Endpoint is the base URL (http://127.0.0.1:PORT); the API is under Endpoint+"/v1/",
+	// the OAuth2 token endpoint is Endpoint+"/token".
+	Endpoint string
+	client   *http.Client
+}
+
+// gcpFakeState is what the fake holds for one key ring (GET /_fake/state). Enums are names.
+type gcpFakeState struct {
+	KeyRing    string             `json:"keyRing"`
+	CryptoKeys []gcpFakeCryptoKey `json:"cryptoKeys"`
+}
+
+type gcpFakeCryptoKey struct {
+	Name                     string                 `json:"name"`
+	Purpose                  string                 `json:"purpose"`
+	Labels                   map[string]string      `json:"labels"`
+	VersionTemplate          gcpFakeVersionTemplate `json:"versionTemplate"`
+	CreateTime               time.Time              `json:"createTime"`
+	DestroyScheduledDuration string                 `json:"destroyScheduledDuration"`
+	IamPolicy                gcpFakePolicy          `json:"iamPolicy"`
+	Versions                 []gcpFakeVersion       `json:"versions"`
+}
+
+type gcpFakeVersionTemplate struct {
+	Algorithm       string `json:"algorithm"`
+	ProtectionLevel string `json:"protectionLevel"`
+}
+
+type gcpFakeVersion struct {
+	Name            string     `json:"name"`
+	State           string     `json:"state"`
+	Algorithm       string     `json:"algorithm"`
+	ProtectionLevel string     `json:"protectionLevel"`
+	CreateTime      time.Time  `json:"createTime"`
+	GenerateTime    *time.Time `json:"generateTime,omitempty"`
+	DestroyTime     *time.Time `json:"destroyTime,omitempty"`
+}
+
+type gcpFakePolicy struct {
+	Version  int `json:"version,omitempty"`
+	Bindings []struct {
+		Role    string   `json:"role"`
+		Members []string `json:"members"`
+	} `json:"bindings,omitempty"`
+	Etag string `json:"etag"`
+}
+
+// Key returns the CryptoKey whose name ends in "/cryptoKeys/"+id, or nil.
+func (s *gcpFakeState) Key(id string) *gcpFakeCryptoKey {
+	for i := range s.CryptoKeys {
+		if strings.HasSuffix(s.CryptoKeys[i].Name, "/cryptoKeys/"+id) {
+			return &s.CryptoKeys[i]
+		}
+	}
+	return nil
+}
+
+// startGcpKmsFake starts tests/peers/gcp_kms_fake.py on a free 127.0.0.1 port and stops it at
+// cleanup. args are passed on (e.g. "--generation-delay", "0.5", "--require-auth").
+// GCP_FAKE_PYTHON is the interpreter of the venv holding tests/peers/requirements-gcp.txt.
+func startGcpKmsFake(t *testing.T, args ...string) *gcpKmsFake {
+	t.Helper()
+	python := os.Getenv("GCP_FAKE_PYTHON")
+	if python == "" {
+		t.Fatal("GCP_FAKE_PYTHON must point at the python of the venv with tests/peers/requirements-gcp.txt installed")
+	}
+	script, err := filepath.Abs(filepath.Join("..", "peers", "gcp_kms_fake.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t)
+	cmd := exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port)}, args...)...)
+	logPath := filepath.Join(t.TempDir(), "gcp_kms_fake.log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_, _ = cmd.Process.Wait()
+		logFile.Close()
+	})
+	f := &gcpKmsFake{
+		Endpoint: fmt.Sprintf("http://127.0.0.1:%d", port),
+		client:   &http.Client{Timeout: 30 * time.Second},
+	}
+	waitReady(t, "gcp_kms_fake", f.Endpoint+"/_fake/health", 30*time.Second, logPath)
+	return f
+}
+
+// do sends a JSON request and decodes a 200 answer into out (if non-nil); any other status
+// fails the test.
+func (f *gcpKmsFake) do(t *testing.T, method, path string, body, out any) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		data, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd = bytes.NewReader(data)
+	}
+	req, err := http.NewRequest(method, f.Endpoint+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
+	resp, err := f.client.Do(req)
+	if err != nil {
+		t.Fatalf("gcp_kms_fake %s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("gcp_kms_fake %s %s: HTTP %d: %s", method, path, resp.StatusCode, data)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatalf("gcp_kms_fake %s %s: %v: %s", method, path, err, data)
+		}
+	}
+}
+
+// Faults makes the next calls of an API method (e.g. "cryptoKeyVersions.asymmetricSign")
+// fail in order: "resource_exhausted" (429), "unavailable" (503), "internal" (500),
+// "deadline_exceeded" (504), "aborted" (409), "permission_denied" (403), "drop" (connection
+// closed without a response) or "slow" / "slow:SECONDS" (answer normally after sleeping,
+// 10 s by default). It replaces the method's pending faults.
+func (f *gcpKmsFake) Faults(t *testing.T, method string, faults ...string) {
+	t.Helper()
+	if faults == nil {
+		faults = []string{}
+	}
+	f.do(t, http.MethodPost, "/_fake/faults", map[string]any{"method": method, "faults": faults}, nil)
+}
+
+// SetLatency adds d to every API call (not to /_fake/ controls).
+func (f *gcpKmsFake) SetLatency(t *testing.T, d time.Duration) {
+	t.Helper()
+	f.do(t, http.MethodPost, "/_fake/latency", map[string]any{"seconds": d.Seconds()}, nil)
+}
+
+// Calls returns how many times each API method was called since the start or ResetCalls.
+func (f *gcpKmsFake) Calls(t *testing.T) map[string]int {
+	t.Helper()
+	calls := map[string]int{}
+	f.do(t, http.MethodGet, "/_fake/calls", nil, &calls)
+	return calls
+}
+
+// Callers returns, per caller email (from the bearer token; "" when anonymous), the calls
+// of each API method.
+func (f *gcpKmsFake) Callers(t *testing.T) map[string]map[string]int {
+	t.Helper()
+	callers := map[string]map[string]int{}
+	f.do(t, http.MethodGet, "/_fake/callers", nil, &callers)
+	return callers
+}
+
+// ResetCalls zeroes the call counters.
+func (f *gcpKmsFake) ResetCalls(t *testing.T) {
+	t.Helper()
+	f.do(t, http.MethodPost, "/_fake/calls/reset", map[string]any{}, nil)
+}
+
+// SetGenerationDelay sets how long new versions stay PENDING_GENERATION (at least).
+func (f *gcpKmsFake) SetGenerationDelay(t *testing.T, d time.Duration) {
+	t.Helper()
+	f.do(t, http.MethodPost, "/_fake/generation_delay", map[string]any{"seconds": d.Seconds()}, nil)
+}
+
+// Corrupt makes the next count responses of method ("asymmetricSign" or "getPublicKey")
+// carry a wrong signatureCrc32c / pemCrc32c.
+func (f *gcpKmsFake) Corrupt(t *testing.T, method, what string, count int) {
+	t.Helper()
+	_ = what // the checksum field is implied by the method
+	f.do(t, http.MethodPost, "/_fake/corrupt", map[string]any{"method": method, "count": count}, nil)
+}
+
+// SeedForeignKeys creates count ASYMMETRIC_SIGN CryptoKeys without versions in keyRing (a
+// full resource name; created if missing), labelled owner=someone-else, so that lists have
+// to page past keys that are not ours.
+func (f *gcpKmsFake) SeedForeignKeys(t *testing.T, keyRing string, count int) {
+	t.Helper()
+	f.do(t, http.MethodPost, "/_fake/seed", map[string]any{
+		"keyRing": keyRing, "count": count, "labels": map[string]string{"owner": "someone-else"},
+	}, nil)
+}
+
+// CreateKeyRing creates a key ring through the API (keyRings.create) from its full name,
+// projects/P/locations/L/keyRings/R.
+func (f *gcpKmsFake) CreateKeyRing(t *testing.T, name string) {
+	t.Helper()
+	parent, id, ok := strings.Cut(name, "/keyRings/")
+	if !ok || id == "" || strings.Contains(id, "/") {
+		t.Fatalf("CreateKeyRing: %q is not projects/P/locations/L/keyRings/R", name)
+	}
+	f.do(t, http.MethodPost, "/v1/"+parent+"/keyRings?keyRingId="+url.QueryEscape(id), map[string]any{}, nil)
+}
+
+// State returns every CryptoKey of keyRing with its labels, template, IAM policy and
+// versions: what "the KMS holds".
+func (f *gcpKmsFake) State(t *testing.T, keyRing string) *gcpFakeState {
+	t.Helper()
+	var s gcpFakeState
+	f.do(t, http.MethodGet, "/_fake/state?keyRing="+url.QueryEscape(keyRing), nil, &s)
+	return &s
+}
+
+func TestGcpKmsFakeStarts(t *testing.T) {
+	fake := startGcpKmsFake(t, "--generation-delay", "0")
+	ring := "projects/p/locations/global/keyRings/r1"
+	fake.CreateKeyRing(t, ring)
+	if got := fake.Calls(t)["keyRings.create"]; got != 1 {
+		t.Fatalf("keyRings.create calls = %d, want 1", got)
+	}
+	fake.SeedForeignKeys(t, ring, 3)
+	state := fake.State(t, ring)
+	if len(state.CryptoKeys) != 3 || state.CryptoKeys[0].Labels["owner"] != "someone-else" {
+		t.Fatalf("unexpected state: %+v", state)
+	}
+	fake.Faults(t, "keyRings.get", "unavailable")
+	resp, err := http.Get(fake.Endpoint + "/v1/" + ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body struct {
+		Error struct {
+			Code   int    `json:"code"`
+			Status string `json:"status"`
+		} `json:"error"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != 503 || body.Error.Status != "UNAVAILABLE" || body.Error.Code != 503 {
+		t.Fatalf("injected fault: HTTP %d %+v (%v)", resp.StatusCode, body, err)
+	}
+	fake.ResetCalls(t)
+	if calls := fake.Calls(t); len(calls) != 0 {
+		t.Fatalf("calls after reset: %v", calls)
+	}
+	fake.SetLatency(t, 0)
+	fake.SetGenerationDelay(t, 10*time.Millisecond)
+	fake.Corrupt(t, "asymmetricSign", "signatureCrc32c", 1)
+}
