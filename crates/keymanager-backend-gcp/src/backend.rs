@@ -137,6 +137,8 @@ pub struct GcpKmsBackend {
     pub(crate) shared: Option<SharedKeys>,
     protection: crate::config::ProtectionLevel,
     key_policy: Option<serde_json::Value>,
+    /// Shared versions this process has served from a GenerateKey (never held across I/O).
+    generated: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl GcpKmsBackend {
@@ -165,7 +167,19 @@ impl GcpKmsBackend {
             shared: config.shared.clone(),
             protection: config.protection_level,
             key_policy: config.key_policy.clone(),
+            generated: Default::default(),
         })
+    }
+
+    /// Whether this process served `version` from a GenerateKey.
+    pub(crate) fn generated_here(&self, version: &str) -> bool {
+        self.generated.lock().is_ok_and(|set| set.contains(version))
+    }
+
+    pub(crate) fn remember_generated(&self, version: &str) {
+        if let Ok(mut set) = self.generated.lock() {
+            set.insert(version.to_string());
+        }
     }
 
     /// True when `id` is served from a shared CryptoKey.

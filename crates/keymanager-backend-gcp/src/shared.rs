@@ -6,7 +6,9 @@
 //! atomic (exactly one creator of an id succeeds, the others get ALREADY_EXISTS):
 //!
 //! 1. Reuse: if the newest live version of the shared CryptoKey was created less than
-//!    `reuse_window` ago and is not the version this server is replacing, adopt it.
+//!    `reuse_window` ago by another server, adopt it. "Another server" means: not a version
+//!    this process has served from a GenerateKey (versions only found at start-up count as
+//!    another server's), since Cloud KMS versions carry no labels to record a creator.
 //! 2. Lock: create `spire-lock-<sha1(key@basis)>-<attempt>`, where `basis` is the highest
 //!    version number seen. Everyone rotating from the same state contends for the same id.
 //! 3. The winner checks again that no version appeared, creates one, and releases the lock;
@@ -57,12 +59,18 @@ pub(crate) async fn rotate(
     let mut template_algorithm =
         ensure_shared_key(backend, &crypto_key_id, &name, algorithm.clone()).await?;
     let started = Instant::now();
+    tracing::debug!(crypto_key = %name, replacing = ?replaces.map(|r| &r.version), "rotating shared key");
 
     loop {
         let versions = backend.kms.list_versions(&name, "").await?;
-        if let Some(fresh) = reusable(&versions, &algorithm, replaces, shared.reuse_window) {
+        // A version found at start-up but never served from a GenerateKey here counts as
+        // another server's, even when it is the one `replaces` points at.
+        let served_here = |name: &str| backend.generated_here(name);
+        if let Some(fresh) = reusable(&versions, &algorithm, served_here, shared.reuse_window) {
             tracing::info!(version = %fresh.name, "reusing a shared version another server created moments ago");
-            return backend.await_key(id, &fresh.name, true).await;
+            let key = backend.await_key(id, &fresh.name, true).await?;
+            backend.remember_generated(&fresh.name);
+            return Ok(key);
         }
         let basis = versions
             .iter()
@@ -108,7 +116,9 @@ pub(crate) async fn rotate(
                     match created? {
                         Some(version) => {
                             tracing::info!(version = %version, lock = %lock_id, "created the shared version under the rotation lock");
-                            return backend.await_key(id, &version, true).await;
+                            let key = backend.await_key(id, &version, true).await?;
+                            backend.remember_generated(&version);
+                            return Ok(key);
                         }
                         // Someone created a version meanwhile: adopt it.
                         None => break,
@@ -171,11 +181,11 @@ async fn ensure_shared_key(
 }
 
 /// The newest live version if it may be adopted: right algorithm, created inside the reuse
-/// window, and not the version being replaced.
+/// window, and not one this server already served.
 fn reusable<'a>(
     versions: &'a [CryptoKeyVersion],
     algorithm: &Algorithm,
-    replaces: Option<&VersionRef>,
+    served_here: impl Fn(&str) -> bool,
     window: Duration,
 ) -> Option<&'a CryptoKeyVersion> {
     let newest = versions
@@ -186,8 +196,7 @@ fn reusable<'a>(
     let age = SystemTime::now()
         .duration_since(created)
         .unwrap_or(Duration::ZERO);
-    let replacing_it = replaces.is_some_and(|r| r.version == newest.name);
-    (&newest.algorithm == algorithm && age < window && !replacing_it).then_some(newest)
+    (&newest.algorithm == algorithm && age < window && !served_here(&newest.name)).then_some(newest)
 }
 
 /// The holder's part: check again, then create exactly one version. `None` when another
@@ -331,7 +340,7 @@ mod tests {
         let found = reusable(
             &versions,
             &Algorithm::EcSignP256Sha256,
-            Some(&replacing(1)),
+            |n: &str| n == replacing(1).version,
             WINDOW,
         );
         assert_eq!(
@@ -347,17 +356,41 @@ mod tests {
             reusable(
                 &versions,
                 &Algorithm::EcSignP256Sha256,
-                Some(&replacing(1)),
+                |n: &str| n == replacing(1).version,
                 WINDOW
             )
             .is_none()
         );
         let versions = [version(1, 20 * MIN, State::Enabled)];
-        assert!(reusable(&versions, &Algorithm::EcSignP256Sha256, None, WINDOW).is_none());
+        assert!(
+            reusable(
+                &versions,
+                &Algorithm::EcSignP256Sha256,
+                |_: &str| false,
+                WINDOW
+            )
+            .is_none()
+        );
         let versions = [version(1, MIN, State::Enabled)];
-        assert!(reusable(&versions, &Algorithm::EcSignP384Sha384, None, WINDOW).is_none());
+        assert!(
+            reusable(
+                &versions,
+                &Algorithm::EcSignP384Sha384,
+                |_: &str| false,
+                WINDOW
+            )
+            .is_none()
+        );
         let versions = [version(1, MIN, State::DestroyScheduled)];
-        assert!(reusable(&versions, &Algorithm::EcSignP256Sha256, None, WINDOW).is_none());
+        assert!(
+            reusable(
+                &versions,
+                &Algorithm::EcSignP256Sha256,
+                |_: &str| false,
+                WINDOW
+            )
+            .is_none()
+        );
     }
 
     #[test]
