@@ -291,6 +291,22 @@ fn wrong_type(key: &str, expected: &'static str, found: &SettingValue) -> Settin
 mod tests {
     use super::*;
 
+    #[test]
+    fn blocks_become_settings_whose_errors_name_the_full_path() {
+        let inner = BTreeMap::from([
+            ("a".to_string(), SettingValue::String("x".into())),
+            ("b".to_string(), SettingValue::Bool(true)),
+        ]);
+        let mut outer = settings(&[("block", SettingValue::Map(inner))]);
+        let mut block = outer.take_block("block").unwrap().unwrap();
+        assert_eq!(block.take_string("block.a").unwrap().as_deref(), Some("x"));
+        let err = block.finish(&["block.a"]).unwrap_err().to_string();
+        assert!(err.contains("\"block.b\""), "{err}");
+        let mut outer = settings(&[("block", SettingValue::String("x".into()))]);
+        let err = outer.take_block("block").unwrap_err().to_string();
+        assert!(err.contains("a block of settings"), "{err}");
+    }
+
     fn settings(pairs: &[(&str, SettingValue)]) -> Settings {
         Settings::new(
             pairs
