@@ -284,6 +284,31 @@ func TestGcpKmsCustomPolicyAndBadInput(t *testing.T) {
 	require.Equal(t, "roles/cloudkms.signer", key.IamPolicy.Bindings[0].Role)
 	require.Equal(t, []string{"group:spire-admins@example.org"}, key.IamPolicy.Bindings[0].Members)
 
+	// A CryptoKey that already exists with bindings (made by an operator, or left by an
+	// earlier run) is taken over with a new version; its policy is left alone.
+	post := func(path, body string) {
+		req, err := http.NewRequest(http.MethodPost, env.fake.Endpoint+"/v1/"+path, strings.NewReader(body))
+		require.NoError(t, err)
+		req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode, path)
+	}
+	existing := env.ring + "/cryptoKeys/spire-key-custom-x509-CA-B"
+	post(env.ring+"/cryptoKeys?cryptoKeyId=spire-key-custom-x509-CA-B&skipInitialVersionCreation=true",
+		`{"purpose": "ASYMMETRIC_SIGN", "versionTemplate": {"algorithm": "EC_SIGN_P384_SHA384"}}`)
+	post(existing+":setIamPolicy", `{"policy": {"version": 3, "bindings": [{"role": "roles/cloudkms.admin", "members": ["user:ops@example.org"]}]}}`)
+	_, err = p.KeyManager.GenerateKey(ctx, "x509-CA-B", keymanager.ECP256)
+	require.NoError(t, err)
+	key = env.fake.State(t, env.ring).Key("spire-key-custom-x509-CA-B")
+	require.Equal(t, "roles/cloudkms.admin", key.IamPolicy.Bindings[0].Role, "existing bindings are left alone")
+	require.Len(t, key.IamPolicy.Bindings, 1)
+	require.Equal(t, "true", key.Labels["spire-active"])
+	require.Equal(t, "EC_SIGN_P256_SHA256", key.VersionTemplate.Algorithm)
+	require.Len(t, enabledVersions(key), 1)
+
 	for data, want := range map[string]string{
 		`backend = "gcp_kms"` + "\n" + `key_identifier_value = "a"`: `"key_ring" is required`,
 		env.pluginData("Upper-Case"):                                "lowercase letters",
