@@ -87,15 +87,8 @@ func sharedKeys(prefix string, extra ...string) string {
 // publicKey reads a version's public key straight from the fake's REST API.
 func (e *gcpEnv) publicKey(t *testing.T, version string) crypto.PublicKey {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, e.fake.Endpoint+"/v1/"+version+"/publicKey", nil)
-	require.NoError(t, err)
-	req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	require.Equal(t, http.StatusOK, resp.StatusCode)
 	var body struct{ Pem string }
-	require.NoError(t, json.NewDecoder(resp.Body).Decode(&body))
+	e.fake.do(t, http.MethodGet, "/v1/"+version+"/publicKey", nil, &body)
 	block, _ := pem.Decode([]byte(body.Pem))
 	require.NotNil(t, block)
 	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
@@ -286,20 +279,12 @@ func TestGcpKmsCustomPolicyAndBadInput(t *testing.T) {
 
 	// A CryptoKey that already exists with bindings (made by an operator, or left by an
 	// earlier run) is taken over with a new version; its policy is left alone.
-	post := func(path, body string) {
-		req, err := http.NewRequest(http.MethodPost, env.fake.Endpoint+"/v1/"+path, strings.NewReader(body))
-		require.NoError(t, err)
-		req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		require.NoError(t, err)
-		resp.Body.Close()
-		require.Equal(t, http.StatusOK, resp.StatusCode, path)
-	}
 	existing := env.ring + "/cryptoKeys/spire-key-custom-x509-CA-B"
-	post(env.ring+"/cryptoKeys?cryptoKeyId=spire-key-custom-x509-CA-B&skipInitialVersionCreation=true",
-		`{"purpose": "ASYMMETRIC_SIGN", "versionTemplate": {"algorithm": "EC_SIGN_P384_SHA384"}}`)
-	post(existing+":setIamPolicy", `{"policy": {"version": 3, "bindings": [{"role": "roles/cloudkms.admin", "members": ["user:ops@example.org"]}]}}`)
+	env.fake.do(t, http.MethodPost, "/v1/"+env.ring+"/cryptoKeys?cryptoKeyId=spire-key-custom-x509-CA-B&skipInitialVersionCreation=true",
+		map[string]any{"purpose": "ASYMMETRIC_SIGN", "versionTemplate": map[string]any{"algorithm": "EC_SIGN_P384_SHA384"}}, nil)
+	env.fake.do(t, http.MethodPost, "/v1/"+existing+":setIamPolicy", map[string]any{"policy": map[string]any{
+		"version": 3, "bindings": []any{map[string]any{"role": "roles/cloudkms.admin", "members": []string{"user:ops@example.org"}}},
+	}}, nil)
 	_, err = p.KeyManager.GenerateKey(ctx, "x509-CA-B", keymanager.ECP256)
 	require.NoError(t, err)
 	key = env.fake.State(t, env.ring).Key("spire-key-custom-x509-CA-B")
@@ -453,16 +438,12 @@ func TestGcpKmsSharedLockLeaseAfterCrash(t *testing.T) {
 	sum := sha1.Sum([]byte(name + "@1"))
 	lockID := "spire-lock-" + hex.EncodeToString(sum[:])[:24] + "-0"
 	lease := 6 * time.Second
-	body := fmt.Sprintf(`{"purpose": "ASYMMETRIC_SIGN", "versionTemplate": {"algorithm": "EC_SIGN_P256_SHA256"},
-        "labels": {"spire-lock": "true", "spire-lock-holder": "crashed", "spire-lock-expires": "%d"}}`, time.Now().Add(lease).Unix())
-	req, err := http.NewRequest(http.MethodPost, env.fake.Endpoint+"/v1/"+env.ring+"/cryptoKeys?cryptoKeyId="+lockID+"&skipInitialVersionCreation=true", strings.NewReader(body))
-	require.NoError(t, err)
-	req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	resp.Body.Close()
-	require.Equal(t, http.StatusOK, resp.StatusCode)
+	env.fake.do(t, http.MethodPost, "/v1/"+env.ring+"/cryptoKeys?cryptoKeyId="+lockID+"&skipInitialVersionCreation=true", map[string]any{
+		"purpose":         "ASYMMETRIC_SIGN",
+		"versionTemplate": map[string]any{"algorithm": "EC_SIGN_P256_SHA256"},
+		"labels": map[string]string{"spire-lock": "true", "spire-lock-holder": "crashed",
+			"spire-lock-expires": fmt.Sprint(time.Now().Add(lease).Unix())},
+	}, nil)
 
 	started := time.Now()
 	rotated, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)

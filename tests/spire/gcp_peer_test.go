@@ -95,26 +95,12 @@ func startGcpKmsFake(t *testing.T, args ...string) *gcpKmsFake {
 		t.Fatal(err)
 	}
 	port := freePort(t)
-	cmd := exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port)}, args...)...)
-	logPath := filepath.Join(t.TempDir(), "gcp_kms_fake.log")
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_, _ = cmd.Process.Wait()
-		logFile.Close()
-	})
 	f := &gcpKmsFake{
 		Endpoint: fmt.Sprintf("http://127.0.0.1:%d", port),
 		client:   &http.Client{Timeout: 30 * time.Second},
 	}
-	waitReady(t, "gcp_kms_fake", f.Endpoint+"/_fake/health", 30*time.Second, logPath)
+	cmd := exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port)}, args...)...)
+	startPeerProcess(t, "gcp_kms_fake", cmd, f.Endpoint+"/_fake/health")
 	return f
 }
 

@@ -25,8 +25,16 @@ func startMoto(t *testing.T) string {
 		t.Fatal(err)
 	}
 	port := freePort(t)
-	cmd := exec.Command(python, shim, "-H", "127.0.0.1", "-p", fmt.Sprint(port))
-	logPath := filepath.Join(t.TempDir(), "moto.log")
+	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
+	startPeerProcess(t, "moto", exec.Command(python, shim, "-H", "127.0.0.1", "-p", fmt.Sprint(port)), endpoint+"/moto-api/")
+	return endpoint
+}
+
+// startPeerProcess starts a single-process test peer with its output in a log file, kills it
+// at cleanup, and waits until readyURL answers 200 (or fails the test with the log).
+func startPeerProcess(t *testing.T, name string, cmd *exec.Cmd, readyURL string) {
+	t.Helper()
+	logPath := filepath.Join(t.TempDir(), name+".log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
@@ -40,9 +48,7 @@ func startMoto(t *testing.T) string {
 		_, _ = cmd.Process.Wait()
 		logFile.Close()
 	})
-	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitReady(t, "moto", endpoint+"/moto-api/", 30*time.Second, logPath)
-	return endpoint
+	waitReady(t, name, readyURL, 30*time.Second, logPath)
 }
 
 // waitReady polls url until it answers 200, or fails the test with the peer's log.

@@ -9,7 +9,7 @@ use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag};
 use futures_util::future::join_all;
-use keymanager_engine::lifecycle::KeyLifecycle;
+use keymanager_engine::lifecycle::{KeyLifecycle, parse_stamp, stamp_text};
 use keymanager_engine::server_identity::ServerIdSource;
 use keymanager_engine::settings::{Settings, SettingsError};
 use keymanager_engine::sweep::{KeyRecord, StoreKeyState, SweeperIdentity};
@@ -345,7 +345,7 @@ impl AwsKmsBackend {
     }
 
     fn tags(&self, id: &KeyId) -> Result<Vec<Tag>, BackendError> {
-        let now = unix_seconds(SystemTime::now());
+        let now = stamp_text(SystemTime::now());
         let ours = [
             (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
             (naming::TAG_SERVER_ID, self.server_id.as_str()),
@@ -579,7 +579,7 @@ impl AwsKmsBackend {
     }
 
     async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
-        let now = unix_seconds(SystemTime::now());
+        let now = stamp_text(SystemTime::now());
         // The intent is recorded in KMS first: if the process dies before the schedule call,
         // the next sweep still finds and finishes it.
         let intent = tag(naming::TAG_DELETE_INTENT, &now)?;
@@ -769,7 +769,7 @@ impl KeyLifecycle for AwsKmsBackend {
     }
 
     async fn stamp(&self, keys: &[BackendKey], now: SystemTime) -> Result<(), BackendError> {
-        let stamp = unix_seconds(now);
+        let stamp = stamp_text(now);
         for key in keys {
             let Some(key_ref) = key.handle.downcast::<KmsKeyRef>() else {
                 continue;
@@ -814,9 +814,7 @@ impl KeyLifecycle for AwsKmsBackend {
                 server_id: tag(naming::TAG_SERVER_ID),
                 state,
                 active: tag(naming::TAG_ACTIVE).as_deref() == Some("true"),
-                last_stamp: tag(naming::TAG_LAST_UPDATE)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+                last_stamp: tag(naming::TAG_LAST_UPDATE).and_then(|v| parse_stamp(&v)),
                 created: metadata
                     .creation_date()
                     .and_then(|d| u64::try_from(d.secs()).ok())
@@ -842,13 +840,6 @@ fn tag(key: &str, value: &str) -> Result<Tag, BackendError> {
 }
 
 /// Unix seconds, as the `spire-last-update` and intent tags hold them.
-fn unix_seconds(at: SystemTime) -> String {
-    at.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-        .to_string()
-}
-
 /// Maps an SDK failure (KMS or the tagging API: both share smithy's response type) to a
 /// kind once, naming the operation and the object.
 fn map_sdk_error<E>(

@@ -11,7 +11,7 @@ use google_cloud_kms_v1::model::crypto_key_version::{
     CryptoKeyVersionAlgorithm as Algorithm, CryptoKeyVersionState as State,
 };
 use google_cloud_kms_v1::model::{CryptoKey, CryptoKeyVersion};
-use keymanager_engine::lifecycle::KeyLifecycle;
+use keymanager_engine::lifecycle::{KeyLifecycle, parse_stamp, stamp_text};
 use keymanager_engine::settings::{Settings, SettingsError};
 use keymanager_engine::sweep::{KeyRecord, StoreKeyState, SweeperIdentity};
 use keymanager_engine::{
@@ -199,7 +199,7 @@ impl GcpKmsBackend {
             (naming::LABEL_TRUST_DOMAIN.into(), self.td_hash.clone()),
             (naming::LABEL_SERVER_ID.into(), self.server_id.clone()),
             (naming::LABEL_ACTIVE.into(), "true".into()),
-            (naming::LABEL_LAST_UPDATE.into(), kms::unix_seconds(now)),
+            (naming::LABEL_LAST_UPDATE.into(), stamp_text(now)),
         ])
     }
 
@@ -209,7 +209,7 @@ impl GcpKmsBackend {
             (naming::LABEL_TRUST_DOMAIN.into(), self.td_hash.clone()),
             (naming::LABEL_SHARED.into(), "true".into()),
             (naming::LABEL_ACTIVE.into(), "true".into()),
-            (naming::LABEL_LAST_UPDATE.into(), kms::unix_seconds(now)),
+            (naming::LABEL_LAST_UPDATE.into(), stamp_text(now)),
         ])
     }
 
@@ -254,10 +254,11 @@ impl GcpKmsBackend {
                 Err(e) if e.failed_precondition() => {}
                 Err(e) => return Err(e.into()),
             }
+            // ENABLED between the two calls: the next public-key read succeeds (after the
+            // pause, so a service answering inconsistently is not hammered).
             let state = self.kms.get_version(version).await?.state;
             match state {
-                State::PendingGeneration => {}
-                State::Enabled => continue,
+                State::PendingGeneration | State::Enabled => {}
                 other => {
                     return Err(BackendError::new(
                         BackendErrorKind::FailedPrecondition,
@@ -580,7 +581,7 @@ impl KeyLifecycle for GcpKmsBackend {
             .collect();
         crypto_keys.sort_unstable();
         crypto_keys.dedup();
-        let stamp = kms::unix_seconds(now);
+        let stamp = stamp_text(now);
         for name in crypto_keys {
             // The update mask replaces the whole label map: read, change one label, write.
             let key = self.kms.get_crypto_key(name).await?;
@@ -638,9 +639,7 @@ fn version_records(key: &CryptoKey, enabled: &[CryptoKeyVersion]) -> Vec<KeyReco
     } else {
         label(naming::LABEL_SERVER_ID)
     };
-    let stamp = label(naming::LABEL_LAST_UPDATE)
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+    let stamp = label(naming::LABEL_LAST_UPDATE).and_then(|v| parse_stamp(&v));
     enabled
         .iter()
         .enumerate()

@@ -56,14 +56,6 @@ pub fn crc32c(data: &[u8]) -> i64 {
     i64::from(crc32c::crc32c(data))
 }
 
-/// Seconds since the epoch, as the `spire-last-update` label holds them.
-pub fn unix_seconds(t: SystemTime) -> String {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .to_string()
-}
-
 /// A store timestamp as `SystemTime`.
 pub fn to_system_time(t: Option<&google_cloud_wkt::Timestamp>) -> Option<SystemTime> {
     let t = t?;
@@ -150,7 +142,6 @@ fn map_error(operation: &str, resource: &str, error: GaxError) -> KmsError {
             Some(404) => BackendErrorKind::NotFound,
             Some(_) => BackendErrorKind::Internal,
             // Timeouts, refused or dropped connections, credential refresh failures.
-            None if error.is_authentication() => BackendErrorKind::Unavailable,
             None => BackendErrorKind::Unavailable,
         },
     };
@@ -611,7 +602,7 @@ fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     (!der.is_empty() && pem.contains("-----BEGIN PUBLIC KEY-----")).then_some(der)
 }
 
-/// Whether `state` names a version as the `state = ENABLED` filter does.
+/// The list filter for versions that can sign.
 pub const ENABLED_FILTER: &str = "state = ENABLED";
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use google_cloud_kms_v1::model::CryptoKeyVersion;
 use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionAlgorithm as Algorithm;
+use keymanager_engine::lifecycle::{parse_stamp, stamp_text};
 use keymanager_engine::{BackendError, BackendErrorKind, BackendKey, KeyId, KeyType};
 
 use crate::backend::{GENERATION_BUDGET, GcpKmsBackend, VersionRef};
@@ -240,21 +241,17 @@ fn lock_labels(backend: &GcpKmsBackend, expires: SystemTime) -> HashMap<String, 
         (naming::LABEL_TRUST_DOMAIN.into(), backend.td_hash.clone()),
         (naming::LABEL_LOCK.into(), "true".into()),
         (naming::LABEL_LOCK_HOLDER.into(), backend.server_id.clone()),
-        (
-            naming::LABEL_LOCK_EXPIRES.into(),
-            kms::unix_seconds(expires),
-        ),
+        (naming::LABEL_LOCK_EXPIRES.into(), stamp_text(expires)),
     ])
 }
 
 fn lease_expired(labels: &HashMap<String, String>) -> bool {
     let Some(expires) = labels
         .get(naming::LABEL_LOCK_EXPIRES)
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| parse_stamp(v))
     else {
         return true;
     };
-    let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(expires);
     SystemTime::now() > expires + LEASE_SKEW
 }
 
@@ -396,7 +393,7 @@ mod tests {
     #[test]
     fn leases_expire_after_their_end_plus_skew() {
         let labels = |t: SystemTime| {
-            HashMap::from([(naming::LABEL_LOCK_EXPIRES.to_string(), kms::unix_seconds(t))])
+            HashMap::from([(naming::LABEL_LOCK_EXPIRES.to_string(), stamp_text(t))])
         };
         assert!(!lease_expired(&labels(SystemTime::now() + MIN)));
         assert!(lease_expired(&labels(SystemTime::now() - MIN)));

@@ -10,6 +10,21 @@ use async_trait::async_trait;
 use crate::backend::{BackendError, BackendKey};
 use crate::sweep::{KeyRecord, SweepDecision, SweepPolicy, SweeperIdentity, plan_sweep};
 
+/// A liveness stamp as KMS tags and labels hold it: Unix seconds in decimal.
+pub fn stamp_text(at: SystemTime) -> String {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .to_string()
+}
+
+/// Reads a stamp written by [`stamp_text`]; anything else is no evidence.
+pub fn parse_stamp(text: &str) -> Option<SystemTime> {
+    text.parse::<u64>()
+        .ok()
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The primitives a KMS backend provides for liveness and clean-up.
 #[async_trait]
 pub trait KeyLifecycle: Send + Sync {
@@ -90,6 +105,14 @@ pub async fn run_sweep(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stamps_round_trip_and_garbage_is_no_evidence() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_450_839);
+        assert_eq!(super::stamp_text(at), "1795450839");
+        assert_eq!(super::parse_stamp("1795450839"), Some(at));
+        assert_eq!(super::parse_stamp("yesterday"), None);
+    }
+
     use std::sync::Mutex;
 
     use super::*;
