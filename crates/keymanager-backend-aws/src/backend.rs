@@ -1,102 +1,73 @@
-//! The `aws_kms` backend: keys are asymmetric SIGN_VERIFY KMS keys, found through this
-//! server's aliases, and every signature is a KMS `Sign` over the digest.
+//! The `aws_kms` adapter: keys are asymmetric SIGN_VERIFY KMS keys, found through this
+//! server's aliases (or tags), and every signature is a KMS `Sign` over the digest.
+//!
+//! Two-phase creation on KMS:
+//! - *prepare*: `CreateKey`, tagged `spire-active=false`: neither alias nor tag discovery
+//!   finds it, and the sweep removes it if nothing follows;
+//! - *publish*: point the alias at it (the switch for alias discovery, one atomic call),
+//!   then tag it `spire-active=true` (the switch for tag discovery, where the newest active
+//!   key of an id wins);
+//! - *retire* / *abort*: tag the deletion intent and `spire-active=false` in one call, then
+//!   `ScheduleKeyDeletion` (7 days).
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag};
+use aws_sdk_kms::types::{
+    KeyMetadata, KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag,
+};
 use futures_util::future::join_all;
-use keymanager_engine::lifecycle::{KeyLifecycle, parse_stamp, stamp_text};
-use keymanager_engine::server_identity::ServerIdSource;
+use keymanager_engine::kit::vocabulary as tags;
+use keymanager_engine::kit::{KmsAdapter, KmsConfig};
+use keymanager_engine::lifecycle::{
+    KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity, parse_stamp, stamp_text,
+};
+use keymanager_engine::resilience::{CallStats, RetryPolicy, with_retries};
 use keymanager_engine::settings::{Settings, SettingsError};
-use keymanager_engine::sweep::{KeyRecord, StoreKeyState, SweeperIdentity};
 use keymanager_engine::{
-    Backend, BackendConfig, BackendError, BackendErrorKind, BackendFactory, BackendKey,
-    BackendSignature, Capabilities, CoreConfig, Digest, HashAlgorithm, KeyHandle, KeyId, KeyType,
-    PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
+    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, CoreConfig, Digest,
+    HashAlgorithm, KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SettingState,
+    SignatureScheme, SigningSupport, StoredKey,
 };
 
-use crate::config::{AwsKmsConfig, Credentials, Discovery, SETTING_KEYS};
+use crate::client::Clients;
+use crate::config::{self, AwsKmsSettings, Discovery};
+use crate::errors::{Service, sdk_error};
 use crate::naming;
 use crate::policy::CallerRole;
 
-/// Keys described and loaded at once during discovery.
-const DISCOVERY_CONCURRENCY: usize = 16;
+/// Keys described and loaded at once during discovery and listing.
+const CONCURRENCY: usize = 16;
 /// KMS's deletion window for replaced keys.
 const DELETION_WINDOW_DAYS: i32 = 7;
-/// One KMS call may take this long; the engine retries inside SPIRE's 30 s deadline.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What AWS KMS signs: ECDSA only with the curve's own hash; RSA PKCS#1 and PSS with
 /// SHA-256/384/512; PSS always with a salt as long as the hash.
-const SIGNING: &[(KeyType, SchemeFamily, HashAlgorithm)] = &[
-    (KeyType::EcP256, SchemeFamily::Ecdsa, HashAlgorithm::Sha256),
-    (KeyType::EcP384, SchemeFamily::Ecdsa, HashAlgorithm::Sha384),
-    (
-        KeyType::Rsa2048,
-        SchemeFamily::RsaPkcs1v15,
-        HashAlgorithm::Sha256,
-    ),
-    (
-        KeyType::Rsa2048,
-        SchemeFamily::RsaPkcs1v15,
-        HashAlgorithm::Sha384,
-    ),
-    (
-        KeyType::Rsa2048,
-        SchemeFamily::RsaPkcs1v15,
-        HashAlgorithm::Sha512,
-    ),
-    (
-        KeyType::Rsa2048,
-        SchemeFamily::RsaPss,
-        HashAlgorithm::Sha256,
-    ),
-    (
-        KeyType::Rsa2048,
-        SchemeFamily::RsaPss,
-        HashAlgorithm::Sha384,
-    ),
-    (
-        KeyType::Rsa2048,
-        SchemeFamily::RsaPss,
-        HashAlgorithm::Sha512,
-    ),
-    (
-        KeyType::Rsa4096,
-        SchemeFamily::RsaPkcs1v15,
-        HashAlgorithm::Sha256,
-    ),
-    (
-        KeyType::Rsa4096,
-        SchemeFamily::RsaPkcs1v15,
-        HashAlgorithm::Sha384,
-    ),
-    (
-        KeyType::Rsa4096,
-        SchemeFamily::RsaPkcs1v15,
-        HashAlgorithm::Sha512,
-    ),
-    (
-        KeyType::Rsa4096,
-        SchemeFamily::RsaPss,
-        HashAlgorithm::Sha256,
-    ),
-    (
-        KeyType::Rsa4096,
-        SchemeFamily::RsaPss,
-        HashAlgorithm::Sha384,
-    ),
-    (
-        KeyType::Rsa4096,
-        SchemeFamily::RsaPss,
-        HashAlgorithm::Sha512,
-    ),
-];
+const SIGNING: &[(KeyType, SchemeFamily, HashAlgorithm)] = {
+    use HashAlgorithm::{Sha256, Sha384, Sha512};
+    use KeyType::{EcP256, EcP384, Rsa2048, Rsa4096};
+    use SchemeFamily::{Ecdsa, RsaPkcs1v15 as Pkcs1, RsaPss as Pss};
+    &[
+        (EcP256, Ecdsa, Sha256),
+        (EcP384, Ecdsa, Sha384),
+        (Rsa2048, Pkcs1, Sha256),
+        (Rsa2048, Pkcs1, Sha384),
+        (Rsa2048, Pkcs1, Sha512),
+        (Rsa2048, Pss, Sha256),
+        (Rsa2048, Pss, Sha384),
+        (Rsa2048, Pss, Sha512),
+        (Rsa4096, Pkcs1, Sha256),
+        (Rsa4096, Pkcs1, Sha384),
+        (Rsa4096, Pkcs1, Sha512),
+        (Rsa4096, Pss, Sha256),
+        (Rsa4096, Pss, Sha384),
+        (Rsa4096, Pss, Sha512),
+    ]
+};
 
 const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
@@ -105,209 +76,168 @@ const CAPABILITIES: Capabilities = Capabilities {
     key_algorithm_name: None,
 };
 
-/// Registers the `aws_kms` backend.
-pub struct AwsKmsFactory;
+/// A KMS key, by ARN.
+#[derive(Clone, Debug)]
+pub struct AwsKey {
+    arn: Arc<str>,
+}
 
-impl BackendFactory for AwsKmsFactory {
-    fn name(&self) -> &'static str {
-        "aws_kms"
-    }
-
-    fn setting_keys(&self) -> &'static [&'static str] {
-        SETTING_KEYS
-    }
-
-    fn manages_key_lifecycle(&self) -> bool {
-        true
-    }
-
-    fn parse(
-        &self,
-        settings: &mut Settings,
-        core: &CoreConfig,
-    ) -> Result<Box<dyn BackendConfig>, SettingsError> {
-        let config = AwsKmsConfig::parse(settings)?;
-        Ok(Box::new(AwsBackendConfig {
-            config,
-            trust_domain: core.trust_domain.clone(),
-        }))
+impl AwsKey {
+    fn new(arn: &str) -> Self {
+        Self {
+            arn: Arc::from(arn),
+        }
     }
 }
 
-/// A validated configuration plus the trust domain.
+impl KeyHandle for AwsKey {
+    fn locator(&self) -> &str {
+        &self.arn
+    }
+}
+
+/// What keys created from now on get; replaced by a re-Configure.
 #[derive(Debug)]
-pub struct AwsBackendConfig {
-    config: AwsKmsConfig,
-    trust_domain: String,
-}
-
-#[async_trait]
-impl BackendConfig for AwsBackendConfig {
-    fn store_identity(&self) -> String {
-        let server = match &self.config.server_id {
-            ServerIdSource::File(path) => format!("file:{}", path.display()),
-            ServerIdSource::Value(value) => format!("value:{value}"),
-        };
-        format!(
-            "aws_kms:{}:{}:{}:{server}",
-            self.config.region,
-            self.config
-                .endpoint
-                .as_deref()
-                .unwrap_or("default-endpoint"),
-            self.trust_domain
-        )
-    }
-
-    fn problems(&self) -> Vec<String> {
-        self.config.server_id.problems()
-    }
-
-    async fn open(&self) -> Result<Arc<dyn Backend>, BackendError> {
-        for warning in &self.config.warnings {
-            tracing::warn!("{warning}");
-        }
-        let server_id = self.config.server_id.resolve()?;
-        let (client, tagging, sts) = clients(&self.config).await;
-        let key_policy = match &self.config.key_policy {
-            Some(policy) => Some(policy.clone()),
-            None => default_key_policy(&sts).await,
-        };
-        tracing::info!(
-            region = %self.config.region,
-            endpoint = self.config.endpoint.as_deref().unwrap_or("default"),
-            server_id = %server_id,
-            alias_prefix = %naming::alias_prefix(&self.trust_domain, &server_id),
-            "aws_kms backend ready"
-        );
-        Ok(Arc::new(AwsKmsBackend {
-            client,
-            tagging,
-            trust_domain: self.trust_domain.clone(),
-            server_id,
-            key_policy,
-            config: self.config.clone(),
-        }))
-    }
-}
-
-/// The KMS client and the Resource Groups Tagging client, sharing credentials.
-async fn clients(
-    config: &AwsKmsConfig,
-) -> (
-    aws_sdk_kms::Client,
-    aws_sdk_resourcegroupstagging::Client,
-    aws_sdk_sts::Client,
-) {
-    use aws_config::retry::RetryConfig;
-    use aws_config::timeout::TimeoutConfig;
-    use aws_config::{BehaviorVersion, Region};
-
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new(config.region.clone()))
-        // The engine retries idempotent calls within SPIRE's deadline; SDK retries on top
-        // would multiply attempts (and would retry CreateKey).
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-                .build(),
-        );
-    if let Some(endpoint) = &config.endpoint {
-        loader = loader.endpoint_url(endpoint);
-    }
-    if let Credentials::Static {
-        access_key_id,
-        secret_access_key,
-    } = &config.credentials
-    {
-        loader = loader.credentials_provider(aws_sdk_kms::config::Credentials::new(
-            access_key_id,
-            secret_access_key.expose(),
-            None,
-            None,
-            "plugin_data",
-        ));
-    }
-    let sdk_config = loader.load().await;
-    let mut kms_config = aws_sdk_kms::config::Builder::from(&sdk_config);
-    let mut tagging_config = aws_sdk_resourcegroupstagging::config::Builder::from(&sdk_config);
-    let mut sts_config = aws_sdk_sts::config::Builder::from(&sdk_config);
-    if let Some(role) = &config.assume_role {
-        let mut provider = aws_config::sts::AssumeRoleProvider::builder(&role.role_arn)
-            .session_name(&role.session_name)
-            .configure(&sdk_config);
-        if let Some(external_id) = &role.external_id {
-            provider = provider.external_id(external_id.expose());
-        }
-        let shared = aws_sdk_kms::config::SharedCredentialsProvider::new(provider.build().await);
-        kms_config = kms_config.credentials_provider(shared.clone());
-        tagging_config = tagging_config.credentials_provider(shared.clone());
-        sts_config = sts_config.credentials_provider(shared);
-    }
-    (
-        aws_sdk_kms::Client::from_conf(kms_config.build()),
-        aws_sdk_resourcegroupstagging::Client::from_conf(tagging_config.build()),
-        aws_sdk_sts::Client::from_conf(sts_config.build()),
-    )
-}
-
-/// The least-privilege policy when this server runs as an assumed role; `None` (the account
-/// default, with a warning) otherwise or when STS cannot tell.
-async fn default_key_policy(sts: &aws_sdk_sts::Client) -> Option<String> {
-    match sts.get_caller_identity().send().await {
-        Ok(identity) => match identity.arn().and_then(CallerRole::from_caller_arn) {
-            Some(role) => {
-                tracing::info!(role = %role.role_arn(), "new keys get a least-privilege key policy for this server's role");
-                Some(role.key_policy())
-            }
-            None => {
-                tracing::warn!(
-                    caller = identity.arn().unwrap_or("unknown"),
-                    "not running as an assumed role and no key_policy_file: new keys get the account's default key policy"
-                );
-                None
-            }
-        },
-        Err(error) => {
-            tracing::warn!(
-                error = %aws_sdk_sts::error::DisplayErrorContext(&error),
-                "cannot determine the caller identity; new keys get the account's default key policy"
-            );
-            None
-        }
-    }
-}
-
-/// The KMS key behind a [`KeyHandle`].
-struct KmsKeyRef {
-    arn: String,
+struct NewKeys {
+    /// `key_policy_file`, else the least-privilege policy for an assumed role, else `None`
+    /// (the account's default policy).
+    policy: Option<String>,
+    tags: BTreeMap<String, String>,
 }
 
 /// The backend.
 pub struct AwsKmsBackend {
-    client: aws_sdk_kms::Client,
-    tagging: aws_sdk_resourcegroupstagging::Client,
-    /// `key_policy_file`, else the least-privilege policy for an assumed role, else `None`
-    /// (the account's default policy).
-    key_policy: Option<String>,
+    clients: Clients,
     trust_domain: String,
     server_id: String,
-    config: AwsKmsConfig,
+    discovery: Discovery,
+    new_keys: RwLock<Arc<NewKeys>>,
+}
+
+#[async_trait]
+impl KmsAdapter for AwsKmsBackend {
+    const NAME: &'static str = "aws_kms";
+    const SETTING_KEYS: &'static [&'static str] = config::SETTING_KEYS;
+    type Settings = AwsKmsSettings;
+
+    fn parse(
+        settings: &mut Settings,
+        _core: &CoreConfig,
+        warnings: &mut Vec<String>,
+    ) -> Result<AwsKmsSettings, SettingsError> {
+        AwsKmsSettings::parse(settings, warnings)
+    }
+
+    fn check_server_id(value: &str) -> Result<(), String> {
+        config::check_identifier_value(value)
+    }
+
+    fn store(settings: &AwsKmsSettings) -> String {
+        format!("region {}", settings.region)
+    }
+
+    fn describe(settings: &AwsKmsSettings) -> Vec<SettingState> {
+        settings.describe()
+    }
+
+    async fn open(config: &KmsConfig<Self>, server_id: String) -> Result<Self, BackendError> {
+        if config.backend.key_policy.is_none() && config.backend.assume_role.is_none() {
+            tracing::debug!(
+                "no key_policy_file: new keys get a policy derived from the caller identity"
+            );
+        }
+        let clients = Clients::connect(&config.backend, config.endpoint.as_ref()).await;
+        let policy = key_policy(&config.backend, &clients).await?;
+        tracing::info!(
+            region = %config.backend.region,
+            endpoint = config.endpoint.as_ref().map_or("default", |e| e.as_str()),
+            server_id = %server_id,
+            alias_prefix = %naming::alias_prefix(&config.trust_domain, &server_id),
+            discovery = ?config.backend.discovery,
+            "aws_kms backend ready"
+        );
+        Ok(Self {
+            clients,
+            trust_domain: config.trust_domain.clone(),
+            server_id,
+            discovery: config.backend.discovery,
+            new_keys: RwLock::new(Arc::new(NewKeys {
+                policy,
+                tags: config.backend.key_tags.clone(),
+            })),
+        })
+    }
+}
+
+/// The key policy new keys get: `key_policy_file`; else, when this server runs as an
+/// assumed role, a least-privilege policy for it; else the account default (`None`). The
+/// caller identity comes from STS, retried: a transient failure must not silently downgrade
+/// the policy of every key this process creates.
+async fn key_policy(
+    settings: &AwsKmsSettings,
+    clients: &Clients,
+) -> Result<Option<String>, BackendError> {
+    if let Some(policy) = &settings.key_policy {
+        return Ok(Some(policy.text.clone()));
+    }
+    let identity = with_retries(RetryPolicy::default(), "sts", &CallStats::default(), || async {
+        clients
+            .sts
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(|e| sdk_error(Service::Sts, "GetCallerIdentity", "this server's credentials", e))
+    })
+    .await
+    .map_err(|e| {
+        e.context("cannot tell which role this server runs as, which the default key policy of new keys needs (set key_policy_file to choose the policy yourself)")
+    })?;
+    Ok(match identity.arn().and_then(CallerRole::from_caller_arn) {
+        Some(role) => {
+            tracing::info!(role = %role.role_arn(), "new keys get a least-privilege key policy for this server's role");
+            Some(role.key_policy())
+        }
+        None => {
+            tracing::warn!(
+                caller = identity.arn().unwrap_or("unknown"),
+                "not running as an assumed role and no key_policy_file: new keys get the account's default key policy"
+            );
+            None
+        }
+    })
 }
 
 impl AwsKmsBackend {
-    async fn public_key(&self, id: KeyId, arn: &str) -> Result<BackendKey, BackendError> {
+    fn alias(&self, id: &KeyId) -> Result<String, BackendError> {
+        naming::alias_name(&self.trust_domain, &self.server_id, id.as_str())
+            .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))
+    }
+
+    fn new_keys(&self) -> Arc<NewKeys> {
+        self.new_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn describe(&self, key: &str) -> Result<Option<KeyMetadata>, BackendError> {
+        match self.clients.kms.describe_key().key_id(key).send().await {
+            Ok(out) => Ok(out.key_metadata),
+            Err(e) if e.code() == Some("NotFoundException") => Ok(None),
+            Err(e) => Err(sdk_error(Service::Kms, "DescribeKey", key, e)),
+        }
+    }
+
+    async fn read_public_key(&self, arn: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
         let out = self
-            .client
+            .clients
+            .kms
             .get_public_key()
             .key_id(arn)
             .send()
             .await
-            .map_err(|e| map_sdk_error("GetPublicKey", arn, e))?;
-        let spec = out.key_spec().cloned();
-        let key_type = match spec {
+            .map_err(|e| sdk_error(Service::Kms, "GetPublicKey", arn, e))?;
+        let key_type = match out.key_spec() {
             Some(KeySpec::EccNistP256) => KeyType::EcP256,
             Some(KeySpec::EccNistP384) => KeyType::EcP384,
             Some(KeySpec::Rsa2048) => KeyType::Rsa2048,
@@ -315,9 +245,7 @@ impl AwsKmsBackend {
             other => {
                 return Err(BackendError::new(
                     BackendErrorKind::FailedPrecondition,
-                    format!(
-                        "KMS key {arn} for {id:?} has key spec {other:?}, which SPIRE cannot use"
-                    ),
+                    format!("KMS key {arn} has key spec {other:?}, which SPIRE cannot use"),
                 ));
             }
         };
@@ -331,187 +259,60 @@ impl AwsKmsBackend {
                 format!("KMS returned no public key for {arn}"),
             ));
         }
-        Ok(BackendKey {
+        Ok((key_type, Arc::from(spki)))
+    }
+
+    /// A usable key of `id` at `arn`, or `None` when it is not enabled (reported: SPIRE
+    /// regenerates the key when it needs it).
+    async fn load(&self, id: &str, arn: &str) -> Result<Option<StoredKey<AwsKey>>, BackendError> {
+        let Some(metadata) = self.describe(arn).await? else {
+            return Ok(None);
+        };
+        let arn = metadata.arn().unwrap_or(arn).to_string();
+        if metadata.key_state() != Some(&KeyState::Enabled) {
+            tracing::warn!(key_id = id, key = %arn, state = ?metadata.key_state(), "skipping a key that is not enabled");
+            return Ok(None);
+        }
+        let Ok(id) = KeyId::new(id) else {
+            return Ok(None);
+        };
+        let (key_type, spki_der) = self.read_public_key(&arn).await?;
+        Ok(Some(StoredKey {
             id,
             key_type,
-            spki_der: Arc::from(spki),
-            handle: KeyHandle::new(
-                arn.to_string(),
-                KmsKeyRef {
-                    arn: arn.to_string(),
-                },
-            ),
-        })
+            spki_der,
+            handle: AwsKey::new(&arn),
+        }))
     }
 
-    fn tags(&self, id: &KeyId) -> Result<Vec<Tag>, BackendError> {
-        let now = stamp_text(SystemTime::now());
-        let ours = [
-            (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
-            (naming::TAG_SERVER_ID, self.server_id.as_str()),
-            (naming::TAG_KEY_ID, id.as_str()),
-            // Activated only once the alias points at it: a key left behind by a crash
-            // half-way through GenerateKey stays inactive, and the sweep removes it.
-            (naming::TAG_ACTIVE, "false"),
-            (naming::TAG_LAST_UPDATE, now.as_str()),
-        ];
-        ours.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .chain(
-                self.config
-                    .key_tags
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            )
-            .map(|(k, v)| tag(&k, &v))
-            .collect()
-    }
-
-    /// Points `alias` at `arn`: UpdateAlias when this server already serves a key under
-    /// the id (rotation), CreateAlias otherwise, each falling back to the other when the
-    /// store disagrees (an alias left by a crashed start, or deleted by hand).
-    async fn point_alias(&self, alias: &str, arn: &str, exists: bool) -> Result<(), BackendError> {
-        let update = || {
-            self.client
-                .update_alias()
-                .alias_name(alias)
-                .target_key_id(arn)
-                .send()
-        };
-        let create = || {
-            self.client
-                .create_alias()
-                .alias_name(alias)
-                .target_key_id(arn)
-                .send()
-        };
-        if exists {
-            match update().await {
-                Ok(_) => Ok(()),
-                Err(e) if e.code() == Some("NotFoundException") => create()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| map_sdk_error("CreateAlias", alias, e)),
-                Err(e) => Err(map_sdk_error("UpdateAlias", alias, e)),
-            }
-        } else {
-            match create().await {
-                Ok(_) => Ok(()),
-                Err(e) if e.code() == Some("AlreadyExistsException") => update()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| map_sdk_error("UpdateAlias", alias, e)),
-                Err(e) => Err(map_sdk_error("CreateAlias", alias, e)),
-            }
-        }
-    }
-
-    /// Alias discovery (SPIRE's default): pages through the account's aliases.
-    async fn load_by_alias(&self) -> Result<Vec<BackendKey>, BackendError> {
-        // This server's aliases first; then DescribeKey + GetPublicKey per key, a few at a
-        // time, so start-up costs a handful of round trips rather than two per key.
-        let mut mine = Vec::new();
-        // 100 is KMS's largest page (the default is 50).
+    /// Every alias of this trust domain: (alias name, target key id).
+    async fn trust_domain_aliases(&self) -> Result<Vec<(String, String)>, BackendError> {
+        let root = format!(
+            "{}{}/",
+            naming::ALIAS_ROOT,
+            naming::alias_trust_domain(&self.trust_domain)
+        );
+        let mut found = Vec::new();
+        // 100 is KMS's largest page (the default is 50). The paginator stops on a repeated
+        // token.
         let mut aliases = self
-            .client
+            .clients
+            .kms
             .list_aliases()
             .limit(100)
             .into_paginator()
             .items()
             .send();
         while let Some(alias) = aliases.next().await {
-            let alias = alias.map_err(|e| map_sdk_error("ListAliases", "aliases", e))?;
-            let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id()) else {
-                continue;
-            };
-            if let Some(key_id) =
-                naming::key_id_from_alias(name, &self.trust_domain, &self.server_id)
+            let alias =
+                alias.map_err(|e| sdk_error(Service::Kms, "ListAliases", "this account", e))?;
+            if let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id())
+                && name.starts_with(&root)
             {
-                mine.push((name.to_string(), target.to_string(), key_id));
+                found.push((name.to_string(), target.to_string()));
             }
         }
-        let mut keys = Vec::with_capacity(mine.len());
-        for batch in mine.chunks(DISCOVERY_CONCURRENCY) {
-            let loaded = batch
-                .iter()
-                .map(|(alias, target, key_id)| self.load_one(alias, target, key_id));
-            for result in join_all(loaded).await {
-                if let Some(key) = result? {
-                    keys.push(key);
-                }
-            }
-        }
-        Ok(keys)
-    }
-
-    /// Tag discovery: asks the tagging API for this server's active keys only, so start-up
-    /// cost does not grow with the other keys in the account. One GetPublicKey per key.
-    async fn load_by_tags(&self) -> Result<Vec<BackendKey>, BackendError> {
-        let tagged = self
-            .tagged_keys(&[
-                (naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str()),
-                (naming::TAG_SERVER_ID, self.server_id.as_str()),
-                (naming::TAG_ACTIVE, "true"),
-            ])
-            .await?;
-        // Newest stamp wins when a crash left two active keys for one id.
-        let mut newest: std::collections::BTreeMap<String, (u64, String)> =
-            std::collections::BTreeMap::new();
-        for (arn, tags) in tagged {
-            let Some(key_id) = tags.get(naming::TAG_KEY_ID).cloned() else {
-                continue;
-            };
-            let stamp = tags
-                .get(naming::TAG_LAST_UPDATE)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            match newest.get(&key_id) {
-                Some((existing, other)) if *existing >= stamp => {
-                    tracing::warn!(key_id = %key_id, kept = %other, ignored = %arn, "two active keys for one id; keeping the newest")
-                }
-                _ => {
-                    newest.insert(key_id, (stamp, arn));
-                }
-            }
-        }
-        let found: Vec<(String, String)> =
-            newest.into_iter().map(|(id, (_, arn))| (id, arn)).collect();
-        let mut keys = Vec::with_capacity(found.len());
-        for batch in found.chunks(DISCOVERY_CONCURRENCY) {
-            let loaded = batch.iter().map(|(key_id, arn)| async move {
-                let Ok(id) = KeyId::new(key_id) else {
-                    return Ok(None);
-                };
-                match self.public_key(id, arn).await {
-                    Ok(key) => Ok(Some(key)),
-                    // Disabled or pending deletion: reported, regenerated when SPIRE asks.
-                    Err(error) if error.kind == BackendErrorKind::FailedPrecondition => {
-                        tracing::warn!(key = %arn, %error, "skipping a key that is not usable");
-                        Ok(None)
-                    }
-                    Err(error) => Err(error),
-                }
-            });
-            for result in join_all(loaded).await {
-                if let Some(key) = result? {
-                    keys.push(key);
-                }
-            }
-        }
-        Ok(keys)
-    }
-
-    /// Marks a key active once its alias points at it.
-    async fn activate(&self, arn: &str) -> Result<(), BackendError> {
-        let active = tag(naming::TAG_ACTIVE, "true")?;
-        self.client
-            .tag_resource()
-            .key_id(arn)
-            .tags(active)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| map_sdk_error("TagResource", arn, e))
+        Ok(found)
     }
 
     /// KMS keys whose tags match every (key, value) pair, with all their tags, through the
@@ -519,13 +320,14 @@ impl AwsKmsBackend {
     async fn tagged_keys(
         &self,
         filters: &[(&str, &str)],
-    ) -> Result<Vec<(String, std::collections::BTreeMap<String, String>)>, BackendError> {
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>, BackendError> {
         use aws_sdk_resourcegroupstagging::types::TagFilter;
         let filters = filters
             .iter()
             .map(|(key, value)| TagFilter::builder().key(*key).values(*value).build())
             .collect();
         let mut pages = self
+            .clients
             .tagging
             .get_resources()
             .resource_type_filters("kms:key")
@@ -535,7 +337,14 @@ impl AwsKmsBackend {
             .send();
         let mut out = Vec::new();
         while let Some(mapping) = pages.next().await {
-            let mapping = mapping.map_err(|e| map_sdk_error("GetResources", "tagging API", e))?;
+            let mapping = mapping.map_err(|e| {
+                sdk_error(
+                    Service::Tagging,
+                    "GetResources",
+                    "keys of this trust domain",
+                    e,
+                )
+            })?;
             let Some(arn) = mapping.resource_arn() else {
                 continue;
             };
@@ -549,55 +358,116 @@ impl AwsKmsBackend {
         Ok(out)
     }
 
-    /// Describes and loads one aliased key; `None` for a key that is not usable now.
-    async fn load_one(
-        &self,
-        alias: &str,
-        target: &str,
-        key_id: &str,
-    ) -> Result<Option<BackendKey>, BackendError> {
-        let described = self
-            .client
-            .describe_key()
-            .key_id(target)
-            .send()
-            .await
-            .map_err(|e| map_sdk_error("DescribeKey", target, e))?;
-        let Some(metadata) = described.key_metadata() else {
-            return Ok(None);
-        };
-        let arn = metadata.arn().unwrap_or(target).to_string();
-        if metadata.key_state() != Some(&KeyState::Enabled) {
-            // Reported, not fatal: SPIRE regenerates the key when it needs it.
-            tracing::warn!(alias, key = %arn, state = ?metadata.key_state(), "skipping a key that is not enabled");
-            return Ok(None);
+    /// The enabled key created last among `arns` (several active keys of one id exist only
+    /// between a publish and a retire).
+    async fn newest_enabled(&self, arns: &[String]) -> Result<Option<String>, BackendError> {
+        if let [only] = arns {
+            return Ok(Some(only.clone()));
         }
-        let Ok(id) = KeyId::new(key_id) else {
-            return Ok(None);
-        };
-        self.public_key(id, &arn).await.map(Some)
+        let described = join_all(arns.iter().map(|arn| self.describe(arn))).await;
+        let mut newest: Option<(i64, String)> = None;
+        for (arn, metadata) in arns.iter().zip(described) {
+            let Some(metadata) = metadata? else { continue };
+            if metadata.key_state() != Some(&KeyState::Enabled) {
+                continue;
+            }
+            let created = metadata.creation_date().map_or(0, |d| d.secs());
+            if newest.as_ref().is_none_or(|(t, _)| created > *t) {
+                newest = Some((created, arn.clone()));
+            }
+        }
+        Ok(newest.map(|(_, arn)| arn))
     }
 
-    async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
-        let now = stamp_text(SystemTime::now());
-        // The intent is recorded in KMS first: if the process dies before the schedule call,
-        // the next sweep still finds and finishes it.
-        let intent = tag(naming::TAG_DELETE_INTENT, &now)?;
-        // Inactive in the same call: tag discovery then never finds a replaced key.
-        let inactive = tag(naming::TAG_ACTIVE, "false")?;
-        if let Err(error) = self
-            .client
+    /// This server's active keys by tag, grouped by SPIRE key id.
+    async fn active_by_tags(
+        &self,
+        key_id: Option<&str>,
+    ) -> Result<BTreeMap<String, Vec<String>>, BackendError> {
+        let mut filters = vec![
+            (tags::TRUST_DOMAIN, self.trust_domain.as_str()),
+            (tags::SERVER_ID, self.server_id.as_str()),
+            (tags::ACTIVE, "true"),
+        ];
+        if let Some(key_id) = key_id {
+            filters.push((tags::KEY_ID, key_id));
+        }
+        let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (arn, key_tags) in self.tagged_keys(&filters).await? {
+            if let Some(id) = key_tags.get(tags::KEY_ID) {
+                by_id.entry(id.clone()).or_default().push(arn);
+            }
+        }
+        Ok(by_id)
+    }
+
+    async fn tag(&self, arn: &str, pairs: &[(&str, &str)]) -> Result<(), BackendError> {
+        let tags = pairs
+            .iter()
+            .map(|(k, v)| tag(k, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.clients
+            .kms
             .tag_resource()
             .key_id(arn)
-            .tags(intent)
-            .tags(inactive)
+            .set_tags(Some(tags))
             .send()
             .await
+            .map(drop)
+            .map_err(|e| sdk_error(Service::Kms, "TagResource", arn, e))
+    }
+
+    /// Points `alias` at `arn`: UpdateAlias when this server already serves a key under
+    /// the id, CreateAlias otherwise, each falling back to the other when the store
+    /// disagrees (an alias left by a crashed start, or deleted by hand). Repeatable.
+    async fn point_alias(&self, alias: &str, arn: &str, exists: bool) -> Result<(), BackendError> {
+        let kms = &self.clients.kms;
+        let update = || {
+            kms.update_alias()
+                .alias_name(alias)
+                .target_key_id(arn)
+                .send()
+        };
+        let create = || {
+            kms.create_alias()
+                .alias_name(alias)
+                .target_key_id(arn)
+                .send()
+        };
+        if exists {
+            match update().await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some("NotFoundException") => create()
+                    .await
+                    .map(drop)
+                    .map_err(|e| sdk_error(Service::Kms, "CreateAlias", alias, e)),
+                Err(e) => Err(sdk_error(Service::Kms, "UpdateAlias", alias, e)),
+            }
+        } else {
+            match create().await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some("AlreadyExistsException") => update()
+                    .await
+                    .map(drop)
+                    .map_err(|e| sdk_error(Service::Kms, "UpdateAlias", alias, e)),
+                Err(e) => Err(sdk_error(Service::Kms, "CreateAlias", alias, e)),
+            }
+        }
+    }
+
+    /// Records the deletion intent and marks the key inactive (one call), then schedules
+    /// its deletion. If the process dies in between, the next sweep finishes the job.
+    async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
+        let now = stamp_text(SystemTime::now());
+        if let Err(error) = self
+            .tag(arn, &[(tags::DELETE_INTENT, &now), (tags::ACTIVE, "false")])
+            .await
         {
-            tracing::warn!(key = arn, error = %map_sdk_error("TagResource", arn, error), "could not record deletion intent");
+            tracing::warn!(key = arn, %error, "could not record the deletion intent; scheduling the deletion anyway");
         }
         match self
-            .client
+            .clients
+            .kms
             .schedule_key_deletion()
             .key_id(arn)
             .pending_window_in_days(DELETION_WINDOW_DAYS)
@@ -608,7 +478,7 @@ impl AwsKmsBackend {
                 tracing::info!(
                     key = arn,
                     days = DELETION_WINDOW_DAYS,
-                    "replaced KMS key scheduled for deletion"
+                    "KMS key scheduled for deletion"
                 );
                 Ok(())
             }
@@ -618,110 +488,173 @@ impl AwsKmsBackend {
             {
                 Ok(())
             }
-            Err(e) => Err(map_sdk_error("ScheduleKeyDeletion", arn, e)),
+            Err(e) => Err(sdk_error(Service::Kms, "ScheduleKeyDeletion", arn, e)),
         }
     }
 }
 
 #[async_trait]
 impl Backend for AwsKmsBackend {
+    type Handle = AwsKey;
+    type Config = KmsConfig<Self>;
+
     fn name(&self) -> &'static str {
-        "aws_kms"
+        Self::NAME
     }
 
     fn capabilities(&self) -> &Capabilities {
         &CAPABILITIES
     }
 
-    async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
-        match self.config.discovery {
-            Discovery::Alias => self.load_by_alias().await,
-            Discovery::Tags => self.load_by_tags().await,
+    async fn discover(&self) -> Result<Vec<StoredKey<AwsKey>>, BackendError> {
+        // (key id, ARN or target key id) of this server's current keys.
+        let found: Vec<(String, String)> = match self.discovery {
+            Discovery::Alias => self
+                .trust_domain_aliases()
+                .await?
+                .into_iter()
+                .filter_map(|(alias, target)| {
+                    naming::key_id_from_alias(&alias, &self.trust_domain, &self.server_id)
+                        .map(|id| (id, target))
+                })
+                .collect(),
+            Discovery::Tags => {
+                let mut found = Vec::new();
+                for (id, arns) in self.active_by_tags(None).await? {
+                    if arns.len() > 1 {
+                        tracing::warn!(key_id = %id, keys = ?arns, "several active keys for one id (an interrupted rotation); using the newest");
+                    }
+                    if let Some(arn) = self.newest_enabled(&arns).await? {
+                        found.push((id, arn));
+                    }
+                }
+                found
+            }
+        };
+        let mut keys = Vec::with_capacity(found.len());
+        for batch in found.chunks(CONCURRENCY) {
+            let loaded = join_all(batch.iter().map(|(id, key)| self.load(id, key))).await;
+            for key in loaded {
+                keys.extend(key?);
+            }
         }
+        Ok(keys)
     }
 
-    async fn create_key(
+    async fn prepare(
         &self,
         id: &KeyId,
         key_type: KeyType,
-        replaces: Option<&BackendKey>,
-    ) -> Result<BackendKey, BackendError> {
-        let alias = naming::alias_name(&self.trust_domain, &self.server_id, id.as_str())
-            .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))?;
+        _replaces: Option<&StoredKey<AwsKey>>,
+    ) -> Result<AwsKey, BackendError> {
+        self.alias(id)?; // refuse an id whose alias would be too long before creating anything
         let spec = match key_type {
             KeyType::EcP256 => KeySpec::EccNistP256,
             KeyType::EcP384 => KeySpec::EccNistP384,
             KeyType::Rsa2048 => KeySpec::Rsa2048,
             KeyType::Rsa4096 => KeySpec::Rsa4096,
         };
+        let new_keys = self.new_keys();
+        let now = stamp_text(SystemTime::now());
+        let ours = [
+            (tags::TRUST_DOMAIN, self.trust_domain.as_str()),
+            (tags::SERVER_ID, self.server_id.as_str()),
+            (tags::KEY_ID, id.as_str()),
+            // Inactive until published: neither discovery finds it, the sweep removes it
+            // if the GenerateKey never gets that far.
+            (tags::ACTIVE, "false"),
+            (tags::LAST_UPDATE, now.as_str()),
+        ];
+        let key_tags = ours
+            .iter()
+            .map(|(k, v)| tag(k, v))
+            .chain(new_keys.tags.iter().map(|(k, v)| tag(k, v)))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut request = self
-            .client
+            .clients
+            .kms
             .create_key()
             .key_spec(spec)
             .key_usage(KeyUsageType::SignVerify)
             .description(naming::description(&self.trust_domain, id.as_str()))
-            .set_tags(Some(self.tags(id)?));
-        if let Some(policy) = &self.key_policy {
+            .set_tags(Some(key_tags));
+        if let Some(policy) = &new_keys.policy {
             request = request.policy(policy);
         }
         let created = request
             .send()
             .await
-            .map_err(|e| map_sdk_error("CreateKey", id.as_str(), e))?;
+            .map_err(|e| sdk_error(Service::Kms, "CreateKey", id.as_str(), e))?;
         let arn = created
             .key_metadata()
             .and_then(|m| m.arn())
             .ok_or_else(|| {
                 BackendError::new(BackendErrorKind::Internal, "CreateKey returned no key ARN")
-            })?
-            .to_string();
-        let finish = async {
-            let key = self.public_key(id.clone(), &arn).await?;
-            self.point_alias(&alias, &arn, replaces.is_some()).await?;
-            self.activate(&arn).await?;
-            Ok::<_, BackendError>(key)
-        };
-        match finish.await {
-            Ok(key) => Ok(key),
-            Err(error) => {
-                // The key exists but is not reachable under its alias: never leave it behind.
-                if let Err(cleanup) = self.schedule_deletion(&arn).await {
-                    tracing::warn!(key = %arn, error = %cleanup, "could not schedule the half-created key for deletion; the sweep will");
-                }
-                Err(error)
+            })?;
+        Ok(AwsKey::new(arn))
+    }
+
+    async fn public_key(&self, prepared: &AwsKey) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+        self.read_public_key(&prepared.arn).await
+    }
+
+    async fn publish(
+        &self,
+        new: &StoredKey<AwsKey>,
+        replaces: Option<&StoredKey<AwsKey>>,
+    ) -> Result<(), BackendError> {
+        let alias = self.alias(&new.id)?;
+        self.point_alias(&alias, &new.handle.arn, replaces.is_some())
+            .await?;
+        self.tag(&new.handle.arn, &[(tags::ACTIVE, "true")]).await
+    }
+
+    async fn find(&self, id: &KeyId) -> Result<Option<String>, BackendError> {
+        match self.discovery {
+            Discovery::Alias => {
+                let alias = self.alias(id)?;
+                Ok(self
+                    .describe(&alias)
+                    .await?
+                    .filter(|m| m.key_state() == Some(&KeyState::Enabled))
+                    .and_then(|m| m.arn().map(str::to_string)))
+            }
+            Discovery::Tags => {
+                let arns = self
+                    .active_by_tags(Some(id.as_str()))
+                    .await?
+                    .remove(id.as_str())
+                    .unwrap_or_default();
+                self.newest_enabled(&arns).await
             }
         }
     }
 
+    async fn abort(&self, prepared: &AwsKey) -> Result<(), BackendError> {
+        self.schedule_deletion(&prepared.arn).await
+    }
+
+    async fn retire(&self, replaced: &StoredKey<AwsKey>) -> Result<(), BackendError> {
+        self.schedule_deletion(&replaced.handle.arn).await
+    }
+
     async fn sign(
         &self,
-        key: &BackendKey,
+        key: &StoredKey<AwsKey>,
         digest: &Digest,
         scheme: SignatureScheme,
     ) -> Result<BackendSignature, BackendError> {
-        let key_ref = key.handle.get::<KmsKeyRef>(self.name())?;
-        let algorithm = match (scheme, scheme.hash()) {
-            (SignatureScheme::Ecdsa(_), HashAlgorithm::Sha256) => SigningAlgorithmSpec::EcdsaSha256,
-            (SignatureScheme::Ecdsa(_), HashAlgorithm::Sha384) => SigningAlgorithmSpec::EcdsaSha384,
-            (SignatureScheme::RsaPkcs1v15(_), HashAlgorithm::Sha256) => {
-                SigningAlgorithmSpec::RsassaPkcs1V15Sha256
-            }
-            (SignatureScheme::RsaPkcs1v15(_), HashAlgorithm::Sha384) => {
-                SigningAlgorithmSpec::RsassaPkcs1V15Sha384
-            }
-            (SignatureScheme::RsaPkcs1v15(_), HashAlgorithm::Sha512) => {
-                SigningAlgorithmSpec::RsassaPkcs1V15Sha512
-            }
-            (SignatureScheme::RsaPss { .. }, HashAlgorithm::Sha256) => {
-                SigningAlgorithmSpec::RsassaPssSha256
-            }
-            (SignatureScheme::RsaPss { .. }, HashAlgorithm::Sha384) => {
-                SigningAlgorithmSpec::RsassaPssSha384
-            }
-            (SignatureScheme::RsaPss { .. }, HashAlgorithm::Sha512) => {
-                SigningAlgorithmSpec::RsassaPssSha512
-            }
-            (scheme, _) => {
+        use SigningAlgorithmSpec as Spec;
+        let algorithm = match (SchemeFamily::of(scheme), scheme.hash()) {
+            (SchemeFamily::Ecdsa, HashAlgorithm::Sha256) => Spec::EcdsaSha256,
+            (SchemeFamily::Ecdsa, HashAlgorithm::Sha384) => Spec::EcdsaSha384,
+            (SchemeFamily::RsaPkcs1v15, HashAlgorithm::Sha256) => Spec::RsassaPkcs1V15Sha256,
+            (SchemeFamily::RsaPkcs1v15, HashAlgorithm::Sha384) => Spec::RsassaPkcs1V15Sha384,
+            (SchemeFamily::RsaPkcs1v15, HashAlgorithm::Sha512) => Spec::RsassaPkcs1V15Sha512,
+            (SchemeFamily::RsaPss, HashAlgorithm::Sha256) => Spec::RsassaPssSha256,
+            (SchemeFamily::RsaPss, HashAlgorithm::Sha384) => Spec::RsassaPssSha384,
+            (SchemeFamily::RsaPss, HashAlgorithm::Sha512) => Spec::RsassaPssSha512,
+            _ => {
                 return Err(BackendError::new(
                     BackendErrorKind::InvalidArgument,
                     format!("AWS KMS cannot sign {}", scheme.describe()),
@@ -729,15 +662,16 @@ impl Backend for AwsKmsBackend {
             }
         };
         let out = self
-            .client
+            .clients
+            .kms
             .sign()
-            .key_id(&key_ref.arn)
+            .key_id(&*key.handle.arn)
             .message(Blob::new(digest.as_bytes()))
             .message_type(MessageType::Digest)
             .signing_algorithm(algorithm)
             .send()
             .await
-            .map_err(|e| map_sdk_error("Sign", &key_ref.arn, e))?;
+            .map_err(|e| sdk_error(Service::Kms, "Sign", &key.handle.arn, e))?;
         let signature = out
             .signature()
             .map(|b| b.as_ref().to_vec())
@@ -749,18 +683,27 @@ impl Backend for AwsKmsBackend {
         })
     }
 
-    async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError> {
-        let key_ref = replaced.handle.get::<KmsKeyRef>(self.name())?;
-        self.schedule_deletion(&key_ref.arn).await
-    }
-
-    fn lifecycle(&self) -> Option<&dyn KeyLifecycle> {
-        Some(self)
+    async fn reconfigure(&self, config: &KmsConfig<Self>) -> Result<(), BackendError> {
+        self.clients
+            .rotate_credentials(&config.backend, config.endpoint.as_ref())
+            .await;
+        let policy = key_policy(&config.backend, &self.clients).await?;
+        *self
+            .new_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(NewKeys {
+            policy,
+            tags: config.backend.key_tags.clone(),
+        });
+        tracing::info!("aws_kms credentials, key policy and key tags reloaded");
+        Ok(())
     }
 }
 
 #[async_trait]
 impl KeyLifecycle for AwsKmsBackend {
+    type Handle = AwsKey;
+
     fn identity(&self) -> SweeperIdentity {
         SweeperIdentity {
             trust_domain: self.trust_domain.clone(),
@@ -768,65 +711,93 @@ impl KeyLifecycle for AwsKmsBackend {
         }
     }
 
-    async fn stamp(&self, keys: &[BackendKey], now: SystemTime) -> Result<(), BackendError> {
+    async fn stamp(&self, keys: &[StoredKey<AwsKey>], now: SystemTime) -> Result<(), BackendError> {
         let stamp = stamp_text(now);
         for key in keys {
-            let Some(key_ref) = key.handle.downcast::<KmsKeyRef>() else {
-                continue;
-            };
-            self.client
-                .tag_resource()
-                .key_id(&key_ref.arn)
-                .tags(tag(naming::TAG_LAST_UPDATE, &stamp)?)
-                .send()
-                .await
-                .map_err(|e| map_sdk_error("TagResource", &key_ref.arn, e))?;
+            self.tag(&key.handle.arn, &[(tags::LAST_UPDATE, &stamp)])
+                .await?;
         }
         Ok(())
     }
 
-    async fn list_trust_domain_keys(&self) -> Result<Vec<KeyRecord>, BackendError> {
+    async fn list(&self) -> Result<Vec<KeyRecord>, BackendError> {
         let tagged = self
-            .tagged_keys(&[(naming::TAG_TRUST_DOMAIN, self.trust_domain.as_str())])
+            .tagged_keys(&[(tags::TRUST_DOMAIN, self.trust_domain.as_str())])
             .await?;
-        let mut records = Vec::new();
-        for (arn, tags) in tagged {
-            let arn = arn.as_str();
-            let tag = |key: &str| tags.get(key).cloned();
-            let described = match self.client.describe_key().key_id(arn).send().await {
-                Ok(out) => out,
-                Err(e) if e.code() == Some("NotFoundException") => continue,
-                Err(e) => return Err(map_sdk_error("DescribeKey", arn, e)),
-            };
-            let Some(metadata) = described.key_metadata() else {
-                continue;
-            };
-            let state = match metadata.key_state() {
-                Some(KeyState::Enabled) => StoreKeyState::Enabled,
-                Some(KeyState::PendingDeletion) | Some(KeyState::PendingReplicaDeletion) => {
-                    StoreKeyState::PendingDeletion
+        // What discovery would find, to tell current keys from leftovers.
+        let alias_targets: HashSet<String> = match self.discovery {
+            Discovery::Alias => self
+                .trust_domain_aliases()
+                .await?
+                .into_iter()
+                .map(|(_, target)| target)
+                .collect(),
+            Discovery::Tags => HashSet::new(),
+        };
+        let mut described = Vec::with_capacity(tagged.len());
+        for batch in tagged.chunks(CONCURRENCY) {
+            let metadata = join_all(batch.iter().map(|(arn, _)| self.describe(arn))).await;
+            for ((arn, key_tags), metadata) in batch.iter().zip(metadata) {
+                if let Some(metadata) = metadata? {
+                    described.push((arn.clone(), key_tags.clone(), metadata));
                 }
-                _ => StoreKeyState::Disabled,
-            };
-            records.push(KeyRecord {
-                locator: arn.to_string(),
-                trust_domain: tag(naming::TAG_TRUST_DOMAIN),
-                server_id: tag(naming::TAG_SERVER_ID),
-                state,
-                active: tag(naming::TAG_ACTIVE).as_deref() == Some("true"),
-                last_stamp: tag(naming::TAG_LAST_UPDATE).and_then(|v| parse_stamp(&v)),
-                created: metadata
-                    .creation_date()
-                    .and_then(|d| u64::try_from(d.secs()).ok())
-                    .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
-                deletion_intent: tag(naming::TAG_DELETE_INTENT).is_some(),
-            });
+            }
         }
-        Ok(records)
+        // Tag discovery: the newest enabled active key of each (server, key id).
+        let mut newest_active: HashMap<(String, String), (i64, String)> = HashMap::new();
+        for (arn, key_tags, metadata) in &described {
+            if key_tags.get(tags::ACTIVE).map(String::as_str) == Some("true")
+                && metadata.key_state() == Some(&KeyState::Enabled)
+                && let (Some(server), Some(id)) =
+                    (key_tags.get(tags::SERVER_ID), key_tags.get(tags::KEY_ID))
+            {
+                let created = metadata.creation_date().map_or(0, |d| d.secs());
+                let entry = newest_active
+                    .entry((server.clone(), id.clone()))
+                    .or_insert((created, arn.clone()));
+                if created > entry.0 {
+                    *entry = (created, arn.clone());
+                }
+            }
+        }
+        let newest: HashSet<&str> = newest_active
+            .values()
+            .map(|(_, arn)| arn.as_str())
+            .collect();
+        Ok(described
+            .iter()
+            .map(|(arn, key_tags, metadata)| {
+                let tag = |key: &str| key_tags.get(key).cloned();
+                let published = match self.discovery {
+                    Discovery::Alias => alias_targets.contains(metadata.key_id()),
+                    Discovery::Tags => newest.contains(arn.as_str()),
+                };
+                KeyRecord {
+                    locator: arn.clone(),
+                    trust_domain: tag(tags::TRUST_DOMAIN),
+                    server_id: tag(tags::SERVER_ID),
+                    key_id: tag(tags::KEY_ID),
+                    state: match metadata.key_state() {
+                        Some(KeyState::Enabled) => StoreKeyState::Enabled,
+                        Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion) => {
+                            StoreKeyState::PendingDeletion
+                        }
+                        _ => StoreKeyState::Disabled,
+                    },
+                    published,
+                    last_stamp: tag(tags::LAST_UPDATE).and_then(|v| parse_stamp(&v)),
+                    created: metadata
+                        .creation_date()
+                        .and_then(|d| u64::try_from(d.secs()).ok())
+                        .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
+                    deletion_intent: tag(tags::DELETE_INTENT).is_some(),
+                }
+            })
+            .collect())
     }
 
-    async fn delete(&self, locator: &str) -> Result<(), BackendError> {
-        self.schedule_deletion(locator).await
+    async fn delete(&self, record: &KeyRecord) -> Result<(), BackendError> {
+        self.schedule_deletion(&record.locator).await
     }
 }
 
@@ -837,64 +808,4 @@ fn tag(key: &str, value: &str) -> Result<Tag, BackendError> {
         .tag_value(value)
         .build()
         .map_err(|e| BackendError::with_source(BackendErrorKind::Internal, "building KMS tags", e))
-}
-
-/// Unix seconds, as the `spire-last-update` and intent tags hold them.
-/// Maps an SDK failure (KMS or the tagging API: both share smithy's response type) to a
-/// kind once, naming the operation and the object.
-fn map_sdk_error<E>(
-    operation: &str,
-    object: &str,
-    error: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
-) -> BackendError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let (kind, detail) = match &error {
-        SdkError::TimeoutError(_) => (BackendErrorKind::Unavailable, "timed out".to_string()),
-        SdkError::DispatchFailure(_) => (
-            BackendErrorKind::Unavailable,
-            "could not reach KMS".to_string(),
-        ),
-        SdkError::ResponseError(_) => (
-            BackendErrorKind::Unavailable,
-            "unreadable KMS response".to_string(),
-        ),
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or("unknown");
-            let kind = match code {
-                "ThrottlingException" | "LimitExceededException" => {
-                    BackendErrorKind::ResourceExhausted
-                }
-                "NotFoundException" => BackendErrorKind::NotFound,
-                "AccessDeniedException" | "AccessDenied" | "UnrecognizedClientException" => {
-                    BackendErrorKind::PermissionDenied
-                }
-                "DisabledException" | "KMSInvalidStateException" => {
-                    BackendErrorKind::FailedPrecondition
-                }
-                "ValidationException" | "InvalidKeyUsageException" => {
-                    BackendErrorKind::InvalidArgument
-                }
-                "KMSInternalException"
-                | "DependencyTimeoutException"
-                | "InternalFailure"
-                | "ServiceUnavailable" => BackendErrorKind::Unavailable,
-                _ if service.raw().status().is_server_error() => BackendErrorKind::Unavailable,
-                _ => BackendErrorKind::Internal,
-            };
-            (
-                kind,
-                format!("{code}: {}", service.err().message().unwrap_or("")),
-            )
-        }
-        _ => (
-            BackendErrorKind::Internal,
-            "request could not be built".to_string(),
-        ),
-    };
-    BackendError::new(
-        kind,
-        format!("KMS {operation} on {object} failed: {detail}"),
-    )
 }

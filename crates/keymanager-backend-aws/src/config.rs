@@ -1,24 +1,22 @@
-//! `plugin_data` of the `aws_kms` backend.
+//! `plugin_data` of the `aws_kms` backend (the kit's shell reads `key_identifier_file`,
+//! `key_identifier_value`, `endpoint` and the lifecycle schedule).
 //!
 //! SPIRE's keys, same meaning: `access_key_id`, `secret_access_key`, `region`,
-//! `key_identifier_file`, `key_identifier_value`, `key_policy_file`, `key_tags`,
-//! `enable_tag_based_key_discovery`. Ours: `key_prefix` (the older external plugin's
-//! per-server prefix, mapped onto the server identity, deprecated), `assume_role_arn`,
-//! `external_id`, `role_session_name`, `endpoint`.
+//! `key_policy_file`, `key_tags`, `enable_tag_based_key_discovery`. Ours: `key_prefix` (the
+//! older external plugin's per-server prefix, mapped onto `key_identifier_value`,
+//! deprecated), `assume_role_arn`, `external_id`, `role_session_name`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-use keymanager_engine::server_identity::ServerIdSource;
-use keymanager_engine::settings::{Secret, Settings, SettingsError};
+use keymanager_engine::kit::policy_file::PolicyFile;
+use keymanager_engine::settings::{Secret, Settings, SettingsError, echo};
+use keymanager_engine::{OnChange, SettingState};
 
-/// The keys this backend reads.
+/// The keys this backend reads itself.
 pub const SETTING_KEYS: &[&str] = &[
     "access_key_id",
     "secret_access_key",
     "region",
-    "key_identifier_file",
-    "key_identifier_value",
     "key_policy_file",
     "key_tags",
     "enable_tag_based_key_discovery",
@@ -26,7 +24,6 @@ pub const SETTING_KEYS: &[&str] = &[
     "assume_role_arn",
     "external_id",
     "role_session_name",
-    "endpoint",
 ];
 
 /// Default STS session name when assuming a role.
@@ -82,34 +79,31 @@ pub struct AssumeRole {
     pub session_name: String,
 }
 
-/// A validated `aws_kms` configuration.
+/// The `aws_kms` backend's own validated settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AwsKmsConfig {
+pub struct AwsKmsSettings {
     /// The KMS region.
     pub region: String,
     /// Credentials.
     pub credentials: Credentials,
-    /// The server identity.
-    pub server_id: ServerIdSource,
-    /// A key policy (JSON text) from `key_policy_file`, replacing the default policy.
-    pub key_policy: Option<String>,
+    /// A key policy from `key_policy_file`, replacing the default policy.
+    pub key_policy: Option<PolicyFile>,
     /// User tags added to every key this server creates.
     pub key_tags: BTreeMap<String, String>,
     /// Discovery mode.
     pub discovery: Discovery,
     /// Cross-account role, if any.
     pub assume_role: Option<AssumeRole>,
-    /// Endpoint override (VPC endpoints, local testing).
-    pub endpoint: Option<String>,
-    /// Deprecation warnings to log when the backend opens.
-    pub warnings: Vec<String>,
 }
 
-impl AwsKmsConfig {
+impl AwsKmsSettings {
     /// Takes and validates this backend's keys from `settings`. Reads `key_policy_file`
-    /// (reading is the only I/O; nothing is written).
-    pub fn parse(settings: &mut Settings) -> Result<Self, SettingsError> {
-        let mut warnings = Vec::new();
+    /// (reading is the only I/O; nothing is written). `key_prefix` is mapped onto
+    /// `key_identifier_value` for the shell to read, with a warning.
+    pub fn parse(
+        settings: &mut Settings,
+        warnings: &mut Vec<String>,
+    ) -> Result<Self, SettingsError> {
         let region = settings.take_nonempty_string("region")?.ok_or_else(|| {
             SettingsError::missing(
                 "region",
@@ -122,7 +116,10 @@ impl AwsKmsConfig {
         {
             return Err(SettingsError::invalid(
                 "region",
-                format!("{region:?} is not an AWS region name (lowercase letters, digits and '-')"),
+                format!(
+                    "{} is not an AWS region name (lowercase letters, digits and '-')",
+                    echo(&region)
+                ),
             ));
         }
 
@@ -149,34 +146,24 @@ impl AwsKmsConfig {
             }
         };
 
-        let key_prefix = settings.take_nonempty_string("key_prefix")?;
-        let has_identifier =
-            settings.contains("key_identifier_file") || settings.contains("key_identifier_value");
-        let server_id = match key_prefix {
-            Some(prefix) if has_identifier => {
+        if let Some(prefix) = settings.take_nonempty_string("key_prefix")? {
+            if settings.contains("key_identifier_file") || settings.contains("key_identifier_value")
+            {
                 return Err(SettingsError::invalid(
                     "key_prefix",
-                    format!(
-                        "key_prefix ({prefix:?}) is deprecated and cannot be combined with key_identifier_file or key_identifier_value; remove it"
-                    ),
+                    "key_prefix is deprecated and cannot be combined with key_identifier_file or key_identifier_value; remove it",
                 ));
             }
-            Some(prefix) => {
-                let value = prefix.trim_end_matches('/').to_string();
-                check_identifier_value(&value)
-                    .map_err(|reason| SettingsError::invalid("key_prefix", reason))?;
-                warnings.push(format!(
-                    "key_prefix is deprecated: it is used as key_identifier_value = {value:?}; set that instead"
-                ));
-                ServerIdSource::Value(value)
-            }
-            None => ServerIdSource::take_from(settings, check_identifier_value)?,
-        };
+            let value = prefix.trim_end_matches('/').to_string();
+            check_identifier_value(&value)
+                .map_err(|reason| SettingsError::invalid("key_prefix", reason))?;
+            warnings.push(format!(
+                "key_prefix is deprecated: it is used as key_identifier_value = {value:?}; set that instead"
+            ));
+            settings.put_string("key_identifier_value", value);
+        }
 
-        let key_policy = match settings.take_nonempty_string("key_policy_file")? {
-            None => None,
-            Some(path) => Some(read_policy(PathBuf::from(path))?),
-        };
+        let key_policy = PolicyFile::take_from(settings)?;
 
         let key_tags = settings.take_string_map("key_tags")?.unwrap_or_default();
         check_key_tags(&key_tags)?;
@@ -219,31 +206,74 @@ impl AwsKmsConfig {
             }
         };
 
-        let endpoint = settings.take_nonempty_string("endpoint")?;
-        if let Some(endpoint) = &endpoint {
-            let rest = endpoint
-                .strip_prefix("https://")
-                .or_else(|| endpoint.strip_prefix("http://"))
-                .filter(|rest| !rest.is_empty() && !rest.starts_with('/'));
-            if rest.is_none() {
-                return Err(SettingsError::invalid(
-                    "endpoint",
-                    format!("{endpoint:?} must be an http:// or https:// URL with a host"),
-                ));
-            }
-        }
-
         Ok(Self {
             region,
             credentials,
-            server_id,
             key_policy,
             key_tags,
             discovery,
             assume_role,
-            endpoint,
-            warnings,
         })
+    }
+
+    /// Every setting with what a change at run time means. Credentials (static keys, the
+    /// role to assume) and what new keys get (policy, tags) apply at once; the discovery
+    /// mode at the next start; the region is the store itself (see the store identity).
+    pub fn describe(&self) -> Vec<SettingState> {
+        let credentials = match &self.credentials {
+            Credentials::DefaultChain => SettingState::new(
+                "access_key_id/secret_access_key",
+                "default chain",
+                OnChange::Runtime,
+            ),
+            Credentials::Static {
+                access_key_id,
+                secret_access_key,
+            } => SettingState::secret(
+                "access_key_id/secret_access_key",
+                &[
+                    access_key_id.as_bytes(),
+                    secret_access_key.expose().as_bytes(),
+                ],
+                OnChange::Runtime,
+            ),
+        };
+        let role = match &self.assume_role {
+            None => SettingState::new(
+                "assume_role_arn/external_id/role_session_name",
+                "none",
+                OnChange::Runtime,
+            ),
+            Some(role) => SettingState::secret(
+                "assume_role_arn/external_id/role_session_name",
+                &[
+                    role.role_arn.as_bytes(),
+                    role.external_id
+                        .as_ref()
+                        .map_or(&b""[..], |e| e.expose().as_bytes()),
+                    role.session_name.as_bytes(),
+                ],
+                OnChange::Runtime,
+            ),
+        };
+        vec![
+            credentials,
+            role,
+            SettingState::secret(
+                "key_policy_file",
+                &[self
+                    .key_policy
+                    .as_ref()
+                    .map_or(&b""[..], |p| p.text.as_bytes())],
+                OnChange::Runtime,
+            ),
+            SettingState::new("key_tags", &self.key_tags, OnChange::Runtime),
+            SettingState::new(
+                "enable_tag_based_key_discovery",
+                self.discovery,
+                OnChange::NextStart,
+            ),
+        ]
     }
 }
 
@@ -332,7 +362,10 @@ fn check_role_arn(arn: &str) -> Result<(), SettingsError> {
     } else {
         Err(SettingsError::invalid(
             "assume_role_arn",
-            format!("{arn:?} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)"),
+            format!(
+                "{} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)",
+                echo(arn)
+            ),
         ))
     }
 }
@@ -363,34 +396,15 @@ fn check_sts_string(
     Ok(())
 }
 
-fn read_policy(path: PathBuf) -> Result<String, SettingsError> {
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        SettingsError::invalid(
-            "key_policy_file",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
-    match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(serde_json::Value::Object(_)) => Ok(text),
-        Ok(_) => Err(SettingsError::invalid(
-            "key_policy_file",
-            format!(
-                "{} must hold a JSON object (a KMS key policy)",
-                path.display()
-            ),
-        )),
-        Err(e) => Err(SettingsError::invalid(
-            "key_policy_file",
-            format!("{} is not valid JSON: {e}", path.display()),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use keymanager_engine::kit::KmsConfig;
+    use keymanager_engine::kit::server_identity::ServerIdSource;
     use keymanager_engine::settings::SettingValue;
+    use keymanager_engine::{BackendFactory, CoreConfig};
 
     use super::*;
+    use crate::AwsKmsBackend;
 
     fn settings(pairs: &[(&str, SettingValue)]) -> Settings {
         Settings::new(
@@ -412,28 +426,40 @@ mod tests {
         ]
     }
 
-    fn parse(extra: &[(&'static str, SettingValue)]) -> Result<AwsKmsConfig, String> {
+    /// Parses through the registered factory, as the plugin does.
+    fn parse(extra: &[(&'static str, SettingValue)]) -> Result<KmsConfig<AwsKmsBackend>, String> {
         let mut pairs = base();
         pairs.extend_from_slice(extra);
-        let mut settings = settings(&pairs);
-        let config = AwsKmsConfig::parse(&mut settings).map_err(|e| e.to_string())?;
-        settings.finish(SETTING_KEYS).map_err(|e| e.to_string())?;
-        Ok(config)
+        parse_all(settings(&pairs))
+    }
+
+    fn parse_all(mut settings: Settings) -> Result<KmsConfig<AwsKmsBackend>, String> {
+        let factory = crate::AwsKmsFactory::new();
+        let core = CoreConfig {
+            trust_domain: "example.org".into(),
+        };
+        let config = factory
+            .parse(&mut settings, &core)
+            .map_err(|e| e.to_string())?;
+        settings
+            .finish(&factory.setting_keys())
+            .map_err(|e| e.to_string())?;
+        let any: Box<dyn std::any::Any> = config;
+        Ok(*any.downcast::<KmsConfig<AwsKmsBackend>>().unwrap())
     }
 
     #[test]
     fn minimal_configuration_uses_the_default_chain_and_alias_discovery() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config.credentials, Credentials::DefaultChain);
-        assert_eq!(config.discovery, Discovery::Alias);
+        assert_eq!(config.backend.credentials, Credentials::DefaultChain);
+        assert_eq!(config.backend.discovery, Discovery::Alias);
         assert_eq!(config.server_id, ServerIdSource::Value("server-a".into()));
         assert!(config.warnings.is_empty());
     }
 
     #[test]
     fn region_is_required_and_checked() {
-        let mut settings = settings(&[("key_identifier_value", s("a"))]);
-        let err = AwsKmsConfig::parse(&mut settings).unwrap_err().to_string();
+        let err = parse_all(settings(&[("key_identifier_value", s("a"))])).unwrap_err();
         assert!(err.starts_with("\"region\" is required"), "{err}");
         assert!(
             parse(&[("region", s("US East"))])
@@ -453,7 +479,10 @@ mod tests {
             ("secret_access_key", s("wJalrXUtnFEMIK7MDENG")),
         ])
         .unwrap();
-        assert!(matches!(config.credentials, Credentials::Static { .. }));
+        assert!(matches!(
+            config.backend.credentials,
+            Credentials::Static { .. }
+        ));
         assert!(
             !format!("{config:?}").contains("wJalr"),
             "secret must be redacted"
@@ -486,16 +515,14 @@ mod tests {
             ("region", s("us-east-1")),
             ("key_prefix", s("SPIRE_SERVER_KEY/")),
         ];
-        let config = AwsKmsConfig::parse(&mut settings(&pairs)).unwrap();
+        let config = parse_all(settings(&pairs)).unwrap();
         assert_eq!(
             config.server_id,
             ServerIdSource::Value("SPIRE_SERVER_KEY".into())
         );
         assert!(config.warnings[0].contains("deprecated"));
         pairs.push(("key_identifier_value", s("x")));
-        let err = AwsKmsConfig::parse(&mut settings(&pairs))
-            .unwrap_err()
-            .to_string();
+        let err = parse_all(settings(&pairs)).unwrap_err().to_string();
         assert!(err.contains("cannot be combined"), "{err}");
     }
 
@@ -551,7 +578,7 @@ mod tests {
             ("external_id", s("tenant-42")),
         ])
         .unwrap();
-        let role = config.assume_role.unwrap();
+        let role = config.backend.assume_role.unwrap();
         assert_eq!(role.session_name, DEFAULT_ROLE_SESSION_NAME);
         assert!(!format!("{role:?}").contains("tenant-42"));
         assert!(
@@ -584,11 +611,15 @@ mod tests {
             ("enable_tag_based_key_discovery", SettingValue::Bool(true)),
         ])
         .unwrap();
-        assert_eq!(config.discovery, Discovery::Tags);
+        assert_eq!(config.backend.discovery, Discovery::Tags);
+        assert_eq!(
+            config.endpoint.as_ref().map(|e| e.as_str()),
+            Some("http://127.0.0.1:4566")
+        );
         assert!(
             parse(&[("endpoint", s("127.0.0.1:4566"))])
                 .unwrap_err()
-                .contains("http:// or https://")
+                .contains("must start with https://")
         );
         assert!(
             parse(&[("enable_tag_based_key_discovery", s("yes"))])
@@ -608,7 +639,14 @@ mod tests {
         let path = dir.path().join("policy.json");
         std::fs::write(&path, r#"{"Version": "2012-10-17", "Statement": []}"#).unwrap();
         let config = parse(&[("key_policy_file", s(path.to_str().unwrap()))]).unwrap();
-        assert!(config.key_policy.unwrap().contains("2012-10-17"));
+        assert!(
+            config
+                .backend
+                .key_policy
+                .unwrap()
+                .text
+                .contains("2012-10-17")
+        );
         std::fs::write(&path, "[1]").unwrap();
         assert!(
             parse(&[("key_policy_file", s(path.to_str().unwrap()))])
@@ -619,7 +657,7 @@ mod tests {
         assert!(
             parse(&[("key_policy_file", s(path.to_str().unwrap()))])
                 .unwrap_err()
-                .contains("not valid JSON")
+                .contains("not JSON")
         );
         let missing = dir.path().join("missing.json");
         assert!(

@@ -6,20 +6,6 @@ pub const ALIAS_ROOT: &str = "alias/SPIRE_SERVER/";
 /// KMS limits alias names to 256 characters.
 pub const MAX_ALIAS_LEN: usize = 256;
 
-/// Tag: the trust domain (plain, not hashed).
-pub const TAG_TRUST_DOMAIN: &str = "spire-server-td";
-/// Tag: the server id.
-pub const TAG_SERVER_ID: &str = "spire-server-id";
-/// Tag: whether the key is (or was) the active key for its id.
-pub const TAG_ACTIVE: &str = "spire-active";
-/// Tag: the SPIRE key id.
-pub const TAG_KEY_ID: &str = "spire-key-id";
-/// Tag: the liveness stamp (Unix seconds).
-pub const TAG_LAST_UPDATE: &str = "spire-last-update";
-/// Tag: deletion intent, recorded in KMS before ScheduleKeyDeletion so that a crash in
-/// between cannot leak the key (the next sweep finishes the job). Ours, not SPIRE's.
-pub const TAG_DELETE_INTENT: &str = "spire-delete-intent";
-
 /// The trust domain as it appears in aliases: `.` becomes `_`.
 pub fn alias_trust_domain(trust_domain: &str) -> String {
     trust_domain.replace('.', "_")

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keymanager_engine::settings::{Settings, SettingsError};
-use keymanager_engine::{Backend, BackendConfig, BackendError, BackendFactory, CoreConfig};
+use keymanager_engine::{
+    BackendConfig, BackendError, BackendErrorKind, BackendFactory, CoreConfig, Opened,
+    OpenedBackend, SettingState, StoreIdentity,
+};
 
 use crate::{DiskBackend, KeyFile, SoftwareKey};
 
@@ -19,20 +22,21 @@ impl BackendFactory for DiskFactory {
         "disk"
     }
 
-    fn setting_keys(&self) -> &'static [&'static str] {
-        KEYS
+    fn setting_keys(&self) -> Vec<&'static str> {
+        KEYS.to_vec()
     }
 
     fn parse(
         &self,
         settings: &mut Settings,
-        _core: &CoreConfig,
+        core: &CoreConfig,
     ) -> Result<Box<dyn BackendConfig>, SettingsError> {
         let keys_path = settings.take_nonempty_string("keys_path")?.ok_or_else(|| {
             SettingsError::missing("keys_path", "the path of the JSON file that holds the keys")
         })?;
         Ok(Box::new(DiskConfig {
             keys_path: PathBuf::from(keys_path),
+            trust_domain: core.trust_domain.clone(),
         }))
     }
 }
@@ -42,23 +46,42 @@ impl BackendFactory for DiskFactory {
 pub struct DiskConfig {
     /// The keys file. Relative paths resolve against SPIRE's working directory.
     pub keys_path: PathBuf,
+    /// The trust domain (part of the store identity).
+    pub trust_domain: String,
+}
+
+impl DiskConfig {
+    /// The keys file's directory, when it is named and does not exist.
+    fn missing_directory(&self) -> Option<PathBuf> {
+        match self.keys_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Some(dir.to_path_buf()),
+            _ => None,
+        }
+    }
 }
 
 #[async_trait]
 impl BackendConfig for DiskConfig {
-    fn store_identity(&self) -> String {
-        format!("disk:{}", self.keys_path.display())
+    fn identity(&self) -> StoreIdentity {
+        StoreIdentity {
+            backend: "disk",
+            store: format!("keys file {}", self.keys_path.display()),
+            trust_domain: self.trust_domain.clone(),
+            server: None,
+        }
+    }
+
+    fn settings(&self) -> Vec<SettingState> {
+        // keys_path is the store itself: a change is refused through the store identity.
+        Vec::new()
     }
 
     fn problems(&self) -> Vec<String> {
-        match self.keys_path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-                return vec![format!(
-                    "the directory {} of keys_path does not exist; GenerateKey would fail",
-                    dir.display()
-                )];
-            }
-            _ => {}
+        if let Some(dir) = self.missing_directory() {
+            return vec![format!(
+                "the directory {} of keys_path does not exist; GenerateKey would fail",
+                dir.display()
+            )];
         }
         // Reading is side-effect free: a file that Configure would refuse is a problem now.
         let entries = match KeyFile::new(self.keys_path.clone()).read() {
@@ -75,7 +98,16 @@ impl BackendConfig for DiskConfig {
             .collect()
     }
 
-    async fn open(&self) -> Result<Arc<dyn Backend>, BackendError> {
-        Ok(Arc::new(DiskBackend::new(self.keys_path.clone())))
+    async fn open(&self) -> Result<Box<dyn OpenedBackend>, BackendError> {
+        if let Some(dir) = self.missing_directory() {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                format!(
+                    "invalid \"keys_path\": its directory {} does not exist; create it (mode 0700) or point keys_path elsewhere",
+                    dir.display()
+                ),
+            ));
+        }
+        Ok(Opened::new(Arc::new(DiskBackend::new(self.keys_path.clone()))).boxed())
     }
 }

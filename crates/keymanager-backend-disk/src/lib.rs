@@ -14,13 +14,14 @@ pub use config::{DiskConfig, DiskFactory};
 pub use keyfile::KeyFile;
 pub use software_key::SoftwareKey;
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use keymanager_engine::{
-    Backend, BackendError, BackendErrorKind, BackendKey, BackendSignature, Capabilities, Digest,
-    KeyHandle, KeyId, KeyType, PssSaltSupport, SignatureScheme, SigningSupport,
+    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, Fingerprint,
+    KeyHandle, KeyId, KeyType, PssSaltSupport, SignatureScheme, SigningSupport, StoredKey,
 };
 
 const CAPABILITIES: Capabilities = Capabilities {
@@ -30,10 +31,34 @@ const CAPABILITIES: Capabilities = Capabilities {
     key_algorithm_name: None,
 };
 
+/// A software key: its material and a locator naming the file, the id and the key.
+#[derive(Clone)]
+pub struct DiskKey {
+    locator: Arc<str>,
+    key: Arc<SoftwareKey>,
+}
+
+impl KeyHandle for DiskKey {
+    fn locator(&self) -> &str {
+        &self.locator
+    }
+}
+
+impl fmt::Debug for DiskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key material is never printed.
+        write!(f, "DiskKey({:?})", self.locator)
+    }
+}
+
 /// Software keys in a local file.
+///
+/// Two-phase creation: `prepare` generates the key in memory only; `publish` writes it into
+/// the file with one atomic rename (the switch); `abort` and `retire` have nothing left to
+/// do, since the file never held the aborted key and no longer holds the replaced one.
 pub struct DiskBackend {
     file: KeyFile,
-    /// Serialises writers; held across file I/O, never touched by signing.
+    /// Serialises writers in this process; held across file I/O, never touched by signing.
     write_lock: tokio::sync::Mutex<()>,
 }
 
@@ -46,29 +71,31 @@ impl DiskBackend {
         }
     }
 
-    fn backend_key(id: KeyId, key: SoftwareKey) -> Result<BackendKey, BackendError> {
-        let spki_der = key.spki_der()?;
-        let locator = format!("disk:{id}");
-        Ok(BackendKey {
-            id,
-            key_type: key.key_type(),
-            spki_der: Arc::from(spki_der),
-            handle: KeyHandle::new(locator, key),
+    fn handle(&self, id: &KeyId, key: SoftwareKey) -> Result<DiskKey, BackendError> {
+        let spki = key.spki_der()?;
+        Ok(DiskKey {
+            locator: Arc::from(locator(&self.file, id, &spki)),
+            key: Arc::new(key),
         })
     }
-}
 
-#[async_trait]
-impl Backend for DiskBackend {
-    fn name(&self) -> &'static str {
-        "disk"
+    fn stored(&self, id: KeyId, key: SoftwareKey) -> Result<StoredKey<DiskKey>, BackendError> {
+        let spki_der: Arc<[u8]> = Arc::from(key.spki_der()?);
+        let key_type = key.key_type();
+        let handle = DiskKey {
+            locator: Arc::from(locator(&self.file, &id, &spki_der)),
+            key: Arc::new(key),
+        };
+        Ok(StoredKey {
+            id,
+            key_type,
+            spki_der,
+            handle,
+        })
     }
 
-    fn capabilities(&self) -> &Capabilities {
-        &CAPABILITIES
-    }
-
-    async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
+    /// Every entry of the file as software keys; errors name the path and the id.
+    async fn read_all(&self) -> Result<Vec<(KeyId, SoftwareKey)>, BackendError> {
         let file = self.file.clone();
         let entries = blocking(move || file.read()).await?;
         entries
@@ -89,41 +116,107 @@ impl Backend for DiskBackend {
                         ),
                     )
                 })?;
-                Self::backend_key(id, key)
+                Ok((id, key))
             })
             .collect()
     }
+}
 
-    async fn create_key(
+/// `<keys file>#<id>@<first 16 hex digits of the fingerprint>`: unique per key instance.
+fn locator(file: &KeyFile, id: &KeyId, spki_der: &[u8]) -> String {
+    let fingerprint = Fingerprint::of_spki(spki_der);
+    format!(
+        "{}#{id}@{}",
+        file.path().display(),
+        &fingerprint.as_str()[..16]
+    )
+}
+
+#[async_trait]
+impl Backend for DiskBackend {
+    type Handle = DiskKey;
+    type Config = DiskConfig;
+
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &CAPABILITIES
+    }
+
+    async fn discover(&self) -> Result<Vec<StoredKey<DiskKey>>, BackendError> {
+        self.read_all()
+            .await?
+            .into_iter()
+            .map(|(id, key)| self.stored(id, key))
+            .collect()
+    }
+
+    async fn prepare(
         &self,
         id: &KeyId,
         key_type: KeyType,
-        _replaces: Option<&BackendKey>,
-    ) -> Result<BackendKey, BackendError> {
-        // Key generation (seconds for RSA-4096) runs off the async workers and outside any lock.
+        _replaces: Option<&StoredKey<DiskKey>>,
+    ) -> Result<DiskKey, BackendError> {
+        // Key generation (seconds for RSA-4096) runs off the async workers and outside any
+        // lock; the key exists in memory only until publish writes it.
         let key = blocking(move || SoftwareKey::generate(key_type)).await?;
-        let pkcs8 = key.to_pkcs8_der()?;
+        self.handle(id, key)
+    }
+
+    async fn public_key(&self, prepared: &DiskKey) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+        Ok((prepared.key.key_type(), Arc::from(prepared.key.spki_der()?)))
+    }
+
+    async fn publish(
+        &self,
+        new: &StoredKey<DiskKey>,
+        _replaces: Option<&StoredKey<DiskKey>>,
+    ) -> Result<(), BackendError> {
+        let pkcs8 = new.handle.key.to_pkcs8_der()?;
         let _writer = self.write_lock.lock().await;
         let file = self.file.clone();
-        let id_string = id.as_str().to_string();
-        // Read-modify-write of the whole file: if the write fails, the file (and therefore
-        // the previous key under this id) is untouched.
+        let id = new.id.as_str().to_string();
+        // Read-modify-write of the whole file; the rename is the switch. If the write
+        // fails, the file (and the previous key under this id) is untouched.
         blocking(move || {
             let mut entries = file.read()?;
-            entries.insert(id_string, pkcs8);
+            entries.insert(id, pkcs8);
             file.write(&entries)
         })
-        .await?;
-        Self::backend_key(id.clone(), key)
+        .await
+    }
+
+    async fn find(&self, id: &KeyId) -> Result<Option<String>, BackendError> {
+        Ok(self
+            .read_all()
+            .await?
+            .into_iter()
+            .find(|(found, _)| found == id)
+            .map(|(id, key)| key.spki_der().map(|spki| locator(&self.file, &id, &spki)))
+            .transpose()?)
+    }
+
+    async fn abort(&self, _prepared: &DiskKey) -> Result<(), BackendError> {
+        // Never written: dropping the handle drops the key.
+        Ok(())
+    }
+
+    async fn retire(&self, replaced: &StoredKey<DiskKey>) -> Result<(), BackendError> {
+        // publish already replaced the entry in the file; the old private key lives on only
+        // in memory until in-flight signatures finish with it.
+        tracing::debug!(key_id = %replaced.id, "replaced disk key dropped from the keys file");
+        Ok(())
     }
 
     async fn sign(
         &self,
-        key: &BackendKey,
+        key: &StoredKey<DiskKey>,
         digest: &Digest,
         scheme: SignatureScheme,
     ) -> Result<BackendSignature, BackendError> {
-        let software = key.handle.get::<SoftwareKey>(self.name())?;
+        let software = &key.handle.key;
         if software.is_rsa() {
             // RSA private-key operations take milliseconds: keep them off the async workers.
             let software = software.clone();
@@ -132,13 +225,6 @@ impl Backend for DiskBackend {
         } else {
             software.sign(digest, scheme)
         }
-    }
-
-    async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError> {
-        // create_key already overwrote the entry in the file; the old private key lives on
-        // only in memory until in-flight signatures finish with it.
-        tracing::debug!(key_id = %replaced.id, "replaced disk key dropped from the keys file");
-        Ok(())
     }
 }
 

@@ -21,14 +21,14 @@ fn digest_of(hash: HashAlgorithm, message: &[u8]) -> Vec<u8> {
 
 /// Signs through the engine and verifies with ring, an independent implementation.
 async fn assert_verifies(
-    engine: &Engine,
+    engine: &Engine<DiskBackend>,
     key: &str,
     opts: SignerOpts,
     algorithm: &'static dyn VerificationAlgorithm,
 ) {
     let message = format!("message for {key} with {opts:?}");
     let digest = digest_of(opts.hash(), message.as_bytes());
-    let signature = engine.sign(&id(key), digest, opts).await.unwrap();
+    let signature = engine.sign(&id(key), digest, opts, None).await.unwrap();
     let public = engine.public_key(&id(key)).unwrap();
     assert_eq!(signature.fingerprint, public.fingerprint);
     let spki = x509_parser::prelude::FromDer::from_der(&public.spki_der);
@@ -44,6 +44,7 @@ async fn every_key_type_signs_verifiably_and_survives_a_restart() {
     let path = dir.path().join("keys.json");
     let engine = Engine::start(
         Arc::new(DiskBackend::new(path.clone())),
+        None,
         EngineOptions::default(),
     )
     .await
@@ -138,9 +139,13 @@ async fn every_key_type_signs_verifiably_and_survives_a_restart() {
 
     let before = engine.public_keys();
     drop(engine);
-    let reopened = Engine::start(Arc::new(DiskBackend::new(path)), EngineOptions::default())
-        .await
-        .unwrap();
+    let reopened = Engine::start(
+        Arc::new(DiskBackend::new(path)),
+        None,
+        EngineOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         reopened.public_keys(),
         before,
@@ -159,9 +164,15 @@ async fn every_key_type_signs_verifiably_and_survives_a_restart() {
 async fn file_uses_spires_disk_format() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.json");
-    let backend = DiskBackend::new(path.clone());
-    backend
-        .create_key(&id("x509-CA-A"), KeyType::EcP256, None)
+    let engine = Engine::start(
+        Arc::new(DiskBackend::new(path.clone())),
+        None,
+        EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    engine
+        .generate_key(id("x509-CA-A"), KeyType::EcP256)
         .await
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -180,10 +191,7 @@ async fn corrupt_or_unreadable_files_are_errors_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.json");
     std::fs::write(&path, b"{\"keys\": {\"a\": \"not base64!\"}}").unwrap();
-    let err = DiskBackend::new(path.clone())
-        .load_keys()
-        .await
-        .unwrap_err();
+    let err = DiskBackend::new(path.clone()).discover().await.unwrap_err();
     assert!(
         err.message.contains(&path.display().to_string()),
         "{}",
@@ -191,23 +199,17 @@ async fn corrupt_or_unreadable_files_are_errors_naming_the_path() {
     );
 
     std::fs::write(&path, b"garbage").unwrap();
-    let err = DiskBackend::new(path.clone())
-        .load_keys()
-        .await
-        .unwrap_err();
+    let err = DiskBackend::new(path.clone()).discover().await.unwrap_err();
     assert!(err.message.contains("is corrupt"), "{}", err.message);
     assert!(err.message.contains(&path.display().to_string()));
 
     std::fs::write(&path, b"{\"keys\": {\"a\": \"AAAA\"}}").unwrap();
-    let err = DiskBackend::new(path.clone())
-        .load_keys()
-        .await
-        .unwrap_err();
+    let err = DiskBackend::new(path.clone()).discover().await.unwrap_err();
     assert!(err.message.contains("key \"a\""), "{}", err.message);
 
     // A directory where the file should be cannot be read.
     let err = DiskBackend::new(dir.path().to_path_buf())
-        .load_keys()
+        .discover()
         .await
         .unwrap_err();
     assert!(
@@ -225,6 +227,7 @@ async fn failed_write_keeps_the_previous_key() {
     let path = keys_dir.join("keys.json");
     let engine = Engine::start(
         Arc::new(DiskBackend::new(path.clone())),
+        None,
         EngineOptions::default(),
     )
     .await
@@ -297,7 +300,7 @@ fn production_schemes_take_the_aws_lc_fast_path_and_the_rest_fall_back() {
             .is_some()
     );
     assert!(
-        fast.sign(&[1; 32], pss(PssSaltLength::Exact(20), 20))
+        fast.sign(&[1; 32], pss(PssSaltLength::exact(20).unwrap(), 20))
             .is_none()
     );
     assert!(

@@ -1,9 +1,21 @@
-//! The `gcp_kms` backend: one CryptoKey per SPIRE key id, rotation adds a CryptoKeyVersion,
+//! The `gcp_kms` adapter: one CryptoKey per SPIRE key id, rotation adds a CryptoKeyVersion,
 //! every signature is a Cloud KMS `AsymmetricSign` over the digest.
+//!
+//! Two-phase creation on Cloud KMS:
+//! - a new id: *prepare* creates the CryptoKey labelled `spire-active=false` (discovery
+//!   filters on `spire-active = true`, so it is not found) with its first version; *publish*
+//!   labels it active;
+//! - a rotation: *prepare* adds a version. Cloud KMS cannot create a version that the
+//!   newest-enabled rule ignores, so the version is found once ENABLED: publishing and
+//!   preparing coincide, and *abort* (destroying the version) is what undoes it;
+//! - shared keys: *prepare* rotates under the lock (`shared`), the version is everyone's.
+//!
+//! *retire* schedules the replaced version's destruction (shared versions are left to the
+//! sweep, since other servers may still sign with them).
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
@@ -11,24 +23,29 @@ use google_cloud_kms_v1::model::crypto_key_version::{
     CryptoKeyVersionAlgorithm as Algorithm, CryptoKeyVersionState as State,
 };
 use google_cloud_kms_v1::model::{CryptoKey, CryptoKeyVersion};
-use keymanager_engine::lifecycle::{KeyLifecycle, parse_stamp, stamp_text};
+use keymanager_engine::kit::{KmsAdapter, KmsConfig};
+use keymanager_engine::lifecycle::{
+    KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity, parse_stamp, stamp_text,
+};
 use keymanager_engine::settings::{Settings, SettingsError};
-use keymanager_engine::sweep::{KeyRecord, StoreKeyState, SweeperIdentity};
 use keymanager_engine::{
-    Backend, BackendConfig, BackendError, BackendErrorKind, BackendFactory, BackendKey,
-    BackendSignature, Capabilities, CoreConfig, Digest, HashAlgorithm, KeyHandle, KeyId, KeyType,
-    PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
+    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, CoreConfig, Digest,
+    HashAlgorithm, KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SettingState,
+    SignatureScheme, SigningSupport, StoredKey,
 };
 
-use crate::config::{GcpKmsConfig, SETTING_KEYS, SharedKeys};
-use crate::kms::{self, Auth, ENABLED_FILTER, Kms, KmsError};
+use crate::config::{self, GcpKmsSettings, ProtectionLevel, SharedKeys};
+use crate::kms::{self, ATTEMPT_TIMEOUT, Auth, ENABLED_FILTER, Kms, KmsError};
 use crate::naming;
+use crate::shared::{RELEASED, SharedOps, SharedRotation, SystemClock, VersionInfo};
 
 /// How long a new version may stay in PENDING_GENERATION (RSA-4096 and HSM keys take
 /// minutes; SPIRE's ten quick tries give up, spiffe/spire#6923).
 pub const GENERATION_BUDGET: Duration = Duration::from_secs(5 * 60);
 const POLL_FIRST: Duration = Duration::from_millis(50);
 const POLL_MAX: Duration = Duration::from_secs(5);
+/// How often a server waiting for a shared rotation looks for the holder's version.
+const SHARED_POLL: Duration = Duration::from_millis(200);
 /// The owner marker of shared keys in sweep records: no server owns them.
 const SHARED_OWNER: &str = "<shared>";
 
@@ -66,145 +83,181 @@ fn key_algorithm_name(key_type: KeyType) -> &'static str {
     }
 }
 
-/// Registers the `gcp_kms` backend.
-pub struct GcpKmsFactory;
-
-impl BackendFactory for GcpKmsFactory {
-    fn name(&self) -> &'static str {
-        "gcp_kms"
-    }
-
-    fn setting_keys(&self) -> &'static [&'static str] {
-        SETTING_KEYS
-    }
-
-    fn manages_key_lifecycle(&self) -> bool {
-        true
-    }
-
-    fn parse(
-        &self,
-        settings: &mut Settings,
-        core: &CoreConfig,
-    ) -> Result<Box<dyn BackendConfig>, SettingsError> {
-        let config = GcpKmsConfig::parse(settings)?;
-        Ok(Box::new(GcpBackendConfig {
-            config,
-            trust_domain: core.trust_domain.clone(),
-        }))
-    }
-}
-
-/// A validated configuration plus the trust domain.
-#[derive(Debug)]
-pub struct GcpBackendConfig {
-    config: GcpKmsConfig,
-    trust_domain: String,
-}
-
-#[async_trait]
-impl BackendConfig for GcpBackendConfig {
-    fn store_identity(&self) -> String {
-        format!("gcp_kms:{}", self.config.key_ring)
-    }
-
-    fn problems(&self) -> Vec<String> {
-        self.config.server_id.problems()
-    }
-
-    async fn open(&self) -> Result<Arc<dyn Backend>, BackendError> {
-        Ok(Arc::new(
-            GcpKmsBackend::open(&self.config, &self.trust_domain).await?,
-        ))
-    }
-}
-
 /// Which version of which CryptoKey a SPIRE key is.
 #[derive(Clone, Debug)]
-pub(crate) struct VersionRef {
-    pub crypto_key: String,
-    pub version: String,
-    pub algorithm: Algorithm,
-    pub shared: bool,
+pub struct GcpKey {
+    version: Arc<str>,
+    crypto_key: Arc<str>,
+    algorithm: Algorithm,
+    shared: bool,
+    /// Prepared in a new CryptoKey, which publish labels active.
+    activate: bool,
+}
+
+impl GcpKey {
+    fn new(version: &str, algorithm: Algorithm, shared: bool, activate: bool) -> Self {
+        Self {
+            version: Arc::from(version),
+            crypto_key: Arc::from(kms::crypto_key_of(version)),
+            algorithm,
+            shared,
+            activate,
+        }
+    }
+}
+
+impl KeyHandle for GcpKey {
+    fn locator(&self) -> &str {
+        &self.version
+    }
+}
+
+/// What keys created from now on get; replaced by a re-Configure.
+#[derive(Debug)]
+struct NewKeys {
+    protection: ProtectionLevel,
+    policy: Option<serde_json::Value>,
 }
 
 /// The backend.
 pub struct GcpKmsBackend {
-    pub(crate) kms: Kms,
-    pub(crate) key_ring: String,
-    pub(crate) td_hash: String,
-    pub(crate) server_id: String,
-    pub(crate) shared: Option<SharedKeys>,
-    protection: crate::config::ProtectionLevel,
-    key_policy: Option<serde_json::Value>,
-    /// Shared versions this process has served from a GenerateKey (never held across I/O).
-    generated: std::sync::Mutex<std::collections::HashSet<String>>,
+    kms: RwLock<Arc<Kms>>,
+    key_ring: String,
+    td_hash: String,
+    server_id: String,
+    shared: Option<SharedKeys>,
+    /// `clock_skew_allowance`: also how long after a lock's lease a waiter takes over.
+    skew: Duration,
+    new_keys: RwLock<Arc<NewKeys>>,
+    /// Per shared CryptoKey, the highest version number this process served from a
+    /// GenerateKey: bounded by the number of shared keys. Never held across I/O.
+    served: Mutex<HashMap<String, u64>>,
 }
 
-impl GcpKmsBackend {
-    /// Resolves the server id and builds the client (no KMS call yet).
-    pub async fn open(config: &GcpKmsConfig, trust_domain: &str) -> Result<Self, BackendError> {
-        for warning in &config.warnings {
-            tracing::warn!("{warning}");
-        }
-        let server_id = config.server_id.resolve()?;
-        let auth = match &config.service_account_file {
-            Some(path) => Auth::ServiceAccountFile(path.clone()),
-            None => Auth::ApplicationDefault,
-        };
-        let kms = Kms::connect(auth, config.endpoint.as_deref()).await?;
+fn auth(settings: &GcpKmsSettings) -> Auth {
+    match &settings.service_account_file {
+        Some(file) => Auth::ServiceAccountFile(file.path.clone()),
+        None => Auth::ApplicationDefault,
+    }
+}
+
+#[async_trait]
+impl KmsAdapter for GcpKmsBackend {
+    const NAME: &'static str = "gcp_kms";
+    const SETTING_KEYS: &'static [&'static str] = config::SETTING_KEYS;
+    type Settings = GcpKmsSettings;
+
+    fn parse(
+        settings: &mut Settings,
+        _core: &CoreConfig,
+        warnings: &mut Vec<String>,
+    ) -> Result<GcpKmsSettings, SettingsError> {
+        GcpKmsSettings::parse(settings, warnings)
+    }
+
+    fn check_server_id(value: &str) -> Result<(), String> {
+        naming::check_server_id(value)
+    }
+
+    fn missing_identity_hint(settings: &GcpKmsSettings) -> Option<&'static str> {
+        settings
+            .shared
+            .is_some()
+            .then_some(config::SHARED_MODE_IDENTITY_HINT)
+    }
+
+    fn store(settings: &GcpKmsSettings) -> String {
+        format!("key ring {}", settings.key_ring)
+    }
+
+    fn describe(settings: &GcpKmsSettings) -> Vec<SettingState> {
+        settings.describe()
+    }
+
+    async fn open(config: &KmsConfig<Self>, server_id: String) -> Result<Self, BackendError> {
+        let settings = &config.backend;
+        let kms =
+            Kms::connect(auth(settings), config.endpoint.as_ref().map(|e| e.as_str())).await?;
         tracing::info!(
-            key_ring = %config.key_ring,
+            key_ring = %settings.key_ring,
             server_id = %server_id,
-            shared_keys = config.shared.as_ref().map(|s| s.template.source()).unwrap_or("off"),
+            shared_keys = settings.shared.as_ref().map(|s| s.template.source()).unwrap_or("off"),
             "gcp_kms backend ready"
         );
         Ok(Self {
-            kms,
-            key_ring: config.key_ring.clone(),
-            td_hash: naming::trust_domain_hash(trust_domain),
+            kms: RwLock::new(Arc::new(kms)),
+            key_ring: settings.key_ring.clone(),
+            td_hash: naming::trust_domain_hash(&config.trust_domain),
             server_id,
-            shared: config.shared.clone(),
-            protection: config.protection_level,
-            key_policy: config.key_policy.clone(),
-            generated: Default::default(),
+            shared: settings.shared.clone(),
+            skew: config.schedule.policy.max_clock_skew,
+            new_keys: RwLock::new(Arc::new(NewKeys {
+                protection: settings.protection_level,
+                policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
+            })),
+            served: Mutex::new(HashMap::new()),
         })
     }
+}
 
-    /// Whether this process served `version` from a GenerateKey.
-    pub(crate) fn generated_here(&self, version: &str) -> bool {
-        self.generated.lock().is_ok_and(|set| set.contains(version))
+impl GcpKmsBackend {
+    /// The client; the lock is held to clone it only, never across a call.
+    fn kms(&self) -> Arc<Kms> {
+        self.kms
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    pub(crate) fn remember_generated(&self, version: &str) {
-        if let Ok(mut set) = self.generated.lock() {
-            set.insert(version.to_string());
-        }
+    fn new_keys(&self) -> Arc<NewKeys> {
+        self.new_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// True when `id` is served from a shared CryptoKey.
-    pub(crate) fn is_shared(&self, id: &str) -> bool {
+    fn is_shared(&self, id: &str) -> bool {
         self.shared
             .as_ref()
             .is_some_and(|s| s.shared_key_ids.is_match(id))
     }
 
-    pub(crate) fn crypto_key_name(&self, crypto_key_id: &str) -> String {
+    fn crypto_key_name(&self, crypto_key_id: &str) -> String {
         format!("{}/cryptoKeys/{crypto_key_id}", self.key_ring)
     }
 
-    /// Labels of a per-server CryptoKey.
-    fn standard_labels(&self, now: SystemTime) -> HashMap<String, String> {
+    /// The CryptoKey that holds `id`, and whether it is shared.
+    fn crypto_key_for(&self, id: &KeyId) -> Result<(String, bool), BackendError> {
+        if let Some(shared) = self.shared.as_ref().filter(|_| self.is_shared(id.as_str())) {
+            let crypto_key_id = shared
+                .template
+                .render(&self.td_hash, id.as_str())
+                .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))?;
+            return Ok((self.crypto_key_name(&crypto_key_id), true));
+        }
+        let crypto_key_id = naming::standard_crypto_key_id(&self.server_id, id.as_str());
+        naming::check_crypto_key_id(&crypto_key_id).map_err(|reason| {
+            BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                format!("key id {:?} cannot name a CryptoKey: {reason}", id.as_str()),
+            )
+        })?;
+        Ok((self.crypto_key_name(&crypto_key_id), false))
+    }
+
+    /// Labels of a per-server CryptoKey; `active` is false until publish.
+    fn standard_labels(&self, now: SystemTime, active: bool) -> HashMap<String, String> {
         HashMap::from([
             (naming::LABEL_TRUST_DOMAIN.into(), self.td_hash.clone()),
             (naming::LABEL_SERVER_ID.into(), self.server_id.clone()),
-            (naming::LABEL_ACTIVE.into(), "true".into()),
+            (naming::LABEL_ACTIVE.into(), active.to_string()),
             (naming::LABEL_LAST_UPDATE.into(), stamp_text(now)),
         ])
     }
 
     /// Labels of a shared CryptoKey: no owner, any server using it stamps it.
-    pub(crate) fn shared_labels(&self, now: SystemTime) -> HashMap<String, String> {
+    fn shared_labels(&self, now: SystemTime) -> HashMap<String, String> {
         HashMap::from([
             (naming::LABEL_TRUST_DOMAIN.into(), self.td_hash.clone()),
             (naming::LABEL_SHARED.into(), "true".into()),
@@ -213,25 +266,35 @@ impl GcpKmsBackend {
         ])
     }
 
-    pub(crate) async fn ensure_policy(&self, crypto_key: &str) -> Result<(), BackendError> {
-        self.kms
-            .ensure_policy(crypto_key, self.key_policy.as_ref())
-            .await
+    /// Whether a CryptoKey's labels say it is this server's (or a shared key of this trust
+    /// domain): the guard before any label write.
+    fn owns(&self, labels: &HashMap<String, String>) -> bool {
+        let label = |name: &str| labels.get(name).map(String::as_str);
+        label(naming::LABEL_TRUST_DOMAIN) == Some(self.td_hash.as_str())
+            && (label(naming::LABEL_SERVER_ID) == Some(self.server_id.as_str())
+                || label(naming::LABEL_SHARED) == Some("true"))
+            && label(naming::LABEL_LOCK).is_none()
     }
 
-    pub(crate) async fn create_crypto_key(
+    async fn ensure_policy(&self, crypto_key: &str) -> Result<(), BackendError> {
+        let policy = self.new_keys().policy.clone();
+        self.kms().ensure_policy(crypto_key, policy.as_ref()).await
+    }
+
+    async fn create_crypto_key(
         &self,
         crypto_key_id: &str,
         algorithm: Algorithm,
         labels: HashMap<String, String>,
         skip_initial_version: bool,
     ) -> Result<CryptoKey, KmsError> {
-        self.kms
+        let protection = self.new_keys().protection;
+        self.kms()
             .create_crypto_key(
                 &self.key_ring,
                 crypto_key_id,
                 algorithm,
-                self.protection,
+                protection,
                 labels,
                 skip_initial_version,
             )
@@ -239,24 +302,20 @@ impl GcpKmsBackend {
     }
 
     /// Waits until `version` leaves PENDING_GENERATION (time-based backoff inside
-    /// [`GENERATION_BUDGET`]) and returns it as a key of `id`.
-    pub(crate) async fn await_key(
-        &self,
-        id: &KeyId,
-        version: &str,
-        shared: bool,
-    ) -> Result<BackendKey, BackendError> {
-        let started = Instant::now();
+    /// [`GENERATION_BUDGET`]) and returns its public key.
+    async fn await_key(&self, version: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+        let kms = self.kms();
+        let started = tokio::time::Instant::now();
         let mut pause = POLL_FIRST;
         loop {
-            match self.kms.public_key(version).await {
-                Ok(public) => return self.key_from(id, version, public, shared),
+            match kms.public_key(version).await {
+                Ok(public) => return key_type_and_spki(version, public),
                 Err(e) if e.failed_precondition() => {}
                 Err(e) => return Err(e.into()),
             }
             // ENABLED between the two calls: the next public-key read succeeds (after the
             // pause, so a service answering inconsistently is not hammered).
-            let state = self.kms.get_version(version).await?.state;
+            let state = kms.get_version(version).await?.state;
             match state {
                 State::PendingGeneration | State::Enabled => {}
                 other => {
@@ -285,36 +344,16 @@ impl GcpKmsBackend {
         }
     }
 
-    fn key_from(
+    /// The newest ENABLED version of a CryptoKey that a SPIRE key type can use.
+    async fn newest_enabled(
         &self,
-        id: &KeyId,
-        version: &str,
-        public: kms::FetchedPublicKey,
-        shared: bool,
-    ) -> Result<BackendKey, BackendError> {
-        let key_type = kms::key_type_of(&public.algorithm).ok_or_else(|| {
-            BackendError::new(
-                BackendErrorKind::FailedPrecondition,
-                format!(
-                    "CryptoKeyVersion {version} has algorithm {:?}, which no SPIRE key type uses",
-                    public.algorithm
-                ),
-            )
-        })?;
-        Ok(BackendKey {
-            id: id.clone(),
-            key_type,
-            spki_der: public.spki_der.into(),
-            handle: KeyHandle::new(
-                version.to_string(),
-                VersionRef {
-                    crypto_key: kms::crypto_key_of(version).to_string(),
-                    version: version.to_string(),
-                    algorithm: public.algorithm,
-                    shared,
-                },
-            ),
-        })
+        crypto_key: &str,
+    ) -> Result<Option<CryptoKeyVersion>, BackendError> {
+        let versions = self.kms().list_versions(crypto_key, ENABLED_FILTER).await?;
+        Ok(versions
+            .into_iter()
+            .filter(|v| v.state == State::Enabled && kms::key_type_of(&v.algorithm).is_some())
+            .max_by_key(|v| kms::version_number(&v.name)))
     }
 
     /// The newest ENABLED version of a CryptoKey, as a key of `id`.
@@ -323,92 +362,168 @@ impl GcpKmsBackend {
         id: KeyId,
         crypto_key: &str,
         shared: bool,
-    ) -> Result<Option<BackendKey>, BackendError> {
-        let versions = self.kms.list_versions(crypto_key, ENABLED_FILTER).await?;
-        let Some(newest) = versions
-            .iter()
-            .filter(|v| v.state == State::Enabled && kms::key_type_of(&v.algorithm).is_some())
-            .max_by_key(|v| kms::version_number(&v.name))
-        else {
+    ) -> Result<Option<StoredKey<GcpKey>>, BackendError> {
+        let Some(newest) = self.newest_enabled(crypto_key).await? else {
             return Ok(None);
         };
-        let public = self.kms.public_key(&newest.name).await?;
-        self.key_from(&id, &newest.name, public, shared).map(Some)
+        let public = self.kms().public_key(&newest.name).await?;
+        let algorithm = public.algorithm.clone();
+        let (key_type, spki_der) = key_type_and_spki(&newest.name, public)?;
+        Ok(Some(StoredKey {
+            id,
+            key_type,
+            spki_der,
+            handle: GcpKey::new(&newest.name, algorithm, shared, false),
+        }))
     }
 
-    /// Standard mode: a new CryptoKey, or a new version of the existing one.
-    async fn create_standard(
+    /// Standard mode: the first version of a new (inactive) CryptoKey, or a new version of
+    /// the existing one.
+    async fn prepare_standard(
         &self,
-        id: &KeyId,
+        name: &str,
         key_type: KeyType,
-        replaces: Option<&VersionRef>,
-    ) -> Result<BackendKey, BackendError> {
-        let crypto_key_id = naming::standard_crypto_key_id(&self.server_id, id.as_str());
-        naming::check_crypto_key_id(&crypto_key_id).map_err(|reason| {
-            BackendError::new(
-                BackendErrorKind::InvalidArgument,
-                format!("key id {:?} cannot name a CryptoKey: {reason}", id.as_str()),
-            )
-        })?;
+        replaces: Option<&GcpKey>,
+    ) -> Result<GcpKey, BackendError> {
+        let kms = self.kms();
         let algorithm = kms::algorithm_for(key_type);
-        let name = self.crypto_key_name(&crypto_key_id);
         if let Some(current) = replaces
-            && current.crypto_key == name
+            && *current.crypto_key == *name
         {
             if current.algorithm != algorithm {
-                let key = self.kms.get_crypto_key(&name).await?;
-                self.kms.set_template_algorithm(&key, algorithm).await?;
+                let key = kms.get_crypto_key(name).await?;
+                kms.set_template_algorithm(&key, algorithm.clone()).await?;
             }
-            let version = self.kms.create_version(&name).await?;
-            return self.await_key(id, &version.name, false).await;
+            let version = kms.create_version(name).await?;
+            return Ok(GcpKey::new(&version.name, algorithm, false, false));
         }
-        let labels = self.standard_labels(SystemTime::now());
+        let crypto_key_id = naming::last_segment(name);
         match self
-            .create_crypto_key(&crypto_key_id, algorithm.clone(), labels.clone(), false)
+            .create_crypto_key(
+                crypto_key_id,
+                algorithm.clone(),
+                self.standard_labels(SystemTime::now(), false),
+                false,
+            )
             .await
         {
             Ok(key) => {
                 self.ensure_policy(&key.name).await?;
                 let version = format!("{}/cryptoKeyVersions/1", key.name);
-                self.await_key(id, &version, false).await
+                Ok(GcpKey::new(&version, algorithm, false, true))
             }
             Err(e) if e.already_exists() => {
                 // Left by an earlier run (inactive, no enabled version, or a crash after
-                // creation): take it over with a fresh version.
-                let key = self.kms.get_crypto_key(&name).await?;
-                if key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) != Some("true") {
+                // creation), or SPIRE's built-in's: take it over with a fresh version.
+                let key = kms.get_crypto_key(name).await?;
+                let active =
+                    key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("true");
+                if !active {
                     let mut merged = key.labels.clone();
-                    merged.extend(labels);
-                    self.kms.set_labels(&key, merged).await?;
+                    merged.extend(self.standard_labels(SystemTime::now(), false));
+                    kms.set_labels(&key, merged).await?;
                 }
                 if key.version_template.as_ref().map(|t| &t.algorithm) != Some(&algorithm) {
-                    self.kms.set_template_algorithm(&key, algorithm).await?;
+                    kms.set_template_algorithm(&key, algorithm.clone()).await?;
                 }
-                self.ensure_policy(&name).await?;
-                let version = self.kms.create_version(&name).await?;
-                self.await_key(id, &version.name, false).await
+                self.ensure_policy(name).await?;
+                let version = kms.create_version(name).await?;
+                Ok(GcpKey::new(&version.name, algorithm, false, !active))
             }
             Err(e) => Err(e.into()),
         }
     }
 
+    /// Shared mode: rotate (or adopt) under the lock.
+    async fn prepare_shared(&self, name: &str, key_type: KeyType) -> Result<GcpKey, BackendError> {
+        let Some(shared) = &self.shared else {
+            return Err(BackendError::new(
+                BackendErrorKind::Internal,
+                "shared rotation without shared_keys",
+            ));
+        };
+        let algorithm = kms::algorithm_for(key_type);
+        let template = self.ensure_shared_key(name, algorithm.clone()).await?;
+        let last_served = self
+            .served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .copied();
+        let rotation = SharedRotation {
+            ops: self,
+            clock: &SystemClock,
+            crypto_key: name,
+            td_hash: &self.td_hash,
+            holder: &self.server_id,
+            lease: shared.lock_lease,
+            skew: self.skew,
+            reuse_window: shared.reuse_window,
+            budget: GENERATION_BUDGET,
+            call_timeout: ATTEMPT_TIMEOUT,
+            poll: SHARED_POLL,
+            last_served,
+        };
+        let version = rotation.rotate(&algorithm, template).await?;
+        let number = kms::version_number(&version);
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = served.entry(name.to_string()).or_insert(number);
+        *entry = (*entry).max(number);
+        Ok(GcpKey::new(&version, algorithm, true, false))
+    }
+
+    /// Makes sure the shared CryptoKey exists (created without a version: versions are only
+    /// ever created under the lock) and returns the algorithm its template gives versions.
+    async fn ensure_shared_key(
+        &self,
+        name: &str,
+        algorithm: Algorithm,
+    ) -> Result<Algorithm, BackendError> {
+        let kms = self.kms();
+        let key = match kms.get_crypto_key(name).await {
+            Ok(key) => key,
+            Err(e) if e.not_found() => {
+                match self
+                    .create_crypto_key(
+                        naming::last_segment(name),
+                        algorithm.clone(),
+                        self.shared_labels(SystemTime::now()),
+                        true,
+                    )
+                    .await
+                {
+                    Ok(key) => {
+                        self.ensure_policy(&key.name).await?;
+                        key
+                    }
+                    Err(e) if e.already_exists() => kms.get_crypto_key(name).await?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(key
+            .version_template
+            .map(|t| t.algorithm)
+            .unwrap_or(algorithm))
+    }
+
     /// Marks a CryptoKey inactive when none of its versions is enabled any more.
     async fn deactivate_if_empty(&self, crypto_key: &str) -> Result<(), BackendError> {
-        let enabled = self.kms.list_versions(crypto_key, ENABLED_FILTER).await?;
+        let kms = self.kms();
+        let enabled = kms.list_versions(crypto_key, ENABLED_FILTER).await?;
         if enabled.iter().any(|v| v.state == State::Enabled) {
             return Ok(());
         }
-        let key = self.kms.get_crypto_key(crypto_key).await?;
-        self.set_inactive(&key).await
-    }
-
-    async fn set_inactive(&self, key: &CryptoKey) -> Result<(), BackendError> {
-        if key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("false") {
+        let key = kms.get_crypto_key(crypto_key).await?;
+        if !self.owns(&key.labels)
+            || key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("false")
+        {
             return Ok(());
         }
         let mut labels = key.labels.clone();
         labels.insert(naming::LABEL_ACTIVE.into(), "false".into());
-        self.kms.set_labels(key, labels).await?;
+        kms.set_labels(&key, labels).await?;
         tracing::info!(crypto_key = %key.name, "CryptoKey has no enabled version: marked inactive");
         Ok(())
     }
@@ -423,7 +538,7 @@ impl GcpKmsBackend {
             self.server_id,
             naming::LABEL_ACTIVE
         );
-        let keys = self.kms.list_crypto_keys(&self.key_ring, &filter).await?;
+        let keys = self.kms().list_crypto_keys(&self.key_ring, &filter).await?;
         Ok(keys
             .into_iter()
             .filter_map(|key| {
@@ -450,7 +565,7 @@ impl GcpKmsBackend {
             naming::LABEL_SHARED,
             naming::LABEL_ACTIVE
         );
-        let keys = self.kms.list_crypto_keys(&self.key_ring, &filter).await?;
+        let keys = self.kms().list_crypto_keys(&self.key_ring, &filter).await?;
         Ok(keys
             .into_iter()
             .filter_map(|key| {
@@ -468,17 +583,106 @@ impl GcpKmsBackend {
     }
 }
 
+fn key_type_and_spki(
+    version: &str,
+    public: kms::FetchedPublicKey,
+) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+    let key_type = kms::key_type_of(&public.algorithm).ok_or_else(|| {
+        BackendError::new(
+            BackendErrorKind::FailedPrecondition,
+            format!(
+                "CryptoKeyVersion {version} has algorithm {:?}, which no SPIRE key type uses",
+                public.algorithm
+            ),
+        )
+    })?;
+    Ok((key_type, public.spki_der.into()))
+}
+
+#[async_trait]
+impl SharedOps for GcpKmsBackend {
+    async fn versions(&self, crypto_key: &str) -> Result<Vec<VersionInfo>, BackendError> {
+        Ok(self
+            .kms()
+            .list_versions(crypto_key, "")
+            .await?
+            .into_iter()
+            .map(|v| VersionInfo {
+                number: kms::version_number(&v.name),
+                live: kms::is_live(&v.state),
+                created: kms::to_system_time(v.create_time.as_ref()),
+                algorithm: v.algorithm,
+                name: v.name,
+            })
+            .collect())
+    }
+
+    async fn create_lock(
+        &self,
+        lock_id: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<bool, BackendError> {
+        match self
+            .create_crypto_key(lock_id, Algorithm::EcSignP256Sha256, labels, true)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.already_exists() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn lock_labels(&self, lock_id: &str) -> Result<HashMap<String, String>, BackendError> {
+        Ok(self
+            .kms()
+            .get_crypto_key(&self.crypto_key_name(lock_id))
+            .await?
+            .labels)
+    }
+
+    async fn release_lock(&self, lock_id: &str) {
+        let kms = self.kms();
+        let name = self.crypto_key_name(lock_id);
+        let released = async {
+            let lock = kms.get_crypto_key(&name).await?;
+            let mut labels = lock.labels.clone();
+            labels.insert(naming::LABEL_LOCK_EXPIRES.into(), RELEASED.into());
+            kms.set_labels(&lock, labels).await
+        };
+        if let Err(e) = released.await {
+            tracing::debug!(lock = %name, error = %e.error, "could not release the rotation lock; its lease ends it");
+        }
+    }
+
+    async fn set_template_algorithm(
+        &self,
+        crypto_key: &str,
+        algorithm: &Algorithm,
+    ) -> Result<(), BackendError> {
+        let kms = self.kms();
+        let key = kms.get_crypto_key(crypto_key).await?;
+        Ok(kms.set_template_algorithm(&key, algorithm.clone()).await?)
+    }
+
+    async fn create_version(&self, crypto_key: &str) -> Result<String, BackendError> {
+        Ok(self.kms().create_version(crypto_key).await?.name)
+    }
+}
+
 #[async_trait]
 impl Backend for GcpKmsBackend {
+    type Handle = GcpKey;
+    type Config = KmsConfig<Self>;
+
     fn name(&self) -> &'static str {
-        "gcp_kms"
+        Self::NAME
     }
 
     fn capabilities(&self) -> &Capabilities {
         &CAPABILITIES
     }
 
-    async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
+    async fn discover(&self) -> Result<Vec<StoredKey<GcpKey>>, BackendError> {
         let mut found: Vec<(KeyId, String, bool)> = self
             .discover_standard()
             .await?
@@ -501,55 +705,91 @@ impl Backend for GcpKmsBackend {
         .await;
         let mut keys = Vec::new();
         for result in loaded {
-            if let Some(key) = result? {
-                keys.push(key);
-            }
+            keys.extend(result?);
         }
         Ok(keys)
     }
 
-    async fn create_key(
+    async fn prepare(
         &self,
         id: &KeyId,
         key_type: KeyType,
-        replaces: Option<&BackendKey>,
-    ) -> Result<BackendKey, BackendError> {
-        let current = match replaces {
-            Some(key) => Some(key.handle.get::<VersionRef>(self.name())?),
-            None => None,
-        };
-        if self.is_shared(id.as_str()) {
-            crate::shared::rotate(self, id, key_type, current).await
+        replaces: Option<&StoredKey<GcpKey>>,
+    ) -> Result<GcpKey, BackendError> {
+        let (name, shared) = self.crypto_key_for(id)?;
+        if shared {
+            self.prepare_shared(&name, key_type).await
         } else {
-            self.create_standard(id, key_type, current).await
+            self.prepare_standard(&name, key_type, replaces.map(|k| &k.handle))
+                .await
         }
     }
 
-    async fn sign(
-        &self,
-        key: &BackendKey,
-        digest: &Digest,
-        scheme: SignatureScheme,
-    ) -> Result<BackendSignature, BackendError> {
-        let version = key.handle.get::<VersionRef>(self.name())?;
-        let signature = self.kms.sign(&version.version, digest).await?;
-        Ok(match scheme {
-            SignatureScheme::Ecdsa(_) => BackendSignature::EcdsaDer(signature),
-            SignatureScheme::RsaPkcs1v15(_) | SignatureScheme::RsaPss { .. } => {
-                BackendSignature::Rsa(signature)
-            }
-        })
+    async fn public_key(&self, prepared: &GcpKey) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+        self.await_key(&prepared.version).await
     }
 
-    async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError> {
-        let version = replaced.handle.get::<VersionRef>(self.name())?;
+    async fn publish(
+        &self,
+        new: &StoredKey<GcpKey>,
+        _replaces: Option<&StoredKey<GcpKey>>,
+    ) -> Result<(), BackendError> {
+        if !new.handle.activate {
+            return Ok(());
+        }
+        let kms = self.kms();
+        let key = kms.get_crypto_key(&new.handle.crypto_key).await?;
+        if key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("true") {
+            return Ok(());
+        }
+        if !self.owns(&key.labels) {
+            return Err(BackendError::new(
+                BackendErrorKind::FailedPrecondition,
+                format!(
+                    "CryptoKey {} no longer carries this server's labels; not publishing into it",
+                    key.name
+                ),
+            ));
+        }
+        let mut labels = key.labels.clone();
+        labels.insert(naming::LABEL_ACTIVE.into(), "true".into());
+        Ok(kms.set_labels(&key, labels).await?)
+    }
+
+    async fn find(&self, id: &KeyId) -> Result<Option<String>, BackendError> {
+        let (name, _) = self.crypto_key_for(id)?;
+        let key = match self.kms().get_crypto_key(&name).await {
+            Ok(key) => key,
+            Err(e) if e.not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) != Some("true") {
+            return Ok(None);
+        }
+        Ok(self.newest_enabled(&name).await?.map(|v| v.name))
+    }
+
+    async fn abort(&self, prepared: &GcpKey) -> Result<(), BackendError> {
+        if prepared.shared {
+            // Other servers may have adopted it: the sweep retires it once superseded.
+            return Ok(());
+        }
+        match self.kms().destroy_version(&prepared.version).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.not_found() || e.failed_precondition() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn retire(&self, replaced: &StoredKey<GcpKey>) -> Result<(), BackendError> {
+        let version = &replaced.handle;
         if version.shared {
             // Other servers may still sign with it; the sweep destroys superseded shared
             // versions once they have been superseded for longer than the stale threshold.
             tracing::debug!(version = %version.version, "shared version kept for other servers");
             return Ok(());
         }
-        match self.kms.destroy_version(&version.version).await {
+        match self.kms().destroy_version(&version.version).await {
             Ok(destroyed) => {
                 tracing::info!(version = %version.version, destroy_time = ?destroyed.destroy_time.map(|t| t.seconds()), "replaced CryptoKeyVersion scheduled for destruction");
                 Ok(())
@@ -559,13 +799,44 @@ impl Backend for GcpKmsBackend {
         }
     }
 
-    fn lifecycle(&self) -> Option<&dyn KeyLifecycle> {
-        Some(self)
+    async fn sign(
+        &self,
+        key: &StoredKey<GcpKey>,
+        digest: &Digest,
+        scheme: SignatureScheme,
+    ) -> Result<BackendSignature, BackendError> {
+        let signature = self.kms().sign(&key.handle.version, digest).await?;
+        Ok(match scheme {
+            SignatureScheme::Ecdsa(_) => BackendSignature::EcdsaDer(signature),
+            SignatureScheme::RsaPkcs1v15(_) | SignatureScheme::RsaPss { .. } => {
+                BackendSignature::Rsa(signature)
+            }
+        })
+    }
+
+    async fn reconfigure(&self, config: &KmsConfig<Self>) -> Result<(), BackendError> {
+        let settings = &config.backend;
+        // A new client reads the (possibly rotated) service account key; calls in flight
+        // finish on the old one.
+        let kms =
+            Kms::connect(auth(settings), config.endpoint.as_ref().map(|e| e.as_str())).await?;
+        *self.kms.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(kms);
+        *self
+            .new_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(NewKeys {
+            protection: settings.protection_level,
+            policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
+        });
+        tracing::info!("gcp_kms credentials, key policy and protection level reloaded");
+        Ok(())
     }
 }
 
 #[async_trait]
 impl KeyLifecycle for GcpKmsBackend {
+    type Handle = GcpKey;
+
     fn identity(&self) -> SweeperIdentity {
         SweeperIdentity {
             trust_domain: self.td_hash.clone(),
@@ -573,64 +844,71 @@ impl KeyLifecycle for GcpKmsBackend {
         }
     }
 
-    async fn stamp(&self, keys: &[BackendKey], now: SystemTime) -> Result<(), BackendError> {
-        let mut crypto_keys: Vec<&str> = keys
-            .iter()
-            .filter_map(|k| k.handle.downcast::<VersionRef>())
-            .map(|v| v.crypto_key.as_str())
-            .collect();
+    async fn stamp(&self, keys: &[StoredKey<GcpKey>], now: SystemTime) -> Result<(), BackendError> {
+        let mut crypto_keys: Vec<&str> = keys.iter().map(|k| &*k.handle.crypto_key).collect();
         crypto_keys.sort_unstable();
         crypto_keys.dedup();
         let stamp = stamp_text(now);
+        let kms = self.kms();
         for name in crypto_keys {
-            // The update mask replaces the whole label map: read, change one label, write.
-            let key = self.kms.get_crypto_key(name).await?;
+            // Cloud KMS CryptoKeys have no etag and the update mask replaces the whole label
+            // map: read, check the key is still ours and active, change the stamp only.
+            let key = kms.get_crypto_key(name).await?;
+            let active = key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("true");
+            if !self.owns(&key.labels) || !active {
+                tracing::warn!(
+                    crypto_key = name,
+                    "not stamping a CryptoKey that is no longer this server's active key"
+                );
+                continue;
+            }
             let mut labels = key.labels.clone();
             labels.insert(naming::LABEL_LAST_UPDATE.into(), stamp.clone());
-            labels.insert(naming::LABEL_ACTIVE.into(), "true".into());
-            self.kms.set_labels(&key, labels).await?;
+            kms.set_labels(&key, labels).await?;
         }
         Ok(())
     }
 
-    async fn list_trust_domain_keys(&self) -> Result<Vec<KeyRecord>, BackendError> {
+    async fn list(&self) -> Result<Vec<KeyRecord>, BackendError> {
+        let kms = self.kms();
         let filter = format!("labels.{} = {}", naming::LABEL_TRUST_DOMAIN, self.td_hash);
-        let keys = self.kms.list_crypto_keys(&self.key_ring, &filter).await?;
+        let keys: Vec<CryptoKey> = kms
+            .list_crypto_keys(&self.key_ring, &filter)
+            .await?
+            .into_iter()
+            .filter(|key| !key.labels.contains_key(naming::LABEL_LOCK))
+            .collect();
+        let versions = join_all(
+            keys.iter()
+                .map(|key| kms.list_versions(&key.name, ENABLED_FILTER)),
+        )
+        .await;
         let mut records = Vec::new();
-        for key in keys {
-            if key.labels.contains_key(naming::LABEL_LOCK) {
-                continue;
-            }
-            let mut enabled: Vec<CryptoKeyVersion> = self
-                .kms
-                .list_versions(&key.name, ENABLED_FILTER)
-                .await?
+        for (key, versions) in keys.iter().zip(versions) {
+            let mut enabled: Vec<CryptoKeyVersion> = versions?
                 .into_iter()
                 .filter(|v| v.state == State::Enabled)
                 .collect();
-            if enabled.is_empty() {
-                self.set_inactive(&key).await?;
-                continue;
-            }
             enabled.sort_by_key(|v| kms::version_number(&v.name));
-            records.extend(version_records(&key, &enabled));
+            records.extend(version_records(key, &enabled));
         }
         Ok(records)
     }
 
-    async fn delete(&self, locator: &str) -> Result<(), BackendError> {
-        match self.kms.destroy_version(locator).await {
+    async fn delete(&self, record: &KeyRecord) -> Result<(), BackendError> {
+        match self.kms().destroy_version(&record.locator).await {
             Ok(_) => {}
             Err(e) if e.not_found() || e.failed_precondition() => {}
             Err(e) => return Err(e.into()),
         }
-        self.deactivate_if_empty(kms::crypto_key_of(locator)).await
+        self.deactivate_if_empty(kms::crypto_key_of(&record.locator))
+            .await
     }
 }
 
 /// Sweep records for the enabled versions of one CryptoKey (sorted oldest first). The newest
-/// carries the key's labels; a superseded version counts as inactive, and its liveness
-/// evidence is the moment it was superseded (the next version's creation).
+/// of an active CryptoKey is what discovery finds; a superseded version is not published,
+/// and its liveness evidence is the moment it was superseded (the next version's creation).
 fn version_records(key: &CryptoKey, enabled: &[CryptoKeyVersion]) -> Vec<KeyRecord> {
     let label = |name: &str| key.labels.get(name).cloned();
     let shared = label(naming::LABEL_SHARED).as_deref() == Some("true");
@@ -640,6 +918,8 @@ fn version_records(key: &CryptoKey, enabled: &[CryptoKeyVersion]) -> Vec<KeyReco
         label(naming::LABEL_SERVER_ID)
     };
     let stamp = label(naming::LABEL_LAST_UPDATE).and_then(|v| parse_stamp(&v));
+    let key_id = label(naming::LABEL_SERVER_ID)
+        .and_then(|server| naming::key_id_from_standard(naming::last_segment(&key.name), &server));
     enabled
         .iter()
         .enumerate()
@@ -649,8 +929,9 @@ fn version_records(key: &CryptoKey, enabled: &[CryptoKeyVersion]) -> Vec<KeyReco
                 locator: version.name.clone(),
                 trust_domain: label(naming::LABEL_TRUST_DOMAIN),
                 server_id: owner.clone(),
+                key_id: key_id.clone(),
                 state: StoreKeyState::Enabled,
-                active: next.is_none() && label(naming::LABEL_ACTIVE).as_deref() == Some("true"),
+                published: next.is_none() && label(naming::LABEL_ACTIVE).as_deref() == Some("true"),
                 last_stamp: match next {
                     None => stamp,
                     Some(next) => kms::to_system_time(next.create_time.as_ref()),
@@ -667,7 +948,7 @@ mod tests {
     use std::collections::HashSet;
 
     use google_cloud_wkt::Timestamp;
-    use keymanager_engine::sweep::{SweepPolicy, plan_sweep};
+    use keymanager_engine::lifecycle::{SweepPolicy, plan_sweep};
 
     use super::*;
 

@@ -10,22 +10,21 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keymanager_engine::server_identity::ServerIdSource;
-use keymanager_engine::settings::{Settings, SettingsError};
+use keymanager_engine::kit::policy_file::PolicyFile;
+use keymanager_engine::settings::{Settings, SettingsError, echo};
+use keymanager_engine::{OnChange, SettingState};
 
 use crate::naming::{self, KeyTemplate};
 
-/// The keys this backend reads.
+/// The keys this backend reads itself (the kit's shell reads `key_identifier_file`,
+/// `key_identifier_value`, `endpoint` and the lifecycle schedule).
 pub const SETTING_KEYS: &[&str] = &[
     "key_ring",
-    "key_identifier_file",
-    "key_identifier_value",
     "key_metadata_file",
     "key_policy_file",
     "service_account_file",
     "shared_keys",
     "protection_level",
-    "endpoint",
 ];
 
 /// The keys of the `shared_keys` block.
@@ -43,7 +42,7 @@ pub const DEFAULT_SHARED_KEY_IDS: &str = "^JWT-Signer-";
 pub const DEFAULT_REUSE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// How long a rotation lock protects its holder before others may take it over.
 pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(60);
-/// A lease must outlast one KMS call of the holder (see `backend::ATTEMPT_TIMEOUT`).
+/// A lease must outlast one KMS call of the holder (see `kms::ATTEMPT_TIMEOUT`).
 pub const MIN_LOCK_LEASE: Duration = Duration::from_secs(10);
 
 /// Where Cloud KMS keys are protected.
@@ -80,33 +79,40 @@ impl PartialEq for SharedKeys {
     }
 }
 
-/// A validated `gcp_kms` configuration. Holds no secrets: credentials stay in the files the
-/// paths name.
+/// A service account key file: its path and a digest of its content, so that a rotated
+/// key in the same file is noticed at re-Configure. Never holds the key itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountFile {
+    /// The file.
+    pub path: PathBuf,
+    /// The key file's content, read at Configure, digested for comparison only.
+    content_digest: SettingState,
+}
+
+/// The `gcp_kms` backend's own validated settings. Holds no secrets: credentials stay in
+/// the files the paths name.
 #[derive(Clone, Debug, PartialEq)]
-pub struct GcpKmsConfig {
+pub struct GcpKmsSettings {
     /// `projects/<p>/locations/<l>/keyRings/<r>`.
     pub key_ring: String,
-    /// The server identity.
-    pub server_id: ServerIdSource,
     /// An IAM policy (v3 JSON) from `key_policy_file`, replacing the default policy.
-    pub key_policy: Option<serde_json::Value>,
+    pub key_policy: Option<(PolicyFile, serde_json::Value)>,
     /// A service account key file; else Application Default Credentials.
-    pub service_account_file: Option<PathBuf>,
+    pub service_account_file: Option<ServiceAccountFile>,
     /// The shared-keys mode, if configured.
     pub shared: Option<SharedKeys>,
     /// Protection level of created keys.
     pub protection_level: ProtectionLevel,
-    /// Endpoint override (private endpoints, local testing).
-    pub endpoint: Option<String>,
-    /// Deprecation warnings to log when the backend opens.
-    pub warnings: Vec<String>,
 }
 
-impl GcpKmsConfig {
-    /// Takes and validates this backend's keys from `settings`. Reads `key_policy_file`
-    /// (reading is the only I/O; nothing is written).
-    pub fn parse(settings: &mut Settings) -> Result<Self, SettingsError> {
-        let mut warnings = Vec::new();
+impl GcpKmsSettings {
+    /// Takes and validates this backend's keys from `settings`. Reads `key_policy_file` and
+    /// `service_account_file` (reading is the only I/O; nothing is written). The deprecated
+    /// `key_metadata_file` is mapped onto `key_identifier_file` for the shell to read.
+    pub fn parse(
+        settings: &mut Settings,
+        warnings: &mut Vec<String>,
+    ) -> Result<Self, SettingsError> {
         let key_ring = settings.take_nonempty_string("key_ring")?.ok_or_else(|| {
             SettingsError::missing(
                 "key_ring",
@@ -115,43 +121,39 @@ impl GcpKmsConfig {
         })?;
         check_key_ring(&key_ring).map_err(|reason| SettingsError::invalid("key_ring", reason))?;
 
-        let metadata_file = settings.take_nonempty_string("key_metadata_file")?;
-        let server_id = match metadata_file {
-            Some(path) => {
-                if settings.contains("key_identifier_file")
-                    || settings.contains("key_identifier_value")
-                {
-                    return Err(SettingsError::invalid(
-                        "key_metadata_file",
-                        "key_metadata_file is the deprecated name of key_identifier_file; set only one of key_metadata_file, key_identifier_file, key_identifier_value",
-                    ));
-                }
-                warnings.push(
-                    "key_metadata_file is deprecated: it is used as key_identifier_file; rename it"
-                        .to_string(),
-                );
-                ServerIdSource::File(PathBuf::from(path))
-            }
-            None => ServerIdSource::take_from(settings, naming::check_server_id).map_err(
-                explain_identity_in_shared_mode(settings.contains("shared_keys")),
-            )?,
-        };
+        warnings.extend(settings.rename_deprecated(
+            "key_metadata_file",
+            "key_identifier_file",
+            &["key_identifier_value"],
+        )?);
 
-        let key_policy = match settings.take_nonempty_string("key_policy_file")? {
+        let key_policy = match PolicyFile::take_from(settings)? {
             None => None,
-            Some(path) => Some(read_policy(PathBuf::from(path))?),
+            Some(file) => {
+                let policy = check_policy(&file)?;
+                Some((file, policy))
+            }
         };
-        let service_account_file = settings
-            .take_nonempty_string("service_account_file")?
-            .map(PathBuf::from);
-        if let Some(path) = &service_account_file
-            && !path.is_file()
-        {
-            return Err(SettingsError::invalid(
-                "service_account_file",
-                format!("{} is not a readable file", path.display()),
-            ));
-        }
+        let service_account_file = match settings.take_nonempty_string("service_account_file")? {
+            None => None,
+            Some(path) => {
+                let path = PathBuf::from(path);
+                let content = std::fs::read(&path).map_err(|e| {
+                    SettingsError::invalid(
+                        "service_account_file",
+                        format!("{} is not a readable file: {e}", path.display()),
+                    )
+                })?;
+                Some(ServiceAccountFile {
+                    path,
+                    content_digest: SettingState::secret(
+                        "service_account_file",
+                        &[&content],
+                        OnChange::Runtime,
+                    ),
+                })
+            }
+        };
 
         let protection_level = match settings.take_nonempty_string("protection_level")? {
             None => ProtectionLevel::Software,
@@ -161,23 +163,14 @@ impl GcpKmsConfig {
                 _ => {
                     return Err(SettingsError::invalid(
                         "protection_level",
-                        format!("{level:?} is not allowed; use \"software\" or \"hsm\""),
+                        format!(
+                            "{} is not allowed; use \"software\" or \"hsm\"",
+                            echo(&level)
+                        ),
                     ));
                 }
             },
         };
-
-        let endpoint = settings.take_nonempty_string("endpoint")?;
-        if let Some(endpoint) = &endpoint
-            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
-        {
-            return Err(SettingsError::invalid(
-                "endpoint",
-                format!(
-                    "{endpoint:?} must be a URL starting with https:// (or http:// for local testing)"
-                ),
-            ));
-        }
 
         let shared = match settings.take_block("shared_keys")? {
             None => None,
@@ -186,30 +179,55 @@ impl GcpKmsConfig {
 
         Ok(Self {
             key_ring,
-            server_id,
             key_policy,
             service_account_file,
             shared,
             protection_level,
-            endpoint,
-            warnings,
         })
+    }
+
+    /// Every setting with what a change at run time means: credentials, the policy and
+    /// the protection level of new keys apply at once; the shared-keys mode decides which
+    /// CryptoKeys hold the keys, so a change is refused; the key ring is the store.
+    pub fn describe(&self) -> Vec<SettingState> {
+        vec![
+            match &self.service_account_file {
+                Some(file) => file.content_digest.clone(),
+                None => SettingState::new(
+                    "service_account_file",
+                    "application default credentials",
+                    OnChange::Runtime,
+                ),
+            },
+            SettingState::secret(
+                "key_policy_file",
+                &[self
+                    .key_policy
+                    .as_ref()
+                    .map_or(&b""[..], |(f, _)| f.text.as_bytes())],
+                OnChange::Runtime,
+            ),
+            SettingState::new("protection_level", self.protection_level, OnChange::Runtime),
+            SettingState::new(
+                "shared_keys",
+                self.shared.as_ref().map(|s| {
+                    (
+                        s.template.source().to_string(),
+                        s.key_id_regex.as_str().to_string(),
+                        s.shared_key_ids.as_str().to_string(),
+                        s.reuse_window,
+                        s.lock_lease,
+                    )
+                }),
+                OnChange::Refused,
+            ),
+        ]
     }
 }
 
-/// In shared-keys mode the identity is still needed (X509 CA and WIT keys stay per-server);
-/// say so, since SPIRE's draft documentation calls it optional there.
-fn explain_identity_in_shared_mode(shared: bool) -> impl Fn(SettingsError) -> SettingsError {
-    move |error| match error {
-        SettingsError::Missing { key, hint } if shared => SettingsError::Missing {
-            key,
-            hint: format!(
-                "{hint} (also in shared-keys mode: only the keys named by shared_keys.shared_key_ids are shared; X509 CA and WIT keys stay per-server)"
-            ),
-        },
-        other => other,
-    }
-}
+/// In shared-keys mode the identity is still needed (X509 CA and WIT keys stay
+/// per-server); SPIRE's draft documentation calls it optional there, so say why.
+pub const SHARED_MODE_IDENTITY_HINT: &str = "also in shared-keys mode: only the keys named by shared_keys.shared_key_ids are shared; X509 CA and WIT keys stay per-server";
 
 fn parse_shared_keys(mut block: Settings) -> Result<SharedKeys, SettingsError> {
     const TEMPLATE: &str = "shared_keys.crypto_key_template";
@@ -321,13 +339,11 @@ fn check_key_ring(ring: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads an IAM policy: JSON with `"version": 3` and a `bindings` list of role + members.
-fn read_policy(path: PathBuf) -> Result<serde_json::Value, SettingsError> {
+/// An IAM policy: `"version": 3` and a non-empty `bindings` list of role + members.
+fn check_policy(file: &PolicyFile) -> Result<serde_json::Value, SettingsError> {
     const KEY: &str = "key_policy_file";
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| SettingsError::invalid(KEY, format!("cannot read {}: {e}", path.display())))?;
-    let policy: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| SettingsError::invalid(KEY, format!("{} is not JSON: {e}", path.display())))?;
+    let path = &file.path;
+    let policy = serde_json::Value::Object(file.json.clone());
     if policy.get("version").and_then(|v| v.as_i64()) != Some(3) {
         return Err(SettingsError::invalid(
             KEY,
@@ -363,15 +379,19 @@ fn read_policy(path: PathBuf) -> Result<serde_json::Value, SettingsError> {
 mod tests {
     use std::collections::BTreeMap;
 
+    use keymanager_engine::kit::KmsConfig;
+    use keymanager_engine::kit::server_identity::ServerIdSource;
     use keymanager_engine::settings::SettingValue;
+    use keymanager_engine::{BackendFactory, CoreConfig};
 
     use super::*;
+    use crate::GcpKmsBackend;
 
     fn s(v: &str) -> SettingValue {
         SettingValue::String(v.to_string())
     }
 
-    fn parse(pairs: &[(&str, SettingValue)]) -> Result<GcpKmsConfig, String> {
+    fn parse(pairs: &[(&str, SettingValue)]) -> Result<KmsConfig<GcpKmsBackend>, String> {
         let mut values: BTreeMap<String, SettingValue> = BTreeMap::new();
         values.insert(
             "key_ring".into(),
@@ -386,9 +406,18 @@ mod tests {
             }
         }
         let mut settings = Settings::new(values);
-        let config = GcpKmsConfig::parse(&mut settings).map_err(|e| e.to_string())?;
-        settings.finish(SETTING_KEYS).map_err(|e| e.to_string())?;
-        Ok(config)
+        let factory = crate::GcpKmsFactory::new();
+        let core = CoreConfig {
+            trust_domain: "example.org".into(),
+        };
+        let config = factory
+            .parse(&mut settings, &core)
+            .map_err(|e| e.to_string())?;
+        settings
+            .finish(&factory.setting_keys())
+            .map_err(|e| e.to_string())?;
+        let any: Box<dyn std::any::Any> = config;
+        Ok(*any.downcast::<KmsConfig<GcpKmsBackend>>().unwrap())
     }
 
     fn shared(pairs: &[(&str, &str)]) -> SettingValue {
@@ -405,8 +434,8 @@ mod tests {
     fn minimal_standard_configuration() {
         let config = parse(&[]).unwrap();
         assert_eq!(config.server_id, ServerIdSource::Value("server-a".into()));
-        assert_eq!(config.protection_level, ProtectionLevel::Software);
-        assert!(config.shared.is_none() && config.warnings.is_empty());
+        assert_eq!(config.backend.protection_level, ProtectionLevel::Software);
+        assert!(config.backend.shared.is_none() && config.warnings.is_empty());
     }
 
     #[test]
@@ -451,6 +480,7 @@ mod tests {
         assert_eq!(
             parse(&[("protection_level", s("HSM"))])
                 .unwrap()
+                .backend
                 .protection_level,
             ProtectionLevel::Hsm
         );
@@ -475,6 +505,7 @@ mod tests {
         assert!(
             parse(&[("key_policy_file", s(path.to_str().unwrap()))])
                 .unwrap()
+                .backend
                 .key_policy
                 .is_some()
         );
@@ -483,7 +514,7 @@ mod tests {
     #[test]
     fn shared_keys_block_is_validated() {
         let config = parse(&[("shared_keys", shared(&[TEMPLATE, REGEX]))]).unwrap();
-        let shared_keys = config.shared.unwrap();
+        let shared_keys = config.backend.shared.unwrap();
         assert_eq!(shared_keys.reuse_window, DEFAULT_REUSE_WINDOW);
         assert!(shared_keys.shared_key_ids.is_match("JWT-Signer-A"));
         assert!(!shared_keys.shared_key_ids.is_match("x509-CA-A"));

@@ -18,6 +18,8 @@ use google_cloud_kms_v1::model::{
     CryptoKey, CryptoKeyVersion, CryptoKeyVersionTemplate, Digest as KmsDigest, ProtectionLevel,
 };
 use google_cloud_wkt::FieldMask;
+use keymanager_engine::kit::classify;
+use keymanager_engine::kit::paging::PageGuard;
 use keymanager_engine::{BackendError, BackendErrorKind, Digest, HashAlgorithm, KeyType};
 
 use crate::config;
@@ -91,6 +93,11 @@ pub struct KmsError {
 }
 
 impl KmsError {
+    /// A failure found on this side (not a service answer).
+    pub fn local(error: BackendError) -> Self {
+        Self { code: None, error }
+    }
+
     fn is(&self, code: Code) -> bool {
         self.code == Some(code)
     }
@@ -116,15 +123,20 @@ impl From<KmsError> for BackendError {
 
 type KmsResult<T> = Result<T, KmsError>;
 
-/// Maps a client error once, naming the operation and the resource.
+/// Maps a client error once, naming the operation and the resource and keeping the whole
+/// cause chain. Decided by the gRPC status when the service answered; otherwise credentials
+/// (missing or refused: `Unauthenticated`, not retried) are told apart from transport.
 fn map_error(operation: &str, resource: &str, error: GaxError) -> KmsError {
     let code = error.status().map(|s| s.code);
     let kind = match code {
         Some(Code::InvalidArgument | Code::OutOfRange) => BackendErrorKind::InvalidArgument,
         Some(Code::NotFound) => BackendErrorKind::NotFound,
-        Some(Code::PermissionDenied | Code::Unauthenticated) => BackendErrorKind::PermissionDenied,
+        Some(Code::Unauthenticated) => BackendErrorKind::Unauthenticated,
+        Some(Code::PermissionDenied) => BackendErrorKind::PermissionDenied,
         Some(Code::ResourceExhausted) => BackendErrorKind::ResourceExhausted,
-        Some(Code::FailedPrecondition) => BackendErrorKind::FailedPrecondition,
+        Some(Code::FailedPrecondition | Code::AlreadyExists) => {
+            BackendErrorKind::FailedPrecondition
+        }
         // Google documents INTERNAL, UNAVAILABLE and DEADLINE_EXCEEDED as retryable.
         Some(
             Code::Unavailable
@@ -135,25 +147,50 @@ fn map_error(operation: &str, resource: &str, error: GaxError) -> KmsError {
             | Code::Cancelled,
         ) => BackendErrorKind::Unavailable,
         Some(_) => BackendErrorKind::Internal,
+        None if error.is_authentication() => credentials_kind(&error),
         None => match error.http_status_code() {
-            Some(429) => BackendErrorKind::ResourceExhausted,
-            Some(s) if s >= 500 => BackendErrorKind::Unavailable,
-            Some(401 | 403) => BackendErrorKind::PermissionDenied,
-            Some(404) => BackendErrorKind::NotFound,
-            Some(_) => BackendErrorKind::Internal,
-            // Timeouts, refused or dropped connections, credential refresh failures.
-            None => BackendErrorKind::Unavailable,
+            Some(status) => classify::kind_for_http_status(status),
+            // Timeouts, refused or dropped connections.
+            None => classify::kind_for_transport(&error),
         },
     };
-    let detail = match error.status() {
-        Some(status) => format!("{}: {}", status.code.name(), status.message),
-        None if error.is_timeout() => format!("timed out after {}s", ATTEMPT_TIMEOUT.as_secs()),
-        None => error.to_string(),
+    let error = match error.status() {
+        Some(status) => classify::service_failed(
+            kind,
+            "Cloud KMS",
+            operation,
+            resource,
+            Some(status.code.name()),
+            Some(&status.message),
+            error.http_status_code(),
+        ),
+        None if error.is_timeout() => BackendError::new(
+            kind,
+            format!(
+                "Cloud KMS {operation} on {resource} failed: timed out after {}s",
+                ATTEMPT_TIMEOUT.as_secs()
+            ),
+        ),
+        None => classify::call_failed(kind, "Cloud KMS", operation, resource, error),
     };
-    KmsError {
-        code,
-        error: BackendError::new(kind, format!("Cloud KMS {operation} {resource}: {detail}")),
+    KmsError { code, error }
+}
+
+/// Getting a token failed: transient (the token endpoint or metadata server did not answer)
+/// or not (no credentials, a refused key).
+fn credentials_kind(error: &(dyn std::error::Error + 'static)) -> BackendErrorKind {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(credentials) = e.downcast_ref::<google_cloud_auth::errors::CredentialsError>() {
+            return if credentials.is_transient() {
+                BackendErrorKind::Unavailable
+            } else {
+                BackendErrorKind::Unauthenticated
+            };
+        }
+        current = e.source();
     }
+    BackendErrorKind::Unauthenticated
 }
 
 fn integrity_error(what: &str, resource: &str) -> KmsError {
@@ -279,6 +316,7 @@ impl Kms {
     ) -> KmsResult<Vec<CryptoKey>> {
         let mut keys = Vec::new();
         let mut token = String::new();
+        let mut guard = PageGuard::new(format!("CryptoKeys of {key_ring}"));
         loop {
             let page = self
                 .client
@@ -291,10 +329,10 @@ impl Kms {
                 .await
                 .map_err(|e| map_error("ListCryptoKeys", key_ring, e))?;
             keys.extend(page.crypto_keys);
-            if page.next_page_token.is_empty() {
-                return Ok(keys);
+            match guard.next(&page.next_page_token).map_err(KmsError::local)? {
+                None => return Ok(keys),
+                Some(next) => token = next,
             }
-            token = page.next_page_token;
         }
     }
 
@@ -306,6 +344,7 @@ impl Kms {
     ) -> KmsResult<Vec<CryptoKeyVersion>> {
         let mut versions = Vec::new();
         let mut token = String::new();
+        let mut guard = PageGuard::new(format!("versions of {crypto_key}"));
         loop {
             let page = self
                 .client
@@ -318,10 +357,10 @@ impl Kms {
                 .await
                 .map_err(|e| map_error("ListCryptoKeyVersions", crypto_key, e))?;
             versions.extend(page.crypto_key_versions);
-            if page.next_page_token.is_empty() {
-                return Ok(versions);
+            match guard.next(&page.next_page_token).map_err(KmsError::local)? {
+                None => return Ok(versions),
+                Some(next) => token = next,
             }
-            token = page.next_page_token;
         }
     }
 

@@ -2,7 +2,8 @@
 //! shared-keys mode of SPIRE's draft (spiffe/spire#6537) done with a real lock.
 //!
 //! - `config`: every `plugin_data` key of SPIRE's `gcp_kms` (both document versions) with
-//!   the same meaning, plus `protection_level` and `endpoint`;
+//!   the same meaning, plus `protection_level` (the engine's KMS kit reads the server
+//!   identity, `endpoint` and the lifecycle schedule);
 //! - `naming`: SPIRE's CryptoKey ids and labels, the shared-key template, lock ids;
 //! - `kms`: the Cloud KMS calls on Google's official client, error mapping, CRC32C checks;
 //! - `backend`: the adapter behind the engine's `Backend` and `KeyLifecycle` traits;
@@ -14,5 +15,8 @@ mod kms;
 pub mod naming;
 mod shared;
 
-pub use backend::{GcpKmsBackend, GcpKmsFactory};
-pub use config::{GcpKmsConfig, ProtectionLevel, SharedKeys};
+pub use backend::{GcpKey, GcpKmsBackend};
+pub use config::{GcpKmsSettings, ProtectionLevel, SharedKeys};
+
+/// Registers the `gcp_kms` backend.
+pub type GcpKmsFactory = keymanager_engine::kit::KmsFactory<GcpKmsBackend>;

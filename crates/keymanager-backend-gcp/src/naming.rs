@@ -1,6 +1,7 @@
 //! CryptoKey ids and labels, as SPIRE's `gcp_kms` writes them, plus the shared-keys mode's
 //! template and the rotation lock's key ids.
 
+use keymanager_engine::kit::vocabulary as tags;
 use sha1::{Digest, Sha1};
 
 /// Prefix of SPIRE's per-server CryptoKey ids: `spire-key-<server id>-<key id>`.
@@ -11,13 +12,14 @@ pub const MAX_CRYPTO_KEY_ID_LEN: usize = 63;
 pub const MAX_SPIRE_KEY_ID_LEN: usize = 12;
 
 /// SHA-1 of the trust domain (label values cannot hold dots).
-pub const LABEL_TRUST_DOMAIN: &str = "spire-server-td";
+pub const LABEL_TRUST_DOMAIN: &str = tags::TRUST_DOMAIN;
 /// The owning server's id (per-server keys only).
-pub const LABEL_SERVER_ID: &str = "spire-server-id";
+pub const LABEL_SERVER_ID: &str = tags::SERVER_ID;
 /// Unix seconds of the last liveness stamp.
-pub const LABEL_LAST_UPDATE: &str = "spire-last-update";
-/// `true` while the key is in use; `false` once its versions are destroyed.
-pub const LABEL_ACTIVE: &str = "spire-active";
+pub const LABEL_LAST_UPDATE: &str = tags::LAST_UPDATE;
+/// `true` once published (discovery uses it); `false` while being created and once its
+/// versions are destroyed.
+pub const LABEL_ACTIVE: &str = tags::ACTIVE;
 /// `true` on the CryptoKeys of the shared-keys mode.
 pub const LABEL_SHARED: &str = "spire-shared";
 /// `true` on rotation-lock CryptoKeys (they never get versions).

@@ -1,164 +1,125 @@
 //! The seam every backend implements.
+//!
+//! A backend is a small adapter: it discovers this server's keys, creates a key in two
+//! phases the engine drives (*prepare*: the key exists but discovery does not find it;
+//! *publish*: discovery now finds it instead of the key it replaces), retires replaced keys,
+//! and signs. Everything every backend needs (which requests are valid, retries, the
+//! compensation rules when a step fails, the public-key cache) is the engine's.
+//!
+//! Handles are typed per backend ([`Backend::Handle`]): the engine is generic over the
+//! backend, so a key of one backend can never reach another, and signing needs no downcast.
 
-use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::algorithm::{Digest, HashAlgorithm, SignatureScheme};
-use crate::key::{KeyId, KeyType};
-use crate::settings::{Settings, SettingsError};
+use crate::core::algorithm::{Digest, HashAlgorithm, SignatureScheme};
+use crate::core::key::{KeyId, KeyType};
 
-/// What SPIRE tells every plugin at Configure time.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CoreConfig {
-    /// Bare trust domain name, e.g. `example.org`.
-    pub trust_domain: String,
+/// A backend's reference to exactly one key instance: an ARN, a version name, the key
+/// material of a software key.
+pub trait KeyHandle: Clone + fmt::Debug + Send + Sync + 'static {
+    /// A printable, unique, non-secret name of this key instance, for logs, sweeps and
+    /// operators (`arn:aws:kms:…`, `projects/…/cryptoKeyVersions/3`). Its `Debug` must not
+    /// show key material either.
+    fn locator(&self) -> &str;
 }
 
-/// Builds a backend's configuration from `plugin_data`. One per backend, registered by name.
-pub trait BackendFactory: Send + Sync {
-    /// The backend's name as written in `plugin_data` (`backend = "disk"`).
-    fn name(&self) -> &'static str;
-
-    /// The `plugin_data` keys this backend understands, for error messages.
-    fn setting_keys(&self) -> &'static [&'static str];
-
-    /// True when the backend stamps and sweeps keys (see [`Backend::lifecycle`]), so the
-    /// schedule settings apply to it.
-    fn manages_key_lifecycle(&self) -> bool {
-        false
-    }
-
-    /// Parses and validates this backend's settings. Must have no side effects: it also
-    /// serves SPIRE's `Validate`. Every recognised key must be taken out of `settings`.
-    fn parse(
-        &self,
-        settings: &mut Settings,
-        core: &CoreConfig,
-    ) -> Result<Box<dyn BackendConfig>, SettingsError>;
-}
-
-/// A validated backend configuration that can open the backend.
-#[async_trait]
-pub trait BackendConfig: fmt::Debug + Send + Sync {
-    /// Identifies the key store this configuration points at (e.g. `disk:/var/keys.json`).
-    /// A runtime re-Configure may only keep the same store, so keys are never dropped.
-    fn store_identity(&self) -> String;
-
-    /// Problems that would make this configuration fail at run time, for
-    /// `spire-server validate`. SPIRE reports **every** note as a validation error, so this
-    /// lists problems only, never information. Must have no side effects.
-    fn problems(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// Connects to the store. May do I/O.
-    async fn open(&self) -> Result<Arc<dyn Backend>, BackendError>;
-}
-
-/// A key adapter: everything backend-specific, nothing that every backend needs.
-#[async_trait]
-pub trait Backend: Send + Sync + 'static {
-    /// The backend's name (`disk`, `aws_kms`, ...).
-    fn name(&self) -> &'static str;
-
-    /// What this backend can do.
-    fn capabilities(&self) -> &Capabilities;
-
-    /// This server's keys, found when the engine starts (discovery, not creation).
-    async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError>;
-
-    /// Creates a fresh key for `id`. When it returns, the store maps `id` to the new key;
-    /// the key it replaced (`replaces`, the one this server serves now, if any) is handed to
-    /// [`Backend::retire_key`] afterwards.
-    async fn create_key(
-        &self,
-        id: &KeyId,
-        key_type: KeyType,
-        replaces: Option<&BackendKey>,
-    ) -> Result<BackendKey, BackendError>;
-
-    /// Signs `digest` with `key`. The engine has already checked the scheme against
-    /// [`Capabilities`], the digest length, and that the scheme fits the key type.
-    async fn sign(
-        &self,
-        key: &BackendKey,
-        digest: &Digest,
-        scheme: SignatureScheme,
-    ) -> Result<BackendSignature, BackendError>;
-
-    /// Starts removing a key that was replaced under its id. Backends with a deletion
-    /// window schedule it; the engine calls this only after the new key is live.
-    async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError>;
-
-    /// Liveness stamps and stale-key sweeps, for backends whose keys outlive the server
-    /// (every KMS). `None` for backends without shared key stores (disk).
-    fn lifecycle(&self) -> Option<&dyn crate::lifecycle::KeyLifecycle> {
-        None
-    }
-}
-
-/// A key as a backend knows it.
+/// A key as a backend stores it: its SPIRE id, type, public key and handle.
 #[derive(Clone, Debug)]
-pub struct BackendKey {
+pub struct StoredKey<H> {
     /// The SPIRE key id.
     pub id: KeyId,
     /// Its type.
     pub key_type: KeyType,
     /// DER SubjectPublicKeyInfo.
     pub spki_der: Arc<[u8]>,
-    /// The backend's own reference to exactly this key instance.
-    pub handle: KeyHandle,
+    /// The backend's reference to exactly this key instance.
+    pub handle: H,
 }
 
-/// A backend's opaque reference to one key instance: a KMS ARN, a resource name, or the
-/// key material itself for software keys. The engine passes it back without looking inside.
-#[derive(Clone)]
-pub struct KeyHandle {
-    locator: Arc<str>,
-    inner: Arc<dyn Any + Send + Sync>,
-}
-
-impl KeyHandle {
-    /// Wraps backend-specific state. `locator` is a printable, non-secret name for logs.
-    pub fn new<T: Any + Send + Sync>(locator: impl Into<Arc<str>>, inner: T) -> Self {
-        Self {
-            locator: locator.into(),
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// The printable locator (never key material).
+impl<H: KeyHandle> StoredKey<H> {
+    /// The handle's locator.
     pub fn locator(&self) -> &str {
-        &self.locator
-    }
-
-    /// The backend's state, if it is of type `T`.
-    pub fn downcast<T: Any + Send + Sync>(&self) -> Option<&T> {
-        self.inner.downcast_ref::<T>()
-    }
-
-    /// The backend's state as `T`, or an Internal error naming `backend` (a handle from
-    /// another backend reached it: a bug, never user input).
-    pub fn get<T: Any + Send + Sync>(&self, backend: &str) -> Result<&T, BackendError> {
-        self.downcast::<T>().ok_or_else(|| {
-            BackendError::new(
-                BackendErrorKind::Internal,
-                format!(
-                    "key handle {:?} does not belong to the {backend} backend",
-                    self.locator
-                ),
-            )
-        })
+        self.handle.locator()
     }
 }
 
-impl fmt::Debug for KeyHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The inner state may hold private key material: print the locator only.
-        write!(f, "KeyHandle({:?})", self.locator)
+/// A key adapter: everything backend-specific, nothing that every backend needs.
+///
+/// The engine calls [`Backend::prepare`], [`Backend::public_key`], [`Backend::publish`] and
+/// then [`Backend::retire`] for a GenerateKey, and decides alone what to undo when a step
+/// fails (see `Engine::generate_key`). A backend keeps two promises that make those rules
+/// sound:
+/// - after `prepare`, discovery does not find the new key (created inactive, not behind the
+///   alias, not in the file);
+/// - `publish` switches discovery from the replaced key to the new one in one step of the
+///   store (one alias update, one label, one rename) and is safe to repeat.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// The backend's reference to one key instance.
+    type Handle: KeyHandle;
+    /// The configuration this backend is opened from (for settings changed at run time).
+    type Config: crate::config::BackendConfig;
+
+    /// The backend's name (`disk`, `aws_kms`, ...).
+    fn name(&self) -> &'static str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// This server's keys as discovery finds them (one per id).
+    async fn discover(&self) -> Result<Vec<StoredKey<Self::Handle>>, BackendError>;
+
+    /// Phase 1: creates a key for `id` that discovery does not find yet. Never retried by
+    /// the engine (a lost response would leave a second key); what a failure leaves behind
+    /// must be inactive, so that the sweep removes it.
+    async fn prepare(
+        &self,
+        id: &KeyId,
+        key_type: KeyType,
+        replaces: Option<&StoredKey<Self::Handle>>,
+    ) -> Result<Self::Handle, BackendError>;
+
+    /// The type and DER public key of a prepared key. Idempotent (the engine retries it);
+    /// waits for a key that is still being generated.
+    async fn public_key(
+        &self,
+        prepared: &Self::Handle,
+    ) -> Result<(KeyType, Arc<[u8]>), BackendError>;
+
+    /// Phase 2: makes discovery find `new` for its id instead of `replaces`. Idempotent.
+    async fn publish(
+        &self,
+        new: &StoredKey<Self::Handle>,
+        replaces: Option<&StoredKey<Self::Handle>>,
+    ) -> Result<(), BackendError>;
+
+    /// The locator of the key discovery would find for `id` right now, if any. The engine
+    /// asks when a publish failed, to learn whether the switch happened anyway.
+    async fn find(&self, id: &KeyId) -> Result<Option<String>, BackendError>;
+
+    /// Removes a prepared key that was never published (discovery does not find it).
+    async fn abort(&self, prepared: &Self::Handle) -> Result<(), BackendError>;
+
+    /// Phase 3: starts removing a key that was replaced under its id, recording the intent
+    /// first where the store allows, so that a crash half-way still ends with the key gone.
+    async fn retire(&self, replaced: &StoredKey<Self::Handle>) -> Result<(), BackendError>;
+
+    /// Signs `digest` with `key`. The engine has already checked the scheme against
+    /// [`Capabilities`], the digest length, and that the scheme fits the key type.
+    async fn sign(
+        &self,
+        key: &StoredKey<Self::Handle>,
+        digest: &Digest,
+        scheme: SignatureScheme,
+    ) -> Result<BackendSignature, BackendError>;
+
+    /// Applies settings that may change at run time (rotated credentials, new key tags).
+    /// Only called with a configuration of the same store (see `config::StoreIdentity`).
+    async fn reconfigure(&self, _config: &Self::Config) -> Result<(), BackendError> {
+        Ok(())
     }
 }
 
@@ -174,7 +135,7 @@ pub enum BackendSignature {
 }
 
 /// What a backend can do, declared once so that the engine refuses the rest before any
-/// network call.
+/// backend call.
 #[derive(Clone, Debug)]
 pub struct Capabilities {
     /// Key types the backend can create.
@@ -198,7 +159,7 @@ pub enum SigningSupport {
 }
 
 /// A scheme without its parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SchemeFamily {
     /// ECDSA.
     Ecdsa,
@@ -215,6 +176,15 @@ impl SchemeFamily {
             SignatureScheme::Ecdsa(_) => Self::Ecdsa,
             SignatureScheme::RsaPkcs1v15(_) => Self::RsaPkcs1v15,
             SignatureScheme::RsaPss { .. } => Self::RsaPss,
+        }
+    }
+
+    /// The family's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ecdsa => "ECDSA",
+            Self::RsaPkcs1v15 => "RSA-PKCS1v1.5",
+            Self::RsaPss => "RSA-PSS",
         }
     }
 }
@@ -247,14 +217,7 @@ impl Capabilities {
                 let items: Vec<String> = list
                     .iter()
                     .filter(|(t, _, _)| *t == key_type)
-                    .map(|&(_, f, h)| {
-                        let family = match f {
-                            SchemeFamily::Ecdsa => "ECDSA",
-                            SchemeFamily::RsaPkcs1v15 => "RSA-PKCS1v1.5",
-                            SchemeFamily::RsaPss => "RSA-PSS",
-                        };
-                        format!("{family}/{h}")
-                    })
+                    .map(|&(_, f, h)| format!("{}/{h}", f.name()))
                     .collect();
                 let supported = if items.is_empty() {
                     "nothing".to_string()
@@ -271,17 +234,19 @@ impl Capabilities {
 }
 
 /// What kind of failure a backend hit; decides the gRPC code and whether to retry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BackendErrorKind {
     /// The request was malformed for this backend.
     InvalidArgument,
     /// The key or store object does not exist.
     NotFound,
-    /// Credentials lack a permission.
+    /// No usable credentials: missing, expired, or rejected as unknown. Not retried.
+    Unauthenticated,
+    /// The credentials work but lack a permission. Not retried.
     PermissionDenied,
-    /// Quota or throttling.
+    /// Quota or throttling. Retried.
     ResourceExhausted,
-    /// The service is unreachable or failed transiently.
+    /// The service is unreachable (transport) or failed transiently (5xx). Retried.
     Unavailable,
     /// The key exists but cannot be used in its state (disabled, pending deletion).
     FailedPrecondition,
@@ -289,13 +254,21 @@ pub enum BackendErrorKind {
     Internal,
 }
 
-/// A backend failure: a kind, a message for the operator, and the underlying cause.
+impl BackendErrorKind {
+    /// Whether a call that failed this way may succeed if repeated.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::Unavailable | Self::ResourceExhausted)
+    }
+}
+
+/// A backend failure: a kind, a message for the operator that ends with the whole cause
+/// chain, and the underlying cause.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct BackendError {
     /// The failure kind.
     pub kind: BackendErrorKind,
-    /// What happened, naming the object involved. Never contains secrets.
+    /// What happened, naming the object involved and every cause. Never contains secrets.
     pub message: String,
     /// The underlying error, if any.
     #[source]
@@ -312,17 +285,111 @@ impl BackendError {
         }
     }
 
-    /// A new error with a cause; the cause's text is appended to the message.
+    /// A new error with a cause; the cause and everything behind it is appended to the
+    /// message, so an operator reads the whole story in one line.
     pub fn with_source(
         kind: BackendErrorKind,
         message: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        let message = format!("{}: {source}", message.into());
+        let message = format!("{}: {}", message.into(), error_chain(&source));
         Self {
             kind,
             message,
             source: Some(Box::new(source)),
         }
+    }
+
+    /// The same error with more context in front (`"creating key x509-CA-A: …"`).
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+}
+
+/// An error and all its causes, joined with `": "`. A cause whose text its parent already
+/// contains is skipped (many libraries repeat their source in their own message); an empty
+/// text is shown as the error's type-free placeholder so a colon is never left dangling.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        let text = e.to_string();
+        let text = text.trim();
+        if !text.is_empty() && !parts.last().is_some_and(|last| last.contains(text)) {
+            parts.push(text.to_string());
+        }
+        current = e.source();
+    }
+    if parts.is_empty() {
+        "no detail given by the library".to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn the_whole_cause_chain_reaches_the_message() {
+        let cause = Layer(
+            "dispatch failure",
+            Some(Box::new(Layer(
+                "io error",
+                Some(Box::new(Layer("connection refused (os error 111)", None))),
+            ))),
+        );
+        let error = BackendError::with_source(BackendErrorKind::Unavailable, "KMS Sign", cause);
+        assert_eq!(
+            error.message,
+            "KMS Sign: dispatch failure: io error: connection refused (os error 111)"
+        );
+    }
+
+    #[test]
+    fn empty_and_repeated_causes_leave_no_dangling_colon() {
+        let cause = Layer(
+            "",
+            Some(Box::new(Layer(
+                "timed out",
+                Some(Box::new(Layer("timed out", None))),
+            ))),
+        );
+        assert_eq!(error_chain(&cause), "timed out");
+        assert_eq!(
+            error_chain(&Layer("", None)),
+            "no detail given by the library"
+        );
+    }
+
+    #[test]
+    fn only_throttling_and_unavailability_are_transient() {
+        use BackendErrorKind::*;
+        for kind in [
+            InvalidArgument,
+            NotFound,
+            Unauthenticated,
+            PermissionDenied,
+            FailedPrecondition,
+            Internal,
+        ] {
+            assert!(!kind.is_transient(), "{kind:?}");
+        }
+        assert!(ResourceExhausted.is_transient() && Unavailable.is_transient());
     }
 }

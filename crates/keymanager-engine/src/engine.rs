@@ -1,20 +1,44 @@
-//! The engine: public-key cache, request validation, signature normalisation.
+//! The engine: public-key cache, request validation, key creation in two phases with its
+//! compensation rules, signature normalisation.
 //!
 //! Locking rule: the key map is behind a short synchronous lock that is never held across
 //! an `.await`, so a SignData never waits for a GenerateKey, a backend call, or a refresh.
 //! GenerateKeys for the *same* id are serialised by a per-id async lock so that one id
-//! never ends up with two freshly created keys.
+//! never ends up with two freshly created keys; the per-id locks live only while in use.
+//!
+//! GenerateKey, and what is undone when a step fails (the only place these rules live):
+//!
+//! | step | on failure |
+//! |---|---|
+//! | `prepare` (never retried) | nothing to undo: the backend left nothing discovery finds |
+//! | `public_key` (retried) | `abort` the prepared key |
+//! | `publish` (retried) | ask the store (`find`): switched → keep the new key and go on; not switched → `abort`; no answer → undo nothing |
+//! | `retire` | logged; the sweep finishes it |
+//!
+//! So after a failure or a crash at any step, discovery finds the old key or the new one,
+//! never none and never one on its way out, and whichever key discovery does not find is a
+//! leftover the sweep removes (`lifecycle::rules`, rule 5).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
-use crate::algorithm::{Digest, SignatureScheme, SignerOpts};
-use crate::backend::{Backend, BackendKey, BackendSignature, PssSaltSupport};
-use crate::ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
+use async_trait::async_trait;
+
+use crate::backend::{
+    Backend, BackendError, BackendErrorKind, BackendSignature, KeyHandle, PssSaltSupport, StoredKey,
+};
+use crate::config::BackendConfig;
+use crate::core::algorithm::{Digest, SignatureScheme, SignerOpts};
+use crate::core::ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
+use crate::core::key::{Fingerprint, KeyId, KeyType, PublicKey};
 use crate::error::EngineError;
-use crate::key::{Fingerprint, KeyId, KeyType, PublicKey};
-use crate::resilience::{CallStats, OperationStats, RateLimiter, RetryPolicy, with_retries};
+use crate::lifecycle::{KeyLifecycle, KeyRecord, SweepPolicy, SweepReport, run_sweep};
+use crate::resilience::{
+    CallStats, OperationStats, RateLimitDenied, RateLimiter, RetryPolicy, with_retries,
+};
+use crate::service::KeyService;
 
 /// Engine settings that do not depend on the backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -36,40 +60,48 @@ pub struct Signature {
     pub fingerprint: Fingerprint,
 }
 
-struct ManagedKey {
+struct ManagedKey<H> {
     public: PublicKey,
-    backend_key: BackendKey,
+    stored: StoredKey<H>,
 }
 
-/// The key engine for one configured backend.
-pub struct Engine {
-    backend: Arc<dyn Backend>,
-    keys: RwLock<HashMap<KeyId, Arc<ManagedKey>>>,
+struct Limiter {
+    per_second: f64,
+    bucket: RateLimiter,
+}
+
+/// The key engine for one backend.
+pub struct Engine<B: Backend> {
+    backend: Arc<B>,
+    lifecycle: Option<Arc<dyn KeyLifecycle<Handle = B::Handle>>>,
+    keys: RwLock<HashMap<KeyId, Arc<ManagedKey<B::Handle>>>>,
+    /// Per-id GenerateKey locks, present only while a GenerateKey for the id runs or waits.
     generating: Mutex<HashMap<KeyId, Arc<tokio::sync::Mutex<()>>>>,
     /// 0 means unlimited.
     max_keys: AtomicUsize,
-    sign_limiter: RwLock<Option<Arc<RateLimiter>>>,
+    sign_limiter: RwLock<Option<Arc<Limiter>>>,
     retry: RetryPolicy,
     stats: CallStats,
 }
 
-impl Engine {
-    /// Loads the backend's keys into the cache.
+impl<B: Backend> Engine<B> {
+    /// Discovers the backend's keys and fills the cache.
     pub async fn start(
-        backend: Arc<dyn Backend>,
+        backend: Arc<B>,
+        lifecycle: Option<Arc<dyn KeyLifecycle<Handle = B::Handle>>>,
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
         let stats = CallStats::default();
-        let loaded =
-            with_retries(options.retry, "load_keys", &stats, || backend.load_keys()).await?;
-        let mut keys = HashMap::with_capacity(loaded.len());
-        for backend_key in loaded {
-            let managed = managed_key(backend_key);
+        let discovered =
+            with_retries(options.retry, "discover", &stats, || backend.discover()).await?;
+        let mut keys = HashMap::with_capacity(discovered.len());
+        for stored in discovered {
+            let managed = managed_key(stored);
             tracing::debug!(
                 key_id = %managed.public.id,
                 key_type = %managed.public.key_type,
                 fingerprint = %managed.public.fingerprint,
-                locator = managed.backend_key.handle.locator(),
+                locator = managed.stored.locator(),
                 "loaded key"
             );
             if let Some(previous) = keys.insert(managed.public.id.clone(), Arc::new(managed)) {
@@ -81,85 +113,49 @@ impl Engine {
             keys = keys.len(),
             "key engine started"
         );
-        Ok(Self {
+        let engine = Self {
             backend,
+            lifecycle,
             keys: RwLock::new(keys),
             generating: Mutex::new(HashMap::new()),
-            max_keys: AtomicUsize::new(options.max_keys.unwrap_or(0)),
-            sign_limiter: RwLock::new(options.max_signs_per_second.map(limiter)),
+            max_keys: AtomicUsize::new(0),
+            sign_limiter: RwLock::new(None),
             retry: options.retry,
             stats,
-        })
+        };
+        engine.apply_options(&options);
+        Ok(engine)
     }
 
-    /// Changes the cap on distinct key ids (`None`: unlimited); applies to later GenerateKeys.
-    pub fn set_max_keys(&self, max_keys: Option<usize>) {
+    fn apply_options(&self, options: &EngineOptions) {
         self.max_keys
-            .store(max_keys.unwrap_or(0), Ordering::Relaxed);
-    }
-
-    /// Changes the client-side SignData rate limit (`None`: unlimited).
-    pub fn set_max_signs_per_second(&self, per_second: Option<f64>) {
-        *self
+            .store(options.max_keys.unwrap_or(0), Ordering::Relaxed);
+        let mut limiter = self
             .sign_limiter
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = per_second.map(limiter);
-    }
-
-    /// Backend calls, failures and throttles per operation since start.
-    pub fn call_stats(&self) -> std::collections::BTreeMap<&'static str, OperationStats> {
-        self.stats.snapshot()
-    }
-
-    /// True when the backend stamps and sweeps keys.
-    pub fn has_lifecycle(&self) -> bool {
-        self.backend.lifecycle().is_some()
-    }
-
-    /// Refreshes the liveness stamps of every key this server serves.
-    pub async fn stamp_keys(&self) -> Result<(), EngineError> {
-        let Some(lifecycle) = self.backend.lifecycle() else {
-            return Ok(());
+            .unwrap_or_else(PoisonError::into_inner);
+        let unchanged = match (&*limiter, options.max_signs_per_second) {
+            (Some(current), Some(rate)) => current.per_second == rate,
+            (None, None) => true,
+            _ => false,
         };
-        let keys: Vec<BackendKey> = self
-            .read_keys()
-            .values()
-            .map(|k| k.backend_key.clone())
-            .collect();
-        self.stats.record_call("stamp");
-        lifecycle
-            .stamp(&keys, std::time::SystemTime::now())
-            .await
-            .inspect_err(|e| self.stats.record_failure("stamp", e.kind))?;
-        tracing::debug!(keys = keys.len(), "liveness stamps refreshed");
-        Ok(())
+        if !unchanged {
+            *limiter = options.max_signs_per_second.map(|per_second| {
+                // A burst of one second's worth: SPIRE's rotations sign a handful at once.
+                Arc::new(Limiter {
+                    per_second,
+                    bucket: RateLimiter::new(
+                        per_second,
+                        per_second.ceil().clamp(1.0, 10_000.0) as u32,
+                    ),
+                })
+            });
+        }
     }
 
-    /// Sweeps the trust domain for stale and abandoned keys; keys this engine serves are
-    /// never deleted. `None` for backends without a lifecycle.
-    pub async fn sweep(
-        &self,
-        policy: crate::sweep::SweepPolicy,
-    ) -> Result<Option<crate::lifecycle::SweepReport>, EngineError> {
-        let Some(lifecycle) = self.backend.lifecycle() else {
-            return Ok(None);
-        };
-        let in_use: std::collections::HashSet<String> = self
-            .read_keys()
-            .values()
-            .map(|k| k.backend_key.handle.locator().to_string())
-            .collect();
-        self.stats.record_call("sweep");
-        let report =
-            crate::lifecycle::run_sweep(lifecycle, &in_use, std::time::SystemTime::now(), policy)
-                .await
-                .inspect_err(|e| self.stats.record_failure("sweep", e.kind))?;
-        Ok(Some(report))
-    }
-
-    /// The backend's name.
-    pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Creates a new key under `id`, replacing any existing one, which is then retired.
@@ -175,38 +171,96 @@ impl Engine {
                 key_type,
             });
         }
-        let id_lock = self.generate_lock(&id);
-        let _serialised = id_lock.lock().await;
+        let slot = self.claim_generate_slot(&id)?;
+        let _serialised = slot.lock.lock().await;
 
-        let limit = self.max_keys.load(Ordering::Relaxed);
-        if limit > 0 {
-            let count = self.read_keys().len();
-            if count >= limit && !self.read_keys().contains_key(&id) {
-                return Err(EngineError::KeyLimitReached { id, count, limit });
+        let current = self.read_keys().get(&id).cloned();
+        let replaces = current.as_ref().map(|k| &k.stored);
+
+        // Phase 1. Never retried: a lost response after a successful create would leave a
+        // second key behind (inactive, so the sweep removes it).
+        self.stats.record_call("prepare");
+        let prepared = self
+            .backend
+            .prepare(&id, key_type, replaces)
+            .await
+            .inspect_err(|e| self.stats.record_failure("prepare", e.kind))
+            .map_err(|source| EngineError::Generate {
+                id: id.clone(),
+                kept: kept(current.is_some()),
+                source,
+            })?;
+
+        let read = with_retries(self.retry, "public_key", &self.stats, || {
+            self.backend.public_key(&prepared)
+        })
+        .await
+        .and_then(|(created_type, spki_der)| {
+            if created_type != key_type || spki_der.is_empty() {
+                return Err(BackendError::new(
+                    BackendErrorKind::Internal,
+                    format!(
+                        "backend created a {created_type} key ({} bytes of public key) when a {key_type} key was requested",
+                        spki_der.len()
+                    ),
+                ));
+            }
+            Ok(spki_der)
+        });
+        let spki_der = match read {
+            Ok(spki) => spki,
+            Err(source) => {
+                self.abort(&id, &prepared).await;
+                return Err(EngineError::Generate {
+                    id,
+                    kept: kept(current.is_some()),
+                    source,
+                });
+            }
+        };
+        let new = StoredKey {
+            id: id.clone(),
+            key_type,
+            spki_der,
+            handle: prepared,
+        };
+
+        // Phase 2.
+        let published = with_retries(self.retry, "publish", &self.stats, || {
+            self.backend.publish(&new, replaces)
+        })
+        .await;
+        if let Err(source) = published {
+            match self.settle(&new, replaces).await {
+                Settled::Switched => tracing::warn!(
+                    key_id = %id,
+                    error = %source,
+                    "publishing the new key reported a failure, but discovery finds the new key: it is in service"
+                ),
+                Settled::NotSwitched => {
+                    self.abort(&id, &new.handle).await;
+                    return Err(EngineError::Generate {
+                        id,
+                        kept: kept(current.is_some()),
+                        source,
+                    });
+                }
+                Settled::Unknown => {
+                    tracing::error!(
+                        key_id = %id,
+                        new = new.locator(),
+                        "could not learn whether the new key was published; both keys are kept and the sweep removes the one discovery does not find"
+                    );
+                    return Err(EngineError::Generate {
+                        id,
+                        kept: "the current key stays in service; whether the store switched to the new key is unknown, and the sweep removes whichever key it does not use",
+                        source,
+                    });
+                }
             }
         }
 
-        let current = self.read_keys().get(&id).cloned();
-        // Never retried automatically: a lost response after a successful create would leave
-        // a second key behind. Backends make creation idempotent themselves.
-        self.stats.record_call("create_key");
-        let created = self
-            .backend
-            .create_key(&id, key_type, current.as_ref().map(|k| &k.backend_key))
-            .await
-            .inspect_err(|e| {
-                self.stats.record_failure("create_key", e.kind);
-            })?;
-        if created.key_type != key_type || created.id != id || created.spki_der.is_empty() {
-            return Err(EngineError::Backend(crate::backend::BackendError::new(
-                crate::backend::BackendErrorKind::Internal,
-                format!(
-                    "backend created {:?} of type {} when {id:?} of type {key_type} was requested",
-                    created.id, created.key_type
-                ),
-            )));
-        }
-        let managed = Arc::new(managed_key(created));
+        let managed = Arc::new(managed_key(new));
         let public = managed.public.clone();
         let replaced = self
             .keys
@@ -221,20 +275,99 @@ impl Engine {
             "generated key"
         );
         if let Some(old) = replaced {
-            // The new key is live; failing to retire the old one must not fail the request.
-            self.stats.record_call("retire_key");
-            if let Err(error) = self.backend.retire_key(&old.backend_key).await {
-                self.stats.record_failure("retire_key", error.kind);
+            // Phase 3. The new key is live; failing to retire the old one must not fail the
+            // request: discovery no longer finds it, so the sweep finishes the job.
+            self.stats.record_call("retire");
+            if let Err(error) = self.backend.retire(&old.stored).await {
+                self.stats.record_failure("retire", error.kind);
                 tracing::warn!(
                     key_id = %id,
                     fingerprint = %old.public.fingerprint,
-                    locator = old.backend_key.handle.locator(),
+                    locator = old.stored.locator(),
                     %error,
-                    "could not retire replaced key"
+                    "could not retire the replaced key; the sweep removes it"
                 );
             }
         }
         Ok(public)
+    }
+
+    /// After a failed publish: does discovery find the new key now?
+    async fn settle(
+        &self,
+        new: &StoredKey<B::Handle>,
+        replaces: Option<&StoredKey<B::Handle>>,
+    ) -> Settled {
+        match with_retries(self.retry, "find", &self.stats, || {
+            self.backend.find(&new.id)
+        })
+        .await
+        {
+            Ok(Some(found)) if found == new.locator() => Settled::Switched,
+            Ok(None) if replaces.is_some() => {
+                // Neither key is found: put the replaced key back rather than leave the id
+                // without a key at the next start.
+                if let Some(old) = replaces
+                    && let Err(error) = with_retries(self.retry, "publish", &self.stats, || {
+                        self.backend.publish(old, None)
+                    })
+                    .await
+                {
+                    tracing::error!(key_id = %new.id, %error, "discovery finds no key for this id and the current key could not be published again");
+                }
+                Settled::NotSwitched
+            }
+            Ok(_) => Settled::NotSwitched,
+            Err(error) => {
+                tracing::warn!(key_id = %new.id, %error, "could not ask the store which key it finds");
+                Settled::Unknown
+            }
+        }
+    }
+
+    async fn abort(&self, id: &KeyId, prepared: &B::Handle) {
+        if let Err(error) = with_retries(self.retry, "abort", &self.stats, || {
+            self.backend.abort(prepared)
+        })
+        .await
+        {
+            tracing::warn!(
+                key_id = %id,
+                locator = prepared.locator(),
+                %error,
+                "could not remove the unpublished new key; the sweep removes it"
+            );
+        }
+    }
+
+    /// Takes the per-id lock slot, checking the key cap against keys held *and* new ids
+    /// being created, under one lock so that concurrent GenerateKeys cannot overshoot it.
+    fn claim_generate_slot(&self, id: &KeyId) -> Result<GenerateSlot<'_, B>, EngineError> {
+        let mut generating = self
+            .generating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let limit = self.max_keys.load(Ordering::Relaxed);
+        if limit > 0 {
+            let keys = self.read_keys();
+            if !keys.contains_key(id) && !generating.contains_key(id) {
+                let new_in_flight = generating.keys().filter(|k| !keys.contains_key(*k)).count();
+                let count = keys.len() + new_in_flight;
+                if count >= limit {
+                    return Err(EngineError::KeyLimitReached {
+                        id: id.clone(),
+                        count,
+                        limit,
+                    });
+                }
+            }
+        }
+        let lock = generating.entry(id.clone()).or_default().clone();
+        Ok(GenerateSlot {
+            engine: self,
+            id: id.clone(),
+            lock,
+        })
     }
 
     /// The cached public key for `id`.
@@ -262,7 +395,9 @@ impl Engine {
         id: &KeyId,
         digest: Vec<u8>,
         opts: SignerOpts,
+        deadline: Option<Duration>,
     ) -> Result<Signature, EngineError> {
+        let started = tokio::time::Instant::now();
         let key = self
             .read_keys()
             .get(id)
@@ -297,10 +432,28 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         if let Some(limiter) = limiter {
-            limiter.acquire().await;
+            limiter
+                .bucket
+                .acquire(deadline)
+                .await
+                .map_err(|denied| match denied {
+                    RateLimitDenied::PastDeadline { wait, deadline } => {
+                        EngineError::rate_limited(limiter.per_second, wait, deadline)
+                    }
+                    RateLimitDenied::QueueFull { waiting } => EngineError::RateLimited {
+                        per_second: limiter.per_second,
+                        reason: format!("{waiting} calls are already waiting"),
+                    },
+                })?;
         }
-        let raw = with_retries(self.retry, "sign", &self.stats, || {
-            self.backend.sign(&key.backend_key, &digest, scheme)
+        // Retries stop early enough to answer inside the caller's deadline.
+        let mut policy = self.retry;
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_sub(started.elapsed());
+            policy.budget = policy.budget.min(left.mul_f64(0.8));
+        }
+        let raw = with_retries(policy, "sign", &self.stats, || {
+            self.backend.sign(&key.stored, &digest, scheme)
         })
         .await?;
         let bytes = normalise_signature(id, key_type, raw)?;
@@ -310,39 +463,166 @@ impl Engine {
         })
     }
 
-    fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, HashMap<KeyId, Arc<ManagedKey>>> {
+    fn read_keys(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<KeyId, Arc<ManagedKey<B::Handle>>>> {
         self.keys.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn generate_lock(&self, id: &KeyId) -> Arc<tokio::sync::Mutex<()>> {
-        self.generating
+    fn stored_keys(&self) -> Vec<StoredKey<B::Handle>> {
+        self.read_keys()
+            .values()
+            .map(|k| k.stored.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl<B: Backend> KeyService for Engine<B> {
+    fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    async fn generate_key(&self, id: KeyId, key_type: KeyType) -> Result<PublicKey, EngineError> {
+        Engine::generate_key(self, id, key_type).await
+    }
+
+    fn public_key(&self, id: &KeyId) -> Result<PublicKey, EngineError> {
+        Engine::public_key(self, id)
+    }
+
+    fn public_keys(&self) -> Vec<PublicKey> {
+        Engine::public_keys(self)
+    }
+
+    async fn sign(
+        &self,
+        id: &KeyId,
+        digest: Vec<u8>,
+        opts: SignerOpts,
+        deadline: Option<Duration>,
+    ) -> Result<Signature, EngineError> {
+        Engine::sign(self, id, digest, opts, deadline).await
+    }
+
+    fn call_stats(&self) -> BTreeMap<&'static str, OperationStats> {
+        self.stats.snapshot()
+    }
+
+    fn set_options(&self, options: &EngineOptions) {
+        self.apply_options(options);
+    }
+
+    async fn reconfigure_backend(&self, config: &dyn BackendConfig) -> Result<(), EngineError> {
+        let any: &dyn std::any::Any = config;
+        let Some(config) = any.downcast_ref::<B::Config>() else {
+            return Err(EngineError::Backend(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                format!(
+                    "the new configuration is not for the running {} backend",
+                    self.backend.name()
+                ),
+            )));
+        };
+        self.backend.reconfigure(config).await?;
+        Ok(())
+    }
+
+    fn has_lifecycle(&self) -> bool {
+        self.lifecycle.is_some()
+    }
+
+    async fn stamp_keys(&self) -> Result<bool, EngineError> {
+        let Some(lifecycle) = &self.lifecycle else {
+            return Ok(false);
+        };
+        let keys = self.stored_keys();
+        self.stats.record_call("stamp");
+        lifecycle
+            .stamp(&keys, std::time::SystemTime::now())
+            .await
+            .inspect_err(|e| self.stats.record_failure("stamp", e.kind))?;
+        Ok(true)
+    }
+
+    async fn list_records(&self) -> Result<Option<Vec<KeyRecord>>, EngineError> {
+        let Some(lifecycle) = &self.lifecycle else {
+            return Ok(None);
+        };
+        let records = with_retries(self.retry, "list", &self.stats, || lifecycle.list()).await?;
+        Ok(Some(records))
+    }
+
+    async fn sweep(&self, policy: SweepPolicy) -> Result<Option<SweepReport>, EngineError> {
+        let Some(lifecycle) = &self.lifecycle else {
+            return Ok(None);
+        };
+        let in_use = self.in_use();
+        self.stats.record_call("sweep");
+        let report = run_sweep(
+            lifecycle.as_ref(),
+            &in_use,
+            std::time::SystemTime::now(),
+            policy,
+        )
+        .await
+        .inspect_err(|e| self.stats.record_failure("sweep", e.kind))?;
+        Ok(Some(report))
+    }
+
+    fn in_use(&self) -> HashSet<String> {
+        self.read_keys()
+            .values()
+            .map(|k| k.stored.locator().to_string())
+            .collect()
+    }
+}
+
+enum Settled {
+    Switched,
+    NotSwitched,
+    Unknown,
+}
+
+fn kept(had_key: bool) -> &'static str {
+    if had_key {
+        "the current key stays in service"
+    } else {
+        "no key was created"
+    }
+}
+
+/// A claimed per-id GenerateKey slot; removes the id's lock entry when the last user leaves,
+/// so the map holds only ids being generated right now.
+struct GenerateSlot<'a, B: Backend> {
+    engine: &'a Engine<B>,
+    id: KeyId,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<B: Backend> Drop for GenerateSlot<'_, B> {
+    fn drop(&mut self) {
+        let mut generating = self
+            .engine
+            .generating
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(id.clone())
-            .or_default()
-            .clone()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Every clone is made under this lock: two strong references (the map's and ours)
+        // mean nobody else holds or waits for the slot.
+        if Arc::strong_count(&self.lock) == 2 {
+            generating.remove(&self.id);
+        }
     }
 }
 
-fn limiter(per_second: f64) -> Arc<RateLimiter> {
-    // A burst of one second's worth: SPIRE's rotations sign a handful of documents at once.
-    Arc::new(RateLimiter::new(
-        per_second,
-        per_second.ceil().clamp(1.0, 10_000.0) as u32,
-    ))
-}
-
-fn managed_key(backend_key: BackendKey) -> ManagedKey {
+fn managed_key<H>(stored: StoredKey<H>) -> ManagedKey<H> {
     let public = PublicKey {
-        id: backend_key.id.clone(),
-        key_type: backend_key.key_type,
-        spki_der: backend_key.spki_der.clone(),
-        fingerprint: Fingerprint::of_spki(&backend_key.spki_der),
+        id: stored.id.clone(),
+        key_type: stored.key_type,
+        spki_der: stored.spki_der.clone(),
+        fingerprint: Fingerprint::of_spki(&stored.spki_der),
     };
-    ManagedKey {
-        public,
-        backend_key,
-    }
+    ManagedKey { public, stored }
 }
 
 fn scalar_len(key_type: KeyType) -> Option<usize> {
@@ -354,7 +634,7 @@ fn scalar_len(key_type: KeyType) -> Option<usize> {
 }
 
 /// Puts every backend's output into the form Go's `crypto.Signer` returns.
-fn normalise_signature(
+pub(crate) fn normalise_signature(
     id: &KeyId,
     key_type: KeyType,
     raw: BackendSignature,
@@ -391,416 +671,15 @@ fn normalise_signature(
             Ok(sig)
         }
         (_, _, other) => Err(invalid(format!(
-            "signature kind {other:?} does not match a {key_type} key"
+            "signature kind {} does not match a {key_type} key",
+            match other {
+                BackendSignature::EcdsaDer(_) => "ECDSA (DER)",
+                BackendSignature::EcdsaFixed(_) => "ECDSA (r||s)",
+                BackendSignature::Rsa(_) => "RSA",
+            }
         ))),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
-
-    use async_trait::async_trait;
-
-    use super::*;
-    use crate::algorithm::{HashAlgorithm, PssSaltLength};
-    use crate::backend::{
-        BackendError, BackendErrorKind, Capabilities, KeyHandle, SchemeFamily, SigningSupport,
-    };
-
-    /// A backend with fake key material: "public keys" are counters, "signatures" are
-    /// fixed-width byte strings. `create_key` can be held open to prove locking rules.
-    struct FakeBackend {
-        capabilities: Capabilities,
-        created: AtomicUsize,
-        retired: Mutex<Vec<String>>,
-        hold_create: tokio::sync::Mutex<()>,
-        /// The next this-many sign/create calls fail with ThrottlingException-like errors.
-        transient_sign_failures: AtomicUsize,
-        transient_create_failures: AtomicUsize,
-    }
-
-    impl FakeBackend {
-        fn new(capabilities: Capabilities) -> Arc<Self> {
-            Arc::new(Self {
-                capabilities,
-                created: AtomicUsize::new(0),
-                retired: Mutex::new(Vec::new()),
-                hold_create: tokio::sync::Mutex::new(()),
-                transient_sign_failures: AtomicUsize::new(0),
-                transient_create_failures: AtomicUsize::new(0),
-            })
-        }
-    }
-
-    #[async_trait]
-    impl Backend for FakeBackend {
-        fn name(&self) -> &'static str {
-            "fake"
-        }
-        fn capabilities(&self) -> &Capabilities {
-            &self.capabilities
-        }
-        async fn load_keys(&self) -> Result<Vec<BackendKey>, BackendError> {
-            Ok(Vec::new())
-        }
-        async fn create_key(
-            &self,
-            id: &KeyId,
-            key_type: KeyType,
-            _replaces: Option<&BackendKey>,
-        ) -> Result<BackendKey, BackendError> {
-            let _held = self.hold_create.lock().await;
-            if take_failure(&self.transient_create_failures) {
-                return Err(BackendError::new(
-                    BackendErrorKind::Unavailable,
-                    "connection reset",
-                ));
-            }
-            let n = self.created.fetch_add(1, Ordering::SeqCst);
-            Ok(BackendKey {
-                id: id.clone(),
-                key_type,
-                spki_der: Arc::from(format!("spki-{n}").into_bytes()),
-                handle: KeyHandle::new(format!("fake/{n}"), n),
-            })
-        }
-        async fn sign(
-            &self,
-            key: &BackendKey,
-            _digest: &Digest,
-            _scheme: SignatureScheme,
-        ) -> Result<BackendSignature, BackendError> {
-            if take_failure(&self.transient_sign_failures) {
-                return Err(BackendError::new(
-                    BackendErrorKind::ResourceExhausted,
-                    "ThrottlingException",
-                ));
-            }
-            Ok(match key.key_type {
-                KeyType::EcP256 => BackendSignature::EcdsaFixed(vec![1; 64]),
-                KeyType::EcP384 => BackendSignature::EcdsaFixed(vec![1; 96]),
-                KeyType::Rsa2048 => BackendSignature::Rsa(vec![2; 256]),
-                KeyType::Rsa4096 => BackendSignature::Rsa(vec![2; 512]),
-            })
-        }
-        async fn retire_key(&self, replaced: &BackendKey) -> Result<(), BackendError> {
-            self.retired
-                .lock()
-                .unwrap()
-                .push(replaced.handle.locator().to_string());
-            Ok(())
-        }
-    }
-
-    fn take_failure(counter: &AtomicUsize) -> bool {
-        counter
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    }
-
-    fn any_capabilities() -> Capabilities {
-        Capabilities {
-            key_types: &KeyType::ALL,
-            signing: SigningSupport::Any,
-            pss_salt: PssSaltSupport::Any,
-            key_algorithm_name: None,
-        }
-    }
-
-    fn id(s: &str) -> KeyId {
-        KeyId::new(s).unwrap()
-    }
-
-    async fn sign_sha256(engine: &Engine, key: &str) -> Result<Signature, EngineError> {
-        engine
-            .sign(
-                &id(key),
-                vec![0; 32],
-                SignerOpts::Hash(HashAlgorithm::Sha256),
-            )
-            .await
-    }
-
-    #[tokio::test]
-    async fn regenerating_changes_fingerprint_and_retires_the_old_key() {
-        let backend = FakeBackend::new(any_capabilities());
-        let engine = Engine::start(backend.clone(), EngineOptions::default())
-            .await
-            .unwrap();
-        let first = engine
-            .generate_key(id("x509-CA-A"), KeyType::EcP256)
-            .await
-            .unwrap();
-        let second = engine
-            .generate_key(id("x509-CA-A"), KeyType::Rsa2048)
-            .await
-            .unwrap();
-        assert_ne!(first.fingerprint, second.fingerprint);
-        assert_eq!(engine.public_key(&id("x509-CA-A")).unwrap(), second);
-        assert_eq!(*backend.retired.lock().unwrap(), vec!["fake/0".to_string()]);
-        let signature = sign_sha256(&engine, "x509-CA-A").await.unwrap();
-        assert_eq!(signature.fingerprint, second.fingerprint);
-    }
-
-    #[tokio::test]
-    async fn sign_does_not_wait_for_a_generate_key_in_progress() {
-        let backend = FakeBackend::new(any_capabilities());
-        let engine = Arc::new(
-            Engine::start(backend.clone(), EngineOptions::default())
-                .await
-                .unwrap(),
-        );
-        engine
-            .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
-            .await
-            .unwrap();
-
-        // Hold the backend inside create_key for another id.
-        let held = backend.hold_create.lock().await;
-        let generating = {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                engine
-                    .generate_key(id("JWT-Signer-B"), KeyType::EcP256)
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!generating.is_finished());
-
-        let signed = tokio::time::timeout(
-            Duration::from_secs(1),
-            engine.sign(
-                &id("JWT-Signer-A"),
-                vec![0; 32],
-                SignerOpts::Hash(HashAlgorithm::Sha256),
-            ),
-        )
-        .await
-        .expect("sign must not wait for GenerateKey")
-        .unwrap();
-        assert!(!signed.bytes.is_empty());
-        assert_eq!(
-            engine.public_keys().len(),
-            1,
-            "B is not visible until created"
-        );
-
-        drop(held);
-        generating.await.unwrap().unwrap();
-        assert_eq!(engine.public_keys().len(), 2);
-    }
-
-    #[tokio::test]
-    async fn fixed_ecdsa_output_is_returned_as_der() {
-        let engine = Engine::start(
-            FakeBackend::new(any_capabilities()),
-            EngineOptions::default(),
-        )
-        .await
-        .unwrap();
-        engine.generate_key(id("k"), KeyType::EcP384).await.unwrap();
-        let signature = engine
-            .sign(
-                &id("k"),
-                vec![0; 64],
-                SignerOpts::Hash(HashAlgorithm::Sha512),
-            )
-            .await
-            .unwrap();
-        assert_eq!(signature.bytes[0], 0x30);
-        assert_eq!(
-            ecdsa_der_to_fixed(&signature.bytes, 48).unwrap(),
-            vec![1; 96]
-        );
-    }
-
-    #[tokio::test]
-    async fn invalid_requests_are_refused_before_the_backend() {
-        const ONLY: &[(KeyType, SchemeFamily, HashAlgorithm)] = &[
-            (KeyType::EcP256, SchemeFamily::Ecdsa, HashAlgorithm::Sha256),
-            (
-                KeyType::Rsa2048,
-                SchemeFamily::RsaPss,
-                HashAlgorithm::Sha256,
-            ),
-        ];
-        let engine = Engine::start(
-            FakeBackend::new(Capabilities {
-                key_types: &[KeyType::EcP256, KeyType::Rsa2048],
-                signing: SigningSupport::Only(ONLY),
-                pss_salt: PssSaltSupport::HashLengthOnly,
-                key_algorithm_name: None,
-            }),
-            EngineOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            engine.generate_key(id("k"), KeyType::EcP384).await,
-            Err(EngineError::KeyTypeUnsupported { .. })
-        ));
-        engine
-            .generate_key(id("ec"), KeyType::EcP256)
-            .await
-            .unwrap();
-        engine
-            .generate_key(id("rsa"), KeyType::Rsa2048)
-            .await
-            .unwrap();
-
-        let err = engine
-            .sign(
-                &id("ec"),
-                vec![0; 48],
-                SignerOpts::Hash(HashAlgorithm::Sha384),
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "the fake backend cannot sign ECDSA/SHA-384 with ec-p256 key \"ec\"; supported: ECDSA/SHA-256"
-        );
-        let err = engine
-            .sign(
-                &id("ec"),
-                vec![0; 31],
-                SignerOpts::Hash(HashAlgorithm::Sha256),
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(err, EngineError::DigestLength { .. }));
-        let pss = |salt| SignerOpts::Pss {
-            hash: HashAlgorithm::Sha256,
-            salt,
-        };
-        assert!(
-            engine
-                .sign(&id("rsa"), vec![0; 32], pss(PssSaltLength::EqualsHash))
-                .await
-                .is_ok()
-        );
-        assert!(
-            engine
-                .sign(&id("rsa"), vec![0; 32], pss(PssSaltLength::Exact(32)))
-                .await
-                .is_ok()
-        );
-        let err = engine
-            .sign(&id("rsa"), vec![0; 32], pss(PssSaltLength::Maximum))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, EngineError::PssSaltUnsupported { requested: 222, .. }),
-            "{err}"
-        );
-        let err = engine
-            .sign(&id("missing"), vec![0; 32], pss(PssSaltLength::EqualsHash))
-            .await;
-        assert_eq!(err.unwrap_err().to_string(), "key \"missing\" not found");
-    }
-
-    #[tokio::test]
-    async fn key_limit_refuses_new_ids_but_allows_rotation() {
-        let engine = Engine::start(
-            FakeBackend::new(any_capabilities()),
-            EngineOptions {
-                max_keys: Some(2),
-                ..EngineOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-        engine.generate_key(id("a"), KeyType::EcP256).await.unwrap();
-        engine.generate_key(id("b"), KeyType::EcP256).await.unwrap();
-        engine.generate_key(id("a"), KeyType::EcP256).await.unwrap();
-        let err = engine
-            .generate_key(id("c"), KeyType::EcP256)
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            EngineError::KeyLimitReached {
-                count: 2,
-                limit: 2,
-                ..
-            }
-        ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn throttled_signs_are_retried_and_counted_but_creation_is_not_retried() {
-        let backend = FakeBackend::new(any_capabilities());
-        let engine = Engine::start(backend.clone(), EngineOptions::default())
-            .await
-            .unwrap();
-        engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
-
-        backend.transient_sign_failures.store(2, Ordering::SeqCst);
-        let signed = sign_sha256(&engine, "k").await.unwrap();
-        assert!(!signed.bytes.is_empty());
-        let stats = engine.call_stats();
-        assert_eq!((stats["sign"].calls, stats["sign"].throttles), (3, 2));
-
-        backend.transient_create_failures.store(1, Ordering::SeqCst);
-        let err = engine
-            .generate_key(id("k2"), KeyType::EcP256)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, EngineError::Backend(ref e) if e.kind == BackendErrorKind::Unavailable)
-        );
-        let stats = engine.call_stats();
-        assert_eq!(
-            (stats["create_key"].calls, stats["create_key"].failures),
-            (2, 1)
-        );
-        assert_eq!(
-            backend.created.load(Ordering::SeqCst),
-            1,
-            "no second key was created"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn sign_rate_limit_paces_a_burst() {
-        let engine = Arc::new(
-            Engine::start(
-                FakeBackend::new(any_capabilities()),
-                EngineOptions {
-                    max_signs_per_second: Some(5.0),
-                    ..EngineOptions::default()
-                },
-            )
-            .await
-            .unwrap(),
-        );
-        engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
-        let started = tokio::time::Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..15 {
-            let engine = engine.clone();
-            tasks.push(tokio::spawn(async move { sign_sha256(&engine, "k").await }));
-        }
-        for task in tasks {
-            task.await.unwrap().unwrap();
-        }
-        // A burst of 5, then 10 more at 5/s.
-        let elapsed = started.elapsed();
-        assert!(
-            elapsed >= Duration::from_millis(1990) && elapsed <= Duration::from_millis(2100),
-            "{elapsed:?}"
-        );
-        engine.set_max_signs_per_second(None);
-        let started = tokio::time::Instant::now();
-        for _ in 0..50 {
-            sign_sha256(&engine, "k").await.unwrap();
-        }
-        assert!(
-            started.elapsed() < Duration::from_millis(10),
-            "limit removed at run time"
-        );
-    }
-}
+mod tests;

@@ -1,32 +1,42 @@
 //! The key engine shared by every backend.
 //!
-//! Everything a backend would otherwise re-implement lives here: the key and algorithm
-//! types ([`KeyType`], [`HashAlgorithm`], [`SignatureScheme`]), the rules that decide which
-//! signing requests are valid, ECDSA signature normalisation, fingerprints, and the
-//! in-memory public-key cache ([`Engine`]). A backend is a small adapter behind
-//! [`Backend`]: create a key, sign with it, list its keys, retire a replaced key, and
-//! declare what it can do through [`Capabilities`]. [`sweep`] holds the stale-key rules
-//! every KMS backend applies.
+//! Everything a backend would otherwise re-implement lives here:
+//! - [`core`]: key ids and types, hashes, signer options, schemes, digests, ECDSA encodings
+//!   (pure rules, no knowledge of backends or SPIRE's wire format);
+//! - [`Backend`]: the seam (two-phase key creation, typed key handles, declared
+//!   [`Capabilities`]);
+//! - [`Engine`]: the public-key cache, request validation, the compensation rules of key
+//!   creation, retries and rate limiting ([`resilience`]); [`KeyService`] is its
+//!   object-safe face for the plugin and the CLI;
+//! - [`config`]: factories, configurations, store identity and run-time setting changes;
+//! - [`lifecycle`]: liveness stamps, sweep rules, the sweep and the background loops;
+//! - [`kit`]: what every KMS backend needs (configuration shell, endpoint, policy files,
+//!   tag vocabulary, error classification, paging guards).
 
-mod algorithm;
-mod backend;
-mod ecdsa_der;
+pub mod backend;
+pub mod config;
+pub mod core;
 mod engine;
 mod error;
-mod key;
+pub mod kit;
 pub mod lifecycle;
 pub mod resilience;
-pub mod server_identity;
+mod service;
 pub mod settings;
-pub mod sweep;
 
-pub use algorithm::{Digest, HashAlgorithm, PssSaltLength, SignatureScheme, SignerOpts};
 pub use backend::{
-    Backend, BackendConfig, BackendError, BackendErrorKind, BackendFactory, BackendKey,
-    BackendSignature, Capabilities, CoreConfig, KeyHandle, PssSaltSupport, SchemeFamily,
-    SigningSupport,
+    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, KeyHandle,
+    PssSaltSupport, SchemeFamily, SigningSupport, StoredKey,
 };
-pub use ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
+pub use config::{
+    BackendConfig, BackendFactory, CoreConfig, OnChange, Opened, OpenedBackend, SettingState,
+    StoreIdentity,
+};
+pub use core::algorithm::{
+    Digest, HashAlgorithm, PssSaltLength, SchemeError, SignatureScheme, SignerOpts,
+};
+pub use core::ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
+pub use core::key::{EmptyKeyId, Fingerprint, KeyId, KeyType, PublicKey};
 pub use engine::{Engine, EngineOptions, Signature};
 pub use error::EngineError;
-pub use key::{Fingerprint, KeyId, KeyType, PublicKey};
+pub use service::{KeyService, SharedKeyService};

@@ -4,7 +4,9 @@
 //!   full-jitter exponential backoff, bounded in attempts and in total time so a call always
 //!   ends inside SPIRE's 30-second RPC deadline.
 //! - [`RateLimiter`]: a token bucket; a burst queues instead of becoming a throttling storm.
-//!   The lock is held only to reserve a slot, never while waiting.
+//!   The lock is held only to reserve a slot, never while waiting; the queue is bounded, a
+//!   call that could not be served before its deadline is refused at once, and a caller that
+//!   gives up returns its slot.
 //! - [`CallStats`]: backend calls, failures and throttles per operation, for logs, metrics
 //!   and benchmarks.
 
@@ -43,14 +45,6 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Whether a failure is worth retrying.
-pub fn is_transient(kind: BackendErrorKind) -> bool {
-    matches!(
-        kind,
-        BackendErrorKind::Unavailable | BackendErrorKind::ResourceExhausted
-    )
-}
-
 /// Runs `call` until it succeeds, fails permanently, or the policy is exhausted. Only use it
 /// for idempotent calls (signing, reads); never for key creation.
 pub async fn with_retries<T, F, Fut>(
@@ -74,7 +68,7 @@ where
         stats.record_failure(operation, error.kind);
         let backoff = full_jitter(policy, attempt);
         let out_of_budget = started.elapsed() + backoff > policy.budget;
-        if !is_transient(error.kind) || attempt >= policy.max_attempts || out_of_budget {
+        if !error.kind.is_transient() || attempt >= policy.max_attempts || out_of_budget {
             return Err(error);
         }
         tracing::warn!(
@@ -121,43 +115,103 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// A token bucket: `rate` permits per second, bursts up to `burst`.
+/// A token bucket: `rate` permits per second, bursts up to `burst`, and at most
+/// `max_waiting` callers queued.
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    /// (tokens available, may go negative for reservations; when last refilled)
+    max_waiting: usize,
+    /// (tokens available, negative while callers wait for reserved slots; last refill)
     state: Mutex<(f64, Instant)>,
 }
 
+/// Why the limiter refused a caller at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimitDenied {
+    /// `waiting` callers are queued already.
+    QueueFull {
+        /// Callers ahead.
+        waiting: usize,
+    },
+    /// The caller would have to wait `wait`, longer than its `deadline`.
+    PastDeadline {
+        /// The wait the slot would need.
+        wait: Duration,
+        /// What the caller has left.
+        deadline: Duration,
+    },
+}
+
 impl RateLimiter {
-    /// A limiter allowing `per_second` permits per second with bursts of `burst`.
+    /// A limiter allowing `per_second` permits per second with bursts of `burst`; the queue
+    /// holds at most 30 seconds' worth of callers (SPIRE's RPC deadline).
     pub fn new(per_second: f64, burst: u32) -> Self {
+        let rate = per_second.max(f64::MIN_POSITIVE);
+        Self::with_queue(rate, burst, (rate * 30.0).ceil().clamp(1.0, 1e6) as usize)
+    }
+
+    /// As [`RateLimiter::new`] with an explicit queue bound.
+    pub fn with_queue(per_second: f64, burst: u32, max_waiting: usize) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
             rate: per_second.max(f64::MIN_POSITIVE),
             burst,
+            max_waiting: max_waiting.max(1),
             state: Mutex::new((burst, Instant::now())),
         }
     }
 
-    /// Waits for a permit. Callers are served in arrival order; the lock is released before
-    /// waiting.
-    pub async fn acquire(&self) {
+    /// Waits for a permit, in arrival order. Refused at once when the queue is full or the
+    /// wait would outlast `deadline`. A caller dropped while waiting returns its slot.
+    pub async fn acquire(&self, deadline: Option<Duration>) -> Result<(), RateLimitDenied> {
         let wait = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
             let refill = now.duration_since(state.1).as_secs_f64() * self.rate;
             state.0 = (state.0 + refill).min(self.burst);
             state.1 = now;
-            state.0 -= 1.0;
-            if state.0 >= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(-state.0 / self.rate)
+            if state.0 >= 1.0 {
+                state.0 -= 1.0;
+                return Ok(());
             }
+            let waiting = (-state.0).max(0.0).ceil() as usize;
+            if waiting >= self.max_waiting {
+                return Err(RateLimitDenied::QueueFull { waiting });
+            }
+            let wait = Duration::from_secs_f64((1.0 - state.0) / self.rate);
+            if let Some(deadline) = deadline
+                && wait > deadline
+            {
+                return Err(RateLimitDenied::PastDeadline { wait, deadline });
+            }
+            state.0 -= 1.0;
+            wait
         };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let mut slot = Reservation {
+            limiter: self,
+            held: true,
+        };
+        tokio::time::sleep(wait).await;
+        slot.held = false;
+        Ok(())
+    }
+}
+
+/// A reserved slot; returned to the bucket if its caller gives up before using it.
+struct Reservation<'a> {
+    limiter: &'a RateLimiter,
+    held: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            let mut state = self
+                .limiter
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            state.0 = (state.0 + 1.0).min(self.limiter.burst);
         }
     }
 }
@@ -303,7 +357,7 @@ mod tests {
         let limiter = Arc::new(RateLimiter::new(10.0, 5));
         let started = Instant::now();
         for _ in 0..5 {
-            limiter.acquire().await;
+            limiter.acquire(None).await.unwrap();
         }
         assert!(
             started.elapsed() < Duration::from_millis(1),
@@ -312,16 +366,76 @@ mod tests {
         let mut waiters = Vec::new();
         for _ in 0..10 {
             let limiter = limiter.clone();
-            waiters.push(tokio::spawn(async move { limiter.acquire().await }));
+            waiters.push(tokio::spawn(async move { limiter.acquire(None).await }));
         }
         for waiter in waiters {
-            waiter.await.unwrap();
+            waiter.await.unwrap().unwrap();
         }
         // 10 more permits at 10/s take about a second.
         let elapsed = started.elapsed();
         assert!(
             elapsed >= Duration::from_millis(990) && elapsed <= Duration::from_millis(1100),
             "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_past_the_deadline_is_refused_at_once() {
+        let limiter = RateLimiter::new(1.0, 1);
+        limiter.acquire(None).await.unwrap();
+        let started = Instant::now();
+        let denied = limiter
+            .acquire(Some(Duration::from_millis(500)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(denied, RateLimitDenied::PastDeadline { .. }),
+            "{denied:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+        // The refused caller took no slot: the next one waits one interval, not two.
+        limiter.acquire(Some(Duration::from_secs(2))).await.unwrap();
+        assert!(started.elapsed() <= Duration::from_millis(1001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_is_bounded() {
+        let limiter = Arc::new(RateLimiter::with_queue(1.0, 1, 3));
+        limiter.acquire(None).await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            let limiter = limiter.clone();
+            waiters.push(tokio::spawn(async move { limiter.acquire(None).await }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            limiter.acquire(None).await,
+            Err(RateLimitDenied::QueueFull { waiting: 3 })
+        );
+        for waiter in waiters {
+            waiter.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_returns_its_slot() {
+        let limiter = Arc::new(RateLimiter::with_queue(1.0, 1, 100));
+        limiter.acquire(None).await.unwrap();
+        let started = Instant::now();
+        // Ten callers queue (10 s of slots) and give up after 100 ms, as SPIRE cancels.
+        for _ in 0..10 {
+            let limiter = limiter.clone();
+            let _ = tokio::time::timeout(Duration::from_millis(100), async move {
+                limiter.acquire(None).await
+            })
+            .await;
+        }
+        // Their slots came back: a new caller waits about one interval, not eleven.
+        limiter.acquire(None).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
         );
     }
 }

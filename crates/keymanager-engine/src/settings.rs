@@ -205,7 +205,7 @@ impl Settings {
             .ok_or_else(|| {
                 SettingsError::invalid(
                     key,
-                    format!("{text:?} is not a duration; write a whole number and a unit: s, m, h or d (e.g. \"6h\")"),
+                    format!("{} is not a duration; write a whole number and a unit: s, m, h or d (e.g. \"6h\")", echo(&text)),
                 )
             })
     }
@@ -233,6 +233,43 @@ impl Settings {
         }
     }
 
+    /// Sets a string value (for a deprecated key mapped onto its replacement).
+    pub fn put_string(&mut self, key: &str, value: String) {
+        self.values
+            .insert(key.to_string(), SettingValue::String(value));
+    }
+
+    /// Moves a deprecated key onto its replacement, returning the warning to log. Both set
+    /// at once is an error naming both.
+    pub fn rename_deprecated(
+        &mut self,
+        deprecated: &str,
+        replacement: &str,
+        conflicts: &[&str],
+    ) -> Result<Option<String>, SettingsError> {
+        let Some(value) = self.values.remove(deprecated) else {
+            return Ok(None);
+        };
+        if matches!(value, SettingValue::Null) {
+            return Ok(None);
+        }
+        if let Some(other) = std::iter::once(&replacement)
+            .chain(conflicts)
+            .find(|k| self.contains(k))
+        {
+            return Err(SettingsError::invalid(
+                deprecated,
+                format!(
+                    "{deprecated} is the deprecated name of {replacement}; set only one of {deprecated} and {other}"
+                ),
+            ));
+        }
+        self.values.insert(replacement.to_string(), value);
+        Ok(Some(format!(
+            "{deprecated} is deprecated: it is used as {replacement}; rename it"
+        )))
+    }
+
     /// Takes a nested block (HCL `key { a = "b" }` or `key = { a = "b" }`) as settings of
     /// its own whose keys are named `key.a`, so errors name the full path.
     pub fn take_block(&mut self, key: &str) -> Result<Option<Settings>, SettingsError> {
@@ -257,6 +294,17 @@ impl Settings {
             }),
         }
     }
+}
+
+/// Quotes user input for an error message, cut to a readable length: a 1 MiB value must
+/// not become a 1 MiB log line. Never use it on secrets (they are never echoed at all).
+pub fn echo(value: &str) -> String {
+    const MAX: usize = 120;
+    if value.chars().count() <= MAX {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(MAX).collect();
+    format!("{head:?}… ({} bytes in all)", value.len())
 }
 
 fn parse_duration(text: &str) -> Option<std::time::Duration> {

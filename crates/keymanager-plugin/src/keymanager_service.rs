@@ -1,12 +1,10 @@
 //! SPIRE's server KeyManager v1 service, on top of the engine.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use keymanager_engine::{
-    EngineError, HashAlgorithm, KeyId, KeyType, PssSaltLength, PublicKey, SignerOpts,
-};
+use keymanager_engine::PublicKey;
 use keymanager_proto::keymanager::key_manager_server::KeyManager;
-use keymanager_proto::keymanager::sign_data_request::SignerOpts as WireSignerOpts;
 use keymanager_proto::keymanager::{
     GenerateKeyRequest, GenerateKeyResponse, GetPublicKeyRequest, GetPublicKeyResponse,
     GetPublicKeysRequest, GetPublicKeysResponse, PublicKey as WirePublicKey, SignDataRequest,
@@ -15,7 +13,11 @@ use keymanager_proto::keymanager::{
 use tonic::{Request, Response, Status};
 
 use crate::state::PluginState;
-use crate::status::engine_error_to_status;
+use crate::status::{RequestError, request_error_to_status};
+use crate::wire;
+
+/// SPIRE's server calls the KeyManager with a 30 s deadline; assumed when none is sent.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
 pub(crate) struct KeyManagerService {
     state: Arc<PluginState>,
@@ -30,27 +32,15 @@ impl KeyManagerService {
 fn to_wire(key: PublicKey) -> WirePublicKey {
     WirePublicKey {
         id: key.id.to_string(),
-        r#type: key.key_type.to_wire(),
+        r#type: wire::key_type_to_wire(key.key_type),
         pkix_data: key.spki_der.to_vec(),
         fingerprint: key.fingerprint.to_string(),
     }
 }
 
-fn signer_opts(opts: Option<WireSignerOpts>) -> Result<SignerOpts, EngineError> {
-    match opts {
-        None => Err(EngineError::SignerOptsRequired),
-        Some(WireSignerOpts::HashAlgorithm(hash)) => {
-            Ok(SignerOpts::Hash(HashAlgorithm::from_wire(hash)?))
-        }
-        Some(WireSignerOpts::PssOptions(pss)) => Ok(SignerOpts::Pss {
-            hash: HashAlgorithm::from_wire(pss.hash_algorithm)?,
-            salt: PssSaltLength::from_wire(pss.salt_length)?,
-        }),
-    }
-}
-
-fn status(operation: &'static str, key_id: &str, error: EngineError) -> Status {
-    let status = engine_error_to_status(&error);
+fn status(operation: &'static str, key_id: &str, error: RequestError) -> Status {
+    let status = request_error_to_status(&error);
+    let key_id = keymanager_engine::settings::echo(key_id);
     match status.code() {
         tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
             tracing::debug!(operation, key_id, error = %error, "request refused");
@@ -58,6 +48,15 @@ fn status(operation: &'static str, key_id: &str, error: EngineError) -> Status {
         _ => tracing::error!(operation, key_id, error = %error, "request failed"),
     }
     status
+}
+
+fn deadline<T>(request: &Request<T>) -> Duration {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(wire::grpc_timeout)
+        .unwrap_or(DEFAULT_DEADLINE)
 }
 
 #[tonic::async_trait]
@@ -68,9 +67,9 @@ impl KeyManager for KeyManagerService {
     ) -> Result<Response<GenerateKeyResponse>, Status> {
         let request = request.into_inner();
         let result = async {
-            let id = KeyId::new(&request.key_id)?;
-            let key_type = KeyType::from_wire(request.key_type)?;
-            self.state.engine()?.generate_key(id, key_type).await
+            let id = wire::key_id(&request.key_id)?;
+            let key_type = wire::key_type(request.key_type)?;
+            Ok::<_, RequestError>(self.state.service()?.generate_key(id, key_type).await?)
         }
         .await;
         match result {
@@ -86,8 +85,10 @@ impl KeyManager for KeyManagerService {
         request: Request<GetPublicKeyRequest>,
     ) -> Result<Response<GetPublicKeyResponse>, Status> {
         let request = request.into_inner();
-        let result =
-            KeyId::new(&request.key_id).and_then(|id| self.state.engine()?.public_key(&id));
+        let result = (|| {
+            let id = wire::key_id(&request.key_id)?;
+            Ok::<_, RequestError>(self.state.service()?.public_key(&id)?)
+        })();
         match result {
             Ok(key) => Ok(Response::new(GetPublicKeyResponse {
                 public_key: Some(to_wire(key)),
@@ -100,12 +101,12 @@ impl KeyManager for KeyManagerService {
         &self,
         _request: Request<GetPublicKeysRequest>,
     ) -> Result<Response<GetPublicKeysResponse>, Status> {
-        let engine = self
+        let service = self
             .state
-            .engine()
+            .service()
             .map_err(|e| status("GetPublicKeys", "", e))?;
         Ok(Response::new(GetPublicKeysResponse {
-            public_keys: engine.public_keys().into_iter().map(to_wire).collect(),
+            public_keys: service.public_keys().into_iter().map(to_wire).collect(),
         }))
     }
 
@@ -113,12 +114,18 @@ impl KeyManager for KeyManagerService {
         &self,
         request: Request<SignDataRequest>,
     ) -> Result<Response<SignDataResponse>, Status> {
+        let deadline = deadline(&request);
         let request = request.into_inner();
         let key_id = request.key_id;
         let result = async {
-            let id = KeyId::new(&key_id)?;
-            let opts = signer_opts(request.signer_opts)?;
-            self.state.engine()?.sign(&id, request.data, opts).await
+            let id = wire::key_id(&key_id)?;
+            let opts = wire::signer_opts(request.signer_opts)?;
+            Ok::<_, RequestError>(
+                self.state
+                    .service()?
+                    .sign(&id, request.data, opts, Some(deadline))
+                    .await?,
+            )
         }
         .await;
         match result {

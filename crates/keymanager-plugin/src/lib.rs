@@ -16,11 +16,12 @@ pub mod logging;
 mod plugin_config;
 mod state;
 mod status;
+pub mod wire;
 
 pub use handshake::{HandshakeError, MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE, is_launched_by_host};
 pub use plugin_config::{PluginConfig, parse_plugin_config};
 pub use state::PluginState;
-pub use status::engine_error_to_status;
+pub use status::{RequestError, engine_error_to_status, request_error_to_status};
 
 use std::process::ExitCode;
 use std::sync::Arc;

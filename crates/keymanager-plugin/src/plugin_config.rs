@@ -1,21 +1,13 @@
 //! The whole `plugin_data`: the keys every backend shares, then the backend's own keys.
 
-use keymanager_engine::lifecycle::LifecycleSchedule;
-use keymanager_engine::settings::SettingsError;
-use keymanager_engine::{BackendConfig, BackendFactory, CoreConfig};
+use keymanager_engine::settings::{SettingsError, echo};
+use keymanager_engine::{BackendConfig, BackendFactory, CoreConfig, OnChange, SettingState};
 
 use crate::hcl_settings;
 use crate::logging::LogLevel;
 
 /// Keys read by the runtime itself, whatever the backend.
 pub const COMMON_KEYS: &[&str] = &["backend", "log_level", "max_keys", "max_signs_per_second"];
-/// Schedule keys, read only for backends that stamp and sweep keys in a shared store.
-pub const LIFECYCLE_KEYS: &[&str] = &[
-    "liveness_interval",
-    "sweep_interval",
-    "stale_key_age",
-    "clock_skew_allowance",
-];
 /// The backend used when `plugin_data` names none: the embedded software default.
 pub const DEFAULT_BACKEND: &str = "disk";
 
@@ -32,10 +24,35 @@ pub struct PluginConfig {
     pub max_keys: Option<usize>,
     /// Client-side SignData rate limit (`None`: unlimited).
     pub max_signs_per_second: Option<f64>,
-    /// Liveness stamps and sweeps (KMS backends).
-    pub lifecycle: LifecycleSchedule,
     /// The backend's own settings.
     pub backend: Box<dyn BackendConfig>,
+}
+
+impl PluginConfig {
+    /// Every setting with what a change at run time means: the runtime's own (all applied
+    /// at once) and the backend's.
+    pub fn settings(&self) -> Vec<SettingState> {
+        let mut states = vec![
+            SettingState::new("log_level", self.log_level, OnChange::Runtime),
+            SettingState::new("max_keys", self.max_keys, OnChange::Runtime),
+            SettingState::new(
+                "max_signs_per_second",
+                self.max_signs_per_second,
+                OnChange::Runtime,
+            ),
+        ];
+        states.extend(self.backend.settings());
+        states
+    }
+
+    /// The engine options this configuration asks for.
+    pub fn engine_options(&self) -> keymanager_engine::EngineOptions {
+        keymanager_engine::EngineOptions {
+            max_keys: self.max_keys,
+            max_signs_per_second: self.max_signs_per_second,
+            ..keymanager_engine::EngineOptions::default()
+        }
+    }
 }
 
 /// Parses and validates `plugin_data` without side effects.
@@ -57,7 +74,8 @@ pub fn parse_plugin_config(
             SettingsError::invalid(
                 "backend",
                 format!(
-                    "unknown backend {backend_name:?}; available: {}",
+                    "unknown backend {}; available: {}",
+                    echo(&backend_name),
                     names.join(", ")
                 ),
             )
@@ -67,7 +85,7 @@ pub fn parse_plugin_config(
         Some(name) => LogLevel::parse(&name).ok_or_else(|| {
             SettingsError::invalid(
                 "log_level",
-                format!("{name:?} is not one of {}", LogLevel::NAMES),
+                format!("{} is not one of {}", echo(&name), LogLevel::NAMES),
             )
         })?,
     };
@@ -87,34 +105,9 @@ pub fn parse_plugin_config(
         }
         Some(n) => Some(n as f64),
     };
-    let mut lifecycle = LifecycleSchedule::default();
-    let mut allowed: Vec<&str> = COMMON_KEYS.to_vec();
-    if factory.manages_key_lifecycle() {
-        allowed.extend_from_slice(LIFECYCLE_KEYS);
-        if let Some(every) = settings.take_duration("liveness_interval")? {
-            lifecycle.stamp_every = every;
-        }
-        if let Some(every) = settings.take_duration("sweep_interval")? {
-            lifecycle.sweep_every = every;
-        }
-        if let Some(age) = settings.take_duration("stale_key_age")? {
-            lifecycle.policy.stale_after = age;
-        }
-        if let Some(skew) = settings.take_duration("clock_skew_allowance")? {
-            lifecycle.policy.max_clock_skew = skew;
-        }
-        if lifecycle.stamp_every >= lifecycle.policy.stale_after {
-            return Err(SettingsError::invalid(
-                "liveness_interval",
-                format!(
-                    "{:?} must be shorter than stale_key_age ({:?}), or other servers would sweep this server's live keys",
-                    lifecycle.stamp_every, lifecycle.policy.stale_after
-                ),
-            ));
-        }
-    }
     let backend = factory.parse(&mut settings, &core)?;
-    allowed.extend_from_slice(factory.setting_keys());
+    let mut allowed: Vec<&str> = COMMON_KEYS.to_vec();
+    allowed.extend(factory.setting_keys());
     settings.finish(&allowed)?;
     Ok(PluginConfig {
         core,
@@ -122,7 +115,6 @@ pub fn parse_plugin_config(
         log_level,
         max_keys,
         max_signs_per_second,
-        lifecycle,
         backend,
     })
 }
@@ -171,7 +163,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.backend_name, "disk");
         assert_eq!(config.log_level, LogLevel::Debug);
-        assert_eq!(config.backend.store_identity(), "disk:/k.json");
+        assert_eq!(config.backend.identity().store, "keys file /k.json");
         assert_eq!(config.max_signs_per_second, None);
         let limited = parse_plugin_config(
             BACKENDS,

@@ -1,32 +1,33 @@
-//! The plugin's configured state: which engine serves requests, and how Configure swaps it.
+//! The plugin's configured state: which engine serves requests, and how Configure changes
+//! it. A re-Configure (SPIRE's SIGUSR1 with `plugin_data_file`) never silently ignores a
+//! setting: each change is applied at once, refused naming the setting, or applied at the
+//! next start with a warning naming it.
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use keymanager_engine::{BackendFactory, CoreConfig, Engine, EngineError, EngineOptions};
+use keymanager_engine::lifecycle::{LifecycleTasks, spawn_tasks};
+use keymanager_engine::{BackendFactory, CoreConfig, KeyService, OnChange, SettingState};
 use tonic::Status;
-
-use keymanager_engine::lifecycle::LifecycleSchedule;
 
 use crate::logging::LogControl;
 use crate::plugin_config::{PluginConfig, parse_plugin_config};
-use crate::status::{engine_error_to_status, settings_error_to_status};
+use crate::status::{RequestError, engine_error_to_status, settings_error_to_status};
 
 struct Active {
-    engine: Arc<Engine>,
-    store_identity: String,
-    trust_domain: String,
-    /// Read by the background tasks at every turn, so a re-Configure applies to them.
-    schedule: Arc<RwLock<LifecycleSchedule>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    service: Arc<dyn KeyService>,
+    /// The configuration applied last, for the next re-Configure's comparison.
+    config: PluginConfig,
+    /// Stamper and sweeper, for backends with a lifecycle; dropped with the state.
+    tasks: Option<LifecycleTasks>,
 }
 
 /// Shared by every service: the backends on offer and the active engine.
 pub struct PluginState {
     backends: &'static [&'static dyn BackendFactory],
     log_control: LogControl,
-    active: RwLock<Option<Arc<Active>>>,
-    /// Configure calls run one at a time; KeyManager calls never wait for this.
-    configuring: tokio::sync::Mutex<()>,
+    active: RwLock<Option<Arc<dyn KeyService>>>,
+    /// The configuration and tasks; only Configure and close touch them.
+    configured: tokio::sync::Mutex<Option<Active>>,
     /// Deinit and process exit both close; the report is made once.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -38,103 +39,147 @@ impl PluginState {
             backends,
             log_control,
             active: RwLock::new(None),
-            configuring: tokio::sync::Mutex::new(()),
+            configured: tokio::sync::Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// The engine for a KeyManager call, or FailedPrecondition before Configure.
-    pub fn engine(&self) -> Result<Arc<Engine>, EngineError> {
+    /// The engine for a KeyManager call, or FailedPrecondition before Configure. Never
+    /// waits for a Configure in progress.
+    pub fn service(&self) -> Result<Arc<dyn KeyService>, RequestError> {
         self.active
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|a| a.engine.clone())
-            .ok_or(EngineError::NotConfigured)
+            .clone()
+            .ok_or(RequestError::NotConfigured)
     }
 
     /// Applies a configuration. The first call opens the backend and loads its keys. A
-    /// later call (SPIRE re-Configures on SIGUSR1 with `plugin_data_file`) keeps the engine,
-    /// its keys and any in-flight signatures, and applies the new log level and key cap; a
-    /// change of key store or trust domain is refused, because it would drop keys in use.
+    /// later call keeps the engine, its keys and in-flight signatures, and applies what may
+    /// change at run time; a change of key store, trust domain or server identity, or of a
+    /// setting that would change which keys exist, is refused.
     pub async fn configure(&self, core: Option<CoreConfig>, hcl_text: &str) -> Result<(), Status> {
         let config = parse_plugin_config(self.backends, core, hcl_text)
             .map_err(|e| settings_error_to_status(&e))?;
-        let _one_at_a_time = self.configuring.lock().await;
-        let current = self
-            .active
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let identity = config.backend.store_identity();
-        if let Some(current) = current {
-            if current.store_identity != identity
-                || current.trust_domain != config.core.trust_domain
-            {
-                return Err(Status::invalid_argument(format!(
-                    "cannot switch the key store at run time (from {} in trust domain {:?} to {} in {:?}); \
-                     restart spire-server to use a different key store",
-                    current.store_identity,
-                    current.trust_domain,
-                    identity,
-                    config.core.trust_domain
-                )));
+        let mut configured = self.configured.lock().await;
+        match configured.as_mut() {
+            Some(active) => self.reconfigure(active, config).await,
+            None => {
+                *configured = Some(self.start(config).await?);
+                Ok(())
             }
-            self.apply_runtime_settings(&config, &current.engine);
-            *current
-                .schedule
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = config.lifecycle;
-            tracing::info!(backend = config.backend_name, store = %identity, "configuration reloaded; keys kept");
-            return Ok(());
         }
-        let backend = config
+    }
+
+    async fn start(&self, config: PluginConfig) -> Result<Active, Status> {
+        for warning in config.backend.warnings() {
+            tracing::warn!("{warning}");
+        }
+        let opened = config
             .backend
             .open()
             .await
-            .map_err(|e| engine_error_to_status(&EngineError::Backend(e)))?;
-        let options = EngineOptions {
-            max_keys: config.max_keys,
-            max_signs_per_second: config.max_signs_per_second,
-            ..EngineOptions::default()
-        };
-        let engine = Engine::start(backend, options)
+            .map_err(|e| engine_error_to_status(&e.into()))?;
+        let service = opened
+            .start(config.engine_options())
             .await
             .map_err(|e| engine_error_to_status(&e))?;
-        self.apply_runtime_settings(&config, &engine);
+        self.log_control.set_level(config.log_level);
+        let identity = config.backend.identity();
         tracing::info!(
             backend = config.backend_name,
             store = %identity,
-            trust_domain = %config.core.trust_domain,
             backend_config = ?config.backend,
             "configured"
         );
-        let engine = Arc::new(engine);
-        let schedule = Arc::new(RwLock::new(config.lifecycle));
-        let tasks = if engine.has_lifecycle() {
-            spawn_lifecycle_tasks(engine.clone(), schedule.clone())
-        } else {
-            Vec::new()
+        let tasks = match config.backend.lifecycle() {
+            Some(schedule) if service.has_lifecycle() => {
+                Some(spawn_tasks(service.clone(), schedule))
+            }
+            _ => None,
         };
-        *self.active.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Active {
-            engine,
-            store_identity: identity,
-            trust_domain: config.core.trust_domain,
-            schedule,
+        *self.active.write().unwrap_or_else(PoisonError::into_inner) = Some(service.clone());
+        Ok(Active {
+            service,
+            config,
             tasks,
-        }));
+        })
+    }
+
+    async fn reconfigure(&self, active: &mut Active, config: PluginConfig) -> Result<(), Status> {
+        let running = active.config.backend.identity();
+        let wanted = config.backend.identity();
+        if let Some(difference) = running.difference(&wanted) {
+            return Err(Status::invalid_argument(format!(
+                "cannot switch the key store at run time ({difference}); restart spire-server to use a different key store"
+            )));
+        }
+        let changes = changed_settings(&active.config.settings(), &config.settings());
+        let refused: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.on_change == OnChange::Refused)
+            .map(|c| c.key)
+            .collect();
+        if !refused.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "cannot change {} at run time: it decides which keys this server uses; restart spire-server to apply it",
+                refused.join(", ")
+            )));
+        }
+        let next_start: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.on_change == OnChange::NextStart)
+            .map(|c| c.key)
+            .collect();
+        let backend_changed = changes.iter().any(|c| {
+            c.on_change == OnChange::Runtime
+                && !matches!(c.key, "log_level" | "max_keys" | "max_signs_per_second")
+        });
+        if backend_changed {
+            active
+                .service
+                .reconfigure_backend(config.backend.as_ref())
+                .await
+                .map_err(|e| engine_error_to_status(&e))?;
+        }
+        for warning in config.backend.warnings() {
+            tracing::warn!("{warning}");
+        }
+        self.log_control.set_level(config.log_level);
+        active.service.set_options(&config.engine_options());
+        if let (Some(tasks), Some(schedule)) = (&active.tasks, config.backend.lifecycle()) {
+            tasks.set_schedule(schedule);
+        }
+        if !next_start.is_empty() {
+            tracing::warn!(
+                settings = %next_start.join(", "),
+                "changed settings take effect at the next start of spire-server"
+            );
+        }
+        let applied: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.on_change == OnChange::Runtime)
+            .map(|c| c.key)
+            .collect();
+        tracing::info!(
+            backend = config.backend_name,
+            store = %wanted,
+            applied = %if applied.is_empty() { "nothing changed".to_string() } else { applied.join(", ") },
+            "configuration reloaded; keys kept"
+        );
+        active.config = config;
         Ok(())
     }
 
     /// Checks a configuration without side effects, for `spire-server validate`. SPIRE
-    /// prints every note as a validation error, so notes are problems only.
+    /// prints every note as an error, so notes are problems only.
     pub fn validate(&self, core: Option<CoreConfig>, hcl_text: &str) -> (bool, Vec<String>) {
         match parse_plugin_config(self.backends, core, hcl_text) {
             Ok(config) => {
                 let problems = config.backend.problems();
                 tracing::info!(
                     backend = config.backend_name,
-                    store = %config.backend.store_identity(),
+                    store = %config.backend.identity(),
                     problems = problems.len(),
                     "validated configuration"
                 );
@@ -144,23 +189,18 @@ impl PluginState {
         }
     }
 
-    /// Called at Deinit and exit: reports the backend calls made since start.
+    /// Called at Deinit and exit: stops the background tasks and reports the backend
+    /// calls made since start.
     pub async fn close(&self) {
         if self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let active = self
-            .active
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(active) = active {
-            for task in &active.tasks {
-                task.abort();
-            }
-            for (operation, stats) in active.engine.call_stats() {
+        let mut configured = self.configured.lock().await;
+        if let Some(active) = configured.as_mut() {
+            active.tasks = None;
+            for (operation, stats) in active.service.call_stats() {
                 tracing::info!(
-                    backend = active.engine.backend_name(),
+                    backend = active.service.backend_name(),
                     operation,
                     calls = stats.calls,
                     failures = stats.failures,
@@ -170,53 +210,41 @@ impl PluginState {
             }
         }
     }
-
-    fn apply_runtime_settings(&self, config: &PluginConfig, engine: &Engine) {
-        self.log_control.set_level(config.log_level);
-        engine.set_max_keys(config.max_keys);
-        engine.set_max_signs_per_second(config.max_signs_per_second);
-    }
 }
 
-/// Stamps this server's keys and sweeps the trust domain on the configured schedule. Each
-/// task first runs one interval after start, like SPIRE's KMS key managers.
-fn spawn_lifecycle_tasks(
-    engine: Arc<Engine>,
-    schedule: Arc<RwLock<LifecycleSchedule>>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let read = |schedule: &Arc<RwLock<LifecycleSchedule>>| {
-        *schedule.read().unwrap_or_else(PoisonError::into_inner)
-    };
-    let stamper = {
-        let engine = engine.clone();
-        let schedule = schedule.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(read(&schedule).stamp_every).await;
-                if let Err(error) = engine.stamp_keys().await {
-                    tracing::warn!(%error, "liveness stamp failed; retrying at the next interval");
-                }
-            }
-        })
-    };
-    let sweeper = tokio::spawn(async move {
-        loop {
-            let current = read(&schedule);
-            tokio::time::sleep(current.sweep_every).await;
-            match engine.sweep(current.policy).await {
-                Ok(Some(report)) => tracing::info!(
-                    examined = report.decisions.len(),
-                    deleted = report.decisions.iter().filter(|d| d.is_delete()).count()
-                        - report.failed.len(),
-                    failed = report.failed.len(),
-                    "stale-key sweep finished"
-                ),
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "stale-key sweep failed; retrying at the next interval")
-                }
-            }
+/// Settings whose value differs between two configurations (a key present in only one
+/// counts as changed), with the classification of the new configuration.
+fn changed_settings(old: &[SettingState], new: &[SettingState]) -> Vec<SettingState> {
+    let mut changed: Vec<SettingState> = new
+        .iter()
+        .filter(|n| old.iter().find(|o| o.key == n.key) != Some(*n))
+        .cloned()
+        .collect();
+    for o in old {
+        if !new.iter().any(|n| n.key == o.key) {
+            changed.push(o.clone());
         }
-    });
-    vec![stamper, sweeper]
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_found_by_key_and_value() {
+        let old = vec![
+            SettingState::new("a", 1, OnChange::Runtime),
+            SettingState::new("b", 1, OnChange::Refused),
+            SettingState::new("gone", 1, OnChange::NextStart),
+        ];
+        let new = vec![
+            SettingState::new("a", 1, OnChange::Runtime),
+            SettingState::new("b", 2, OnChange::Refused),
+            SettingState::new("added", 1, OnChange::Runtime),
+        ];
+        let keys: Vec<&str> = changed_settings(&old, &new).iter().map(|c| c.key).collect();
+        assert_eq!(keys, ["b", "added", "gone"]);
+    }
 }

@@ -4,39 +4,65 @@ use keymanager_engine::settings::SettingsError;
 use keymanager_engine::{BackendErrorKind, EngineError};
 use tonic::{Code, Status};
 
-/// Maps an engine error to the status SPIRE expects (InvalidArgument for bad requests,
+use crate::wire::WireError;
+
+/// Why a KeyManager request failed, before or inside the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A field SPIRE's protocol does not allow.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A KeyManager call arrived before Configure.
+    #[error("not configured")]
+    NotConfigured,
+    /// The engine refused or failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Maps a request error to the status SPIRE expects (InvalidArgument for bad requests,
 /// NotFound for unknown keys, the backend's kind otherwise).
-pub fn engine_error_to_status(error: &EngineError) -> Status {
+pub fn request_error_to_status(error: &RequestError) -> Status {
     let code = match error {
-        EngineError::KeyIdRequired
-        | EngineError::KeyTypeRequired
-        | EngineError::UnknownKeyType(_)
+        RequestError::Wire(_) => Code::InvalidArgument,
+        RequestError::NotConfigured => Code::FailedPrecondition,
+        RequestError::Engine(engine) => engine_code(engine),
+    };
+    Status::new(code, error.to_string())
+}
+
+/// Maps an engine error to a status.
+pub fn engine_error_to_status(error: &EngineError) -> Status {
+    Status::new(engine_code(error), error.to_string())
+}
+
+fn engine_code(error: &EngineError) -> Code {
+    match error {
+        EngineError::Scheme(_)
         | EngineError::KeyTypeUnsupported { .. }
-        | EngineError::SignerOptsRequired
-        | EngineError::HashAlgorithmRequired
-        | EngineError::UnknownHashAlgorithm(_)
-        | EngineError::DigestLength { .. }
-        | EngineError::PssOnEcKey(_)
-        | EngineError::InvalidPssSaltLength(_)
-        | EngineError::PssSaltTooLong { .. }
         | EngineError::PssSaltUnsupported { .. }
         | EngineError::SchemeUnsupported { .. } => Code::InvalidArgument,
         EngineError::KeyNotFound(_) => Code::NotFound,
-        EngineError::NotConfigured => Code::FailedPrecondition,
-        EngineError::KeyLimitReached { .. } => Code::ResourceExhausted,
+        EngineError::KeyLimitReached { .. } | EngineError::RateLimited { .. } => {
+            Code::ResourceExhausted
+        }
         EngineError::InvalidBackendSignature { .. } => Code::Internal,
-        EngineError::Backend(backend) => match backend.kind {
-            BackendErrorKind::InvalidArgument => Code::InvalidArgument,
-            BackendErrorKind::NotFound => Code::NotFound,
-            BackendErrorKind::PermissionDenied => Code::PermissionDenied,
-            BackendErrorKind::ResourceExhausted => Code::ResourceExhausted,
-            BackendErrorKind::Unavailable => Code::Unavailable,
-            BackendErrorKind::FailedPrecondition => Code::FailedPrecondition,
-            BackendErrorKind::Internal => Code::Internal,
-        },
+        EngineError::Backend(e) | EngineError::Generate { source: e, .. } => backend_code(e.kind),
         _ => Code::Internal,
-    };
-    Status::new(code, error.to_string())
+    }
+}
+
+fn backend_code(kind: BackendErrorKind) -> Code {
+    match kind {
+        BackendErrorKind::InvalidArgument => Code::InvalidArgument,
+        BackendErrorKind::NotFound => Code::NotFound,
+        BackendErrorKind::Unauthenticated => Code::Unauthenticated,
+        BackendErrorKind::PermissionDenied => Code::PermissionDenied,
+        BackendErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        BackendErrorKind::Unavailable => Code::Unavailable,
+        BackendErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        BackendErrorKind::Internal => Code::Internal,
+    }
 }
 
 /// Configuration errors are always InvalidArgument.

@@ -46,7 +46,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             .key_manager()
             .generate_key(GenerateKeyRequest {
                 key_id: key_type.as_str().into(),
-                key_type: key_type.to_wire(),
+                key_type: keymanager_plugin::wire::key_type_to_wire(key_type),
             })
             .await
             .map_err(|s| s.message().to_string())?;
@@ -55,6 +55,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let engine = Arc::new(
         Engine::start(
             Arc::new(DiskBackend::new(keys_path.clone())),
+            None,
             EngineOptions::default(),
         )
         .await
@@ -77,7 +78,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                     async move {
                         let id = KeyId::new(key_type.as_str()).map_err(|e| e.to_string())?;
                         engine
-                            .sign(&id, digest, SignerOpts::Hash(HashAlgorithm::Sha256))
+                            .sign(&id, digest, SignerOpts::Hash(HashAlgorithm::Sha256), None)
                             .await
                             .map(|_| ())
                             .map_err(|e| e.to_string())
@@ -95,7 +96,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                                 key_id: key_type.as_str().into(),
                                 data: digest,
                                 signer_opts: Some(WireOpts::HashAlgorithm(
-                                    HashAlgorithm::Sha256.to_wire(),
+                                    keymanager_plugin::wire::hash_algorithm_to_wire(
+                                        HashAlgorithm::Sha256,
+                                    ),
                                 )),
                             })
                             .await

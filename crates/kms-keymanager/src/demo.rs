@@ -97,7 +97,7 @@ async fn demo_steps(plugin: &PluginProcess, td: &str, spiffe_id: &str) -> Result
         let key = km
             .generate_key(GenerateKeyRequest {
                 key_id: id.into(),
-                key_type: key_type.to_wire(),
+                key_type: keymanager_plugin::wire::key_type_to_wire(key_type),
             })
             .await
             .map_err(|s| format!("GenerateKey({id}) failed: {}", s.message()))?

@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every backend compiled into this binary, selected by `backend = "<name>"` in plugin_data.
 pub const BACKENDS: &[&'static dyn BackendFactory] =
-    &[&DiskFactory, &AwsKmsFactory, &GcpKmsFactory];
+    &[&DiskFactory, &AwsKmsFactory::new(), &GcpKmsFactory::new()];
 
 fn main() -> ExitCode {
     if keymanager_plugin::is_launched_by_host() {

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use sha2::Digest as _;
 
-use crate::error::EngineError;
+/// An empty key id. The text is what SPIRE's conformance suite expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("key id is required")]
+pub struct EmptyKeyId;
 
 /// A SPIRE key id such as `x509-CA-A` or `bundle-acme-acme_account+key`. Never empty.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -14,9 +17,9 @@ pub struct KeyId(Arc<str>);
 impl KeyId {
     /// Accepts any non-empty id; SPIRE ids may contain `.`, `+` and `_`, so backends with
     /// restricted naming encode ids themselves.
-    pub fn new(id: &str) -> Result<Self, EngineError> {
+    pub fn new(id: &str) -> Result<Self, EmptyKeyId> {
         if id.is_empty() {
-            return Err(EngineError::KeyIdRequired);
+            return Err(EmptyKeyId);
         }
         Ok(Self(Arc::from(id)))
     }
@@ -55,28 +58,6 @@ pub enum KeyType {
 impl KeyType {
     /// Every key type, in protocol order.
     pub const ALL: [KeyType; 4] = [Self::EcP256, Self::EcP384, Self::Rsa2048, Self::Rsa4096];
-
-    /// Decodes the protocol's `KeyType` enum value.
-    pub fn from_wire(value: i32) -> Result<Self, EngineError> {
-        match value {
-            0 => Err(EngineError::KeyTypeRequired),
-            1 => Ok(Self::EcP256),
-            2 => Ok(Self::EcP384),
-            3 => Ok(Self::Rsa2048),
-            4 => Ok(Self::Rsa4096),
-            other => Err(EngineError::UnknownKeyType(other)),
-        }
-    }
-
-    /// The protocol's `KeyType` enum value.
-    pub fn to_wire(self) -> i32 {
-        match self {
-            Self::EcP256 => 1,
-            Self::EcP384 => 2,
-            Self::Rsa2048 => 3,
-            Self::Rsa4096 => 4,
-        }
-    }
 
     /// SPIRE's configuration spelling (`ca_key_type`, `jwt_key_type`).
     pub fn as_str(self) -> &'static str {
@@ -166,19 +147,11 @@ mod tests {
     }
 
     #[test]
-    fn key_type_wire_values_round_trip() {
+    fn key_type_names_round_trip() {
         for t in KeyType::ALL {
-            assert_eq!(KeyType::from_wire(t.to_wire()).unwrap(), t);
             assert_eq!(KeyType::parse(t.as_str()), Some(t));
         }
-        assert!(matches!(
-            KeyType::from_wire(0),
-            Err(EngineError::KeyTypeRequired)
-        ));
-        assert!(matches!(
-            KeyType::from_wire(9),
-            Err(EngineError::UnknownKeyType(9))
-        ));
+        assert_eq!(KeyType::parse("ec-p521"), None);
     }
 
     #[test]

@@ -44,6 +44,14 @@ impl ServerIdSource {
         }
     }
 
+    /// How the store identity names this source (`key_identifier_file /x`).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::File(path) => format!("key_identifier_file {}", path.display()),
+            Self::Value(value) => format!("key_identifier_value {value:?}"),
+        }
+    }
+
     /// Reads (or, for a missing file, creates) the server id. A file that exists but does not
     /// hold a UUID is an error: silently replacing it would orphan every key of this server.
     pub fn resolve(&self) -> Result<String, BackendError> {

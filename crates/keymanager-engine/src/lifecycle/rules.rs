@@ -12,9 +12,13 @@
 //! 3. Keys this server is using right now (in the engine's cache): kept, whatever their tags.
 //! 4. Keys whose deletion intent was recorded (by this server or any other of the trust
 //!    domain) are finished off: the intent survives crashes, so nothing leaks.
-//! 5. This server's own keys that it is not using: deleted when they are clearly abandoned —
-//!    never activated and older than the half-created grace period. An *active* key with a
-//!    fresh liveness stamp is kept: another replica with the same server id may be using it.
+//! 5. This server's own keys that it is not using:
+//!    - a key discovery does not find (never published: a GenerateKey crashed or failed
+//!      before its publish step; or replaced: it crashed before its retire step) is a
+//!      leftover, deleted once it is older than the half-created grace period (a GenerateKey
+//!      may still be in flight);
+//!    - a key discovery finds is this server id's current key: another replica with the same
+//!      server id may be using it, so it is kept until its stamp is stale.
 //! 6. Other servers' keys: deleted when their newest liveness evidence (stamp, else creation
 //!    time) is older than the stale threshold plus the allowed clock skew.
 //! 7. A key with no liveness evidence at all is kept and reported.
@@ -78,8 +82,12 @@ pub struct KeyRecord {
     pub server_id: Option<String>,
     /// The store's state.
     pub state: StoreKeyState,
-    /// Whether the key was ever made active (alias points at it / `active` tag set).
-    pub active: bool,
+    /// The SPIRE key id, when the store records it.
+    pub key_id: Option<String>,
+    /// Whether discovery finds this key for its id: the alias points at it, it is the newest
+    /// enabled version of an active CryptoKey, it is the active key of its id. A key that is
+    /// not published is a leftover of an interrupted GenerateKey (or a superseded version).
+    pub published: bool,
     /// The newest liveness stamp, if any.
     pub last_stamp: Option<SystemTime>,
     /// When the store created the key, if known.
@@ -170,31 +178,41 @@ fn decide(
 
     let evidence = record.last_stamp.or(record.created);
     let age = evidence.map(|t| now.duration_since(t).unwrap_or(Duration::ZERO));
-    let from_future = evidence.is_some_and(|t| t > now + policy.max_clock_skew);
+    // Checked arithmetic throughout: thresholds come from configuration and evidence from
+    // anyone who can tag a key; neither may overflow into a panic.
+    let from_future = evidence.is_some_and(|t| {
+        now.checked_add(policy.max_clock_skew)
+            .is_none_or(|latest_fresh| t > latest_fresh)
+    });
+    let stale_after = policy.stale_after.saturating_add(policy.max_clock_skew);
+    let grace = policy
+        .half_created_grace
+        .saturating_add(policy.max_clock_skew);
 
     if owner == me.server_id {
-        if record.active {
+        if record.published {
             // Possibly served by a replica with the same server id: only a stale stamp
             // proves nobody uses it.
             return match age {
-                Some(age) if !from_future && age > policy.stale_after + policy.max_clock_skew => {
-                    delete(format!(
-                        "own active key not in use and not stamped for {}",
-                        days(age)
-                    ))
-                }
-                _ => keep("own active key with a fresh stamp: another replica may use it"),
+                Some(age) if !from_future && age > stale_after => delete(format!(
+                    "own published key not in use and not stamped for {}",
+                    days(age)
+                )),
+                _ => keep(
+                    "own published key with a fresh stamp: another replica with this server id may use it",
+                ),
             };
         }
         return match record
             .created
             .map(|c| now.duration_since(c).unwrap_or(Duration::ZERO))
         {
-            Some(age) if age > policy.half_created_grace + policy.max_clock_skew => delete(
-                format!("own key never activated, created {} ago", minutes(age)),
-            ),
-            Some(_) => keep("own key never activated but young: a GenerateKey may be in flight"),
-            None => keep("own inactive key without a creation time"),
+            Some(age) if age > grace => delete(format!(
+                "own key that discovery does not find (left by an interrupted GenerateKey), created {} ago",
+                minutes(age)
+            )),
+            Some(_) => keep("own unpublished key, but young: a GenerateKey may be in flight"),
+            None => keep("own unpublished key without a creation time"),
         };
     }
 
@@ -203,7 +221,7 @@ fn decide(
         Some(_) if from_future => {
             keep("liveness stamp is in the future beyond the allowed clock skew")
         }
-        Some(age) if age > policy.stale_after + policy.max_clock_skew => delete(format!(
+        Some(age) if age > stale_after => delete(format!(
             "server {owner} has not stamped this key for {}",
             days(age)
         )),
@@ -246,7 +264,8 @@ mod tests {
             trust_domain: Some("example.org".into()),
             server_id: Some(server.into()),
             state: StoreKeyState::Enabled,
-            active: true,
+            key_id: Some("x509-CA-A".into()),
+            published: true,
             last_stamp: ago(H),
             created: ago(30 * DAY),
             deletion_intent: false,
@@ -263,7 +282,7 @@ mod tests {
         let mut r = record("server-a");
         r.deletion_intent = true;
         r.last_stamp = ago(365 * DAY);
-        r.active = false;
+        r.published = false;
         assert!(!decide_one(r.clone(), &["key/server-a"]).is_delete());
         r.server_id = Some("server-b".into());
         r.locator = "key/server-b".into();
@@ -334,6 +353,24 @@ mod tests {
     }
 
     #[test]
+    fn absurd_thresholds_and_evidence_never_overflow() {
+        let huge = SweepPolicy {
+            stale_after: Duration::MAX,
+            half_created_grace: Duration::MAX,
+            max_clock_skew: Duration::MAX,
+        };
+        let mut r = record("server-b");
+        r.last_stamp = Some(SystemTime::UNIX_EPOCH);
+        let in_use = HashSet::new();
+        let decisions = plan_sweep(now(), &me(), &in_use, &[r.clone()], huge);
+        assert!(!decisions[0].is_delete());
+        r.server_id = Some("server-a".into());
+        r.published = false;
+        let decisions = plan_sweep(now(), &me(), &in_use, &[r], huge);
+        assert!(!decisions[0].is_delete());
+    }
+
+    #[test]
     fn stamps_from_the_future_keep_the_key() {
         let mut r = record("server-b");
         r.last_stamp = Some(now() + Duration::from_secs(2 * H));
@@ -345,9 +382,9 @@ mod tests {
     }
 
     #[test]
-    fn own_half_created_keys_go_after_the_grace_period() {
+    fn own_unpublished_keys_go_after_the_grace_period() {
         let mut r = record("server-a");
-        r.active = false;
+        r.published = false;
         r.last_stamp = None;
         r.created = ago(10 * 60);
         assert!(
@@ -364,7 +401,7 @@ mod tests {
     fn same_server_id_on_two_replicas_keeps_the_other_replicas_active_key() {
         // Replica 2 uses a key this replica does not have in its cache.
         let mut r = record("server-a");
-        r.active = true;
+        r.published = true;
         r.last_stamp = ago(6 * H);
         assert!(!decide_one(r.clone(), &[]).is_delete());
         // Once nobody has stamped it for longer than the threshold, it is abandoned.

@@ -6,8 +6,40 @@
 
 use std::fmt;
 
-use crate::error::EngineError;
-use crate::key::KeyType;
+use super::key::KeyType;
+
+/// Why signer options do not fit a key or a digest. Core rules only: no wire decoding and no
+/// backend knowledge.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SchemeError {
+    /// The digest length does not match its hash.
+    #[error("digest is {actual} bytes but {hash} digests are {expected} bytes")]
+    DigestLength {
+        /// Declared hash.
+        hash: HashAlgorithm,
+        /// Its output length.
+        expected: usize,
+        /// What was sent.
+        actual: usize,
+    },
+    /// PSS options for an EC key.
+    #[error("RSA-PSS options cannot be used with {0} key")]
+    PssOnEcKey(KeyType),
+    /// The requested salt does not fit the modulus.
+    #[error(
+        "PSS salt length {salt} is too long for a {modulus_bits}-bit key with {hash}; the maximum is {max}"
+    )]
+    PssSaltTooLong {
+        /// Requested salt length in bytes.
+        salt: usize,
+        /// The largest salt that fits.
+        max: usize,
+        /// The hash.
+        hash: HashAlgorithm,
+        /// Modulus size.
+        modulus_bits: usize,
+    },
+}
 
 /// Hash algorithms, numbered as Go's `crypto.Hash` (and the protocol enum).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,7 +67,7 @@ pub enum HashAlgorithm {
 }
 
 impl HashAlgorithm {
-    /// Every hash the protocol can name.
+    /// Every hash SPIRE's protocol can name.
     pub const ALL: [HashAlgorithm; 10] = [
         Self::Sha224,
         Self::Sha256,
@@ -48,41 +80,6 @@ impl HashAlgorithm {
         Self::Sha512_224,
         Self::Sha512_256,
     ];
-
-    /// Decodes the raw protocol value. SPIRE casts Go's `crypto.Hash` straight through, so
-    /// values outside the enum (3 = SHA-1 from TLS 1.2) arrive and must be refused cleanly.
-    pub fn from_wire(value: i32) -> Result<Self, EngineError> {
-        match value {
-            0 => Err(EngineError::HashAlgorithmRequired),
-            4 => Ok(Self::Sha224),
-            5 => Ok(Self::Sha256),
-            6 => Ok(Self::Sha384),
-            7 => Ok(Self::Sha512),
-            10 => Ok(Self::Sha3_224),
-            11 => Ok(Self::Sha3_256),
-            12 => Ok(Self::Sha3_384),
-            13 => Ok(Self::Sha3_512),
-            14 => Ok(Self::Sha512_224),
-            15 => Ok(Self::Sha512_256),
-            other => Err(EngineError::UnknownHashAlgorithm(other)),
-        }
-    }
-
-    /// The protocol enum value.
-    pub fn to_wire(self) -> i32 {
-        match self {
-            Self::Sha224 => 4,
-            Self::Sha256 => 5,
-            Self::Sha384 => 6,
-            Self::Sha512 => 7,
-            Self::Sha3_224 => 10,
-            Self::Sha3_256 => 11,
-            Self::Sha3_384 => 12,
-            Self::Sha3_512 => 13,
-            Self::Sha512_224 => 14,
-            Self::Sha512_256 => 15,
-        }
-    }
 
     /// Digest length in bytes.
     pub fn output_len(self) -> usize {
@@ -124,35 +121,28 @@ pub enum PssSaltLength {
     EqualsHash,
     /// `0`: the largest salt the modulus allows.
     Maximum,
-    /// `n > 0`: exactly `n` bytes.
-    Exact(u16),
+    /// `n > 0`: exactly `n` bytes (Go has no way to ask for an empty salt).
+    Exact(std::num::NonZeroU16),
 }
 
 impl PssSaltLength {
-    /// Decodes the protocol's `salt_length`.
-    pub fn from_wire(value: i32) -> Result<Self, EngineError> {
-        match value {
-            -1 => Ok(Self::EqualsHash),
-            0 => Ok(Self::Maximum),
-            n if n > 0 => u16::try_from(n)
-                .map(Self::Exact)
-                .map_err(|_| EngineError::InvalidPssSaltLength(value)),
-            _ => Err(EngineError::InvalidPssSaltLength(value)),
-        }
+    /// Exactly `n` bytes; `None` for 0 (which Go spells [`PssSaltLength::Maximum`]).
+    pub fn exact(n: u16) -> Option<Self> {
+        std::num::NonZeroU16::new(n).map(Self::Exact)
     }
 
     /// The salt length in bytes for a modulus of `modulus_bits` and hash `hash`, or an error
     /// when the requested salt does not fit (RFC 8017 §9.1.1: emLen >= hLen + sLen + 2).
-    pub fn bytes(self, modulus_bits: usize, hash: HashAlgorithm) -> Result<usize, EngineError> {
+    pub fn bytes(self, modulus_bits: usize, hash: HashAlgorithm) -> Result<usize, SchemeError> {
         let em_len = (modulus_bits - 1).div_ceil(8);
         let max = em_len.saturating_sub(hash.output_len() + 2);
         let wanted = match self {
             Self::EqualsHash => hash.output_len(),
             Self::Maximum => max,
-            Self::Exact(n) => usize::from(n),
+            Self::Exact(n) => usize::from(n.get()),
         };
         if wanted > max {
-            return Err(EngineError::PssSaltTooLong {
+            return Err(SchemeError::PssSaltTooLong {
                 salt: wanted,
                 max,
                 hash,
@@ -206,10 +196,10 @@ pub enum SignatureScheme {
 
 impl SignatureScheme {
     /// Matches SPIRE's signer options to a key type.
-    pub fn resolve(key_type: KeyType, opts: SignerOpts) -> Result<Self, EngineError> {
+    pub fn resolve(key_type: KeyType, opts: SignerOpts) -> Result<Self, SchemeError> {
         match (key_type.rsa_bits(), opts) {
             (None, SignerOpts::Hash(hash)) => Ok(Self::Ecdsa(hash)),
-            (None, SignerOpts::Pss { .. }) => Err(EngineError::PssOnEcKey(key_type)),
+            (None, SignerOpts::Pss { .. }) => Err(SchemeError::PssOnEcKey(key_type)),
             (Some(_), SignerOpts::Hash(hash)) => Ok(Self::RsaPkcs1v15(hash)),
             (Some(bits), SignerOpts::Pss { hash, salt }) => Ok(Self::RsaPss {
                 hash,
@@ -245,9 +235,9 @@ pub struct Digest {
 
 impl Digest {
     /// Wraps an already computed digest; the length must match the hash.
-    pub fn new(hash: HashAlgorithm, bytes: Vec<u8>) -> Result<Self, EngineError> {
+    pub fn new(hash: HashAlgorithm, bytes: Vec<u8>) -> Result<Self, SchemeError> {
         if bytes.len() != hash.output_len() {
-            return Err(EngineError::DigestLength {
+            return Err(SchemeError::DigestLength {
                 hash,
                 expected: hash.output_len(),
                 actual: bytes.len(),
@@ -278,55 +268,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hash_wire_values_round_trip_and_out_of_enum_values_are_refused() {
-        for h in HashAlgorithm::ALL {
-            assert_eq!(HashAlgorithm::from_wire(h.to_wire()).unwrap(), h);
-        }
-        assert!(matches!(
-            HashAlgorithm::from_wire(0),
-            Err(EngineError::HashAlgorithmRequired)
-        ));
-        // 3 is Go's crypto.SHA1, sent by TLS 1.2 ACME signing.
-        let err = HashAlgorithm::from_wire(3).unwrap_err();
-        assert!(
-            err.to_string().contains("unsupported hash algorithm 3"),
-            "{err}"
-        );
-        assert!(HashAlgorithm::from_wire(-7).is_err());
-        assert!(HashAlgorithm::from_wire(16).is_err());
-    }
-
-    #[test]
     fn pss_salt_follows_go_semantics() {
         let h = HashAlgorithm::Sha256;
-        assert_eq!(
-            PssSaltLength::from_wire(-1)
-                .unwrap()
-                .bytes(2048, h)
-                .unwrap(),
-            32
-        );
+        assert_eq!(PssSaltLength::EqualsHash.bytes(2048, h).unwrap(), 32);
         // ceil(2047/8) - 32 - 2 = 222
+        assert_eq!(PssSaltLength::Maximum.bytes(2048, h).unwrap(), 222);
         assert_eq!(
-            PssSaltLength::from_wire(0).unwrap().bytes(2048, h).unwrap(),
-            222
-        );
-        assert_eq!(
-            PssSaltLength::from_wire(20)
-                .unwrap()
-                .bytes(2048, h)
-                .unwrap(),
+            PssSaltLength::exact(20).unwrap().bytes(2048, h).unwrap(),
             20
         );
-        assert!(
-            PssSaltLength::from_wire(223)
+        assert_eq!(
+            PssSaltLength::exact(223)
                 .unwrap()
                 .bytes(2048, h)
-                .is_err()
+                .unwrap_err(),
+            SchemeError::PssSaltTooLong {
+                salt: 223,
+                max: 222,
+                hash: h,
+                modulus_bits: 2048
+            }
         );
-        assert!(PssSaltLength::from_wire(-2).is_err());
-        assert!(PssSaltLength::from_wire(i32::MIN).is_err());
-        assert!(PssSaltLength::from_wire(i32::MAX).is_err());
     }
 
     #[test]
@@ -346,7 +308,7 @@ mod tests {
         };
         assert!(matches!(
             SignatureScheme::resolve(KeyType::EcP384, pss),
-            Err(EngineError::PssOnEcKey(KeyType::EcP384))
+            Err(SchemeError::PssOnEcKey(KeyType::EcP384))
         ));
         assert_eq!(
             SignatureScheme::resolve(KeyType::Rsa4096, pss).unwrap(),

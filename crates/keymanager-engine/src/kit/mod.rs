@@ -1,0 +1,20 @@
+//! The KMS backend kit: what every KMS adapter needs and would otherwise write again.
+//!
+//! - [`shell`]: the factory/configuration shell ([`KmsAdapter`], [`KmsFactory`],
+//!   [`KmsConfig`]): server identity, endpoint, lifecycle schedule, store identity;
+//! - [`server_identity`]: `key_identifier_file` / `key_identifier_value`;
+//! - [`endpoint`]: the `endpoint` setting, one validation rule;
+//! - [`policy_file`]: `key_policy_file`, read and checked at Configure;
+//! - [`vocabulary`]: the tag and label names;
+//! - [`classify`]: failed calls → error kinds and messages with their whole cause chain;
+//! - [`paging`]: list loops that cannot loop forever.
+
+pub mod classify;
+pub mod endpoint;
+pub mod paging;
+pub mod policy_file;
+pub mod server_identity;
+mod shell;
+pub mod vocabulary;
+
+pub use shell::{COMMON_KEYS, KmsAdapter, KmsConfig, KmsFactory};

@@ -1,0 +1,221 @@
+//! The factory and configuration shell every KMS backend shares. A KMS adapter implements
+//! [`KmsAdapter`] (its own settings, how to open the client) and registers
+//! `KmsFactory::<Adapter>::new()`; the shell does the rest: the server identity
+//! (`key_identifier_file` / `key_identifier_value`), `endpoint`, the lifecycle schedule,
+//! deprecation warnings, Validate's problems, the store identity, the run-time setting
+//! classification, and opening the backend with its lifecycle.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::backend::{Backend, BackendError};
+use crate::config::{
+    BackendConfig, BackendFactory, CoreConfig, OnChange, Opened, OpenedBackend, SettingState,
+    StoreIdentity,
+};
+use crate::kit::endpoint::{self, Endpoint};
+use crate::kit::server_identity::ServerIdSource;
+use crate::lifecycle::{KeyLifecycle, LifecycleSchedule, SCHEDULE_KEYS};
+use crate::settings::{Settings, SettingsError};
+
+/// The keys the shell reads for every KMS backend.
+pub const COMMON_KEYS: &[&str] = &["key_identifier_file", "key_identifier_value", endpoint::KEY];
+
+/// What a KMS backend writes itself; the shell does everything else.
+#[async_trait]
+pub trait KmsAdapter:
+    Backend<Config = KmsConfig<Self>> + KeyLifecycle<Handle = <Self as Backend>::Handle> + Sized
+{
+    /// The backend's name in `plugin_data` (`aws_kms`).
+    const NAME: &'static str;
+    /// The backend's own `plugin_data` keys (the shell's come on top).
+    const SETTING_KEYS: &'static [&'static str];
+    /// The backend's own validated settings. Their `Debug` must redact secrets.
+    type Settings: fmt::Debug + Clone + Send + Sync + 'static;
+
+    /// Takes the backend's own keys out of `settings`. Runs before the shell reads the
+    /// server identity, so a deprecated key may be mapped onto `key_identifier_*` here
+    /// (push the warning onto `warnings`).
+    fn parse(
+        settings: &mut Settings,
+        core: &CoreConfig,
+        warnings: &mut Vec<String>,
+    ) -> Result<Self::Settings, SettingsError>;
+
+    /// The backend's rule for `key_identifier_value` (charset, length).
+    fn check_server_id(value: &str) -> Result<(), String>;
+
+    /// Extra guidance when no server identity is set at all.
+    fn missing_identity_hint(_settings: &Self::Settings) -> Option<&'static str> {
+        None
+    }
+
+    /// The store inside the backend, in words (`region us-east-1`); with the endpoint and
+    /// the trust domain, it must not change at run time.
+    fn store(settings: &Self::Settings) -> String;
+
+    /// The backend's other settings and what a change to each means at run time.
+    fn describe(settings: &Self::Settings) -> Vec<SettingState>;
+
+    /// Problems Validate reports, beyond the server identity's (no side effects).
+    fn problems(_settings: &Self::Settings) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Connects: builds the client from `config` for the resolved `server_id`.
+    async fn open(config: &KmsConfig<Self>, server_id: String) -> Result<Self, BackendError>;
+}
+
+/// Registers a KMS backend.
+pub struct KmsFactory<A>(PhantomData<fn() -> A>);
+
+impl<A> KmsFactory<A> {
+    /// The factory.
+    pub const fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<A> Default for KmsFactory<A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A: KmsAdapter> BackendFactory for KmsFactory<A> {
+    fn name(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn setting_keys(&self) -> Vec<&'static str> {
+        let mut keys: Vec<&'static str> = A::SETTING_KEYS.to_vec();
+        keys.extend_from_slice(COMMON_KEYS);
+        keys.extend_from_slice(SCHEDULE_KEYS);
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    fn parse(
+        &self,
+        settings: &mut Settings,
+        core: &CoreConfig,
+    ) -> Result<Box<dyn BackendConfig>, SettingsError> {
+        let mut warnings = Vec::new();
+        let backend = A::parse(settings, core, &mut warnings)?;
+        let server_id =
+            ServerIdSource::take_from(settings, A::check_server_id).map_err(|error| {
+                match (error, A::missing_identity_hint(&backend)) {
+                    (SettingsError::Missing { key, hint }, Some(extra)) => SettingsError::Missing {
+                        key,
+                        hint: format!("{hint} ({extra})"),
+                    },
+                    (error, _) => error,
+                }
+            })?;
+        let endpoint = Endpoint::take_from(settings)?;
+        let schedule = LifecycleSchedule::take_from(settings)?;
+        Ok(Box::new(KmsConfig::<A> {
+            trust_domain: core.trust_domain.clone(),
+            server_id,
+            endpoint,
+            schedule,
+            warnings,
+            backend,
+        }))
+    }
+}
+
+/// A validated KMS backend configuration: the shell's settings and the backend's own.
+pub struct KmsConfig<A: KmsAdapter> {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Where this server's id comes from.
+    pub server_id: ServerIdSource,
+    /// `endpoint`, if set.
+    pub endpoint: Option<Endpoint>,
+    /// Stamps and sweeps.
+    pub schedule: LifecycleSchedule,
+    /// Deprecation notes.
+    pub warnings: Vec<String>,
+    /// The backend's own settings.
+    pub backend: A::Settings,
+}
+
+impl<A: KmsAdapter> fmt::Debug for KmsConfig<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(A::NAME)
+            .field("trust_domain", &self.trust_domain)
+            .field("server_id", &self.server_id)
+            .field("endpoint", &self.endpoint)
+            .field("schedule", &self.schedule)
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl<A: KmsAdapter> BackendConfig for KmsConfig<A> {
+    fn identity(&self) -> StoreIdentity {
+        let mut store = A::store(&self.backend);
+        if let Some(endpoint) = &self.endpoint {
+            store.push_str(&format!(" at {}", endpoint.as_str()));
+        }
+        StoreIdentity {
+            backend: A::NAME,
+            store,
+            trust_domain: self.trust_domain.clone(),
+            server: Some(self.server_id.describe()),
+        }
+    }
+
+    fn settings(&self) -> Vec<SettingState> {
+        let mut states = vec![
+            SettingState::new(
+                "liveness_interval",
+                self.schedule.stamp_every,
+                OnChange::Runtime,
+            ),
+            SettingState::new(
+                "sweep_interval",
+                self.schedule.sweep_every,
+                OnChange::Runtime,
+            ),
+            SettingState::new(
+                "stale_key_age",
+                self.schedule.policy.stale_after,
+                OnChange::Runtime,
+            ),
+            SettingState::new(
+                "clock_skew_allowance",
+                self.schedule.policy.max_clock_skew,
+                OnChange::Runtime,
+            ),
+        ];
+        states.extend(A::describe(&self.backend));
+        states
+    }
+
+    fn lifecycle(&self) -> Option<LifecycleSchedule> {
+        Some(self.schedule)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = self.server_id.problems();
+        problems.extend(A::problems(&self.backend));
+        problems
+    }
+
+    async fn open(&self) -> Result<Box<dyn OpenedBackend>, BackendError> {
+        let server_id = self.server_id.resolve()?;
+        let backend = Arc::new(A::open(self, server_id).await?);
+        Ok(Opened::new(backend.clone()).with_lifecycle(backend).boxed())
+    }
+}
