@@ -11,12 +11,13 @@ import (
 	"crypto/sha512"
 	"crypto/x509"
 	"encoding/hex"
-	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -30,39 +31,60 @@ import (
 	"google.golang.org/grpc/codes"
 )
 
-// gcpEnv is a Cloud KMS fake with a key ring and a service account key for the plugin.
+// gcpEnv is a Cloud KMS fake that verifies credentials and enforces IAM (--require-auth),
+// with a key ring and the plugin's service account: a generated key, registered with the fake,
+// holding on the key ring exactly the permissions README.md documents for gcp_kms (through a
+// custom role).
 type gcpEnv struct {
 	fake   *gcpKmsFake
 	ring   string
+	sa     *gcpServiceAccountKey
 	saFile string
 	email  string
 }
 
-const gcpServiceAccount = "spire-server@test-project.iam.gserviceaccount.com"
+const (
+	gcpProject        = "test-project"
+	gcpServiceAccount = "spire-server@test-project.iam.gserviceaccount.com"
+	// gcpPluginRole is the custom role the plugin's service account holds on the key ring.
+	gcpPluginRole = "projects/test-project/roles/spireKeyManager"
+)
 
 func newGcpEnv(t *testing.T, fakeArgs ...string) *gcpEnv {
 	t.Helper()
+	return newGcpEnvWith(t, gcpDocumentedPermissions(t), fakeArgs...)
+}
+
+// newGcpEnvWith is newGcpEnv with these permissions for the plugin on the key ring instead.
+func newGcpEnvWith(t *testing.T, permissions []string, fakeArgs ...string) *gcpEnv {
+	t.Helper()
 	fake := startGcpKmsFake(t, append([]string{"--require-auth"}, fakeArgs...)...)
-	ring := "projects/test-project/locations/europe-west1/keyRings/spire"
+	ring := "projects/" + gcpProject + "/locations/europe-west1/keyRings/spire"
 	fake.CreateKeyRing(t, ring)
-	// A real service account key file: the plugin signs its own access JWTs with it.
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	// A real service account key file: the plugin signs its own JWTs with it.
+	sa := fake.NewServiceAccount(t, "spire-server", gcpProject)
+	fake.CreateRole(t, gcpPluginRole, permissions)
+	fake.Grant(t, ring, gcpPluginRole, sa.Member())
+	return &gcpEnv{fake: fake, ring: ring, sa: sa, saFile: sa.File(t), email: sa.Email}
+}
+
+// gcpDocumentedPermissions is the permission list of README.md's "Required permissions
+// (gcp_kms)" paragraph, so that the tests grant what the documentation says.
+func gcpDocumentedPermissions(t testing.TB) []string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
 	require.NoError(t, err)
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	require.NoError(t, err)
-	sa, err := json.Marshal(map[string]string{
-		"type":           "service_account",
-		"project_id":     "test-project",
-		"private_key_id": "test-key-1",
-		"private_key":    string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
-		"client_email":   gcpServiceAccount,
-		"client_id":      "1234567890",
-		"token_uri":      fake.Endpoint + "/token",
-	})
-	require.NoError(t, err)
-	saFile := filepath.Join(t.TempDir(), "service-account.json")
-	require.NoError(t, os.WriteFile(saFile, sa, 0o600))
-	return &gcpEnv{fake: fake, ring: ring, saFile: saFile, email: gcpServiceAccount}
+	_, rest, ok := strings.Cut(string(data), "**Required permissions (gcp_kms)**")
+	require.True(t, ok, "README.md has no \"Required permissions (gcp_kms)\" paragraph")
+	paragraph, _, _ := strings.Cut(rest, "\n\n")
+	var perms []string
+	for _, m := range regexp.MustCompile("`(cloudkms\\.[A-Za-z]+\\.[A-Za-z]+)`").FindAllStringSubmatch(paragraph, -1) {
+		if !slices.Contains(perms, m[1]) {
+			perms = append(perms, m[1])
+		}
+	}
+	require.GreaterOrEqual(t, len(perms), 10, "permissions found in README.md: %v", perms)
+	return perms
 }
 
 // pluginData configures the gcp_kms backend against the fake.
