@@ -17,11 +17,56 @@ Python client over REST):
 - List filters (an AIP-160 subset: `AND`-joined `field = value`, `!=`, `field:*`), paging with
   opaque page tokens, `totalSize`.
 - Enums as names, or as numbers when the query has `$alt=json;enum-encoding=int`.
-- An OAuth2 token endpoint (`POST /token`, JWT bearer grant) and `GET /tokeninfo`.
-- Test controls under /_fake/: health, faults, latency, calls, generation_delay, corrupt,
-  seed, state, callers.
+- Service accounts and their credentials. A service account is registered with its public key
+  (POST /_fake/service_accounts, or --service-account-key FILE at start-up). A caller presents a
+  bearer credential that must verify against a registered key: RS256 only (`alg: none` and
+  other algorithms are refused), the `kid` header (when set) naming a registered key (or the
+  account has keys registered without an id),
+  `iss` the service account and `sub` absent or equal to it, `iat` not in the future and
+  `exp` not past, at most 1 hour apart (with 5 minutes' allowance for clock skew). Two shapes:
+  - a self-signed JWT sent directly as the bearer token (what Google's auth libraries send
+    for service account keys: google-cloud-auth for Rust always, google-auth for Python with
+    the Cloud client libraries), whose `aud` names the service (https://cloudkms.googleapis.com/
+    or the fake's own base URL) or whose `scope` lists OAuth scopes;
+  - an access token from `POST /token` (JWT-bearer grant): the assertion verifies as above,
+    its `aud` is the fake's /token URL or Google's token URI, its `scope` is not empty.
+    `GET /tokeninfo` describes such tokens.
+  A credential whose scopes include neither cloud-platform nor cloudkms gets PERMISSION_DENIED
+  "Request had insufficient authentication scopes."
+- IAM. Each API method needs the permission Google documents for it (METHOD_PERMISSIONS; none
+  for testIamPermissions), on its resource: the parent for create and list, the CryptoKey for
+  asymmetricSign, the named resource otherwise. A caller (`serviceAccount:EMAIL`, plus
+  `allAuthenticatedUsers` and `allUsers`) holds a permission when a binding on the resource or
+  an ancestor grants it a role containing it: CryptoKey, its KeyRing, and the project (a
+  project-level policy exists only through the test controls). Roles: the predefined roles in
+  PREDEFINED_ROLES (roles/owner, roles/cloudkms.admin, .viewer, .signerVerifier, .signer,
+  .publicKeyViewer, .cryptoKeyEncrypterDecrypter; their Cloud KMS permissions as Google lists
+  them) and custom roles made with POST /_fake/roles. Conditional bindings grant nothing
+  (conditions are not evaluated). A denial is PERMISSION_DENIED "Permission 'P' denied on
+  resource 'R' (or it may not exist)." and comes before NOT_FOUND, as in Cloud KMS.
+  testIamPermissions answers with the requested permissions the caller holds on the resource.
+  With IAM enforced, setIamPolicy refuses roles the fake cannot evaluate (unknown predefined
+  roles; custom roles not made, or made in another project).
+- Enforcement: with --require-auth every API call needs a valid credential (else
+  UNAUTHENTICATED) and IAM is enforced. Without it calls may be anonymous, nothing is
+  checked, testIamPermissions grants whatever is asked, and a credential that verifies only
+  names the caller in /_fake/callers. There is no built-in identity: tests make their own
+  admin identity by registering a service account key they generate and granting it a role
+  (e.g. roles/owner on the project through POST /_fake/grant).
+- Test controls under /_fake/ (not authenticated, not subject to IAM): health, faults, latency,
+  calls, generation_delay, corrupt, seed, state, callers, and for identity and IAM:
+  - POST service_accounts  {"key_file": {...service account JSON key file...}} (or the key
+    file itself as the body; only the public key is kept), or {"email": E, "public_key_pem":
+    PEM, "key_id": K (optional)} -> {"email", "keyId"}; GET service_accounts -> {email: [key ids]}
+  - POST roles  {"name": "projects/P/roles/ID", "includedPermissions": [...]} (create or
+    replace a custom role); GET roles -> {name: [permissions]}
+  - POST grant  {"resource": R, "role": ROLE, "member": M} (or "members": [...]): adds the
+    members to R's binding for ROLE; R is projects/P, a KeyRing or a CryptoKey name -> policy
+  - POST iam_policy  {"resource": R, "policy": {"bindings": [...]}} replaces R's policy;
+    GET iam_policy?resource=R -> policy
 
 Usage: python gcp_kms_fake.py --host 127.0.0.1 --port N [--generation-delay S] [--require-auth]
+       [--service-account-key FILE ...] [--verbose]
 """
 
 from __future__ import annotations
@@ -522,6 +567,10 @@ class Policy:
         self.bindings: list = []
         self.etag = self.EMPTY_ETAG
 
+    def set(self, bindings: list):
+        self.bindings = bindings
+        self.etag = b"\x42\x77" + secrets.token_bytes(6)
+
     def json(self) -> dict:
         out = {}
         if self.bindings:
@@ -530,6 +579,143 @@ class Policy:
             out["bindings"] = self.bindings
         out["etag"] = b64(self.etag)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: service accounts, signed JWTs, access tokens
+
+# The token URIs Google's auth libraries put in `aud` of a JWT-bearer assertion (google-auth for
+# Python always uses the first, whatever the key file's token_uri says).
+GOOGLE_TOKEN_AUDIENCES = {
+    "https://oauth2.googleapis.com/token",
+    "https://www.googleapis.com/oauth2/v4/token",
+    "https://accounts.google.com/o/oauth2/token",
+}
+# A self-signed JWT names the service in `aud` (AIP-4111) or carries OAuth scopes in `scope`.
+SERVICE_AUDIENCES = {"https://cloudkms.googleapis.com/", "https://cloudkms.googleapis.com"}
+# The scopes Cloud KMS methods accept.
+KMS_SCOPES = {"https://www.googleapis.com/auth/cloud-platform", "https://www.googleapis.com/auth/cloudkms"}
+JWT_MAX_LIFETIME = 3600  # exp - iat, seconds
+CLOCK_SKEW = 300  # tolerated on iat (future) and on the lifetime
+ACCESS_TOKEN_LIFETIME = 3600
+
+
+class AuthError(Exception):
+    """A credential that does not verify; the message says why (for the fake's log and errors)."""
+
+
+def _b64url(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def parse_jwt(token: str):
+    """Splits a compact JWS: returns (header, claims, signing input, signature)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthError("not a JWT")
+    try:
+        header, claims = json.loads(_b64url(parts[0])), json.loads(_b64url(parts[1]))
+        signature = _b64url(parts[2])
+    except Exception:
+        raise AuthError("malformed JWT")
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise AuthError("malformed JWT")
+    return header, claims, f"{parts[0]}.{parts[1]}".encode(), signature
+
+
+def load_service_account(body: dict):
+    """Returns (email, key id, RSA public key) from a control body or a key file.
+
+    Accepted: a whole service account key file ({"type": "service_account", "client_email",
+    "private_key_id", "private_key", ...}), itself or under "key_file"; or {"email",
+    "public_key_pem", "key_id" (optional)}. Only the public key is kept.
+    """
+    if isinstance(body.get("key_file"), dict):
+        body = body["key_file"]
+    if "private_key" in body:
+        email, key_id = body.get("client_email"), body.get("private_key_id") or ""
+        try:
+            public_key = serialization.load_pem_private_key(body["private_key"].encode(), None).public_key()
+        except Exception as e:
+            raise invalid(f"private_key of {email!r} is not a PEM private key: {e}")
+    elif "public_key_pem" in body:
+        email, key_id = body.get("email"), body.get("key_id") or ""
+        try:
+            public_key = serialization.load_pem_public_key(body["public_key_pem"].encode())
+        except Exception as e:
+            raise invalid(f"public_key_pem of {email!r} is not a PEM public key: {e}")
+    else:
+        raise invalid("give a service account key file (as \"key_file\" or the body itself) or email and public_key_pem")
+    if not isinstance(email, str) or "@" not in email:
+        raise invalid(f"bad service account email {email!r}")
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise invalid("service account keys are RSA keys (RS256)")
+    return email, key_id, public_key
+
+
+# ---------------------------------------------------------------------------------------------
+# IAM: the permission each method needs, the predefined roles the fake knows
+
+# Method -> the permission Google documents for it ("Permissions and roles" in the Cloud KMS
+# docs, and each method's reference page), checked on the method's resource: the parent for
+# create and list, the named resource otherwise. testIamPermissions needs none.
+METHOD_PERMISSIONS = {
+    "keyRings.create": "cloudkms.keyRings.create",
+    "keyRings.list": "cloudkms.keyRings.list",
+    "keyRings.get": "cloudkms.keyRings.get",
+    "keyRings.getIamPolicy": "cloudkms.keyRings.getIamPolicy",
+    "keyRings.setIamPolicy": "cloudkms.keyRings.setIamPolicy",
+    "keyRings.testIamPermissions": None,
+    "cryptoKeys.create": "cloudkms.cryptoKeys.create",
+    "cryptoKeys.list": "cloudkms.cryptoKeys.list",
+    "cryptoKeys.get": "cloudkms.cryptoKeys.get",
+    "cryptoKeys.patch": "cloudkms.cryptoKeys.update",
+    "cryptoKeys.getIamPolicy": "cloudkms.cryptoKeys.getIamPolicy",
+    "cryptoKeys.setIamPolicy": "cloudkms.cryptoKeys.setIamPolicy",
+    "cryptoKeys.testIamPermissions": None,
+    "cryptoKeyVersions.create": "cloudkms.cryptoKeyVersions.create",
+    "cryptoKeyVersions.list": "cloudkms.cryptoKeyVersions.list",
+    "cryptoKeyVersions.get": "cloudkms.cryptoKeyVersions.get",
+    "cryptoKeyVersions.patch": "cloudkms.cryptoKeyVersions.update",
+    "cryptoKeyVersions.destroy": "cloudkms.cryptoKeyVersions.destroy",
+    "cryptoKeyVersions.restore": "cloudkms.cryptoKeyVersions.restore",
+    "cryptoKeyVersions.getPublicKey": "cloudkms.cryptoKeyVersions.viewPublicKey",
+    "cryptoKeyVersions.asymmetricSign": "cloudkms.cryptoKeyVersions.useToSign",
+}
+
+_LOCATIONS = {"cloudkms.locations.get", "cloudkms.locations.list", "resourcemanager.projects.get"}
+# Predefined roles, from Google's "Cloud KMS roles and permissions" page, limited to the
+# permissions of the resources this fake models (key rings, keys, versions, locations).
+PREDEFINED_ROLES = {
+    "roles/cloudkms.admin": _LOCATIONS | {
+        "cloudkms.keyRings.create", "cloudkms.keyRings.get", "cloudkms.keyRings.list",
+        "cloudkms.keyRings.getIamPolicy", "cloudkms.keyRings.setIamPolicy",
+        "cloudkms.cryptoKeys.create", "cloudkms.cryptoKeys.get", "cloudkms.cryptoKeys.list",
+        "cloudkms.cryptoKeys.update", "cloudkms.cryptoKeys.getIamPolicy", "cloudkms.cryptoKeys.setIamPolicy",
+        "cloudkms.cryptoKeyVersions.create", "cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list",
+        "cloudkms.cryptoKeyVersions.update", "cloudkms.cryptoKeyVersions.destroy",
+        "cloudkms.cryptoKeyVersions.restore",
+    },
+    "roles/cloudkms.viewer": _LOCATIONS | {
+        "cloudkms.keyRings.get", "cloudkms.keyRings.list", "cloudkms.cryptoKeys.get", "cloudkms.cryptoKeys.list",
+        "cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list",
+    },
+    "roles/cloudkms.signerVerifier": _LOCATIONS | {
+        "cloudkms.cryptoKeyVersions.useToSign", "cloudkms.cryptoKeyVersions.useToVerify",
+        "cloudkms.cryptoKeyVersions.viewPublicKey",
+    },
+    "roles/cloudkms.signer": _LOCATIONS | {"cloudkms.cryptoKeyVersions.useToSign"},
+    "roles/cloudkms.publicKeyViewer": _LOCATIONS | {"cloudkms.cryptoKeyVersions.viewPublicKey"},
+    "roles/cloudkms.cryptoKeyEncrypterDecrypter": _LOCATIONS | {
+        "cloudkms.cryptoKeyVersions.useToEncrypt", "cloudkms.cryptoKeyVersions.useToDecrypt",
+    },
+}
+# roles/owner holds every Cloud KMS permission, the cryptographic ones included.
+PREDEFINED_ROLES["roles/owner"] = set().union(*PREDEFINED_ROLES.values()) | {
+    "cloudkms.cryptoKeyVersions.useToVerify",
+}
+PERMISSION_RE = re.compile(r"^[a-z][a-zA-Z0-9]*\.[a-zA-Z0-9]+\.[a-zA-Z0-9]+$")
+CUSTOM_ROLE_RE = re.compile(r"^(projects|organizations)/([^/]+)/roles/[a-zA-Z0-9_.]{3,64}$")
 
 
 class Fake:
@@ -543,7 +729,16 @@ class Fake:
         self.corrupt: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.callers: dict[str, dict[str, int]] = {}
-        self.tokens: dict[str, tuple[str, float]] = {}
+        # access token -> (email, expiry, scopes), from POST /token
+        self.tokens: dict[str, tuple[str, float, frozenset]] = {}
+        # email -> {key id: RSA public key}
+        self.service_accounts: dict[str, dict] = {}
+        # verified bearer JWT -> (email, exp, scopes or None when `aud` names the service)
+        self.verified_jwts: dict[str, tuple[str, float, frozenset | None]] = {}
+        # project id -> Policy (the ancestor of every key ring in that project)
+        self.project_policies: dict[str, Policy] = {}
+        # custom role name -> permissions
+        self.custom_roles: dict[str, set] = {}
 
     # -- lookups (call with the lock held) ------------------------------------------------
 
@@ -567,6 +762,121 @@ class Fake:
             raise not_found(f"CryptoKeyVersion {key.name}/cryptoKeyVersions/{number} not found.")
         v.refresh()
         return v
+
+    # -- identity (call with the lock held) -------------------------------------------------
+
+    def add_service_account(self, email: str, key_id: str, public_key):
+        self.service_accounts.setdefault(email, {})[key_id] = public_key
+        self.verified_jwts.clear()
+
+    def verify_jwt(self, token: str):
+        """Verifies an RS256 JWT signed by a registered service account key: signature, kid,
+        iss/sub, iat/exp. Returns (header, claims); `aud` and `scope` are the caller's to check."""
+        header, claims, signing_input, signature = parse_jwt(token)
+        alg = header.get("alg")
+        if alg != "RS256":
+            raise AuthError(f"JWT alg {alg!r} is not accepted (service account keys sign RS256)")
+        iss = claims.get("iss")
+        keys = self.service_accounts.get(iss) if isinstance(iss, str) else None
+        if not keys:
+            raise AuthError(f"JWT issuer {iss!r} is not a known service account")
+        kid = header.get("kid")
+        if kid:
+            # The key with that id, or else keys registered without an id.
+            candidates = [keys[kid]] if kid in keys else [k for key_id, k in keys.items() if not key_id]
+            if not candidates:
+                raise AuthError(f"JWT kid {kid!r} is not a key of {iss}")
+        else:
+            candidates = list(keys.values())
+        for key in candidates:
+            try:
+                key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+                break
+            except Exception:
+                continue
+        else:
+            raise AuthError("Invalid JWT Signature.")
+        sub = claims.get("sub")
+        if sub is not None and sub != iss:
+            raise AuthError(f"JWT sub {sub!r} is not its issuer {iss!r} (domain-wide delegation is not modelled)")
+        iat, exp = claims.get("iat"), claims.get("exp")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (iat, exp)):
+            raise AuthError("JWT iat and exp must be numbers")
+        t = now()
+        if iat > t + CLOCK_SKEW or exp <= t or exp <= iat or exp - iat > JWT_MAX_LIFETIME + CLOCK_SKEW:
+            raise AuthError("Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable "
+                            "timeframe. Check your iat and exp values in the JWT claim.")
+        return header, claims
+
+    def bearer_identity(self, token: str, service_audiences: set):
+        """Returns (email, scopes or None) for an access token this fake issued or a
+        self-signed JWT; raises AuthError otherwise. Scopes None: `aud` named the service."""
+        entry = self.tokens.get(token)
+        if entry is not None:
+            if entry[1] <= now():
+                raise AuthError("access token expired")
+            return entry[0], entry[2]
+        cached = self.verified_jwts.get(token)
+        if cached is not None and cached[1] > now():
+            return cached[0], cached[2]
+        _, claims = self.verify_jwt(token)
+        aud, scope = claims.get("aud"), claims.get("scope")
+        if aud is not None:
+            if aud not in service_audiences:
+                raise AuthError(f"self-signed JWT aud {aud!r} is not this service")
+            scopes = None
+        elif isinstance(scope, str) and scope.split():
+            scopes = frozenset(scope.split())
+        else:
+            raise AuthError("a self-signed JWT needs aud (the service) or scope")
+        if len(self.verified_jwts) > 10000:
+            self.verified_jwts.clear()
+        self.verified_jwts[token] = (claims["iss"], float(claims["exp"]), scopes)
+        return claims["iss"], scopes
+
+    # -- IAM (call with the lock held) ------------------------------------------------------
+
+    def policy_chain(self, resource: str) -> list:
+        """The policies that apply to a resource: its project's, its key ring's, its
+        CryptoKey's (CryptoKeyVersions have none; missing resources contribute nothing)."""
+        segs = resource.split("/")
+        chain = []
+        if len(segs) >= 2 and segs[1] in self.project_policies:
+            chain.append(self.project_policies[segs[1]])
+        if len(segs) >= 6:
+            ring = self.rings.get("/".join(segs[:6]))
+            if ring is not None:
+                chain.append(ring.policy)
+                if len(segs) >= 8 and segs[7] in ring.keys:
+                    chain.append(ring.keys[segs[7]].policy)
+        return chain
+
+    def role_permissions(self, role: str) -> set:
+        return PREDEFINED_ROLES.get(role) or self.custom_roles.get(role) or set()
+
+    def permissions_of(self, email, resource: str) -> set:
+        """Everything the bindings on the resource and its ancestors grant the caller.
+        Conditional bindings grant nothing (conditions are not evaluated)."""
+        members = {"allUsers"}
+        if email:
+            members |= {"allAuthenticatedUsers", "serviceAccount:" + email}
+        granted = set()
+        for policy in self.policy_chain(resource):
+            for b in policy.bindings:
+                if "condition" not in b and members.intersection(b["members"]):
+                    granted |= self.role_permissions(b["role"])
+        return granted
+
+    def check_role(self, role: str, resource: str, where: str):
+        """With IAM enforced, a binding's role must be one the fake can evaluate."""
+        if not self.require_auth or role in PREDEFINED_ROLES:
+            return
+        m = CUSTOM_ROLE_RE.match(role)
+        if m is None:
+            raise invalid(f"Role {role} is not supported for this resource. ({where}; this fake knows "
+                          f"{', '.join(sorted(PREDEFINED_ROLES))} and custom roles made with /_fake/roles)")
+        if role not in self.custom_roles or (m.group(1) == "projects" and m.group(2) != resource.split("/")[1]):
+            raise invalid(f"Role ({role}) does not exist in the resource's hierarchy.")
 
     # -- key material ---------------------------------------------------------------------
 
@@ -641,7 +951,8 @@ def sign_digest(private_key, algorithm: str, digest: bytes) -> bytes:
 
 
 class Ctx:
-    def __init__(self, http_method, segs, verb, query, body):
+    def __init__(self, http_method, segs, verb, query, body, caller=None):
+        self.caller = caller  # the authenticated service account's email, or None
         self.http_method = http_method
         self.segs = segs
         self.verb = verb
@@ -1041,49 +1352,63 @@ def h_get_iam(fake, ctx):
         return policy.json()
 
 
-def h_set_iam(fake, ctx):
-    body = ctx.body
-    check_known(body, {"policy", "updateMask"}, "")
-    p = body.get("policy")
+def parse_policy(p, where: str = "policy"):
+    """Validates a Policy object; returns (version, bindings)."""
     if not isinstance(p, dict):
-        raise invalid("policy must be set")
-    check_known(p, {"version", "bindings", "auditConfigs", "etag"}, "policy")
+        raise invalid(f"{where} must be set")
+    check_known(p, {"version", "bindings", "auditConfigs", "etag"}, where)
     version = int(p.get("version") or 0)
     if version not in (0, 1, 3):
-        raise invalid(f"policy.version {version} is invalid; valid values are 0, 1 and 3")
+        raise invalid(f"{where}.version {version} is invalid; valid values are 0, 1 and 3")
     bindings = []
     for i, b in enumerate(p.get("bindings") or []):
         if not isinstance(b, dict):
-            raise invalid(f"policy.bindings[{i}] must be an object")
-        check_known(b, {"role", "members", "condition"}, f"policy.bindings[{i}]")
+            raise invalid(f"{where}.bindings[{i}] must be an object")
+        check_known(b, {"role", "members", "condition"}, f"{where}.bindings[{i}]")
         role, members = b.get("role", ""), b.get("members") or []
         if not isinstance(role, str) or not role.startswith(("roles/", "projects/", "organizations/")):
-            raise invalid(f"policy.bindings[{i}].role {role!r} is not a valid role")
+            raise invalid(f"{where}.bindings[{i}].role {role!r} is not a valid role")
         if not members:
-            raise invalid(f"policy.bindings[{i}].members must not be empty")
+            raise invalid(f"{where}.bindings[{i}].members must not be empty")
         for m in members:
             if not isinstance(m, str) or not MEMBER_RE.match(m):
-                raise invalid(f"Invalid member {m!r} in policy.bindings[{i}].members")
+                raise invalid(f"Invalid member {m!r} in {where}.bindings[{i}].members")
         nb = {"role": role, "members": list(members)}
         if b.get("condition"):
             if version != 3:
                 raise invalid("Policies with conditional role bindings must set policy.version to 3.")
             nb["condition"] = b["condition"]
         bindings.append(nb)
+    return version, bindings
+
+
+def h_set_iam(fake, ctx):
+    body = ctx.body
+    check_known(body, {"policy", "updateMask"}, "")
+    p = body.get("policy")
+    _, bindings = parse_policy(p)
     etag = parse_bytes(p["etag"], "policy.etag") if p.get("etag") else None
     with fake.lock:
-        policy = _policy_holder(fake, ctx).policy
+        holder = _policy_holder(fake, ctx)
+        for i, b in enumerate(bindings):
+            fake.check_role(b["role"], holder.name, f"policy.bindings[{i}].role")
+        policy = holder.policy
         if etag is not None and etag != policy.etag:
             raise ApiError("ABORTED", "There were concurrent policy changes. Please retry the whole read-modify-write with exponential backoff.")
-        policy.bindings = bindings
-        policy.etag = b"\x42\x77" + secrets.token_bytes(6)
+        policy.set(bindings)
         return policy.json()
 
 
 def h_test_iam(fake, ctx):
     perms = ctx.body.get("permissions") or []
+    if not isinstance(perms, list) or not all(isinstance(x, str) for x in perms):
+        raise invalid("permissions must be a list of strings")
     with fake.lock:
-        _policy_holder(fake, ctx)
+        holder = _policy_holder(fake, ctx)
+        if fake.require_auth:
+            # What the caller holds on the resource, from the policies on it and its ancestors.
+            held = fake.permissions_of(ctx.caller, holder.name)
+            perms = [x for x in perms if x in held]
     return {"permissions": list(perms)} if perms else {}
 
 
@@ -1156,16 +1481,24 @@ CORRUPTIBLE = {
 }
 
 
-def jwt_claims(token: str):
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = parts[1] + "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-        return claims if isinstance(claims, dict) else None
-    except Exception:
-        return None
+def iam_resource(api_method: str, segs: list) -> str:
+    """The resource a method's permission is checked on (and named in a denial): the parent for
+    create and list, the named resource otherwise; asymmetricSign names the CryptoKey, as Cloud
+    KMS does (IAM policies live on CryptoKeys, not on versions)."""
+    if api_method == "cryptoKeyVersions.asymmetricSign":
+        return "/".join(segs[:8])
+    n = len(segs)
+    return "/".join(segs[:n - n % 2])
+
+
+def permission_denied(permission: str, resource: str) -> ApiError:
+    return ApiError("PERMISSION_DENIED", f"Permission '{permission}' denied on resource '{resource}' (or it may not exist).")
+
+
+UNAUTHENTICATED_MISSING = ("Request is missing required authentication credential. Expected OAuth 2 access token, "
+                           "login cookie or other valid authentication credential.")
+UNAUTHENTICATED_INVALID = ("Request had invalid authentication credentials. Expected OAuth 2 access token, "
+                           "login cookie or other valid authentication credential.")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1297,49 +1630,90 @@ class Handler(BaseHTTPRequestHandler):
                 raise invalid("Invalid JSON payload received. Expected an object.")
         else:
             body = {}
-        result = handler(fake, Ctx(method, segs, verb, query, body))
+        permission = METHOD_PERMISSIONS[api_method]
+        if fake.require_auth and permission is not None:
+            resource = iam_resource(api_method, segs)
+            with fake.lock:
+                allowed = permission in fake.permissions_of(caller, resource)
+            if not allowed:
+                raise permission_denied(permission, resource)
+        result = handler(fake, Ctx(method, segs, verb, query, body, caller))
         self._send(200, encode_enums(result, ints))
 
     def _authenticate(self):
+        """Returns the caller's service account email, or None (anonymous).
+
+        Bearer credentials: an access token from POST /token, or a self-signed JWT (what
+        Google's auth libraries send for service account keys), verified by fake.bearer_identity.
+        With --require-auth a missing or invalid credential is UNAUTHENTICATED; without it,
+        such calls are anonymous.
+        """
+        fake = self.fake
         auth = self.headers.get("Authorization") or ""
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        email = None
-        if token:
-            claims = jwt_claims(token)
-            if claims is not None:
-                email = claims.get("sub") or claims.get("iss")
-            else:
-                with self.fake.lock:
-                    entry = self.fake.tokens.get(token)
-                if entry is not None and entry[1] > now():
-                    email = entry[0]
-        if self.fake.require_auth and email is None:
-            if not token:
-                msg = ("Request is missing required authentication credential. Expected OAuth 2 access token, "
-                       "login cookie or other valid authentication credential.")
-            else:
-                msg = "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential."
-            raise ApiError("UNAUTHENTICATED", msg)
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not token:
+            if fake.require_auth:
+                raise ApiError("UNAUTHENTICATED", UNAUTHENTICATED_MISSING)
+            return None
+        host = self.headers.get("Host") or ""
+        try:
+            with fake.lock:
+                email, scopes = fake.bearer_identity(token, SERVICE_AUDIENCES | {f"http://{host}/", f"http://{host}"})
+        except AuthError as e:
+            self._log_token(token, f"refused: {e}", always=fake.require_auth)
+            if fake.require_auth:
+                raise ApiError("UNAUTHENTICATED", UNAUTHENTICATED_INVALID)
+            return None
+        self._log_token(token, f"accepted as {email}")
+        if scopes is not None and not scopes & KMS_SCOPES:
+            if fake.require_auth:
+                raise ApiError("PERMISSION_DENIED", "Request had insufficient authentication scopes.")
+            return None
         return email
+
+    _logged_tokens: set = set()
+
+    def _log_token(self, token: str, outcome: str, always: bool = False):
+        """Logs the shape of a bearer credential once (header and claims, never the signature):
+        with --verbose, or always when it is refused under --require-auth."""
+        if not (self.verbose or always) or token in Handler._logged_tokens:
+            return
+        Handler._logged_tokens.add(token)
+        try:
+            header, claims, _, _ = parse_jwt(token)
+            shape = f"JWT header={json.dumps(header, sort_keys=True)} claims={json.dumps(claims, sort_keys=True)}"
+        except AuthError:
+            shape = "opaque token " + (token[:10] + "..." if token.startswith("ya29.") else f"({len(token)} chars)")
+        sys.stderr.write(f"auth: {shape}: {outcome}\n")
 
     # -- OAuth2 ----------------------------------------------------------------------------
 
     def _token(self, raw):
+        """OAuth2 token endpoint, JWT-bearer grant (RFC 7523): a JWT signed by a registered
+        service account key, `aud` this endpoint or Google's token URI, `scope` non-empty."""
         form = parse_qs(raw.decode(errors="replace"))
         grant = (form.get("grant_type") or [""])[0]
         assertion = (form.get("assertion") or [""])[0]
         if grant != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return self._send(400, {"error": "unsupported_grant_type", "error_description": f"Invalid grant_type: {grant}"})
-        claims = jwt_claims(assertion)
-        if claims is None or not claims.get("iss"):
-            return self._send(400, {"error": "invalid_grant", "error_description": "Invalid JWT assertion."})
-        exp = claims.get("exp")
-        if isinstance(exp, (int, float)) and exp < now():
-            return self._send(400, {"error": "invalid_grant", "error_description": "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe."})
+        fake = self.fake
+        try:
+            with fake.lock:
+                _, claims = fake.verify_jwt(assertion)
+        except AuthError as e:
+            self._log_token(assertion, f"refused at /token: {e}", always=True)
+            return self._send(400, {"error": "invalid_grant", "error_description": str(e)})
+        audiences = GOOGLE_TOKEN_AUDIENCES | {f"http://{self.headers.get('Host') or ''}/token"}
+        if claims.get("aud") not in audiences:
+            return self._send(400, {"error": "invalid_grant",
+                                    "error_description": f"Invalid JWT: aud {claims.get('aud')!r} is not the token endpoint."})
+        scope = claims.get("scope")
+        if not isinstance(scope, str) or not scope.split():
+            return self._send(400, {"error": "invalid_scope", "error_description": "Empty or missing scope not allowed."})
         token = "ya29.fake-" + secrets.token_urlsafe(24)
-        with self.fake.lock:
-            self.fake.tokens[token] = (claims.get("sub") or claims["iss"], now() + 3600)
-        self._send(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
+        with fake.lock:
+            fake.tokens[token] = (claims["iss"], now() + ACCESS_TOKEN_LIFETIME, frozenset(scope.split()))
+        self._send(200, {"access_token": token, "expires_in": ACCESS_TOKEN_LIFETIME - 1, "token_type": "Bearer"})
 
     def _tokeninfo(self, query, raw):
         token = (query.get("access_token") or [""])[0]
@@ -1350,7 +1724,7 @@ class Handler(BaseHTTPRequestHandler):
         if entry is None or entry[1] <= now():
             return self._send(400, {"error": "invalid_token", "error_description": "Invalid Value"})
         self._send(200, {"email": entry[0], "expires_in": int(entry[1] - now()), "email_verified": "true",
-                         "access_type": "online", "scope": "https://www.googleapis.com/auth/cloud-platform"})
+                         "access_type": "online", "scope": " ".join(sorted(entry[2]))})
 
     # -- test controls ---------------------------------------------------------------------
 
@@ -1440,7 +1814,69 @@ class Handler(BaseHTTPRequestHandler):
                         "iamPolicy": k.policy.json(), "versions": versions,
                     })
             return self._send(200, {"keyRing": ring_name, "cryptoKeys": keys})
+        if name == "service_accounts" and method == "POST":
+            email, key_id, public_key = load_service_account(body)
+            with fake.lock:
+                fake.add_service_account(email, key_id, public_key)
+            return self._send(200, {"email": email, "keyId": key_id})
+        if name == "service_accounts" and method == "GET":
+            with fake.lock:
+                return self._send(200, {e: sorted(keys) for e, keys in fake.service_accounts.items()})
+        if name == "roles" and method == "POST":
+            role, perms = body.get("name"), body.get("includedPermissions")
+            if not isinstance(role, str) or not CUSTOM_ROLE_RE.match(role):
+                raise invalid(f"custom role name {role!r} must be projects/P/roles/ID or organizations/O/roles/ID")
+            if not isinstance(perms, list) or not all(isinstance(x, str) and PERMISSION_RE.match(x) for x in perms):
+                raise invalid("includedPermissions must be a list of permissions (service.resource.verb)")
+            with fake.lock:
+                fake.custom_roles[role] = set(perms)
+            return self._send(200, {"name": role, "includedPermissions": sorted(perms)})
+        if name == "roles" and method == "GET":
+            with fake.lock:
+                return self._send(200, {r: sorted(p) for r, p in fake.custom_roles.items()})
+        if name == "iam_policy" and method == "GET":
+            resource = (query.get("resource") or [""])[0]
+            with fake.lock:
+                return self._send(200, self._control_policy(resource).json())
+        if name == "iam_policy" and method == "POST":
+            resource = body.get("resource") or ""
+            _, bindings = parse_policy(body.get("policy"))
+            with fake.lock:
+                policy = self._control_policy(resource)
+                for i, b in enumerate(bindings):
+                    fake.check_role(b["role"], resource, f"policy.bindings[{i}].role")
+                policy.set(bindings)
+                return self._send(200, policy.json())
+        if name == "grant" and method == "POST":
+            resource, role = body.get("resource") or "", body.get("role")
+            members = body.get("members") or ([body["member"]] if body.get("member") else [])
+            if not isinstance(role, str) or not role:
+                raise invalid("role must be set")
+            if not members or not all(isinstance(m, str) and MEMBER_RE.match(m) for m in members):
+                raise invalid(f"member(s) {members!r}: give member or members, e.g. serviceAccount:EMAIL")
+            with fake.lock:
+                policy = self._control_policy(resource)
+                fake.check_role(role, resource, "role")
+                bindings = [dict(b, members=list(b["members"])) for b in policy.bindings]
+                target = next((b for b in bindings if b["role"] == role and "condition" not in b), None)
+                if target is None:
+                    bindings.append({"role": role, "members": list(dict.fromkeys(members))})
+                else:
+                    target["members"] += [m for m in members if m not in target["members"]]
+                policy.set(bindings)
+                return self._send(200, policy.json())
         raise not_found(f"unknown control endpoint {method} {path}")
+
+    def _control_policy(self, resource: str) -> Policy:
+        """The policy of projects/P (created on first use), a KeyRing or a CryptoKey."""
+        segs = resource.split("/")
+        if len(segs) == 2 and segs[0] == "projects" and segs[1]:
+            return self.fake.project_policies.setdefault(segs[1], Policy())
+        if len(segs) == 6 and segs[0] == "projects" and segs[2] == "locations" and segs[4] == "keyRings":
+            return self.fake.ring(resource).policy
+        if len(segs) == 8 and segs[0] == "projects" and segs[4] == "keyRings" and segs[6] == "cryptoKeys":
+            return self.fake.key("/".join(segs[:6]), segs[7]).policy
+        raise invalid(f"resource {resource!r} must be projects/P, a KeyRing or a CryptoKey name")
 
 
 def main(argv=None):
@@ -1448,10 +1884,18 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--generation-delay", type=float, default=0.05)
-    ap.add_argument("--require-auth", action="store_true")
-    ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    ap.add_argument("--require-auth", action="store_true",
+                    help="verify every caller's credentials and enforce IAM (see the module docstring)")
+    ap.add_argument("--service-account-key", action="append", default=[], metavar="FILE",
+                    help="register a service account from its JSON key file (repeatable)")
+    ap.add_argument("--verbose", action="store_true", help="log every request and credential shape to stderr")
     args = ap.parse_args(argv)
-    Handler.fake = Fake(args.generation_delay, args.require_auth)
+    fake = Fake(args.generation_delay, args.require_auth)
+    for path in args.service_account_key:
+        with open(path) as f:
+            email, key_id, public_key = load_service_account(json.load(f))
+        fake.add_service_account(email, key_id, public_key)
+    Handler.fake = fake
     Handler.verbose = args.verbose
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True

@@ -2,8 +2,12 @@
 REST transport), so the fake's wire format is checked against the real one, and verifies
 every signature with `cryptography`, independently of the fake.
 
-Run: $HOME/.cache/kms-keymanager/venv-gcp/bin/python -m unittest -v tests/peers/test_gcp_kms_fake.py
-(the venv holds tests/peers/requirements-gcp.txt).
+Run: $HOME/.cache/kms-keymanager/venv-gcp-*/bin/python -m unittest -v tests/peers/test_gcp_kms_fake.py
+(the venv scripts/test-all.sh makes from tests/peers/requirements-gcp.txt).
+
+FakeKmsTest runs the fake without --require-auth (anonymous calls). AuthTest and IamTest run
+it with --require-auth: every client authenticates with a generated service account key
+file (Google's credentials sign the JWTs), and IAM bindings decide what each may do.
 """
 
 import base64
@@ -15,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -27,9 +32,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from google.api_core import exceptions as gexc
+from google.auth import crypt
+from google.auth import jwt as google_jwt
 from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import Request as GoogleAuthRequest
 from google.cloud import kms_v1
 from google.iam.v1 import iam_policy_pb2, policy_pb2
+from google.oauth2 import credentials as oauth2_credentials
+from google.oauth2 import service_account
 from google.protobuf import duration_pb2, field_mask_pb2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,8 +91,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_fake(*args):
-    port = free_port()
+def start_fake(*args, port=None):
+    port = port or free_port()
     proc = subprocess.Popen([sys.executable, FAKE, "--host", "127.0.0.1", "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     endpoint = f"http://127.0.0.1:{port}"
@@ -614,46 +624,416 @@ class FakeKmsTest(unittest.TestCase):
         self.assertEqual(mine[0]["versions"][0]["state"], "ENABLED")
 
 
-class AuthTest(unittest.TestCase):
+# -- identity and IAM (--require-auth) -------------------------------------------------------
+
+PROJECT = "test-project"
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+ALL_KMS_PERMISSIONS = [
+    "cloudkms.keyRings.create", "cloudkms.keyRings.get", "cloudkms.keyRings.list",
+    "cloudkms.keyRings.getIamPolicy", "cloudkms.keyRings.setIamPolicy",
+    "cloudkms.cryptoKeys.create", "cloudkms.cryptoKeys.get", "cloudkms.cryptoKeys.list",
+    "cloudkms.cryptoKeys.update", "cloudkms.cryptoKeys.getIamPolicy", "cloudkms.cryptoKeys.setIamPolicy",
+    "cloudkms.cryptoKeyVersions.create", "cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list",
+    "cloudkms.cryptoKeyVersions.update", "cloudkms.cryptoKeyVersions.destroy", "cloudkms.cryptoKeyVersions.restore",
+    "cloudkms.cryptoKeyVersions.useToSign", "cloudkms.cryptoKeyVersions.useToVerify",
+    "cloudkms.cryptoKeyVersions.viewPublicKey",
+]
+
+
+class NoBoundaryLookupCredentials(service_account.Credentials):
+    """google-auth's service account credentials, minus the background Regional Access
+    Boundary lookup that google-auth >= 2.61 sends to Google's IAM Credentials API: tests must
+    not call out to Google."""
+
+    def _is_regional_access_boundary_lookup_required(self):
+        return False
+
+
+def new_key_file(name: str, token_uri: str) -> dict:
+    """A service account JSON key file with a fresh RSA key, as the IAM API hands them out."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    return {
+        "type": "service_account", "project_id": PROJECT, "private_key_id": uuid.uuid4().hex,
+        "private_key": pem, "client_email": f"{name}@{PROJECT}.iam.gserviceaccount.com",
+        "client_id": str(uuid.uuid4().int)[:21], "token_uri": token_uri,
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+    }
+
+
+def self_signed_jwt(info: dict, signer_info: dict = None, **claims) -> str:
+    """A JWT signed with signer_info's key (default: info's own), iss/sub info's email,
+    `scope` cloud-platform, 1 hour; keyword arguments override claims (None removes one)."""
+    signer = crypt.RSASigner.from_service_account_info(signer_info or info)
+    t = int(time.time())
+    payload = {"iss": info["client_email"], "sub": info["client_email"], "iat": t, "exp": t + 3600,
+               "scope": CLOUD_PLATFORM}
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return google_jwt.encode(signer, payload, key_id=(signer_info or info)["private_key_id"]).decode()
+
+
+def unsigned_jwt(claims: dict) -> str:
+    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")
+    return f"{enc({'alg': 'none', 'typ': 'JWT'})}.{enc(claims)}."
+
+
+class SignedFakeTest(unittest.TestCase):
+    """A fake with --require-auth and a test harness identity: a service account whose key
+    file is generated here, registered with --service-account-key at start-up, and granted
+    roles/owner on the project (POST /_fake/grant)."""
+
     @classmethod
     def setUpClass(cls):
-        cls.proc, cls.endpoint = start_fake("--require-auth", "--generation-delay", "0")
+        cls.tmp = tempfile.TemporaryDirectory()
+        port = free_port()
+        cls.harness_info = new_key_file("test-harness", f"http://127.0.0.1:{port}/token")
+        harness_file = os.path.join(cls.tmp.name, "harness.json")
+        with open(harness_file, "w") as f:
+            json.dump(cls.harness_info, f)
+        cls.proc, cls.endpoint = start_fake("--require-auth", "--generation-delay", "0",
+                                            "--service-account-key", harness_file, port=port)
+        cls.grant(f"projects/{PROJECT}", "roles/owner", cls.harness_info)
+        cls.admin = cls.client_for(cls.harness_info)
+        cls.ring = cls.admin.create_key_ring(
+            request={"parent": LOCATION, "key_ring_id": "ring-" + uuid.uuid4().hex[:8]}).name
 
     @classmethod
     def tearDownClass(cls):
         stop_fake(cls.proc)
+        cls.tmp.cleanup()
 
-    @staticmethod
-    def jwt(claims):
-        enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")
-        return f"{enc({'alg': 'RS256', 'typ': 'JWT'})}.{enc(claims)}.c2ln"
+    @classmethod
+    def control(cls, path, body=None, method="POST"):
+        status, out = http(cls.endpoint, method, "/_fake/" + path, body)
+        assert status == 200, (path, status, out)
+        return out
 
+    @classmethod
+    def grant(cls, resource, role, info):
+        return cls.control("grant", {"resource": resource, "role": role,
+                                     "member": "serviceAccount:" + info["client_email"]})
+
+    @classmethod
+    def client_for(cls, info):
+        """Google's client with the key file's credentials (self-signed JWTs, as the client
+        libraries use for service account keys)."""
+        return kms_v1.KeyManagementServiceClient(
+            transport="rest", credentials=NoBoundaryLookupCredentials.from_service_account_info(info),
+            client_options={"api_endpoint": cls.endpoint})
+
+    def service_account(self, name):
+        """A new service account, registered with the fake (whole key file), no bindings."""
+        info = new_key_file(f"{name}-{uuid.uuid4().hex[:6]}", self.endpoint + "/token")
+        out = self.control("service_accounts", {"key_file": info})
+        self.assertEqual(out, {"email": info["client_email"], "keyId": info["private_key_id"]})
+        return info
+
+    def call(self, method, path, token, body=None):
+        return http(self.endpoint, method, path, body, {"Authorization": "Bearer " + token})
+
+    def token_request(self, assertion, grant=JWT_BEARER):
+        form = urllib.parse.urlencode({"grant_type": grant, "assertion": assertion}).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.endpoint + "/token", data=form), timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def new_key(self, key_id=None):
+        key = self.admin.create_crypto_key(request={
+            "parent": self.ring, "crypto_key_id": key_id or "k-" + uuid.uuid4().hex[:10],
+            "crypto_key": {"purpose": Purpose.ASYMMETRIC_SIGN,
+                           "version_template": {"algorithm": Alg.EC_SIGN_P256_SHA256}}})
+        version = key.name + "/cryptoKeyVersions/1"
+        while self.admin.get_crypto_key_version(request={"name": version}).state != State.ENABLED:
+            time.sleep(0.01)
+        return key.name, version
+
+    def bind(self, resource, role, info, client=None):
+        """Adds a binding through the API (getIamPolicy + setIamPolicy with its etag)."""
+        client = client or self.admin
+        policy = client.get_iam_policy(request={"resource": resource})
+        policy.bindings.append(policy_pb2.Binding(role=role, members=["serviceAccount:" + info["client_email"]]))
+        client.set_iam_policy(request={"resource": resource, "policy": policy})
+
+    def assert_denied(self, permission, resource):
+        """Expects the call in the with-block to fail with Cloud KMS's IAM denial."""
+        test = self
+
+        class Expect:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                test.assertIsNotNone(exc, f"expected PERMISSION_DENIED for {permission}")
+                test.assertIsInstance(exc, gexc.Forbidden)
+                body = exc.response.json()["error"]
+                test.assertEqual((body["code"], body["status"]), (403, "PERMISSION_DENIED"))
+                test.assertEqual(body["message"],
+                                 f"Permission '{permission}' denied on resource '{resource}' (or it may not exist).")
+                return True
+
+        return Expect()
+
+
+class AuthTest(SignedFakeTest):
     def test_token_flow(self):
-        path = f"/v1/{LOCATION}/keyRings?keyRingId=auth"
-        status, body = http(self.endpoint, "POST", path, {})
+        """The OAuth2 JWT-bearer flow as google-auth runs it against the key file's token_uri."""
+        path = f"/v1/{self.ring}"
+        status, body = http(self.endpoint, "GET", path)
         self.assertEqual((status, body["error"]["status"]), (401, "UNAUTHENTICATED"))
-        status, body = http(self.endpoint, "POST", path, {}, {"Authorization": "Bearer made-up"})
-        self.assertEqual(status, 401)
+        status, body = self.call("GET", path, "made-up")
+        self.assertEqual((status, body["error"]["status"]), (401, "UNAUTHENTICATED"))
 
-        assertion = self.jwt({"iss": "sa@p.iam.gserviceaccount.com", "aud": self.endpoint + "/token",
-                              "exp": int(time.time()) + 3600, "iat": int(time.time())})
-        form = urllib.parse.urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
-                                       "assertion": assertion}).encode()
-        with urllib.request.urlopen(urllib.request.Request(self.endpoint + "/token", data=form)) as r:
-            token = json.loads(r.read())
-        self.assertEqual(token["token_type"], "Bearer")
-        self.assertGreater(token["expires_in"], 0)
-        status, body = http(self.endpoint, "POST", path, {}, {"Authorization": "Bearer " + token["access_token"]})
-        self.assertEqual(status, 200, body)
-        status, info = http(self.endpoint, "GET", "/tokeninfo?access_token=" + token["access_token"])
-        self.assertEqual(info["email"], "sa@p.iam.gserviceaccount.com")
+        info = self.service_account("token-flow")
+        self.grant(self.ring, "roles/cloudkms.viewer", info)
+        creds = NoBoundaryLookupCredentials.from_service_account_info(info, scopes=[CLOUD_PLATFORM])
+        creds.refresh(GoogleAuthRequest())  # POST {token_uri}: assertion with aud Google's token URI
+        self.assertTrue(creds.token.startswith("ya29."))
+        client = kms_v1.KeyManagementServiceClient(
+            transport="rest", credentials=oauth2_credentials.Credentials(creds.token),
+            client_options={"api_endpoint": self.endpoint})
+        self.assertEqual(client.get_key_ring(request={"name": self.ring}).name, self.ring)
+        status, tokeninfo = http(self.endpoint, "GET", "/tokeninfo?access_token=" + creds.token)
+        self.assertEqual((tokeninfo["email"], tokeninfo["scope"]), (info["client_email"], CLOUD_PLATFORM))
+        self.assertEqual(self.control("callers", method="GET")[info["client_email"]], {"keyRings.get": 1})
 
-        self_signed = self.jwt({"iss": "other@p.iam.gserviceaccount.com", "sub": "other@p.iam.gserviceaccount.com"})
-        status, body = http(self.endpoint, "GET", f"/v1/{LOCATION}/keyRings/auth", headers={"Authorization": "Bearer " + self_signed})
-        self.assertEqual(status, 200, body)
-        status, callers = http(self.endpoint, "GET", "/_fake/callers")
-        self.assertEqual(callers["sa@p.iam.gserviceaccount.com"], {"keyRings.create": 1})
-        self.assertEqual(callers["other@p.iam.gserviceaccount.com"], {"keyRings.get": 1})
+        # The fake's own token URI is an accepted audience too.
+        status, out = self.token_request(self_signed_jwt(info, aud=self.endpoint + "/token"))
+        self.assertEqual(status, 200, out)
+        status, _ = self.call("GET", path, out["access_token"])
+        self.assertEqual(status, 200)
+
+    def test_self_signed_jwt_from_googles_client(self):
+        info = self.service_account("self-signed")
+        self.grant(self.ring, "roles/cloudkms.viewer", info)
+        client = self.client_for(info)
+        self.assertEqual(client.get_key_ring(request={"name": self.ring}).name, self.ring)
+        self.assertEqual(self.control("callers", method="GET")[info["client_email"]], {"keyRings.get": 1})
+        # AIP-4111's other shape: aud names the service instead of a scope.
+        status, _ = self.call("GET", f"/v1/{self.ring}",
+                              self_signed_jwt(info, aud="https://cloudkms.googleapis.com/", scope=None))
+        self.assertEqual(status, 200)
+
+    def test_bad_credentials_are_refused(self):
+        info = self.service_account("victim")
+        self.grant(self.ring, "roles/cloudkms.viewer", info)
+        stranger = new_key_file("stranger", self.endpoint + "/token")  # never registered
+        t = int(time.time())
+        bad = {
+            "unsigned (alg none)": unsigned_jwt({"iss": info["client_email"], "sub": info["client_email"],
+                                                 "iat": t, "exp": t + 3600, "scope": CLOUD_PLATFORM}),
+            "signed by another key": self_signed_jwt(info, signer_info=dict(stranger, private_key_id=info["private_key_id"])),
+            "unknown kid": self_signed_jwt(info, signer_info=stranger),
+            "unregistered service account": self_signed_jwt(stranger),
+            "expired": self_signed_jwt(info, iat=t - 7200, exp=t - 3600),
+            "issued in the future": self_signed_jwt(info, iat=t + 3600, exp=t + 7200),
+            "lifetime over an hour": self_signed_jwt(info, exp=t + 86400),
+            "another service's audience": self_signed_jwt(info, aud="https://pubsub.googleapis.com/", scope=None),
+            "neither aud nor scope": self_signed_jwt(info, scope=None),
+            "sub is someone else": self_signed_jwt(info, sub="user@example.com"),
+            "tampered claims": (lambda p: p[0] + "." + base64.urlsafe_b64encode(json.dumps(
+                {"iss": info["client_email"], "sub": info["client_email"], "iat": t, "exp": t + 3599,
+                 "scope": CLOUD_PLATFORM}).encode()).decode().rstrip("=") + "." + p[2])(self_signed_jwt(info).split(".")),
+        }
+        for case, token in bad.items():
+            with self.subTest(case):
+                status, body = self.call("GET", f"/v1/{self.ring}", token)
+                self.assertEqual((status, body.get("error", {}).get("status")), (401, "UNAUTHENTICATED"), body)
+        status, _ = self.call("GET", f"/v1/{self.ring}", self_signed_jwt(info))
+        self.assertEqual(status, 200, "the same account's valid JWT works")
+
+        # The token endpoint refuses the same assertions (and a wrong aud or missing scope).
+        token_uri = self.endpoint + "/token"
+        for case in ("unsigned (alg none)", "signed by another key", "expired", "unregistered service account"):
+            with self.subTest("/token: " + case):
+                token = bad[case] if case != "expired" else self_signed_jwt(info, aud=token_uri, iat=t - 7200, exp=t - 3600)
+                status, out = self.token_request(token)
+                self.assertEqual((status, out["error"]), (400, "invalid_grant"), out)
+        status, out = self.token_request(self_signed_jwt(info, aud="https://example.com/token"))
+        self.assertEqual((status, out["error"]), (400, "invalid_grant"))
+        status, out = self.token_request(self_signed_jwt(info, aud=token_uri, scope=None))
+        self.assertEqual((status, out["error"]), (400, "invalid_scope"))
+
+        # Google's client with an unregistered key file: UNAUTHENTICATED.
+        with self.assertRaises(gexc.Unauthorized):
+            self.client_for(stranger).get_key_ring(request={"name": self.ring})
+
+    def test_scopes_must_cover_cloud_kms(self):
+        info = self.service_account("pubsub-scoped")
+        self.grant(self.ring, "roles/cloudkms.viewer", info)
+        status, body = self.call("GET", f"/v1/{self.ring}",
+                                 self_signed_jwt(info, scope="https://www.googleapis.com/auth/pubsub"))
+        self.assertEqual((status, body["error"]["status"]), (403, "PERMISSION_DENIED"))
+        self.assertEqual(body["error"]["message"], "Request had insufficient authentication scopes.")
+        status, _ = self.call("GET", f"/v1/{self.ring}",
+                              self_signed_jwt(info, scope="https://www.googleapis.com/auth/cloudkms"))
+        self.assertEqual(status, 200)
+
+    def test_service_account_controls(self):
+        info = new_key_file("by-public-key", self.endpoint + "/token")
+        pub = serialization.load_pem_private_key(info["private_key"].encode(), None).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        self.control("service_accounts", {"email": info["client_email"], "public_key_pem": pub,
+                                          "key_id": info["private_key_id"]})
+        accounts = self.control("service_accounts", method="GET")
+        self.assertEqual(accounts[info["client_email"]], [info["private_key_id"]])
+        self.assertEqual(accounts[self.harness_info["client_email"]], [self.harness_info["private_key_id"]],
+                         "registered at start-up by --service-account-key")
+        self.grant(self.ring, "roles/cloudkms.viewer", info)
+        self.assertEqual(self.client_for(info).get_key_ring(request={"name": self.ring}).name, self.ring)
+        status, out = http(self.endpoint, "POST", "/_fake/service_accounts", {"email": "x@y", "public_key_pem": "junk"})
+        self.assertEqual(status, 400, out)
+
+
+class IamTest(SignedFakeTest):
+    def test_caller_without_binding_cannot_sign(self):
+        key, version = self.new_key()
+        digest = hashlib.sha256(b"nobody").digest()
+        nobody = self.client_for(self.service_account("nobody"))
+        with self.assert_denied("cloudkms.cryptoKeyVersions.useToSign", key):
+            nobody.asymmetric_sign(request={"name": version, "digest": {"sha256": digest}})
+        with self.assert_denied("cloudkms.cryptoKeyVersions.viewPublicKey", version):
+            nobody.get_public_key(request={"name": version})
+        with self.assert_denied("cloudkms.cryptoKeys.get", key):
+            nobody.get_crypto_key(request={"name": key})
+        # Denied before NOT_FOUND: a caller without the permission cannot probe for resources.
+        missing = self.ring + "/cryptoKeys/missing"
+        with self.assert_denied("cloudkms.cryptoKeys.get", missing):
+            nobody.get_crypto_key(request={"name": missing})
+        with self.assertRaises(gexc.NotFound):
+            self.admin.get_crypto_key(request={"name": missing})
+
+    def test_signer_verifier_on_crypto_key(self):
+        key, version = self.new_key()
+        other_key, other_version = self.new_key()
+        info = self.service_account("signer")
+        self.bind(key, "roles/cloudkms.signerVerifier", info)
+        client = self.client_for(info)
+        digest = hashlib.sha256(b"signed with signerVerifier").digest()
+        sig = client.asymmetric_sign(request={"name": version, "digest": {"sha256": digest},
+                                              "digest_crc32c": crc32c(digest)})
+        pem = client.get_public_key(request={"name": version}).pem
+        FakeKmsTest.verify(pem, Alg.EC_SIGN_P256_SHA256, digest, sig.signature)
+        # ... and nothing else.
+        with self.assert_denied("cloudkms.cryptoKeys.create", self.ring):
+            client.create_crypto_key(request={
+                "parent": self.ring, "crypto_key_id": "not-mine",
+                "crypto_key": {"purpose": Purpose.ASYMMETRIC_SIGN,
+                               "version_template": {"algorithm": Alg.EC_SIGN_P256_SHA256}}})
+        with self.assert_denied("cloudkms.cryptoKeyVersions.create", key):
+            client.create_crypto_key_version(request={"parent": key, "crypto_key_version": {}})
+        with self.assert_denied("cloudkms.cryptoKeys.getIamPolicy", key):
+            client.get_iam_policy(request={"resource": key})
+        with self.assert_denied("cloudkms.cryptoKeyVersions.destroy", version):
+            client.destroy_crypto_key_version(request={"name": version})
+        # The binding is on one CryptoKey, not on its neighbours.
+        with self.assert_denied("cloudkms.cryptoKeyVersions.useToSign", other_key):
+            client.asymmetric_sign(request={"name": other_version, "digest": {"sha256": digest}})
+
+    def test_admin_on_key_ring_can_create(self):
+        info = self.service_account("ring-admin")
+        self.bind(self.ring, "roles/cloudkms.admin", info)  # a KeyRing policy, set through the API
+        client = self.client_for(info)
+        key = client.create_crypto_key(request={
+            "parent": self.ring, "crypto_key_id": "admin-" + uuid.uuid4().hex[:8],
+            "crypto_key": {"purpose": Purpose.ASYMMETRIC_SIGN,
+                           "version_template": {"algorithm": Alg.EC_SIGN_P256_SHA256}}})
+        v2 = client.create_crypto_key_version(request={"parent": key.name, "crypto_key_version": {}})
+        self.assertEqual(len(list(client.list_crypto_key_versions(request={"parent": key.name}))), 2)
+        client.update_crypto_key(request={"crypto_key": {"name": key.name, "labels": {"by": "admin"}},
+                                          "update_mask": field_mask_pb2.FieldMask(paths=["labels"])})
+        client.destroy_crypto_key_version(request={"name": key.name + "/cryptoKeyVersions/1"})
+        client.restore_crypto_key_version(request={"name": key.name + "/cryptoKeyVersions/1"})
+        # It manages IAM on its keys and reads the key ring's policy.
+        self.bind(key.name, "roles/cloudkms.signerVerifier", self.harness_info, client=client)
+        client.get_iam_policy(request={"resource": self.ring})
+        # Admin is not a crypto role, and it was granted on this key ring only.
+        while self.admin.get_crypto_key_version(request={"name": v2.name}).state != State.ENABLED:
+            time.sleep(0.01)
+        with self.assert_denied("cloudkms.cryptoKeyVersions.useToSign", key.name):
+            client.asymmetric_sign(request={"name": v2.name, "digest": {"sha256": hashlib.sha256(b"x").digest()}})
+        with self.assert_denied("cloudkms.cryptoKeyVersions.viewPublicKey", v2.name):
+            client.get_public_key(request={"name": v2.name})
+        with self.assert_denied("cloudkms.keyRings.create", LOCATION):
+            client.create_key_ring(request={"parent": LOCATION, "key_ring_id": "not-allowed"})
+        with self.assert_denied("cloudkms.keyRings.list", LOCATION):
+            list(client.list_key_rings(request={"parent": LOCATION}))
+
+    def test_key_ring_policy_needs_key_ring_permissions(self):
+        info = self.service_account("ring-viewer")
+        self.grant(self.ring, "roles/cloudkms.viewer", info)
+        client = self.client_for(info)
+        with self.assert_denied("cloudkms.keyRings.getIamPolicy", self.ring):
+            client.get_iam_policy(request={"resource": self.ring})
+        with self.assert_denied("cloudkms.keyRings.setIamPolicy", self.ring):
+            client.set_iam_policy(request={"resource": self.ring, "policy": policy_pb2.Policy()})
+        self.assertEqual(client.get_key_ring(request={"name": self.ring}).name, self.ring)
+
+    def test_test_iam_permissions_is_exactly_the_granted_subset(self):
+        key, _ = self.new_key()
+        info = self.service_account("tester")
+        client = self.client_for(info)
+
+        def held(resource, c=client):
+            return sorted(c.test_iam_permissions(request=iam_policy_pb2.TestIamPermissionsRequest(
+                resource=resource, permissions=ALL_KMS_PERMISSIONS)).permissions)
+
+        self.assertEqual(held(key), [], "no bindings, nothing held (and the call itself needs none)")
+        self.bind(key, "roles/cloudkms.signerVerifier", info)
+        self.assertEqual(held(key), ["cloudkms.cryptoKeyVersions.useToSign", "cloudkms.cryptoKeyVersions.useToVerify",
+                                     "cloudkms.cryptoKeyVersions.viewPublicKey"])
+        self.assertEqual(held(self.ring), [], "a CryptoKey binding grants nothing on the KeyRing")
+        self.grant(self.ring, "roles/cloudkms.viewer", info)
+        viewer = ["cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list", "cloudkms.cryptoKeys.get",
+                  "cloudkms.cryptoKeys.list", "cloudkms.keyRings.get", "cloudkms.keyRings.list"]
+        self.assertEqual(held(self.ring), viewer)
+        self.assertEqual(held(key), sorted(viewer + ["cloudkms.cryptoKeyVersions.useToSign",
+                                                     "cloudkms.cryptoKeyVersions.useToVerify",
+                                                     "cloudkms.cryptoKeyVersions.viewPublicKey"]),
+                         "the KeyRing's bindings apply to its CryptoKeys")
+        self.assertEqual(held(key, self.admin), sorted(ALL_KMS_PERMISSIONS), "roles/owner on the project")
+
+    def test_project_policy_and_custom_role(self):
+        key, version = self.new_key()
+        role = f"projects/{PROJECT}/roles/listAndViewPublicKeys"
+        self.control("roles", {"name": role, "includedPermissions": [
+            "cloudkms.cryptoKeys.list", "cloudkms.cryptoKeyVersions.viewPublicKey"]})
+        self.assertEqual(self.control("roles", method="GET")[role],
+                         ["cloudkms.cryptoKeyVersions.viewPublicKey", "cloudkms.cryptoKeys.list"])
+        info = self.service_account("custom")
+        self.grant(f"projects/{PROJECT}", role, info)
+        client = self.client_for(info)
+        self.assertIn(key, [k.name for k in client.list_crypto_keys(request={"parent": self.ring})])
+        client.get_public_key(request={"name": version})
+        with self.assert_denied("cloudkms.cryptoKeys.get", key):
+            client.get_crypto_key(request={"name": key})
+        status, policy = http(self.endpoint, "GET", f"/_fake/iam_policy?resource=projects/{PROJECT}")
+        self.assertIn({"role": role, "members": ["serviceAccount:" + info["client_email"]]}, policy["bindings"])
+
+        # setIamPolicy takes only roles the fake can evaluate.
+        for bad_role in ("roles/cloudkms.noSuchRole", "projects/other-project/roles/listAndViewPublicKeys",
+                         f"projects/{PROJECT}/roles/neverMade"):
+            with self.subTest(bad_role):
+                policy = self.admin.get_iam_policy(request={"resource": key})
+                policy.bindings.append(policy_pb2.Binding(role=bad_role, members=["serviceAccount:" + info["client_email"]]))
+                with self.assertRaises(gexc.BadRequest):
+                    self.admin.set_iam_policy(request={"resource": key, "policy": policy})
+
+    def test_conditional_bindings_grant_nothing(self):
+        key, version = self.new_key()
+        info = self.service_account("conditional")
+        policy = self.admin.get_iam_policy(request={"resource": key, "options": {"requested_policy_version": 3}})
+        policy.version = 3
+        policy.bindings.append(policy_pb2.Binding(
+            role="roles/cloudkms.signerVerifier", members=["serviceAccount:" + info["client_email"]],
+            condition={"title": "always", "expression": "true"}))
+        self.admin.set_iam_policy(request={"resource": key, "policy": policy})
+        with self.assert_denied("cloudkms.cryptoKeyVersions.viewPublicKey", version):
+            self.client_for(info).get_public_key(request={"name": version})
 
 
 if __name__ == "__main__":

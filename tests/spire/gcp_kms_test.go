@@ -10,13 +10,15 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -30,39 +32,71 @@ import (
 	"google.golang.org/grpc/codes"
 )
 
-// gcpEnv is a Cloud KMS fake with a key ring and a service account key for the plugin.
+// gcpEnv is a Cloud KMS fake that verifies credentials and enforces IAM (--require-auth),
+// with a key ring and the plugin's service account: a generated key, registered with the fake,
+// holding on the key ring exactly the permissions README.md documents for gcp_kms (through a
+// custom role).
 type gcpEnv struct {
 	fake   *gcpKmsFake
 	ring   string
+	sa     *gcpServiceAccountKey
 	saFile string
 	email  string
 }
 
-const gcpServiceAccount = "spire-server@test-project.iam.gserviceaccount.com"
+const (
+	gcpProject        = "test-project"
+	gcpServiceAccount = "spire-server@test-project.iam.gserviceaccount.com"
+	// gcpPluginRole is the custom role the plugin's service account holds on the key ring.
+	gcpPluginRole = "projects/test-project/roles/spireKeyManager"
+)
 
 func newGcpEnv(t *testing.T, fakeArgs ...string) *gcpEnv {
 	t.Helper()
+	return newGcpEnvWith(t, gcpDocumentedPermissions(t), fakeArgs...)
+}
+
+// newGcpEnvWith is newGcpEnv with these permissions for the plugin on the key ring instead.
+func newGcpEnvWith(t *testing.T, permissions []string, fakeArgs ...string) *gcpEnv {
+	t.Helper()
 	fake := startGcpKmsFake(t, append([]string{"--require-auth"}, fakeArgs...)...)
-	ring := "projects/test-project/locations/europe-west1/keyRings/spire"
+	ring := "projects/" + gcpProject + "/locations/europe-west1/keyRings/spire"
 	fake.CreateKeyRing(t, ring)
-	// A real service account key file: the plugin signs its own access JWTs with it.
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	// A real service account key file: the plugin signs its own JWTs with it.
+	sa := fake.NewServiceAccount(t, "spire-server", gcpProject)
+	fake.CreateRole(t, gcpPluginRole, permissions)
+	fake.Grant(t, ring, gcpPluginRole, sa.Member())
+	return &gcpEnv{fake: fake, ring: ring, sa: sa, saFile: sa.File(t), email: sa.Email}
+}
+
+// gcpDocumentedPermissions is the permission list of README.md's "Required permissions
+// (gcp_kms)" paragraph, so that the tests grant what the documentation says.
+func gcpDocumentedPermissions(t testing.TB) []string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
 	require.NoError(t, err)
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	require.NoError(t, err)
-	sa, err := json.Marshal(map[string]string{
-		"type":           "service_account",
-		"project_id":     "test-project",
-		"private_key_id": "test-key-1",
-		"private_key":    string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
-		"client_email":   gcpServiceAccount,
-		"client_id":      "1234567890",
-		"token_uri":      fake.Endpoint + "/token",
-	})
-	require.NoError(t, err)
-	saFile := filepath.Join(t.TempDir(), "service-account.json")
-	require.NoError(t, os.WriteFile(saFile, sa, 0o600))
-	return &gcpEnv{fake: fake, ring: ring, saFile: saFile, email: gcpServiceAccount}
+	_, rest, ok := strings.Cut(string(data), "**Required permissions (gcp_kms)**")
+	require.True(t, ok, "README.md has no \"Required permissions (gcp_kms)\" paragraph")
+	paragraph, _, _ := strings.Cut(rest, "\n\n")
+	var perms []string
+	for _, m := range regexp.MustCompile("`(cloudkms\\.[A-Za-z]+\\.[A-Za-z]+)`").FindAllStringSubmatch(paragraph, -1) {
+		if !slices.Contains(perms, m[1]) {
+			perms = append(perms, m[1])
+		}
+	}
+	require.GreaterOrEqual(t, len(perms), 10, "permissions found in README.md: %v", perms)
+	return perms
+}
+
+// without returns perms minus the given ones.
+func without(perms []string, drop ...string) []string {
+	var out []string
+	for _, p := range perms {
+		if !slices.Contains(drop, p) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // pluginData configures the gcp_kms backend against the fake.
@@ -524,4 +558,103 @@ func TestGcpKmsSweep(t *testing.T) {
 	}, 40*time.Second, 250*time.Millisecond, "the abandoned key's versions are destroyed and it is marked inactive")
 	require.Equal(t, "ENABLED", key("peer").Versions[0].State, "a live peer's stamped key stays")
 	require.Equal(t, "ENABLED", key("sweeper").Versions[0].State, "the sweeper's own key stays")
+}
+
+// gcpOthersKeyPolicy writes a key_policy_file that names someone else than the plugin's
+// service account, so that the plugin's new CryptoKeys give it nothing: what it holds on the
+// key ring is all it has. It returns the plugin_data line.
+func gcpOthersKeyPolicy(t *testing.T) string {
+	t.Helper()
+	policy := filepath.Join(t.TempDir(), "policy.json")
+	require.NoError(t, os.WriteFile(policy, []byte(`{"version": 3, "bindings": [
+        {"role": "roles/cloudkms.signerVerifier", "members": ["group:spire-admins@example.org"]}]}`), 0o600))
+	return fmt.Sprintf("key_policy_file = %q", policy)
+}
+
+// TestGcpKmsMissingPermission: a plugin whose service account holds README.md's documented
+// permissions but one fails, where it needs that one, with PermissionDenied naming it (Cloud
+// KMS's "Permission '…' denied on resource '…'", passed through).
+func TestGcpKmsMissingPermission(t *testing.T) {
+	ctx := context.Background()
+	documented := gcpDocumentedPermissions(t)
+	generate := func(t *testing.T, km keymanager.KeyManager) error {
+		_, err := km.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+		return err
+	}
+	for _, tc := range []struct {
+		permission string
+		others     bool   // key_policy_file naming someone else (no default binding)
+		delay      string // --generation-delay
+		run        func(t *testing.T, km keymanager.KeyManager) error
+	}{
+		{"cloudkms.cryptoKeys.create", false, "0", generate},
+		{"cloudkms.cryptoKeys.getIamPolicy", false, "0", generate},
+		{"cloudkms.cryptoKeys.setIamPolicy", false, "0", generate},
+		{"cloudkms.cryptoKeyVersions.viewPublicKey", true, "0", generate},
+		// Polling a version still in PENDING_GENERATION reads the version.
+		{"cloudkms.cryptoKeyVersions.get", false, "0.5", generate},
+		{"cloudkms.cryptoKeyVersions.create", false, "0", func(t *testing.T, km keymanager.KeyManager) error {
+			require.NoError(t, generate(t, km), "a new CryptoKey comes with its first version")
+			return generate(t, km) // rotation adds a version
+		}},
+		{"cloudkms.cryptoKeyVersions.useToSign", true, "0", func(t *testing.T, km keymanager.KeyManager) error {
+			key, err := km.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+			require.NoError(t, err)
+			digest := sha256.Sum256([]byte("denied"))
+			_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
+			return err
+		}},
+	} {
+		t.Run(tc.permission, func(t *testing.T) {
+			env := newGcpEnvWith(t, without(documented, tc.permission), "--generation-delay", tc.delay)
+			extra := ""
+			if tc.others {
+				extra = gcpOthersKeyPolicy(t)
+			}
+			p := loadExternal(t, env.pluginData("denied", extra))
+			requireStatus(t, tc.run(t, p.KeyManager), codes.PermissionDenied,
+				fmt.Sprintf("Permission '%s' denied on resource '%s", tc.permission, env.ring))
+		})
+	}
+}
+
+// TestGcpKmsDefaultBindingIsEffective: the default IAM policy the plugin writes on a new
+// CryptoKey (roles/cloudkms.signerVerifier for the authenticated service account) is what lets
+// it read the public key and sign when its key-ring grant lacks viewPublicKey and useToSign;
+// with a key_policy_file naming someone else, the same grant is not enough.
+func TestGcpKmsDefaultBindingIsEffective(t *testing.T) {
+	ctx := context.Background()
+	cryptoPerms := []string{"cloudkms.cryptoKeyVersions.useToSign", "cloudkms.cryptoKeyVersions.viewPublicKey"}
+	env := newGcpEnvWith(t, without(gcpDocumentedPermissions(t), cryptoPerms...), "--generation-delay", "0")
+	p := loadExternal(t, env.pluginData("default-policy"))
+	key, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err, "getPublicKey is allowed by the binding the plugin just wrote")
+	digest := sha256.Sum256([]byte("signed thanks to the default binding"))
+	sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	require.NoError(t, err)
+	require.True(t, ecdsa.VerifyASN1(key.Public().(*ecdsa.PublicKey), digest[:], sig))
+
+	// The plugin's account holds them on that CryptoKey, not on the key ring.
+	name := env.ring + "/cryptoKeys/spire-key-default-policy-x509-CA-A"
+	held := func(resource string) []string {
+		var out struct{ Permissions []string }
+		env.fake.doAs(t, env.sa, http.MethodPost, "/v1/"+resource+":testIamPermissions",
+			map[string]any{"permissions": cryptoPerms}, &out)
+		return out.Permissions
+	}
+	require.ElementsMatch(t, cryptoPerms, held(name))
+	require.Empty(t, held(env.ring))
+
+	// Another service account, without that binding, cannot sign with the key.
+	other := env.fake.NewServiceAccount(t, "someone-else", gcpProject)
+	status, body := env.fake.request(t, other, http.MethodPost, "/v1/"+name+"/cryptoKeyVersions/1:asymmetricSign",
+		map[string]any{"digest": map[string]string{"sha256": base64.StdEncoding.EncodeToString(digest[:])}})
+	require.Equal(t, http.StatusForbidden, status, string(body))
+	require.Contains(t, string(body), "Permission 'cloudkms.cryptoKeyVersions.useToSign' denied on resource '"+name+"'")
+
+	// Without the default binding, the same key-ring grant does not reach the public key.
+	custom := loadExternal(t, env.pluginData("custom-policy", gcpOthersKeyPolicy(t)))
+	_, err = custom.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	requireStatus(t, err, codes.PermissionDenied,
+		"Permission 'cloudkms.cryptoKeyVersions.viewPublicKey' denied on resource '"+env.ring+"/cryptoKeys/spire-key-custom-policy-x509-CA-A/")
 }

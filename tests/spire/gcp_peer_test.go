@@ -2,8 +2,15 @@ package spire_test
 
 import (
 	"bytes"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -16,18 +23,102 @@ import (
 	"time"
 )
 
-// gcpHarnessToken authenticates the tests' own calls under --require-auth: an unsigned JWT
-// whose subject the fake records as the caller (it reads claims, it does not verify them).
-var gcpHarnessToken = base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"none"}`)) + "." +
-	base64.RawURLEncoding.EncodeToString([]byte(`{"iss":"test-harness@test-project.iam.gserviceaccount.com"}`)) + "."
-
 // gcpKmsFake is a running tests/peers/gcp_kms_fake.py: a fake of the Cloud KMS REST API (v1)
 // with test controls under /_fake/.
+//
+// Under --require-auth the fake verifies every caller's credentials against the service
+// account keys registered with it and enforces IAM. The tests' own API calls (do) then
+// authenticate as the harness: a service account whose key startGcpKmsFake generates and
+// registers (--service-account-key) and that CreateKeyRing makes roles/owner of the ring's
+// project. There is no unsigned or built-in identity.
 type gcpKmsFake struct {
 	// Endpoint is the base URL (http://127.0.0.1:PORT); the API is under Endpoint+"/v1/",
 	// the OAuth2 token endpoint is Endpoint+"/token".
 	Endpoint string
 	client   *http.Client
+	// harness signs the tests' own calls.
+	harness *gcpServiceAccountKey
+}
+
+// gcpHarnessEmail is the service account the tests' own calls authenticate as.
+const gcpHarnessEmail = "test-harness@test-project.iam.gserviceaccount.com"
+
+// gcpServiceAccountKey is a generated service account key: what Google's IAM API hands out as
+// a JSON key file, and the private key, to sign JWTs with here.
+type gcpServiceAccountKey struct {
+	Email   string
+	KeyID   string
+	Key     *rsa.PrivateKey
+	KeyFile []byte // the JSON key file
+}
+
+// newGcpServiceAccountKey generates an RSA-2048 key for email; tokenURI goes in the key file.
+func newGcpServiceAccountKey(t *testing.T, email, tokenURI string) *gcpServiceAccountKey {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := make([]byte, 20)
+	if _, err := rand.Read(id); err != nil {
+		t.Fatal(err)
+	}
+	_, domain, _ := strings.Cut(email, "@")
+	keyFile, err := json.Marshal(map[string]string{
+		"type":           "service_account",
+		"project_id":     strings.TrimSuffix(domain, ".iam.gserviceaccount.com"),
+		"private_key_id": hex.EncodeToString(id),
+		"private_key":    string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
+		"client_email":   email,
+		"client_id":      "1234567890",
+		"token_uri":      tokenURI,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &gcpServiceAccountKey{Email: email, KeyID: hex.EncodeToString(id), Key: key, KeyFile: keyFile}
+}
+
+// File writes the JSON key file into a temporary directory and returns its path.
+func (k *gcpServiceAccountKey) File(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "service-account.json")
+	if err := os.WriteFile(path, k.KeyFile, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// Member is the IAM member naming this service account.
+func (k *gcpServiceAccountKey) Member() string { return "serviceAccount:" + k.Email }
+
+// SelfSignedJWT is a bearer token as Google's auth libraries make from a service account key:
+// an RS256 JWT with the key id, iss = sub = the account, the cloud-platform scope, one hour.
+func (k *gcpServiceAccountKey) SelfSignedJWT(t *testing.T) string {
+	t.Helper()
+	now := time.Now().Unix()
+	header, err := json.Marshal(map[string]string{"alg": "RS256", "typ": "JWT", "kid": k.KeyID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	claims, err := json.Marshal(map[string]any{
+		"iss": k.Email, "sub": k.Email, "iat": now, "exp": now + 3600,
+		"scope": "https://www.googleapis.com/auth/cloud-platform",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	input := base64.RawURLEncoding.EncodeToString(header) + "." + base64.RawURLEncoding.EncodeToString(claims)
+	digest := sha256.Sum256([]byte(input))
+	sig, err := rsa.SignPKCS1v15(rand.Reader, k.Key, crypto.SHA256, digest[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return input + "." + base64.RawURLEncoding.EncodeToString(sig)
 }
 
 // gcpFakeState is what the fake holds for one key ring (GET /_fake/state). Enums are names.
@@ -82,7 +173,8 @@ func (s *gcpFakeState) Key(id string) *gcpFakeCryptoKey {
 }
 
 // startGcpKmsFake starts tests/peers/gcp_kms_fake.py on a free 127.0.0.1 port and stops it at
-// cleanup. args are passed on (e.g. "--generation-delay", "0.5", "--require-auth").
+// cleanup. args are passed on (e.g. "--generation-delay", "0.5", "--require-auth"); the
+// harness's key is registered with --service-account-key.
 // GCP_FAKE_PYTHON is the interpreter of the venv holding tests/peers/requirements-gcp.txt.
 func startGcpKmsFake(t *testing.T, args ...string) *gcpKmsFake {
 	t.Helper()
@@ -99,14 +191,36 @@ func startGcpKmsFake(t *testing.T, args ...string) *gcpKmsFake {
 		Endpoint: fmt.Sprintf("http://127.0.0.1:%d", port),
 		client:   &http.Client{Timeout: 30 * time.Second},
 	}
-	cmd := exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port)}, args...)...)
+	f.harness = newGcpServiceAccountKey(t, gcpHarnessEmail, f.Endpoint+"/token")
+	cmd := exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port),
+		"--service-account-key", f.harness.File(t)}, args...)...)
 	startPeerProcess(t, "gcp_kms_fake", cmd, f.Endpoint+"/_fake/health")
 	return f
 }
 
-// do sends a JSON request and decodes a 200 answer into out (if non-nil); any other status
-// fails the test.
+// do sends a JSON request as the harness and decodes a 200 answer into out (if non-nil); any
+// other status fails the test.
 func (f *gcpKmsFake) do(t *testing.T, method, path string, body, out any) {
+	t.Helper()
+	f.doAs(t, f.harness, method, path, body, out)
+}
+
+// doAs is do with another service account's self-signed JWT.
+func (f *gcpKmsFake) doAs(t *testing.T, who *gcpServiceAccountKey, method, path string, body, out any) {
+	t.Helper()
+	status, data := f.request(t, who, method, path, body)
+	if status != http.StatusOK {
+		t.Fatalf("gcp_kms_fake %s %s as %s: HTTP %d: %s", method, path, who.Email, status, data)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatalf("gcp_kms_fake %s %s: %v: %s", method, path, err, data)
+		}
+	}
+}
+
+// request sends a JSON request as who and returns the HTTP status and the body.
+func (f *gcpKmsFake) request(t *testing.T, who *gcpServiceAccountKey, method, path string, body any) (int, []byte) {
 	t.Helper()
 	var rd io.Reader
 	if body != nil {
@@ -123,7 +237,7 @@ func (f *gcpKmsFake) do(t *testing.T, method, path string, body, out any) {
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	req.Header.Set("Authorization", "Bearer "+gcpHarnessToken)
+	req.Header.Set("Authorization", "Bearer "+who.SelfSignedJWT(t))
 	resp, err := f.client.Do(req)
 	if err != nil {
 		t.Fatalf("gcp_kms_fake %s %s: %v", method, path, err)
@@ -133,14 +247,30 @@ func (f *gcpKmsFake) do(t *testing.T, method, path string, body, out any) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("gcp_kms_fake %s %s: HTTP %d: %s", method, path, resp.StatusCode, data)
-	}
-	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
-			t.Fatalf("gcp_kms_fake %s %s: %v: %s", method, path, err, data)
-		}
-	}
+	return resp.StatusCode, data
+}
+
+// NewServiceAccount generates a key for NAME@PROJECT.iam.gserviceaccount.com (token_uri the
+// fake's) and registers the key file with the fake (POST /_fake/service_accounts). The account
+// has no bindings yet.
+func (f *gcpKmsFake) NewServiceAccount(t *testing.T, name, project string) *gcpServiceAccountKey {
+	t.Helper()
+	key := newGcpServiceAccountKey(t, name+"@"+project+".iam.gserviceaccount.com", f.Endpoint+"/token")
+	f.do(t, http.MethodPost, "/_fake/service_accounts", map[string]json.RawMessage{"key_file": key.KeyFile}, nil)
+	return key
+}
+
+// CreateRole makes (or replaces) a custom role, projects/P/roles/ID, with these permissions.
+func (f *gcpKmsFake) CreateRole(t *testing.T, name string, permissions []string) {
+	t.Helper()
+	f.do(t, http.MethodPost, "/_fake/roles", map[string]any{"name": name, "includedPermissions": permissions}, nil)
+}
+
+// Grant adds member to resource's binding for role; resource is projects/P, a KeyRing or a
+// CryptoKey name (a test control: no etag, no permission needed).
+func (f *gcpKmsFake) Grant(t *testing.T, resource, role, member string) {
+	t.Helper()
+	f.do(t, http.MethodPost, "/_fake/grant", map[string]any{"resource": resource, "role": role, "member": member}, nil)
 }
 
 // Faults makes the next calls of an API method (e.g. "cryptoKeyVersions.asymmetricSign")
@@ -210,13 +340,14 @@ func (f *gcpKmsFake) SeedForeignKeys(t *testing.T, keyRing string, count int) {
 }
 
 // CreateKeyRing creates a key ring through the API (keyRings.create) from its full name,
-// projects/P/locations/L/keyRings/R.
+// projects/P/locations/L/keyRings/R, as the harness, which it first makes roles/owner of P.
 func (f *gcpKmsFake) CreateKeyRing(t *testing.T, name string) {
 	t.Helper()
 	parent, id, ok := strings.Cut(name, "/keyRings/")
-	if !ok || id == "" || strings.Contains(id, "/") {
+	if !ok || id == "" || strings.Contains(id, "/") || !strings.HasPrefix(parent, "projects/") {
 		t.Fatalf("CreateKeyRing: %q is not projects/P/locations/L/keyRings/R", name)
 	}
+	f.Grant(t, strings.Join(strings.SplitN(parent, "/", 3)[:2], "/"), "roles/owner", f.harness.Member())
 	f.do(t, http.MethodPost, "/v1/"+parent+"/keyRings?keyRingId="+url.QueryEscape(id), map[string]any{}, nil)
 }
 
