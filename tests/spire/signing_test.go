@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
@@ -170,4 +171,63 @@ func TestHCL1PrinterOutputIsAccepted(t *testing.T) {
 	data, err := os.ReadFile(keysPath)
 	require.NoError(t, err)
 	require.Contains(t, string(data), `"k"`)
+}
+
+// What SPIRE shows of plugin_data and of the plugin's logs: `spire-server validate` names
+// the key and the place of a syntax error or a non-literal value but never a secret on
+// that line, and at log_level = "debug" the server log carries the plugin's own events,
+// not the HTTP/2 frame traces of its gRPC transport.
+func TestSpireShowsNeitherPluginDataSecretsNorFrameTraces(t *testing.T) {
+	const secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
+	var dataFile string
+	s := newSpireServerWith(t, func(s *spireServer) string {
+		dataFile = filepath.Join(s.dir, "kms.hcl")
+		return fmt.Sprintf("plugin_data_file = %q", dataFile)
+	})
+	keysPath := fmt.Sprintf("keys_path = %q\n", s.keysPath())
+	for _, tc := range []struct {
+		data string
+		want []string
+	}{
+		// Two strings on a line, an unterminated string on the last line, a quoted key
+		// followed by junk, a secret in a nested block.
+		{keysPath + `secret_access_key = "` + secret + `" "other"` + "\n", []string{"line 2, column ", `in "secret_access_key"`}},
+		{keysPath + `secret_access_key = "` + secret, []string{"line 2, column 1, ", `in "secret_access_key"`}},
+		{keysPath + `"external_id" = "` + secret + `" junk` + "\n", []string{"line 2, column ", `in "external_id"`}},
+		{keysPath + "aws {\n  external_id = \"" + secret + "\" x\n}\n", []string{"line 3, column ", `in "external_id"`}},
+		// An unquoted value is a variable reference; a template would be evaluated.
+		{keysPath + "secret_access_key = " + secret + "\n", []string{`invalid "secret_access_key": must be a quoted string literal`}},
+		{keysPath + `external_id = "${` + secret + `}"` + "\n", []string{`invalid "external_id": must be a quoted string literal`}},
+	} {
+		require.NoError(t, os.WriteFile(dataFile, []byte(tc.data), 0o600))
+		out, err := s.validate()
+		require.Error(t, err, tc.data)
+		for _, want := range tc.want {
+			require.Contains(t, out, want, tc.data)
+		}
+		require.NotContains(t, out, secret[:8], tc.data)
+		require.NotContains(t, out, secret[len(secret)-8:], tc.data)
+	}
+
+	require.NoError(t, os.WriteFile(dataFile, []byte(keysPath+"log_level = \"debug\"\n"), 0o600))
+	s.start(1)
+	s.mintAndVerify(t)
+	log := s.stop()
+	var own, transport []string
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, "plugin_name=kms") || !strings.Contains(line, "level=debug") {
+			continue
+		}
+		if strings.Contains(line, "frame=") || strings.Contains(line, "stream_id") {
+			transport = append(transport, line)
+		} else {
+			own = append(own, line)
+		}
+	}
+	require.NotEmpty(t, own, "the plugin's own debug events reach SPIRE")
+	if len(transport) > 0 {
+		t.Fatalf("%d of %d debug lines from the plugin are transport traces, e.g.\n%s",
+			len(transport), len(own)+len(transport), transport[0])
+	}
+	requireCleanPluginExit(t, log)
 }

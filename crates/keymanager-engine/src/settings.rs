@@ -36,6 +36,25 @@ impl SettingValue {
     }
 }
 
+/// How many characters of a value [`echo`] shows.
+pub const ECHO_MAX_CHARS: usize = 120;
+
+/// A piece of user input (a key name, a path, a duration…) as error messages show it:
+/// quoted and escaped like `{:?}`, and, past [`ECHO_MAX_CHARS`] characters, cut with an
+/// ellipsis and the original length, so that a huge value cannot flood an error, a log
+/// line or `spire-server validate` output. Never use it for secrets: those are not echoed
+/// at all.
+pub fn echo(value: &str) -> String {
+    match value.char_indices().nth(ECHO_MAX_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!(
+            "{:?}… ({} characters)",
+            &value[..cut],
+            value.chars().count()
+        ),
+    }
+}
+
 /// A configuration error that names the key and what is allowed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -44,7 +63,7 @@ pub enum SettingsError {
     #[error("plugin_data is not valid HCL: {0}")]
     Syntax(String),
     /// A key nobody recognised.
-    #[error("unknown key {key:?} in plugin_data; allowed keys: {allowed}")]
+    #[error("unknown key {} in plugin_data; allowed keys: {allowed}", echo(.key))]
     UnknownKey {
         /// The key.
         key: String,
@@ -52,10 +71,10 @@ pub enum SettingsError {
         allowed: String,
     },
     /// A key given more than once.
-    #[error("key {0:?} is set more than once in plugin_data")]
+    #[error("key {} is set more than once in plugin_data", echo(.0))]
     Duplicate(String),
     /// A value of the wrong type.
-    #[error("{key:?} must be {expected}, got {found}")]
+    #[error("{} must be {expected}, got {found}", echo(.key))]
     WrongType {
         /// The key.
         key: String,
@@ -65,7 +84,7 @@ pub enum SettingsError {
         found: &'static str,
     },
     /// A required key is missing.
-    #[error("{key:?} is required{hint}")]
+    #[error("{} is required{hint}", echo(.key))]
     Missing {
         /// The key.
         key: String,
@@ -73,7 +92,7 @@ pub enum SettingsError {
         hint: String,
     },
     /// A value of the right type but not allowed.
-    #[error("invalid {key:?}: {reason}")]
+    #[error("invalid {}: {reason}", echo(.key))]
     Invalid {
         /// The key.
         key: String,
@@ -441,6 +460,44 @@ mod tests {
             let err = s.take_duration(key).unwrap_err().to_string();
             assert!(err.contains("is not a duration"), "{err}");
         }
+    }
+
+    #[test]
+    fn echo_quotes_short_input_and_cuts_long_input() {
+        assert_eq!(echo("/var/keys.json"), "\"/var/keys.json\"");
+        assert_eq!(echo("a\"b\n"), "\"a\\\"b\\n\"");
+        let exact = "x".repeat(ECHO_MAX_CHARS);
+        assert_eq!(echo(&exact), format!("{exact:?}"));
+        let huge = "a".repeat(1 << 20);
+        assert_eq!(
+            echo(&huge),
+            format!("\"{}\"… (1048576 characters)", "a".repeat(ECHO_MAX_CHARS))
+        );
+        // Cut on a character boundary, length counted in characters.
+        let wide = "é".repeat(500);
+        assert_eq!(
+            echo(&wide),
+            format!("\"{}\"… (500 characters)", "é".repeat(ECHO_MAX_CHARS))
+        );
+    }
+
+    #[test]
+    fn errors_bound_what_they_echo_from_input() {
+        let huge = "a".repeat(1 << 20);
+        let assert_bounded = |err: SettingsError| {
+            let text = err.to_string();
+            assert!(text.len() < 400, "{} bytes: {}…", text.len(), &text[..200]);
+            assert!(text.contains("\"… (10485"), "{text}");
+        };
+        let mut s = settings(&[("rotate_after", SettingValue::String(huge.clone()))]);
+        assert_bounded(s.take_duration("rotate_after").unwrap_err());
+        let s = settings(&[(huge.as_str(), SettingValue::Bool(true))]);
+        assert_bounded(s.finish(&["keys_path"]).unwrap_err());
+        let inner = BTreeMap::from([(huge.clone(), SettingValue::Bool(true))]);
+        let mut s = settings(&[("key_tags", SettingValue::Map(inner))]);
+        assert_bounded(s.take_string_map("key_tags").unwrap_err());
+        assert_bounded(SettingsError::Duplicate(huge.clone()));
+        assert_bounded(SettingsError::invalid(&huge, "too long"));
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! `@timestamp` (six fractional digits, `Z`), plus the event's fields as top-level keys.
 //! A non-string value in those three keys would crash the SPIRE server, so they are
 //! always strings.
+//!
+//! The level applies to this workspace's own events (targets `keymanager_*` and
+//! `kms_keymanager`). Dependencies (h2, hyper, tonic, rustls, the AWS and Google clients…)
+//! trace every HTTP/2 frame at debug, which would bury the plugin's events, so theirs show
+//! from `warn` up at every level but `trace`, where everything shows.
 
 use std::fmt;
 use std::io::Write;
@@ -95,9 +100,24 @@ impl LogControl {
         self.level.store(level as u8, Ordering::Relaxed);
     }
 
-    fn enabled(&self, level: LogLevel) -> bool {
-        level as u8 >= self.level.load(Ordering::Relaxed)
+    /// Whether an event at `level` from `target` is logged: the plugin's own at the set
+    /// level and above; a dependency's from `warn` up, or all of them at `trace`.
+    fn allows(&self, level: LogLevel, target: &str) -> bool {
+        let threshold = self.level.load(Ordering::Relaxed);
+        let threshold = if threshold == LogLevel::Trace as u8 || is_own_target(target) {
+            threshold
+        } else {
+            threshold.max(LogLevel::Warn as u8)
+        };
+        level as u8 >= threshold
     }
+}
+
+/// True for events of this workspace's crates (`keymanager_engine::engine`,
+/// `kms_keymanager`, …), whose targets are their module paths.
+fn is_own_target(target: &str) -> bool {
+    let krate = target.split("::").next().unwrap_or_default();
+    krate.starts_with("keymanager_") || krate == "kms_keymanager"
 }
 
 /// Installs the hclog JSON logger on stderr; `info` until Configure says otherwise.
@@ -105,31 +125,48 @@ pub fn init_plugin_logging() -> LogControl {
     let control = LogControl::new(LogLevel::Info);
     let layer = HclogJsonLayer {
         control: control.clone(),
+        sink: Sink::Stderr,
     };
     // Fails only if a subscriber is already set (tests); then that one keeps logging.
     let _ = tracing_subscriber::registry().with(layer).try_init();
     control
 }
 
+/// Where the lines go.
+enum Sink {
+    Stderr,
+    #[cfg(test)]
+    Capture(Arc<std::sync::Mutex<Vec<String>>>),
+}
+
 /// Formats events as hclog JSON lines.
 struct HclogJsonLayer {
     control: LogControl,
+    sink: Sink,
 }
 
 impl<S: Subscriber> Layer<S> for HclogJsonLayer {
     fn register_callsite(&self, _metadata: &'static Metadata<'static>) -> Interest {
-        // The level can change at run time, so every callsite is re-checked.
+        // The level can change at run time (and with it whether a dependency's debug
+        // events show), so every callsite is re-checked.
         Interest::sometimes()
     }
 
     fn enabled(&self, metadata: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
-        self.control.enabled(LogLevel::of(metadata.level()))
+        self.control
+            .allows(LogLevel::of(metadata.level()), metadata.target())
     }
 
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let line = format_line(event, time::OffsetDateTime::now_utc());
-        let mut stderr = std::io::stderr().lock();
-        let _ = stderr.write_all(line.as_bytes());
+        match &self.sink {
+            Sink::Stderr => {
+                let mut stderr = std::io::stderr().lock();
+                let _ = stderr.write_all(line.as_bytes());
+            }
+            #[cfg(test)]
+            Sink::Capture(lines) => lines.lock().expect("not poisoned").push(line),
+        }
     }
 }
 
@@ -276,7 +313,113 @@ mod tests {
         assert_eq!(LogLevel::parse("warning"), None);
         let control = LogControl::detached();
         control.set_level(LogLevel::Warn);
-        assert!(!control.enabled(LogLevel::Info));
-        assert!(control.enabled(LogLevel::Error));
+        assert!(!control.allows(LogLevel::Info, "keymanager_plugin"));
+        assert!(control.allows(LogLevel::Error, "keymanager_plugin"));
+    }
+
+    #[test]
+    fn own_targets_are_this_workspaces_crates() {
+        for own in [
+            "keymanager_engine::engine",
+            "keymanager_backend_aws",
+            "kms_keymanager",
+            "kms_keymanager::cli",
+        ] {
+            assert!(is_own_target(own), "{own}");
+        }
+        for foreign in [
+            "h2::codec::framed_write",
+            "hyper_util::client::legacy::pool",
+            "aws_smithy_runtime::client::orchestrator",
+            "kms_keymanager_other",
+            "keymanager",
+            "my_keymanager_engine",
+            "",
+        ] {
+            assert!(!is_own_target(foreign), "{foreign}");
+        }
+    }
+
+    /// Emits one event at each level from a dependency (h2's frame traces) and from the
+    /// engine.
+    fn emit_each_level_from_both() {
+        tracing::trace!(target: "h2::codec::framed_write", "foreign trace");
+        tracing::debug!(target: "h2::codec::framed_write", "foreign debug");
+        tracing::info!(target: "h2::codec::framed_write", "foreign info");
+        tracing::warn!(target: "h2::codec::framed_write", "foreign warn");
+        tracing::error!(target: "h2::codec::framed_write", "foreign error");
+        tracing::trace!(target: "keymanager_engine::engine", "own trace");
+        tracing::debug!(target: "keymanager_engine::engine", "own debug");
+        tracing::info!(target: "keymanager_engine::engine", "own info");
+        tracing::warn!(target: "keymanager_engine::engine", "own warn");
+        tracing::error!(target: "keymanager_engine::engine", "own error");
+    }
+
+    #[test]
+    fn dependencies_log_from_warn_up_except_at_trace() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let control = LogControl::detached();
+        let layer = HclogJsonLayer {
+            control: control.clone(),
+            sink: Sink::Capture(lines.clone()),
+        };
+        let expected: [(LogLevel, &[&str]); 5] = [
+            (
+                LogLevel::Trace,
+                &[
+                    "foreign trace",
+                    "foreign debug",
+                    "foreign info",
+                    "foreign warn",
+                    "foreign error",
+                    "own trace",
+                    "own debug",
+                    "own info",
+                    "own warn",
+                    "own error",
+                ],
+            ),
+            (
+                LogLevel::Debug,
+                &[
+                    "foreign warn",
+                    "foreign error",
+                    "own debug",
+                    "own info",
+                    "own warn",
+                    "own error",
+                ],
+            ),
+            (
+                LogLevel::Info,
+                &[
+                    "foreign warn",
+                    "foreign error",
+                    "own info",
+                    "own warn",
+                    "own error",
+                ],
+            ),
+            (
+                LogLevel::Warn,
+                &["foreign warn", "foreign error", "own warn", "own error"],
+            ),
+            (LogLevel::Error, &["foreign error", "own error"]),
+        ];
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            // Down and back up again: the level changes at run time under one subscriber.
+            for (level, shown) in expected.iter().chain(expected.iter().rev()) {
+                control.set_level(*level);
+                emit_each_level_from_both();
+                let messages: Vec<String> = std::mem::take(&mut *lines.lock().unwrap())
+                    .iter()
+                    .map(|line| {
+                        let line: Value = serde_json::from_str(line).unwrap();
+                        line["@message"].as_str().unwrap().to_string()
+                    })
+                    .collect();
+                assert_eq!(messages, *shown, "at {}", level.as_str());
+            }
+        });
     }
 }
