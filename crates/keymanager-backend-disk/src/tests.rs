@@ -237,21 +237,33 @@ async fn failed_write_keeps_the_previous_key() {
         .await
         .unwrap();
 
-    // Make the directory read-only so the temporary file cannot be created.
-    std::fs::set_permissions(&keys_dir, std::fs::Permissions::from_mode(0o500)).unwrap();
-    let running_as_root = std::fs::write(keys_dir.join("probe"), b"").is_ok();
-    if !running_as_root {
-        let err = engine
-            .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
-            .await
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("unable to write keys file"),
-            "{err}"
-        );
-        assert_eq!(engine.public_key(&id("JWT-Signer-A")).unwrap(), original);
-    }
-    std::fs::set_permissions(&keys_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // A directory in which nobody, root included, can create a file: root ignores directory
+    // modes, so a mode-0500 directory would not stop it, but sysfs refuses new files to
+    // everyone (EACCES; EROFS where it is mounted read-only). The keys directory is moved
+    // aside and replaced by a symlink to /sys: the write fails creating its file there.
+    let aside = dir.path().join("keys-aside");
+    std::fs::rename(&keys_dir, &aside).unwrap();
+    std::os::unix::fs::symlink("/sys", &keys_dir).unwrap();
+    let err = engine
+        .generate_key(id("JWT-Signer-A"), KeyType::EcP256)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("unable to write keys file"),
+        "{err}"
+    );
+    assert_eq!(engine.public_key(&id("JWT-Signer-A")).unwrap(), original);
+    std::fs::remove_file(&keys_dir).unwrap();
+    std::fs::rename(&aside, &keys_dir).unwrap();
+    // ... and the file still holds the previous key.
+    let reopened = Engine::start(
+        Arc::new(DiskBackend::new(path.clone())),
+        EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reopened.public_key(&id("JWT-Signer-A")).unwrap(), original);
+    drop(reopened);
 
     // Root ignores directory modes, so also break the write by replacing the directory.
     std::fs::remove_dir_all(&keys_dir).unwrap();
