@@ -58,7 +58,8 @@ impl fmt::Debug for DiskKey {
 /// do, since the file never held the aborted key and no longer holds the replaced one.
 pub struct DiskBackend {
     file: KeyFile,
-    /// Serialises writers in this process; held across file I/O, never touched by signing.
+    /// Serialises writers in this process (the file lock serialises processes); held
+    /// across file I/O, never touched by signing.
     write_lock: tokio::sync::Mutex<()>,
 }
 
@@ -146,6 +147,16 @@ impl Backend for DiskBackend {
     }
 
     async fn discover(&self) -> Result<Vec<StoredKey<DiskKey>>, BackendError> {
+        // Temporary files of writers that crashed mid-write may hold keys that were rotated
+        // out since: they must not outlive their rotation on disk.
+        let file = self.file.clone();
+        let removed = blocking(move || file.remove_leftovers()).await?;
+        if !removed.is_empty() {
+            tracing::info!(
+                files = removed.len(),
+                "removed temporary files left beside the keys file by an interrupted write"
+            );
+        }
         self.read_all()
             .await?
             .into_iter()
@@ -178,12 +189,15 @@ impl Backend for DiskBackend {
         let _writer = self.write_lock.lock().await;
         let file = self.file.clone();
         let id = new.id.as_str().to_string();
-        // Read-modify-write of the whole file; the rename is the switch. If the write
-        // fails, the file (and the previous key under this id) is untouched.
+        // Read-modify-write of the whole file under the cross-process lock (another server
+        // writing the same file cannot lose our keys, nor we theirs); the rename is the
+        // switch. If the write fails, the file (and the previous key under this id) is
+        // untouched.
         blocking(move || {
-            let mut entries = file.read()?;
-            entries.insert(id, pkcs8);
-            file.write(&entries)
+            file.update(|entries| {
+                entries.insert(id, pkcs8);
+                Ok(())
+            })
         })
         .await
     }

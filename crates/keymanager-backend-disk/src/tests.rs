@@ -258,6 +258,7 @@ async fn failed_write_keeps_the_previous_key() {
     // ... and the file still holds the previous key.
     let reopened = Engine::start(
         Arc::new(DiskBackend::new(path.clone())),
+        None,
         EngineOptions::default(),
     )
     .await

@@ -315,17 +315,6 @@ impl Settings {
     }
 }
 
-/// Quotes user input for an error message, cut to a readable length: a 1 MiB value must
-/// not become a 1 MiB log line. Never use it on secrets (they are never echoed at all).
-pub fn echo(value: &str) -> String {
-    const MAX: usize = 120;
-    if value.chars().count() <= MAX {
-        return format!("{value:?}");
-    }
-    let head: String = value.chars().take(MAX).collect();
-    format!("{head:?}… ({} bytes in all)", value.len())
-}
-
 fn parse_duration(text: &str) -> Option<std::time::Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
