@@ -320,9 +320,7 @@ func TestAwsKmsFaults(t *testing.T) {
 		require.Error(t, err)
 		require.Contains(t, err.Error(), "ResourceExhausted")
 		require.Less(t, time.Since(started), 30*time.Second)
-		proxy.mu.Lock()
-		proxy.queue["Sign"] = nil
-		proxy.mu.Unlock()
+		proxy.clear("Sign")
 		_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
 		require.NoError(t, err, "signing works again once the fault clears")
 	})
@@ -346,12 +344,17 @@ func TestAwsKmsFaults(t *testing.T) {
 		proxy.inject("CreateKey", faultServer500)
 		_, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
 		require.Error(t, err, "key creation is never retried blindly")
-		proxy.inject("CreateAlias", faultDrop)
+		// The alias cannot be created at all: publishing fails after its retries, the store
+		// confirms the alias does not point at the new key, and the new key is aborted.
+		drops := make([]fault, 20)
+		for i := range drops {
+			drops[i] = faultDrop
+		}
+		proxy.inject("CreateAlias", drops...)
 		_, err = p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
 		require.Error(t, err)
-		require.Equal(t, before, liveKeys(), "the half-created key was put on the deletion path")
-		// Even if that clean-up had failed, the key was never activated: the sweep's
-		// half-created rule removes it after the grace period instead of keeping it 14 days.
+		proxy.clear("CreateAlias")
+		require.Equal(t, before, liveKeys(), "the unpublished key was put on the deletion path")
 		again, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
 		require.NoError(t, err)
 		require.Equal(t, before+1, liveKeys())
@@ -359,6 +362,29 @@ func TestAwsKmsFaults(t *testing.T) {
 		require.NoError(t, err)
 		require.True(t, current.Public().(equaler).Equal(key.Public()), "no fault replaced a key")
 		require.NotNil(t, again)
+	})
+	t.Run("an alias switched before activation failed keeps the new key", func(t *testing.T) {
+		// The defect this engine fixes: on rotation the alias is pointed at the new key,
+		// then tagging it active fails. The new key is what discovery finds now: it must be
+		// kept and the old one retired, so that a restart finds the new key.
+		fails := make([]fault, 20)
+		for i := range fails {
+			fails[i] = faultServer500
+		}
+		proxy.inject("TagResource", fails...)
+		rotated, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+		proxy.clear("TagResource")
+		require.NoError(t, err, "discovery finds the new key: the rotation took place")
+		require.False(t, rotated.Public().(equaler).Equal(key.Public()))
+		restarted := loadExternal(t, awsPluginData(proxy.URL, "faulty"))
+		found, err := restarted.KeyManager.GetKey(ctx, "x509-CA-A")
+		require.NoError(t, err, "a restart finds a key for the id")
+		require.True(t, found.Public().(equaler).Equal(rotated.Public()), "a restart finds the new key")
+		// The new key is enabled (not pending deletion); the old one is on its way out.
+		client := kmsClient(endpoint)
+		alias, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String("alias/SPIRE_SERVER/example_org/faulty/x509-CA-A")})
+		require.NoError(t, err)
+		require.Equal(t, kmstypes.KeyStateEnabled, alias.KeyMetadata.KeyState)
 	})
 }
 

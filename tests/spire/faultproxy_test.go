@@ -88,6 +88,13 @@ func (p *faultProxy) inject(operation string, faults ...fault) {
 	p.queue[operation] = append(p.queue[operation], faults...)
 }
 
+// clear drops the faults still queued for operation.
+func (p *faultProxy) clear(operation string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.queue[operation] = nil
+}
+
 // snapshot returns and resets the per-operation call counts.
 func (p *faultProxy) snapshot() map[string]int {
 	p.mu.Lock()

@@ -282,17 +282,30 @@ func TestGcpKmsKeysLiveInKms(t *testing.T) {
 	require.GreaterOrEqual(t, time.Since(started), 3*time.Second)
 	env.fake.SetGenerationDelay(t, 20*time.Millisecond)
 
-	// CRC32C: a corrupted signature is never returned (the engine retries the sign); a
-	// corrupted public key fails the GenerateKey.
+	// CRC32C: a corrupted signature or public key is never used. Once, the read is retried;
+	// persistently, the GenerateKey fails and the unusable new version is destroyed.
 	env.fake.ResetCalls(t)
 	env.fake.Corrupt(t, "asymmetricSign", "signatureCrc32c", 1)
 	sig, err = rsaKey.Sign(rand.Reader, digest[:], crypto.SHA256)
 	require.NoError(t, err)
 	require.NoError(t, rsa.VerifyPKCS1v15(rsaKey.Public().(*rsa.PublicKey), crypto.SHA256, digest[:], sig))
 	require.Equal(t, 2, env.fake.Calls(t)["cryptoKeyVersions.asymmetricSign"])
+	env.fake.ResetCalls(t)
 	env.fake.Corrupt(t, "getPublicKey", "pemCrc32c", 1)
+	caB, err := p.KeyManager.GenerateKey(ctx, "x509-CA-B", keymanager.ECP256)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, env.fake.Calls(t)["cryptoKeyVersions.getPublicKey"], 2, "the corrupted read was repeated")
+	env.fake.Corrupt(t, "getPublicKey", "pemCrc32c", 100)
 	_, err = p.KeyManager.GenerateKey(ctx, "x509-CA-B", keymanager.ECP256)
 	requireStatus(t, err, codes.Unavailable, "CRC32C")
+	env.fake.Corrupt(t, "getPublicKey", "pemCrc32c", 0)
+	current, err := p.KeyManager.GetKey(ctx, "x509-CA-B")
+	require.NoError(t, err)
+	require.True(t, current.Public().(equaler).Equal(caB.Public()), "the current key stays in service")
+	caBKey := env.fake.State(t, env.ring).Key("spire-key-server-a-x509-CA-B")
+	require.Len(t, caBKey.Versions, 2)
+	require.Equal(t, "ENABLED", caBKey.Versions[0].State)
+	require.Equal(t, "DESTROY_SCHEDULED", caBKey.Versions[1].State, "the unusable new version is aborted")
 }
 
 // TestGcpKmsCustomPolicyAndBadInput: key_policy_file replaces the default policy; bad
@@ -463,7 +476,9 @@ func TestGcpKmsSharedRotationLock(t *testing.T) {
 func TestGcpKmsSharedLockLeaseAfterCrash(t *testing.T) {
 	ctx := context.Background()
 	env := newGcpEnv(t, "--generation-delay", "0")
-	p := loadExternal(t, env.pluginData("survivor", sharedKeys("crash")))
+	// Waiters take over a lease only once it has ended plus clock_skew_allowance.
+	skew := 3 * time.Second
+	p := loadExternal(t, env.pluginData("survivor", sharedKeys("crash"), fmt.Sprintf("clock_skew_allowance = \"%ds\"", int(skew.Seconds()))))
 	_, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
 	require.NoError(t, err)
 	name := fmt.Sprintf("%s/cryptoKeys/crash-%s-JWT-Signer-A", env.ring, tdHash())
@@ -482,8 +497,8 @@ func TestGcpKmsSharedLockLeaseAfterCrash(t *testing.T) {
 	started := time.Now()
 	rotated, err := p.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
 	require.NoError(t, err)
-	require.GreaterOrEqual(t, time.Since(started), lease-time.Second, "the live lease was respected")
-	require.Less(t, time.Since(started), lease+20*time.Second, "the expired lease was taken over")
+	require.GreaterOrEqual(t, time.Since(started), lease+skew-time.Second, "the live lease and the skew allowance were respected")
+	require.Less(t, time.Since(started), lease+skew+10*time.Second, "the expired lease was taken over")
 	key := env.fake.State(t, env.ring).Key(name[strings.LastIndex(name, "/")+1:])
 	require.Len(t, key.Versions, 2, "exactly one new version")
 	require.True(t, env.publicKey(t, key.Versions[1].Name).(equaler).Equal(rotated.Public()))

@@ -516,9 +516,10 @@ impl GcpKmsBackend {
             return Ok(());
         }
         let key = kms.get_crypto_key(crypto_key).await?;
-        if !self.owns(&key.labels)
-            || key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("false")
-        {
+        // The sweep empties other servers' keys too: the trust domain is the guard here.
+        let ours = key.labels.get(naming::LABEL_TRUST_DOMAIN) == Some(&self.td_hash)
+            && !key.labels.contains_key(naming::LABEL_LOCK);
+        if !ours || key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("false") {
             return Ok(());
         }
         let mut labels = key.labels.clone();

@@ -483,6 +483,10 @@ impl<B: Backend> KeyService for Engine<B> {
         self.backend.name()
     }
 
+    fn capabilities(&self) -> &crate::backend::Capabilities {
+        self.backend.capabilities()
+    }
+
     async fn generate_key(&self, id: KeyId, key_type: KeyType) -> Result<PublicKey, EngineError> {
         Engine::generate_key(self, id, key_type).await
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::backend::Capabilities;
 use crate::config::BackendConfig;
 use crate::core::algorithm::SignerOpts;
 use crate::core::key::{KeyId, KeyType, PublicKey};
@@ -20,6 +21,9 @@ use crate::resilience::OperationStats;
 pub trait KeyService: Send + Sync + 'static {
     /// The backend's name.
     fn backend_name(&self) -> &'static str;
+
+    /// What the backend can do.
+    fn capabilities(&self) -> &Capabilities;
 
     /// Creates a new key under `id`, replacing (and then retiring) the current one.
     async fn generate_key(&self, id: KeyId, key_type: KeyType) -> Result<PublicKey, EngineError>;

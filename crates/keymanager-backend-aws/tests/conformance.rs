@@ -1,0 +1,138 @@
+//! The backend conformance suite on `aws_kms`, against two independent peers: moto (with the
+//! project's KMS shim) and LocalStack.
+
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use aws_sdk_kms::types::{KeyState, Tag};
+use keymanager_backend_aws::AwsKmsFactory;
+use keymanager_conformance::peers::{self, Peer};
+use keymanager_conformance::proxy::RequestSummary;
+use keymanager_conformance::suite::Subject;
+use keymanager_engine::BackendFactory;
+use keymanager_engine::kit::vocabulary as tags;
+
+static FACTORY: AwsKmsFactory = AwsKmsFactory::new();
+
+struct AwsSubject {
+    peer: &'static Peer,
+}
+
+impl AwsSubject {
+    async fn config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&self.peer.url)
+            .credentials_provider(aws_sdk_kms::config::Credentials::new(
+                "test",
+                "test",
+                None,
+                None,
+                "conformance",
+            ))
+            .load()
+            .await
+    }
+}
+
+#[async_trait]
+impl Subject for AwsSubject {
+    fn factory(&self) -> &'static dyn BackendFactory {
+        &FACTORY
+    }
+
+    fn peer_url(&self) -> Option<String> {
+        Some(self.peer.url.clone())
+    }
+
+    fn plugin_data(&self, server_id: &str, endpoint: Option<&str>) -> String {
+        format!(
+            "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nkey_identifier_value = {server_id:?}\n",
+            endpoint.unwrap_or(&self.peer.url)
+        )
+    }
+
+    fn is_read(&self, request: &RequestSummary) -> bool {
+        let operation = request.name();
+        ["Describe", "List", "Get"]
+            .iter()
+            .any(|read| operation.starts_with(read))
+            || request.body_start.contains("Action=GetCallerIdentity")
+    }
+
+    async fn live_keys(&self, trust_domain: &str, server_id: &str, key_id: &str) -> Vec<String> {
+        use aws_sdk_resourcegroupstagging::types::TagFilter;
+        let config = self.config().await;
+        let tagging = aws_sdk_resourcegroupstagging::Client::new(&config);
+        let kms = aws_sdk_kms::Client::new(&config);
+        let filter = |key: &str, value: &str| TagFilter::builder().key(key).values(value).build();
+        let found = tagging
+            .get_resources()
+            .resource_type_filters("kms:key")
+            .tag_filters(filter(tags::TRUST_DOMAIN, trust_domain))
+            .tag_filters(filter(tags::SERVER_ID, server_id))
+            .tag_filters(filter(tags::KEY_ID, key_id))
+            .send()
+            .await
+            .expect("tagging API");
+        let mut live = Vec::new();
+        for mapping in found.resource_tag_mapping_list() {
+            let arn = mapping.resource_arn().expect("an ARN");
+            let described = kms
+                .describe_key()
+                .key_id(arn)
+                .send()
+                .await
+                .expect("DescribeKey");
+            let state = described.key_metadata().and_then(|m| m.key_state());
+            if !matches!(
+                state,
+                Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion)
+            ) {
+                live.push(arn.to_string());
+            }
+        }
+        live
+    }
+
+    async fn set_stamp(&self, locator: &str, text: &str) -> bool {
+        let kms = aws_sdk_kms::Client::new(&self.config().await);
+        kms.tag_resource()
+            .key_id(locator)
+            .tags(
+                Tag::builder()
+                    .tag_key(tags::LAST_UPDATE)
+                    .tag_value(text)
+                    .build()
+                    .expect("tag"),
+            )
+            .send()
+            .await
+            .expect("TagResource");
+        true
+    }
+}
+
+mod moto {
+    use super::*;
+
+    static PEER: OnceLock<Peer> = OnceLock::new();
+
+    keymanager_conformance::conformance_suite!(async {
+        Arc::new(AwsSubject {
+            peer: PEER.get_or_init(peers::moto),
+        }) as Arc<dyn Subject>
+    });
+}
+
+mod localstack {
+    use super::*;
+
+    static PEER: OnceLock<Peer> = OnceLock::new();
+
+    keymanager_conformance::conformance_suite!(async {
+        Arc::new(AwsSubject {
+            peer: PEER.get_or_init(peers::localstack),
+        }) as Arc<dyn Subject>
+    });
+}

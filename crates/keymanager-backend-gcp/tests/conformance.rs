@@ -1,0 +1,164 @@
+//! The backend conformance suite on `gcp_kms`, against the project's Cloud KMS fake
+//! (tests/peers/gcp_kms_fake.py; no Cloud KMS emulator that signs exists). The plugin
+//! authenticates with a service account key generated here, as in production.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use keymanager_backend_gcp::GcpKmsFactory;
+use keymanager_conformance::peers::{self, Peer};
+use keymanager_conformance::proxy::RequestSummary;
+use keymanager_conformance::suite::Subject;
+use keymanager_engine::BackendFactory;
+use keymanager_engine::kit::vocabulary as tags;
+
+static FACTORY: GcpKmsFactory = GcpKmsFactory::new();
+const KEY_RING: &str = "projects/conformance/locations/global/keyRings/spire";
+
+/// The fake, its key ring, and a service account key file for the plugin.
+struct Fake {
+    peer: Peer,
+    service_account_file: PathBuf,
+}
+
+static FAKE: OnceLock<Fake> = OnceLock::new();
+
+fn fake() -> &'static Fake {
+    FAKE.get_or_init(|| {
+        let peer = peers::gcp_fake();
+        let seeded = std::process::Command::new(peers::interpreter("GCP_FAKE_PYTHON"))
+            .arg("-c")
+            .arg(SETUP)
+            .arg(&peer.url)
+            .arg(KEY_RING)
+            .output()
+            .expect("run the fake's setup");
+        assert!(
+            seeded.status.success(),
+            "{}",
+            String::from_utf8_lossy(&seeded.stderr)
+        );
+        let service_account_file = PathBuf::from(String::from_utf8_lossy(&seeded.stdout).trim());
+        Fake {
+            peer,
+            service_account_file,
+        }
+    })
+}
+
+/// Creates the key ring and a service account key file (printed path), with the fake's
+/// own interpreter (it has `cryptography`).
+const SETUP: &str = r#"
+import json, sys, tempfile, urllib.request
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+url, ring = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url + "/_fake/seed", data=json.dumps({"keyRing": ring, "count": 0}).encode(),
+                             headers={"content-type": "application/json"}, method="POST")
+urllib.request.urlopen(req).read()
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption()).decode()
+sa = {"type": "service_account", "project_id": "conformance", "private_key_id": "conformance-key",
+      "private_key": pem, "client_email": "spire@conformance.iam.gserviceaccount.com",
+      "client_id": "1", "token_uri": url + "/token"}
+f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+json.dump(sa, f); f.close()
+print(f.name)
+"#;
+
+struct GcpSubject {
+    fake: &'static Fake,
+}
+
+impl GcpSubject {
+    async fn state(&self) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(format!(
+                "{}/_fake/state?keyRing={KEY_RING}",
+                self.fake.peer.url
+            ))
+            .send()
+            .await
+            .expect("fake state")
+            .json()
+            .await
+            .expect("fake state JSON")
+    }
+}
+
+#[async_trait]
+impl Subject for GcpSubject {
+    fn factory(&self) -> &'static dyn BackendFactory {
+        &FACTORY
+    }
+
+    fn peer_url(&self) -> Option<String> {
+        Some(self.fake.peer.url.clone())
+    }
+
+    fn plugin_data(&self, server_id: &str, endpoint: Option<&str>) -> String {
+        format!(
+            "backend = \"gcp_kms\"\nkey_ring = {KEY_RING:?}\nendpoint = {:?}\nservice_account_file = {:?}\nkey_identifier_value = {server_id:?}\n",
+            endpoint.unwrap_or(&self.fake.peer.url),
+            self.fake.service_account_file.display().to_string()
+        )
+    }
+
+    fn is_read(&self, request: &RequestSummary) -> bool {
+        request.method == "GET"
+    }
+
+    async fn live_keys(&self, _trust_domain: &str, server_id: &str, key_id: &str) -> Vec<String> {
+        let name = format!("{KEY_RING}/cryptoKeys/spire-key-{server_id}-{key_id}");
+        let state = self.state().await;
+        let Some(key) = state["cryptoKeys"]
+            .as_array()
+            .and_then(|keys| keys.iter().find(|k| k["name"] == name.as_str()))
+        else {
+            return Vec::new();
+        };
+        key["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| !matches!(v["state"].as_str(), Some("DESTROY_SCHEDULED" | "DESTROYED")))
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    async fn set_stamp(&self, locator: &str, text: &str) -> bool {
+        let crypto_key = locator
+            .split_once("/cryptoKeyVersions/")
+            .map_or(locator, |(key, _)| key);
+        let client = reqwest::Client::new();
+        let url = format!("{}/v1/{crypto_key}", self.fake.peer.url);
+        let key: serde_json::Value = client
+            .get(&url)
+            .send()
+            .await
+            .expect("GetCryptoKey")
+            .json()
+            .await
+            .expect("CryptoKey JSON");
+        let mut labels = key["labels"].clone();
+        labels[tags::LAST_UPDATE] = serde_json::Value::String(text.to_string());
+        let response = client
+            .patch(format!("{url}?updateMask=labels"))
+            .json(&serde_json::json!({ "labels": labels }))
+            .send()
+            .await
+            .expect("UpdateCryptoKey");
+        assert!(
+            response.status().is_success(),
+            "{:?}",
+            response.text().await
+        );
+        true
+    }
+}
+
+keymanager_conformance::conformance_suite!(async {
+    Arc::new(GcpSubject { fake: fake() }) as Arc<dyn Subject>
+});

@@ -1,0 +1,204 @@
+//! The test peers, started by the tests themselves on 127.0.0.1: moto (with the project's
+//! KMS shim), LocalStack, and the project's Cloud KMS fake. One process per peer per test
+//! binary, shared by its tests; it is stopped when the test binary exits, even if it is
+//! killed: the peer runs under a small shell watchdog that ends it once our end of its
+//! stdin pipe closes.
+//!
+//! The interpreters come from the environment `scripts/test-all.sh` sets up
+//! (`MOTO_PYTHON`, `LOCALSTACK_PYTHON`, `GCP_FAKE_PYTHON`). Without it a peer test fails
+//! and says so: it never silently passes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A running peer.
+pub struct Peer {
+    /// Its base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Closing this ends the peer (see the module docs).
+    _watchdog: Mutex<(Child, ChildStdin)>,
+}
+
+/// The repository's `tests/peers` directory.
+pub fn peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/peers")
+        .canonicalize()
+        .expect("tests/peers exists")
+}
+
+/// The interpreter named by `var`, or a panic that says how to get one.
+pub fn interpreter(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: this test needs a test peer. Run scripts/test-all.sh, which installs the peers and sets {var}"
+        )
+    })
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Peer {
+    /// Starts `program args…` with `env` in `dir`, its output in a log file, and waits until
+    /// `ready_path` answers 200 (or fails with the log).
+    pub fn start(
+        name: &str,
+        program: &str,
+        args: &[String],
+        env: &[(String, String)],
+        dir: &Path,
+        port: u16,
+        ready_path: &str,
+        timeout: Duration,
+    ) -> Self {
+        let log = std::env::temp_dir().join(format!("kms-keymanager-peer-{name}-{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("peer log file");
+        // `set -m` puts the peer in its own process group, so that the watchdog ends the
+        // peer and every process it started.
+        let script = r#"set -m; "$@" </dev/null & peer=$!; cat >/dev/null; kill -TERM -- -$peer 2>/dev/null; sleep 3; kill -KILL -- -$peer 2>/dev/null"#;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg("peer-watchdog")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file);
+        command.current_dir(dir);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdin = child.stdin.take().expect("watchdog stdin");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + timeout;
+        while !http_ok(port, ready_path) {
+            if Instant::now() > deadline {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("{name} did not start within {timeout:?}; its log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            url,
+            log,
+            _watchdog: Mutex::new((child, stdin)),
+        }
+    }
+}
+
+/// Whether `GET path` on the loopback port answers 200.
+pub fn http_ok(port: u16, path: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 16];
+    let mut read = 0;
+    while read < head.len() {
+        match stream.read(&mut head[read..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+    }
+    let head = String::from_utf8_lossy(&head[..read]);
+    head.starts_with("HTTP/1.") && head.get(9..12) == Some("200")
+}
+
+/// moto 5 with the project's KMS compatibility shim.
+pub fn moto() -> Peer {
+    let port = free_port();
+    let shim = peers_dir().join("moto_kms_shim.py");
+    Peer::start(
+        "moto",
+        &interpreter("MOTO_PYTHON"),
+        &[
+            shim.display().to_string(),
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ],
+        &[],
+        &std::env::temp_dir(),
+        port,
+        "/moto-api/",
+        Duration::from_secs(60),
+    )
+}
+
+/// LocalStack (KMS and STS), in host mode without docker.
+pub fn localstack() -> Peer {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("kms-keymanager-localstack-{port}"));
+    std::fs::create_dir_all(&dir).expect("LocalStack state directory");
+    let env = [
+        ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+        ("LOCALSTACK_HOST", format!("127.0.0.1:{port}")),
+        ("SERVICES", "kms,sts".into()),
+        ("DNS_ADDRESS", "0".into()),
+        ("DISABLE_EVENTS", "1".into()),
+        ("SKIP_SSL_CERT_DOWNLOAD", "1".into()),
+        ("EAGER_SERVICE_LOADING", "1".into()),
+        ("PERSISTENCE", "0".into()),
+        (
+            "LOCALSTACK_VOLUME_DIR",
+            dir.join("data").display().to_string(),
+        ),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    Peer::start(
+        "localstack",
+        &interpreter("LOCALSTACK_PYTHON"),
+        &["-m".into(), "localstack.runtime.main".into()],
+        &env,
+        &dir,
+        port,
+        "/_localstack/health",
+        Duration::from_secs(120),
+    )
+}
+
+/// The project's Cloud KMS fake (tests/peers/gcp_kms_fake.py), without credential or IAM
+/// checks (the Go tests cover those), generating keys without delay.
+pub fn gcp_fake() -> Peer {
+    let port = free_port();
+    let script = peers_dir().join("gcp_kms_fake.py");
+    Peer::start(
+        "gcp_kms_fake",
+        &interpreter("GCP_FAKE_PYTHON"),
+        &[
+            script.display().to_string(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--generation-delay".into(),
+            "0".into(),
+        ],
+        &[],
+        &std::env::temp_dir(),
+        port,
+        "/_fake/health",
+        Duration::from_secs(60),
+    )
+}

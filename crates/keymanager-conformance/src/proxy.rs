@@ -1,0 +1,237 @@
+//! A loopback HTTP proxy between a backend and its test peer that counts every request,
+//! remembers what it was, and fails, loses or holds the request number N on demand:
+//! the way to inject a failure — or a crash — at each store call of a GenerateKey.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+/// What the proxy saw of one request.
+#[derive(Clone, Debug)]
+pub struct RequestSummary {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// `X-Amz-Target` (AWS JSON protocols), if any.
+    pub target: Option<String>,
+    /// The start of the body (STS's form-encoded `Action=`).
+    pub body_start: String,
+}
+
+impl RequestSummary {
+    /// A short name: the AWS target's operation, else method and path.
+    pub fn name(&self) -> String {
+        match &self.target {
+            Some(target) => target.rsplit('.').next().unwrap_or(target).to_string(),
+            None => format!("{} {}", self.method, self.path),
+        }
+    }
+}
+
+/// What happens to a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answered 503 without reaching the peer.
+    Fail,
+    /// Forwarded (the store applies it), then the connection is dropped: a lost response.
+    Lose,
+    /// Held forever without reaching the peer: the caller is cancelled mid-call (a crash
+    /// before the call takes effect).
+    HoldBefore,
+    /// Forwarded, then the response is held forever (a crash after the call took effect).
+    HoldAfter,
+}
+
+/// Which requests a fault applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Every request passes.
+    Pass,
+    /// Only the `n`-th request from now (1-based).
+    Once(usize, Fault),
+    /// The `n`-th request from now and every later one (an outage).
+    From(usize, Fault),
+}
+
+#[derive(Default)]
+struct State {
+    seen: Vec<RequestSummary>,
+    plan: Option<(usize, Plan)>,
+    held: usize,
+}
+
+/// A running proxy; stops when dropped with its runtime.
+#[derive(Clone)]
+pub struct FaultProxy {
+    url: String,
+    state: Arc<Mutex<State>>,
+    held: Arc<Notify>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `target` (`http://127.0.0.1:PORT`) on a free loopback port.
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port for the fault proxy");
+        let addr: SocketAddr = listener.local_addr().expect("proxy address");
+        let proxy = Self {
+            url: format!("http://{addr}"),
+            state: Arc::new(Mutex::new(State::default())),
+            held: Arc::new(Notify::new()),
+        };
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let target: Arc<str> = Arc::from(target.trim_end_matches('/'));
+        let state = proxy.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (client, target, state) = (client.clone(), target.clone(), state.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let (client, target, state) =
+                            (client.clone(), target.clone(), state.clone());
+                        async move { state.handle(request, &client, &target).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        proxy
+    }
+
+    /// The proxy's URL, for a backend's `endpoint`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies `plan` to the requests from now on, counting from 1.
+    pub fn plan(&self, plan: Plan) {
+        let mut state = self.state();
+        let now = state.seen.len();
+        state.plan = Some((now, plan));
+        state.held = 0;
+    }
+
+    /// Every request passes again.
+    pub fn clear(&self) {
+        self.state().plan = None;
+    }
+
+    /// Requests seen so far.
+    pub fn count(&self) -> usize {
+        self.state().seen.len()
+    }
+
+    /// The requests seen since `start` (a [`FaultProxy::count`]).
+    pub fn since(&self, start: usize) -> Vec<RequestSummary> {
+        self.state().seen[start..].to_vec()
+    }
+
+    /// Waits until a request is being held (since the last [`FaultProxy::plan`]).
+    pub async fn held(&self) {
+        loop {
+            let notified = self.held.notified();
+            if self.state().held > 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: &Client<HttpConnector, Full<Bytes>>,
+        target: &str,
+    ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+        let (parts, body) = request.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes();
+        let summary = RequestSummary {
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.to_string()),
+            target: parts
+                .headers
+                .get("x-amz-target")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body_start: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        };
+        let fault = {
+            let mut state = self.state();
+            state.seen.push(summary.clone());
+            let index = state.seen.len();
+            match state.plan {
+                Some((base, Plan::Once(n, fault))) if index == base + n => Some(fault),
+                Some((base, Plan::From(n, fault))) if index >= base + n => Some(fault),
+                _ => None,
+            }
+        };
+        if matches!(fault, Some(Fault::Fail)) {
+            return Ok(Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .expect("static response"));
+        }
+        if matches!(fault, Some(Fault::HoldBefore)) {
+            match self.hold().await {}
+        }
+        let uri = format!("{target}{}", summary.path);
+        let mut forward = Request::builder().method(parts.method).uri(uri);
+        for (name, value) in &parts.headers {
+            forward = forward.header(name, value);
+        }
+        let forward = forward
+            .body(Full::new(body))
+            .map_err(std::io::Error::other)?;
+        let response = client
+            .request(forward)
+            .await
+            .map_err(std::io::Error::other)?;
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes();
+        match fault {
+            Some(Fault::Lose) => Err(std::io::Error::other("response dropped by the fault proxy")),
+            Some(Fault::HoldAfter) => match self.hold().await {},
+            _ => Ok(Response::from_parts(parts, Full::new(body))),
+        }
+    }
+
+    async fn hold(&self) -> Infallible {
+        self.state().held += 1;
+        self.held.notify_waiters();
+        std::future::pending().await
+    }
+}
