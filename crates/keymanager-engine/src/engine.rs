@@ -210,10 +210,10 @@ impl<B: Backend> Engine<B> {
         let spki_der = match read {
             Ok(spki) => spki,
             Err(source) => {
-                self.abort(&id, &prepared).await;
+                let aborted = self.abort(&id, &prepared).await;
                 return Err(EngineError::Generate {
                     id,
-                    kept: kept(current.is_some()),
+                    kept: kept_after_abort(current.is_some(), aborted),
                     source,
                 });
             }
@@ -238,10 +238,10 @@ impl<B: Backend> Engine<B> {
                     "publishing the new key reported a failure, but discovery finds the new key: it is in service"
                 ),
                 Settled::NotSwitched => {
-                    self.abort(&id, &new.handle).await;
+                    let aborted = self.abort(&id, &new.handle).await;
                     return Err(EngineError::Generate {
                         id,
-                        kept: kept(current.is_some()),
+                        kept: kept_after_abort(current.is_some(), aborted),
                         source,
                     });
                 }
@@ -325,18 +325,24 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    async fn abort(&self, id: &KeyId, prepared: &B::Handle) {
-        if let Err(error) = with_retries(self.retry, "abort", &self.stats, || {
+    /// Removes a new key that is not to be used; `false` when that failed (the sweep
+    /// removes it later).
+    async fn abort(&self, id: &KeyId, prepared: &B::Handle) -> bool {
+        match with_retries(self.retry, "abort", &self.stats, || {
             self.backend.abort(prepared)
         })
         .await
         {
-            tracing::warn!(
-                key_id = %id,
-                locator = prepared.locator(),
-                %error,
-                "could not remove the unpublished new key; the sweep removes it"
-            );
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(
+                    key_id = %id,
+                    locator = prepared.locator(),
+                    %error,
+                    "could not remove the new key; the sweep removes whichever key discovery does not find"
+                );
+                false
+            }
         }
     }
 
@@ -586,6 +592,18 @@ enum Settled {
     Switched,
     NotSwitched,
     Unknown,
+}
+
+fn kept_after_abort(had_key: bool, aborted: bool) -> &'static str {
+    match (had_key, aborted) {
+        (_, true) => kept(had_key),
+        (true, false) => {
+            "the current key stays in service; the new key could not be removed, and the sweep removes whichever of the two discovery does not find"
+        }
+        (false, false) => {
+            "the new key could not be removed; the sweep removes it unless discovery finds it"
+        }
+    }
 }
 
 fn kept(had_key: bool) -> &'static str {
