@@ -107,7 +107,9 @@ struct NewKeys {
 
 /// The backend.
 pub struct AwsKmsBackend {
-    clients: Clients,
+    /// Replaced whole by a re-Configure with rotated credentials; calls in flight finish on
+    /// the clients they started with.
+    clients: RwLock<Arc<Clients>>,
     trust_domain: String,
     server_id: String,
     discovery: Discovery,
@@ -157,7 +159,7 @@ impl KmsAdapter for AwsKmsBackend {
             "aws_kms backend ready"
         );
         Ok(Self {
-            clients,
+            clients: RwLock::new(Arc::new(clients)),
             trust_domain: config.trust_domain.clone(),
             server_id,
             discovery: config.backend.discovery,
@@ -213,6 +215,14 @@ impl AwsKmsBackend {
             .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))
     }
 
+    /// The clients; the lock is held to clone them only, never across a call.
+    fn clients(&self) -> Arc<Clients> {
+        self.clients
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn new_keys(&self) -> Arc<NewKeys> {
         self.new_keys
             .read()
@@ -221,7 +231,7 @@ impl AwsKmsBackend {
     }
 
     async fn describe(&self, key: &str) -> Result<Option<KeyMetadata>, BackendError> {
-        match self.clients.kms.describe_key().key_id(key).send().await {
+        match self.clients().kms.describe_key().key_id(key).send().await {
             Ok(out) => Ok(out.key_metadata),
             Err(e) if e.code() == Some("NotFoundException") => Ok(None),
             Err(e) => Err(sdk_error(Service::Kms, "DescribeKey", key, e)),
@@ -230,7 +240,7 @@ impl AwsKmsBackend {
 
     async fn read_public_key(&self, arn: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
         let out = self
-            .clients
+            .clients()
             .kms
             .get_public_key()
             .key_id(arn)
@@ -296,7 +306,7 @@ impl AwsKmsBackend {
         // 100 is KMS's largest page (the default is 50). The paginator stops on a repeated
         // token.
         let mut aliases = self
-            .clients
+            .clients()
             .kms
             .list_aliases()
             .limit(100)
@@ -327,7 +337,7 @@ impl AwsKmsBackend {
             .map(|(key, value)| TagFilter::builder().key(*key).values(*value).build())
             .collect();
         let mut pages = self
-            .clients
+            .clients()
             .tagging
             .get_resources()
             .resource_type_filters("kms:key")
@@ -438,7 +448,7 @@ impl AwsKmsBackend {
             .iter()
             .map(|(k, v)| tag(k, v))
             .collect::<Result<Vec<_>, _>>()?;
-        self.clients
+        self.clients()
             .kms
             .tag_resource()
             .key_id(arn)
@@ -453,7 +463,8 @@ impl AwsKmsBackend {
     /// the id, CreateAlias otherwise, each falling back to the other when the store
     /// disagrees (an alias left by a crashed start, or deleted by hand). Repeatable.
     async fn point_alias(&self, alias: &str, arn: &str, exists: bool) -> Result<(), BackendError> {
-        let kms = &self.clients.kms;
+        let clients = self.clients();
+        let kms = &clients.kms;
         let update = || {
             kms.update_alias()
                 .alias_name(alias)
@@ -498,7 +509,7 @@ impl AwsKmsBackend {
             tracing::warn!(key = arn, %error, "could not record the deletion intent; scheduling the deletion anyway");
         }
         match self
-            .clients
+            .clients()
             .kms
             .schedule_key_deletion()
             .key_id(arn)
@@ -603,7 +614,7 @@ impl Backend for AwsKmsBackend {
             .chain(new_keys.tags.iter().map(|(k, v)| tag(k, v)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut request = self
-            .clients
+            .clients()
             .kms
             .create_key()
             .key_spec(spec)
@@ -694,7 +705,7 @@ impl Backend for AwsKmsBackend {
             }
         };
         let out = self
-            .clients
+            .clients()
             .kms
             .sign()
             .key_id(&*key.handle.arn)
@@ -716,10 +727,9 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn reconfigure(&self, config: &KmsConfig<Self>) -> Result<(), BackendError> {
-        self.clients
-            .rotate_credentials(&config.backend, config.endpoint.as_ref())
-            .await;
-        let policy = key_policy(&config.backend, &self.clients).await?;
+        let clients = Arc::new(Clients::connect(&config.backend, config.endpoint.as_ref()).await);
+        let policy = key_policy(&config.backend, &clients).await?;
+        *self.clients.write().unwrap_or_else(PoisonError::into_inner) = clients;
         *self
             .new_keys
             .write()

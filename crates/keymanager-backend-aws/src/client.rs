@@ -1,14 +1,13 @@
-//! The AWS clients (KMS, Resource Groups Tagging, STS) on one set of credentials that can be
-//! swapped at run time: rotated static keys or a new role take effect at the next call,
-//! without a restart and without rebuilding the clients.
+//! The AWS clients (KMS, Resource Groups Tagging, STS) on one set of credentials. A
+//! re-Configure with rotated credentials builds new clients (each SDK client caches the
+//! credentials it resolved, so swapping the provider underneath would not be enough).
 
-use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider, future};
+use aws_credential_types::provider::SharedCredentialsProvider;
 use keymanager_engine::kit::endpoint::Endpoint;
 
 use crate::config::{AwsKmsSettings, Credentials};
@@ -17,41 +16,7 @@ use crate::config::{AwsKmsSettings, Credentials};
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Credentials whose source can be replaced while clients use them.
-#[derive(Clone, Debug)]
-pub struct SwappableCredentials {
-    current: Arc<RwLock<SharedCredentialsProvider>>,
-}
-
-impl SwappableCredentials {
-    fn new(provider: SharedCredentialsProvider) -> Self {
-        Self {
-            current: Arc::new(RwLock::new(provider)),
-        }
-    }
-
-    /// Every later call uses `provider`.
-    pub fn replace(&self, provider: SharedCredentialsProvider) {
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = provider;
-    }
-}
-
-impl ProvideCredentials for SwappableCredentials {
-    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
-    where
-        Self: 'a,
-    {
-        // The lock is held to clone the provider only, never across the fetch.
-        let provider = self
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        future::ProvideCredentials::new(async move { provider.provide_credentials().await })
-    }
-}
-
-/// The three clients and the credentials they share.
+/// The three clients on the credentials they share.
 #[derive(Clone, Debug)]
 pub struct Clients {
     /// KMS.
@@ -60,31 +25,21 @@ pub struct Clients {
     pub tagging: aws_sdk_resourcegroupstagging::Client,
     /// STS (the caller identity for the default key policy).
     pub sts: aws_sdk_sts::Client,
-    /// Swapped by a re-Configure with new credentials.
-    pub credentials: SwappableCredentials,
 }
 
 impl Clients {
     /// Builds the clients for `settings`.
     pub async fn connect(settings: &AwsKmsSettings, endpoint: Option<&Endpoint>) -> Self {
         let provider = credentials_provider(settings, endpoint).await;
-        let credentials = SwappableCredentials::new(provider);
         let sdk_config = base_config(settings, endpoint)
-            .credentials_provider(credentials.clone())
+            .credentials_provider(provider)
             .load()
             .await;
         Self {
             kms: aws_sdk_kms::Client::new(&sdk_config),
             tagging: aws_sdk_resourcegroupstagging::Client::new(&sdk_config),
             sts: aws_sdk_sts::Client::new(&sdk_config),
-            credentials,
         }
-    }
-
-    /// Applies the credential settings of a new configuration.
-    pub async fn rotate_credentials(&self, settings: &AwsKmsSettings, endpoint: Option<&Endpoint>) {
-        self.credentials
-            .replace(credentials_provider(settings, endpoint).await);
     }
 }
 

@@ -114,7 +114,7 @@ impl Subject for AwsSubject {
         ["Describe", "List", "Get"]
             .iter()
             .any(|read| operation.starts_with(read))
-            || request.body_start.contains("Action=GetCallerIdentity")
+            || request.body.contains("Action=GetCallerIdentity")
     }
 
     fn peer_lists_keys(&self) -> bool {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keymanager_engine::settings::{Settings, SettingsError};
+use keymanager_engine::settings::{Settings, SettingsError, echo};
 use keymanager_engine::{
     BackendConfig, BackendError, BackendErrorKind, BackendFactory, CoreConfig, Opened,
     OpenedBackend, SettingState, StoreIdentity,
@@ -16,6 +16,8 @@ use crate::{DiskBackend, KeyFile, SoftwareKey};
 pub struct DiskFactory;
 
 const KEYS: &[&str] = &["keys_path"];
+/// Linux's PATH_MAX: a longer path cannot be opened, and must not flood error messages.
+const MAX_PATH_BYTES: usize = 4096;
 
 impl BackendFactory for DiskFactory {
     fn name(&self) -> &'static str {
@@ -34,6 +36,16 @@ impl BackendFactory for DiskFactory {
         let keys_path = settings.take_nonempty_string("keys_path")?.ok_or_else(|| {
             SettingsError::missing("keys_path", "the path of the JSON file that holds the keys")
         })?;
+        if keys_path.len() > MAX_PATH_BYTES {
+            return Err(SettingsError::invalid(
+                "keys_path",
+                format!(
+                    "{} is {} bytes long; paths are at most {MAX_PATH_BYTES} bytes",
+                    echo(&keys_path),
+                    keys_path.len()
+                ),
+            ));
+        }
         Ok(Box::new(DiskConfig {
             keys_path: PathBuf::from(keys_path),
             trust_domain: core.trust_domain.clone(),
@@ -65,7 +77,7 @@ impl BackendConfig for DiskConfig {
     fn identity(&self) -> StoreIdentity {
         StoreIdentity {
             backend: "disk",
-            store: format!("keys file {}", self.keys_path.display()),
+            store: format!("keys file {}", shown(&self.keys_path)),
             trust_domain: self.trust_domain.clone(),
             server: None,
         }
@@ -80,7 +92,7 @@ impl BackendConfig for DiskConfig {
         if let Some(dir) = self.missing_directory() {
             return vec![format!(
                 "the directory {} of keys_path does not exist; GenerateKey would fail",
-                dir.display()
+                shown(&dir)
             )];
         }
         // Reading is side-effect free: a file that Configure would refuse is a problem now.
@@ -91,9 +103,13 @@ impl BackendConfig for DiskConfig {
         entries
             .iter()
             .filter_map(|(id, der)| {
-                SoftwareKey::from_pkcs8_der(der)
-                    .err()
-                    .map(|e| format!("keys file {}: key {id:?}: {e}", self.keys_path.display()))
+                SoftwareKey::from_pkcs8_der(der).err().map(|e| {
+                    format!(
+                        "keys file {}: key {}: {e}",
+                        shown(&self.keys_path),
+                        echo(id)
+                    )
+                })
             })
             .collect()
     }
@@ -104,10 +120,15 @@ impl BackendConfig for DiskConfig {
                 BackendErrorKind::InvalidArgument,
                 format!(
                     "invalid \"keys_path\": its directory {} does not exist; create it (mode 0700) or point keys_path elsewhere",
-                    dir.display()
+                    shown(&dir)
                 ),
             ));
         }
         Ok(Opened::new(Arc::new(DiskBackend::new(self.keys_path.clone()))).boxed())
     }
+}
+
+/// A path quoted and bounded for messages.
+fn shown(path: &std::path::Path) -> String {
+    echo(&path.display().to_string())
 }

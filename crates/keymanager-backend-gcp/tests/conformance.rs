@@ -27,46 +27,22 @@ static FAKE: OnceLock<Fake> = OnceLock::new();
 fn fake() -> &'static Fake {
     FAKE.get_or_init(|| {
         let peer = peers::gcp_fake();
-        let seeded = std::process::Command::new(peers::interpreter("GCP_FAKE_PYTHON"))
-            .arg("-c")
-            .arg(SETUP)
-            .arg(&peer.url)
-            .arg(KEY_RING)
-            .output()
-            .expect("run the fake's setup");
-        assert!(
-            seeded.status.success(),
-            "{}",
-            String::from_utf8_lossy(&seeded.stderr)
+        let service_account_file = std::env::temp_dir().join(format!(
+            "kms-keymanager-conformance-sa-{}.json",
+            std::process::id()
+        ));
+        peers::gcp_service_account(
+            &peer.url,
+            "spire@conformance.iam.gserviceaccount.com",
+            &service_account_file,
+            Some(KEY_RING),
         );
-        let service_account_file = PathBuf::from(String::from_utf8_lossy(&seeded.stdout).trim());
         Fake {
             peer,
             service_account_file,
         }
     })
 }
-
-/// Creates the key ring and a service account key file (printed path), with the fake's
-/// own interpreter (it has `cryptography`).
-const SETUP: &str = r#"
-import json, sys, tempfile, urllib.request
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-url, ring = sys.argv[1], sys.argv[2]
-req = urllib.request.Request(url + "/_fake/seed", data=json.dumps({"keyRing": ring, "count": 0}).encode(),
-                             headers={"content-type": "application/json"}, method="POST")
-urllib.request.urlopen(req).read()
-key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption()).decode()
-sa = {"type": "service_account", "project_id": "conformance", "private_key_id": "conformance-key",
-      "private_key": pem, "client_email": "spire@conformance.iam.gserviceaccount.com",
-      "client_id": "1", "token_uri": url + "/token"}
-f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-json.dump(sa, f); f.close()
-print(f.name)
-"#;
 
 struct GcpSubject {
     fake: &'static Fake,

@@ -223,3 +223,24 @@ pub fn gcp_fake() -> Peer {
         timeout: Duration::from_secs(60),
     })
 }
+
+/// Writes a service account key file for `email` at `out` (a fresh RSA key), registers it
+/// with the Cloud KMS fake at `fake_url` so that its tokens verify, and creates `key_ring`.
+pub fn gcp_service_account(fake_url: &str, email: &str, out: &Path, key_ring: Option<&str>) {
+    let mut command = Command::new(interpreter("GCP_FAKE_PYTHON"));
+    command
+        .arg(peers_dir().join("gcp_service_account.py"))
+        .arg(fake_url)
+        .arg(email)
+        .arg(out)
+        .arg("--register");
+    if let Some(ring) = key_ring {
+        command.arg("--key-ring").arg(ring);
+    }
+    let output = command.output().expect("run gcp_service_account.py");
+    assert!(
+        output.status.success(),
+        "gcp_service_account.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

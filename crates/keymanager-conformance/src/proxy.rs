@@ -25,8 +25,10 @@ pub struct RequestSummary {
     pub path: String,
     /// `X-Amz-Target` (AWS JSON protocols), if any.
     pub target: Option<String>,
-    /// The start of the body (STS's form-encoded `Action=`).
-    pub body_start: String,
+    /// The body, as text (STS's form-encoded `Action=`, KMS's JSON).
+    pub body: String,
+    /// The access key id of an AWS SigV4 `Authorization` header.
+    pub aws_access_key_id: Option<String>,
 }
 
 impl RequestSummary {
@@ -182,7 +184,14 @@ impl FaultProxy {
                 .get("x-amz-target")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
-            body_start: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+            aws_access_key_id: parts
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split("Credential=").nth(1))
+                .and_then(|v| v.split('/').next())
+                .map(str::to_string),
         };
         let fault = {
             let mut state = self.state();
