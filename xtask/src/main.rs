@@ -33,19 +33,57 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Where the generated code is committed.
+fn committed_dir() -> PathBuf {
+    workspace_root().join("crates/keymanager-proto/src/generated")
+}
+
 fn gen_proto() -> Result<(), String> {
-    let root = workspace_root();
-    let proto_dir = root.join("proto");
-    let out_dir = root.join("crates/keymanager-proto/src/generated");
+    let out_dir = committed_dir();
+    generate_into(&out_dir)?;
+    println!("generated code written to {}", out_dir.display());
+    Ok(())
+}
+
+/// Compiles `proto/` and writes the Rust code into `out_dir`.
+fn generate_into(out_dir: &Path) -> Result<(), String> {
+    let proto_dir = workspace_root().join("proto");
     let descriptors = protox::compile(PROTO_FILES, [&proto_dir]).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(out_dir).map_err(|e| e.to_string())?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .build_transport(false)
-        .out_dir(&out_dir)
+        .out_dir(out_dir)
         .compile_fds(descriptors)
-        .map_err(|e| e.to_string())?;
-    println!("generated code written to {}", out_dir.display());
-    Ok(())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CI's check that nobody edited `proto/` without regenerating (run by `cargo test`, so
+    /// it needs no build of its own).
+    #[test]
+    fn committed_generated_code_is_current() {
+        let out = std::env::temp_dir().join(format!("xtask-gen-proto-{}", std::process::id()));
+        generate_into(&out).expect("generation works");
+        let mut names: Vec<_> = std::fs::read_dir(&out)
+            .expect("generated files")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        assert!(!names.is_empty());
+        for name in names {
+            let fresh = std::fs::read_to_string(out.join(&name)).expect("fresh file");
+            let committed = std::fs::read_to_string(committed_dir().join(&name))
+                .unwrap_or_else(|_| panic!("{name:?} is generated but not committed"));
+            assert!(
+                fresh == committed,
+                "{name:?} is out of date: run `cargo run -p xtask -- gen-proto`"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }
