@@ -95,7 +95,7 @@ RUSTC_WORKSPACE_WRAPPER=$(rustup which clippy-driver 2>/dev/null || command -v c
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 
 step "Rust tests and lint (the generated protobuf code is checked by xtask's test)"
-cargo test --workspace --locked 2>&1 | tee "$LOG_DIR/cargo-test.log"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$LOG_DIR/cargo-test.log"
 
 step "quickstart demo"
 # The binary `cargo test` built for the integration tests: no second build.

@@ -27,15 +27,14 @@ use keymanager_engine::lifecycle::{
     KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity, parse_stamp, stamp_text,
 };
 use keymanager_engine::resilience::{CallStats, RetryPolicy, with_retries};
-use keymanager_engine::settings::{Settings, SettingsError};
 use keymanager_engine::{
-    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, CoreConfig, Digest,
-    HashAlgorithm, KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SettingState,
-    SignatureScheme, SigningSupport, StoredKey,
+    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, HashAlgorithm,
+    KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
+    StoredKey,
 };
 
 use crate::client::Clients;
-use crate::config::{self, AwsKmsSettings, Discovery};
+use crate::config::{AwsKmsSettings, Discovery};
 use crate::errors::{Service, sdk_error};
 use crate::naming;
 use crate::policy::CallerRole;
@@ -119,28 +118,7 @@ pub struct AwsKmsBackend {
 #[async_trait]
 impl KmsAdapter for AwsKmsBackend {
     const NAME: &'static str = "aws_kms";
-    const SETTING_KEYS: &'static [&'static str] = config::SETTING_KEYS;
     type Settings = AwsKmsSettings;
-
-    fn parse(
-        settings: &mut Settings,
-        _core: &CoreConfig,
-        warnings: &mut Vec<String>,
-    ) -> Result<AwsKmsSettings, SettingsError> {
-        AwsKmsSettings::parse(settings, warnings)
-    }
-
-    fn check_server_id(value: &str) -> Result<(), String> {
-        config::check_identifier_value(value)
-    }
-
-    fn store(settings: &AwsKmsSettings) -> String {
-        format!("region {}", settings.region)
-    }
-
-    fn describe(settings: &AwsKmsSettings) -> Vec<SettingState> {
-        settings.describe()
-    }
 
     async fn open(config: &KmsConfig<Self>, server_id: String) -> Result<Self, BackendError> {
         if config.backend.key_policy.is_none() && config.backend.assume_role.is_none() {

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use keymanager_engine::kit::KmsSettings;
 use keymanager_engine::kit::policy_file::PolicyFile;
 use keymanager_engine::settings::{Secret, Settings, SettingsError, echo};
 use keymanager_engine::{OnChange, SettingState};
@@ -96,14 +97,13 @@ pub struct AwsKmsSettings {
     pub assume_role: Option<AssumeRole>,
 }
 
-impl AwsKmsSettings {
+impl KmsSettings for AwsKmsSettings {
+    const SETTING_KEYS: &'static [&'static str] = SETTING_KEYS;
+
     /// Takes and validates this backend's keys from `settings`. Reads `key_policy_file`
     /// (reading is the only I/O; nothing is written). `key_prefix` is mapped onto
     /// `key_identifier_value` for the shell to read, with a warning.
-    pub fn parse(
-        settings: &mut Settings,
-        warnings: &mut Vec<String>,
-    ) -> Result<Self, SettingsError> {
+    fn parse(settings: &mut Settings, warnings: &mut Vec<String>) -> Result<Self, SettingsError> {
         let region = settings.take_nonempty_string("region")?.ok_or_else(|| {
             SettingsError::missing(
                 "region",
@@ -216,10 +216,18 @@ impl AwsKmsSettings {
         })
     }
 
+    fn check_server_id(value: &str) -> Result<(), String> {
+        check_identifier_value(value)
+    }
+
+    fn store(&self) -> String {
+        format!("region {}", self.region)
+    }
+
     /// Every setting with what a change at run time means. Credentials (static keys, the
     /// role to assume) and what new keys get (policy, tags) apply at once; the discovery
     /// mode at the next start; the region is the store itself (see the store identity).
-    pub fn describe(&self) -> Vec<SettingState> {
+    fn describe(&self) -> Vec<SettingState> {
         let credentials = match &self.credentials {
             Credentials::DefaultChain => SettingState::new(
                 "access_key_id/secret_access_key",

@@ -27,14 +27,13 @@ use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::lifecycle::{
     KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity, parse_stamp, stamp_text,
 };
-use keymanager_engine::settings::{Settings, SettingsError};
 use keymanager_engine::{
-    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, CoreConfig, Digest,
-    HashAlgorithm, KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SettingState,
-    SignatureScheme, SigningSupport, StoredKey,
+    Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, HashAlgorithm,
+    KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
+    StoredKey,
 };
 
-use crate::config::{self, GcpKmsSettings, ProtectionLevel, SharedKeys};
+use crate::config::{GcpKmsSettings, ProtectionLevel, SharedKeys};
 use crate::kms::{self, ATTEMPT_TIMEOUT, Auth, ENABLED_FILTER, Kms, KmsError};
 use crate::naming;
 use crate::shared::{RELEASED, SharedOps, SharedRotation, SystemClock, VersionInfo};
@@ -144,35 +143,7 @@ fn auth(settings: &GcpKmsSettings) -> Auth {
 #[async_trait]
 impl KmsAdapter for GcpKmsBackend {
     const NAME: &'static str = "gcp_kms";
-    const SETTING_KEYS: &'static [&'static str] = config::SETTING_KEYS;
     type Settings = GcpKmsSettings;
-
-    fn parse(
-        settings: &mut Settings,
-        _core: &CoreConfig,
-        warnings: &mut Vec<String>,
-    ) -> Result<GcpKmsSettings, SettingsError> {
-        GcpKmsSettings::parse(settings, warnings)
-    }
-
-    fn check_server_id(value: &str) -> Result<(), String> {
-        naming::check_server_id(value)
-    }
-
-    fn missing_identity_hint(settings: &GcpKmsSettings) -> Option<&'static str> {
-        settings
-            .shared
-            .is_some()
-            .then_some(config::SHARED_MODE_IDENTITY_HINT)
-    }
-
-    fn store(settings: &GcpKmsSettings) -> String {
-        format!("key ring {}", settings.key_ring)
-    }
-
-    fn describe(settings: &GcpKmsSettings) -> Vec<SettingState> {
-        settings.describe()
-    }
 
     async fn open(config: &KmsConfig<Self>, server_id: String) -> Result<Self, BackendError> {
         let settings = &config.backend;

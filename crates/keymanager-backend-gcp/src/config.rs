@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use keymanager_engine::kit::KmsSettings;
 use keymanager_engine::kit::policy_file::PolicyFile;
 use keymanager_engine::settings::{Settings, SettingsError, echo};
 use keymanager_engine::{OnChange, SettingState};
@@ -105,14 +106,13 @@ pub struct GcpKmsSettings {
     pub protection_level: ProtectionLevel,
 }
 
-impl GcpKmsSettings {
+impl KmsSettings for GcpKmsSettings {
+    const SETTING_KEYS: &'static [&'static str] = SETTING_KEYS;
+
     /// Takes and validates this backend's keys from `settings`. Reads `key_policy_file` and
     /// `service_account_file` (reading is the only I/O; nothing is written). The deprecated
     /// `key_metadata_file` is mapped onto `key_identifier_file` for the shell to read.
-    pub fn parse(
-        settings: &mut Settings,
-        warnings: &mut Vec<String>,
-    ) -> Result<Self, SettingsError> {
+    fn parse(settings: &mut Settings, warnings: &mut Vec<String>) -> Result<Self, SettingsError> {
         let key_ring = settings.take_nonempty_string("key_ring")?.ok_or_else(|| {
             SettingsError::missing(
                 "key_ring",
@@ -186,10 +186,22 @@ impl GcpKmsSettings {
         })
     }
 
+    fn check_server_id(value: &str) -> Result<(), String> {
+        naming::check_server_id(value)
+    }
+
+    fn missing_identity_hint(&self) -> Option<&'static str> {
+        self.shared.is_some().then_some(SHARED_MODE_IDENTITY_HINT)
+    }
+
+    fn store(&self) -> String {
+        format!("key ring {}", self.key_ring)
+    }
+
     /// Every setting with what a change at run time means: credentials, the policy and
     /// the protection level of new keys apply at once; the shared-keys mode decides which
     /// CryptoKeys hold the keys, so a change is refused; the key ring is the store.
-    pub fn describe(&self) -> Vec<SettingState> {
+    fn describe(&self) -> Vec<SettingState> {
         vec![
             match &self.service_account_file {
                 Some(file) => file.content_digest.clone(),

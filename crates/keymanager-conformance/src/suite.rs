@@ -540,9 +540,7 @@ async fn fault_scenario(h: &Harness, generate: Generate, mode: &str, plan: Plan,
     if !h.subject.peer_lists_keys() {
         return;
     }
-    // The next sweep leaves exactly the key discovery finds. Stores keep creation times in
-    // whole seconds: wait past the second so that a leftover is older than no grace at all.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The next sweep leaves exactly the key discovery finds.
     restarted
         .sweep(eager_sweep())
         .await

@@ -163,7 +163,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.backend_name, "disk");
         assert_eq!(config.log_level, LogLevel::Debug);
-        assert_eq!(config.backend.identity().store, "keys file /k.json");
+        assert_eq!(config.backend.identity().store, "keys file \"/k.json\"");
         assert_eq!(config.max_signs_per_second, None);
         let limited = parse_plugin_config(
             BACKENDS,

@@ -1,6 +1,6 @@
 //! The KMS backend kit: what every KMS adapter needs and would otherwise write again.
 //!
-//! - [`shell`]: the factory/configuration shell ([`KmsAdapter`], [`KmsFactory`],
+//! - the factory/configuration shell ([`KmsSettings`], [`KmsAdapter`], [`KmsFactory`],
 //!   [`KmsConfig`]): server identity, endpoint, lifecycle schedule, store identity;
 //! - [`server_identity`]: `key_identifier_file` / `key_identifier_value`;
 //! - [`endpoint`]: the `endpoint` setting, one validation rule;
@@ -17,4 +17,4 @@ pub mod server_identity;
 mod shell;
 pub mod vocabulary;
 
-pub use shell::{COMMON_KEYS, KmsAdapter, KmsConfig, KmsFactory};
+pub use shell::{COMMON_KEYS, KmsAdapter, KmsConfig, KmsFactory, KmsSettings};

@@ -1,6 +1,6 @@
-//! The factory and configuration shell every KMS backend shares. A KMS adapter implements
-//! [`KmsAdapter`] (its own settings, how to open the client) and registers
-//! `KmsFactory::<Adapter>::new()`; the shell does the rest: the server identity
+//! The factory and configuration shell every KMS backend shares. A KMS backend implements
+//! [`KmsSettings`] for its own settings and [`KmsAdapter`] (its name, how to open the
+//! client), and registers `KmsFactory::<Adapter>::new()`; the shell does the rest: the server identity
 //! (`key_identifier_file` / `key_identifier_value`), `endpoint`, the lifecycle schedule,
 //! deprecation warnings, Validate's problems, the store identity, the run-time setting
 //! classification, and opening the backend with its lifecycle.
@@ -24,46 +24,47 @@ use crate::settings::{Settings, SettingsError};
 /// The keys the shell reads for every KMS backend.
 pub const COMMON_KEYS: &[&str] = &["key_identifier_file", "key_identifier_value", endpoint::KEY];
 
-/// What a KMS backend writes itself; the shell does everything else.
+/// A KMS backend's own settings: what it parses, how it names its store, and what a change
+/// to each setting means at run time.
+pub trait KmsSettings: fmt::Debug + Clone + Send + Sync + Sized + 'static {
+    /// The backend's own `plugin_data` keys (the shell's come on top).
+    const SETTING_KEYS: &'static [&'static str];
+
+    /// Takes the backend's own keys out of `settings`. Runs before the shell reads the
+    /// server identity, so a deprecated key may be mapped onto `key_identifier_*` here
+    /// (push the warning onto `warnings`). Secrets must be redacted in `Debug`.
+    fn parse(settings: &mut Settings, warnings: &mut Vec<String>) -> Result<Self, SettingsError>;
+
+    /// The backend's rule for `key_identifier_value` (charset, length).
+    fn check_server_id(value: &str) -> Result<(), String>;
+
+    /// Extra guidance when no server identity is set at all.
+    fn missing_identity_hint(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The store inside the backend, in words (`region us-east-1`); with the endpoint and
+    /// the trust domain, it must not change at run time.
+    fn store(&self) -> String;
+
+    /// The other settings and what a change to each means at run time.
+    fn describe(&self) -> Vec<SettingState>;
+
+    /// Problems Validate reports, beyond the server identity's (no side effects).
+    fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// What a KMS backend writes itself beyond its settings: its name and how it opens.
 #[async_trait]
 pub trait KmsAdapter:
     Backend<Config = KmsConfig<Self>> + KeyLifecycle<Handle = <Self as Backend>::Handle> + Sized
 {
     /// The backend's name in `plugin_data` (`aws_kms`).
     const NAME: &'static str;
-    /// The backend's own `plugin_data` keys (the shell's come on top).
-    const SETTING_KEYS: &'static [&'static str];
-    /// The backend's own validated settings. Their `Debug` must redact secrets.
-    type Settings: fmt::Debug + Clone + Send + Sync + 'static;
-
-    /// Takes the backend's own keys out of `settings`. Runs before the shell reads the
-    /// server identity, so a deprecated key may be mapped onto `key_identifier_*` here
-    /// (push the warning onto `warnings`).
-    fn parse(
-        settings: &mut Settings,
-        core: &CoreConfig,
-        warnings: &mut Vec<String>,
-    ) -> Result<Self::Settings, SettingsError>;
-
-    /// The backend's rule for `key_identifier_value` (charset, length).
-    fn check_server_id(value: &str) -> Result<(), String>;
-
-    /// Extra guidance when no server identity is set at all.
-    fn missing_identity_hint(_settings: &Self::Settings) -> Option<&'static str> {
-        None
-    }
-
-    /// The store inside the backend, in words (`region us-east-1`); with the endpoint and
-    /// the trust domain, it must not change at run time.
-    fn store(settings: &Self::Settings) -> String;
-
-    /// The backend's other settings and what a change to each means at run time.
-    fn describe(settings: &Self::Settings) -> Vec<SettingState>;
-
-    /// Problems Validate reports, beyond the server identity's (no side effects).
-    fn problems(_settings: &Self::Settings) -> Vec<String> {
-        Vec::new()
-    }
+    /// The backend's own settings.
+    type Settings: KmsSettings;
 
     /// Connects: builds the client from `config` for the resolved `server_id`.
     async fn open(config: &KmsConfig<Self>, server_id: String) -> Result<Self, BackendError>;
@@ -91,7 +92,7 @@ impl<A: KmsAdapter> BackendFactory for KmsFactory<A> {
     }
 
     fn setting_keys(&self) -> Vec<&'static str> {
-        let mut keys: Vec<&'static str> = A::SETTING_KEYS.to_vec();
+        let mut keys: Vec<&'static str> = A::Settings::SETTING_KEYS.to_vec();
         keys.extend_from_slice(COMMON_KEYS);
         keys.extend_from_slice(SCHEDULE_KEYS);
         keys.sort_unstable();
@@ -104,11 +105,23 @@ impl<A: KmsAdapter> BackendFactory for KmsFactory<A> {
         settings: &mut Settings,
         core: &CoreConfig,
     ) -> Result<Box<dyn BackendConfig>, SettingsError> {
+        Ok(Box::new(self.parse_typed(settings, core)?))
+    }
+}
+
+impl<A: KmsAdapter> KmsFactory<A> {
+    /// [`BackendFactory::parse`] with the configuration's type kept (for tests and tools).
+    /// Unknown keys are left in `settings` for the caller to refuse.
+    pub fn parse_typed(
+        &self,
+        settings: &mut Settings,
+        core: &CoreConfig,
+    ) -> Result<KmsConfig<A>, SettingsError> {
         let mut warnings = Vec::new();
-        let backend = A::parse(settings, core, &mut warnings)?;
+        let backend = A::Settings::parse(settings, &mut warnings)?;
         let server_id =
-            ServerIdSource::take_from(settings, A::check_server_id).map_err(|error| {
-                match (error, A::missing_identity_hint(&backend)) {
+            ServerIdSource::take_from(settings, A::Settings::check_server_id).map_err(|error| {
+                match (error, backend.missing_identity_hint()) {
                     (SettingsError::Missing { key, hint }, Some(extra)) => SettingsError::Missing {
                         key,
                         hint: format!("{hint} ({extra})"),
@@ -118,14 +131,14 @@ impl<A: KmsAdapter> BackendFactory for KmsFactory<A> {
             })?;
         let endpoint = Endpoint::take_from(settings)?;
         let schedule = LifecycleSchedule::take_from(settings)?;
-        Ok(Box::new(KmsConfig::<A> {
+        Ok(KmsConfig::<A> {
             trust_domain: core.trust_domain.clone(),
             server_id,
             endpoint,
             schedule,
             warnings,
             backend,
-        }))
+        })
     }
 }
 
@@ -160,7 +173,7 @@ impl<A: KmsAdapter> fmt::Debug for KmsConfig<A> {
 #[async_trait]
 impl<A: KmsAdapter> BackendConfig for KmsConfig<A> {
     fn identity(&self) -> StoreIdentity {
-        let mut store = A::store(&self.backend);
+        let mut store = self.backend.store();
         if let Some(endpoint) = &self.endpoint {
             store.push_str(&format!(" at {}", endpoint.as_str()));
         }
@@ -195,7 +208,7 @@ impl<A: KmsAdapter> BackendConfig for KmsConfig<A> {
                 OnChange::Runtime,
             ),
         ];
-        states.extend(A::describe(&self.backend));
+        states.extend(self.backend.describe());
         states
     }
 
@@ -209,7 +222,7 @@ impl<A: KmsAdapter> BackendConfig for KmsConfig<A> {
 
     fn problems(&self) -> Vec<String> {
         let mut problems = self.server_id.problems();
-        problems.extend(A::problems(&self.backend));
+        problems.extend(self.backend.problems());
         problems
     }
 
