@@ -441,22 +441,9 @@ func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
 	ctx := context.Background()
 	endpoint := startMoto(t)
 	client := kmsClient(endpoint)
-	policyOf := func(serverID string) string {
-		// GetKeyPolicy takes a key id or ARN, not an alias.
-		described, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{
-			KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/x509-CA-A"),
-		})
-		require.NoError(t, err)
-		out, err := client.GetKeyPolicy(ctx, &kms.GetKeyPolicyInput{
-			KeyId:      described.KeyMetadata.KeyId,
-			PolicyName: aws.String("default"),
-		})
-		require.NoError(t, err)
-		return aws.ToString(out.Policy)
-	}
+	policyOf := func(serverID string) string { return caKeyPolicy(t, client, serverID) }
 
-	role := loadExternal(t, awsPluginData(endpoint, "with-role")+
-		"assume_role_arn = \"arn:aws:iam::123456789012:role/spire-server\"\nexternal_id = \"tenant-7\"\n")
+	role := loadExternal(t, awsPluginData(endpoint, "with-role")+assumeRole)
 	key, err := role.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
 	digest := sha256.Sum256([]byte("as the role"))
@@ -474,6 +461,79 @@ func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
 	_, err = user.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
 	require.NotContains(t, policyOf("as-user"), "spire-server", "plain users get the account default policy")
+}
+
+// assumeRole is the plugin_data of TestAwsKmsAssumedRoleKeyPolicy's role (moto's STS lets
+// anyone assume it).
+const assumeRole = "assume_role_arn = \"arn:aws:iam::123456789012:role/spire-server\"\nexternal_id = \"tenant-7\"\n"
+
+// caKeyPolicy reads the key policy of serverID's x509-CA-A key from KMS.
+func caKeyPolicy(t *testing.T, client *kms.Client, serverID string) string {
+	t.Helper()
+	ctx := context.Background()
+	// GetKeyPolicy takes a key id or ARN, not an alias.
+	described, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{
+		KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/x509-CA-A"),
+	})
+	require.NoError(t, err)
+	out, err := client.GetKeyPolicy(ctx, &kms.GetKeyPolicyInput{
+		KeyId:      described.KeyMetadata.KeyId,
+		PolicyName: aws.String("default"),
+	})
+	require.NoError(t, err)
+	return aws.ToString(out.Policy)
+}
+
+// TestAwsKmsCallerIdentityAtConfigure: without key_policy_file, Configure asks STS who this
+// server runs as (GetCallerIdentity), since the default policy of new keys depends on it. A
+// transient STS failure is retried and the keys still get the role's least-privilege policy;
+// an STS that keeps failing fails Configure with Unavailable, saying what the plugin could not
+// tell and how to do without it, instead of silently giving new keys another policy.
+func TestAwsKmsCallerIdentityAtConfigure(t *testing.T) {
+	ctx := context.Background()
+	endpoint := startMoto(t)
+	proxy := newFaultProxy(t, endpoint) // STS is served by the same endpoint as KMS
+	const getCallerIdentity = "GetCallerIdentity"
+
+	for _, tc := range []struct{ name, data string }{
+		{"assumed role", awsPluginData(proxy.URL, "sts-down-role") + assumeRole},
+		{"plain user", awsPluginData(proxy.URL, "sts-down-user")},
+	} {
+		t.Run("persistent failure fails Configure as "+tc.name, func(t *testing.T) {
+			fails := make([]fault, 30)
+			for i := range fails {
+				fails[i] = faultServer500
+			}
+			proxy.inject(getCallerIdentity, fails...)
+			defer proxy.clear(getCallerIdentity)
+			proxy.snapshot()
+			started := time.Now()
+			_, err := tryLoad(catalogConfig(t, tc.data))
+			require.Error(t, err, "Configure must fail when it cannot tell which policy new keys get")
+			require.Less(t, time.Since(started), 30*time.Second, "inside SPIRE's deadline")
+			require.Contains(t, err.Error(), "code = Unavailable", err.Error())
+			require.Contains(t, err.Error(), "cannot tell which role this server runs as", err.Error())
+			require.Contains(t, err.Error(), "key_policy_file", err.Error())
+			require.Contains(t, err.Error(), "STS GetCallerIdentity", "the failed call is named")
+			calls := proxy.snapshot()
+			require.Greater(t, calls[getCallerIdentity], 1, "GetCallerIdentity is retried before giving up")
+			require.Zero(t, calls["CreateKey"])
+		})
+	}
+
+	t.Run("one failure is retried and keys get the role's policy", func(t *testing.T) {
+		proxy.snapshot()
+		proxy.inject(getCallerIdentity, faultServer500)
+		p := loadExternal(t, awsPluginData(proxy.URL, "sts-blip")+assumeRole)
+		require.Equal(t, 2, proxy.calls(getCallerIdentity), "one failure, one retry")
+		require.NotNil(t, p.Logs.find("new keys get a least-privilege key policy for this server's role"))
+		_, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+		require.NoError(t, err)
+		policy := caKeyPolicy(t, kmsClient(endpoint), "sts-blip")
+		require.Contains(t, policy, `"arn:aws:iam::123456789012:role/spire-server"`, policy)
+		require.Contains(t, policy, `"kms:Sign"`)
+		require.NotContains(t, policy, `"kms:*"`, "not the account default policy")
+	})
 }
 
 // TestAwsKmsAgainstLocalStack runs the aws_kms backend against a second, independent KMS
