@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -546,12 +547,38 @@ func TestGcpKmsFaults(t *testing.T) {
 }
 
 // TestGcpKmsSweep: a server whose identity is gone leaves keys behind; a live server's sweep
-// (short thresholds) destroys their versions and marks them inactive, while a live peer's
-// stamped key and the sweeper's own key stay.
+// (short thresholds) destroys their versions and marks them inactive. A live peer's key
+// older than the stale threshold stays, and its spire-last-update label shows that the
+// peer's stamps are what keep it; an equally old key whose server stopped stamping
+// ("quitter", unloaded) is swept once its last stamp is stale. The sweeper's own key stays.
 func TestGcpKmsSweep(t *testing.T) {
 	ctx := context.Background()
 	env := newGcpEnv(t, "--generation-delay", "0")
 	fast := "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"6s\"\nclock_skew_allowance = \"1s\""
+	const staleAfter = 7 * time.Second // stale_key_age + clock_skew_allowance
+	key := func(server string) *gcpFakeCryptoKey {
+		return env.fake.State(t, env.ring).Key("spire-key-" + server + "-x509-CA-A")
+	}
+	swept := func(server string) bool {
+		k := key(server)
+		return k.Versions[0].State == "DESTROY_SCHEDULED" && k.Labels["spire-active"] == "false"
+	}
+	// savedByStamps checks that server's key is older than the stale threshold, still
+	// enabled and active, and stamped recently: well after its creation would have made it
+	// stale.
+	savedByStamps := func(server string) {
+		t.Helper()
+		k := key(server)
+		created := k.Versions[0].CreateTime
+		require.Greater(t, time.Since(created), staleAfter, "%s's key is old enough to be swept without stamps", server)
+		require.Equal(t, "ENABLED", k.Versions[0].State, "%s's live key stays", server)
+		require.Equal(t, "true", k.Labels["spire-active"], "%s's live key stays active", server)
+		stamp := labelStamp(t, k)
+		require.Less(t, time.Since(stamp), 3*time.Second, "%s's key was stamped within the last liveness intervals", server)
+		require.True(t, stamp.After(created.Add(staleAfter-time.Second)),
+			"%s's stamp (%s) is newer than its creation (%s) plus the stale threshold", server, stamp, created)
+	}
+
 	old := loadExternal(t, env.pluginData("old"))
 	_, err := old.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
@@ -560,19 +587,50 @@ func TestGcpKmsSweep(t *testing.T) {
 	peer := loadExternal(t, env.pluginData("peer", fast))
 	_, err = peer.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
+	quitter := loadExternal(t, env.pluginData("quitter", fast))
+	_, err = quitter.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
 	sweeper := loadExternal(t, env.pluginData("sweeper", fast))
 	_, err = sweeper.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
 
-	key := func(server string) *gcpFakeCryptoKey {
-		return env.fake.State(t, env.ring).Key("spire-key-" + server + "-x509-CA-A")
+	require.Eventually(t, func() bool { return swept("old") }, 40*time.Second, 250*time.Millisecond,
+		"the abandoned key's versions are destroyed and it is marked inactive")
+
+	// Let the live keys grow older than the threshold, with several sweeps past it.
+	for _, server := range []string{"peer", "quitter"} {
+		if wait := time.Until(key(server).Versions[0].CreateTime.Add(staleAfter + 3*time.Second)); wait > 0 {
+			time.Sleep(wait)
+		}
 	}
-	require.Eventually(t, func() bool {
-		k := key("old")
-		return k.Versions[0].State == "DESTROY_SCHEDULED" && k.Labels["spire-active"] == "false"
-	}, 40*time.Second, 250*time.Millisecond, "the abandoned key's versions are destroyed and it is marked inactive")
-	require.Equal(t, "ENABLED", key("peer").Versions[0].State, "a live peer's stamped key stays")
+	savedByStamps("peer")
+	savedByStamps("quitter")
+
+	// The control: the quitter stops stamping; its key, as old as the peer's, is swept
+	// once its last stamp is stale, not before.
+	require.NoError(t, quitter.catalog.Close())
+	stopped := time.Now()
+	require.Eventually(t, func() bool { return swept("quitter") }, 40*time.Second, 250*time.Millisecond,
+		"a key nobody stamps any more must be swept")
+	require.Greater(t, time.Since(stopped), staleAfter-3*time.Second, "swept only once its last stamp was stale")
+
+	savedByStamps("peer")
 	require.Equal(t, "ENABLED", key("sweeper").Versions[0].State, "the sweeper's own key stays")
+	require.Equal(t, "true", key("sweeper").Labels["spire-active"])
+	require.Eventually(t, func() bool {
+		return sweeper.Logs.find("stale key put on the deletion path") != nil ||
+			peer.Logs.find("stale key put on the deletion path") != nil
+	}, 5*time.Second, 50*time.Millisecond)
+}
+
+// labelStamp is a CryptoKey's spire-last-update label (Unix seconds).
+func labelStamp(t *testing.T, k *gcpFakeCryptoKey) time.Time {
+	t.Helper()
+	text, ok := k.Labels["spire-last-update"]
+	require.True(t, ok, "%s has no spire-last-update label: %v", k.Name, k.Labels)
+	secs, err := strconv.ParseInt(text, 10, 64)
+	require.NoError(t, err, "stamp %q", text)
+	return time.Unix(secs, 0)
 }
 
 // gcpOthersKeyPolicy writes a key_policy_file that names someone else than the plugin's
