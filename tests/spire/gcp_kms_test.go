@@ -14,6 +14,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -621,6 +622,102 @@ func TestGcpKmsSweep(t *testing.T) {
 		return sweeper.Logs.find("stale key put on the deletion path") != nil ||
 			peer.Logs.find("stale key put on the deletion path") != nil
 	}, 5*time.Second, 50*time.Millisecond)
+}
+
+// TestGcpKmsStamping: the plugin's stamper refreshes spire-last-update on its CryptoKeys
+// every liveness_interval and changes no other label. It does not stamp, nor re-activate, a
+// CryptoKey someone marked spire-active=false, nor one relabelled as another server's, and
+// it never touches another server's CryptoKey.
+func TestGcpKmsStamping(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0")
+	// A stamp every second; no sweep while the test runs.
+	stampEverySecond := "liveness_interval = \"1s\"\nsweep_interval = \"1h\"\nstale_key_age = \"1h\""
+	const (
+		ca      = "spire-key-stamper-x509-CA-A"
+		jwt     = "spire-key-stamper-JWT-Signer-A"
+		taken   = "spire-key-stamper-x509-CA-B" // relabelled as another server's below
+		foreign = "spire-key-other-x509-CA-A"
+	)
+	withoutStamp := func(labels map[string]string) map[string]string {
+		out := maps.Clone(labels)
+		delete(out, "spire-last-update")
+		return out
+	}
+
+	// Another server's key; that server is gone, so its labels stay as they are now.
+	other := loadExternal(t, env.pluginData("other"))
+	_, err := other.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NoError(t, other.catalog.Close())
+	foreignLabels := env.fake.State(t, env.ring).Key(foreign).Labels
+
+	p := loadExternal(t, env.pluginData("stamper", stampEverySecond))
+	for _, id := range []string{"x509-CA-A", "JWT-Signer-A", "x509-CA-B"} {
+		_, err := p.KeyManager.GenerateKey(ctx, id, keymanager.ECP256)
+		require.NoError(t, err)
+	}
+	initial := map[string]map[string]string{}
+	for _, id := range []string{ca, jwt, taken} {
+		k := env.fake.State(t, env.ring).Key(id)
+		require.NotNil(t, k, id)
+		require.Equal(t, "true", k.Labels["spire-active"])
+		initial[id] = k.Labels
+	}
+
+	// watch samples the stamps of ids for d and returns, per id, the distinct values seen
+	// in order; each must be recent, and later ones newer.
+	watch := func(d time.Duration, ids ...string) map[string][]int64 {
+		seen := map[string][]int64{}
+		for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			state := env.fake.State(t, env.ring)
+			for _, id := range ids {
+				k := state.Key(id)
+				stamp := labelStamp(t, k).Unix()
+				values := seen[id]
+				if len(values) == 0 || values[len(values)-1] != stamp {
+					require.True(t, len(values) == 0 || stamp > values[len(values)-1], "%s: stamps only move forward: %v then %d", id, values, stamp)
+					seen[id] = append(values, stamp)
+				}
+			}
+		}
+		return seen
+	}
+
+	// Every liveness_interval: the stamp moves forward, stays within a few seconds of now,
+	// and no other label changes.
+	seen := watch(4500*time.Millisecond, ca, jwt, taken)
+	state := env.fake.State(t, env.ring)
+	for _, id := range []string{ca, jwt, taken} {
+		require.GreaterOrEqual(t, len(seen[id]), 3, "%s was re-stamped every liveness_interval: %v", id, seen[id])
+		require.Less(t, time.Since(labelStamp(t, state.Key(id))), 3*time.Second, id)
+		require.Equal(t, withoutStamp(initial[id]), withoutStamp(state.Key(id).Labels), "%s: a stamp changes spire-last-update only", id)
+	}
+
+	// Someone marks one of the plugin's keys inactive and relabels another as someone
+	// else's. Both edits land right after a stamp round (the stamper visits CryptoKeys in
+	// name order, taken last), not between a round's read and write of the same key.
+	last := labelStamp(t, state.Key(taken))
+	require.Eventually(t, func() bool {
+		return labelStamp(t, env.fake.State(t, env.ring).Key(taken)).After(last)
+	}, 5*time.Second, 20*time.Millisecond)
+	state = env.fake.State(t, env.ring)
+	inactive := maps.Clone(state.Key(jwt).Labels)
+	inactive["spire-active"] = "false"
+	env.fake.SetLabels(t, state.Key(jwt).Name, inactive)
+	relabelled := maps.Clone(state.Key(taken).Labels)
+	relabelled["spire-server-id"] = "someone-else"
+	env.fake.SetLabels(t, state.Key(taken).Name, relabelled)
+
+	// Several rounds later: the stamper went on with the key that is still its own, and
+	// left the other two exactly as they were written.
+	seen = watch(4500*time.Millisecond, ca)
+	require.GreaterOrEqual(t, len(seen[ca]), 3, "the stamper keeps stamping its active key: %v", seen[ca])
+	state = env.fake.State(t, env.ring)
+	require.Equal(t, inactive, state.Key(jwt).Labels, "an inactive key is neither stamped nor re-activated")
+	require.Equal(t, relabelled, state.Key(taken).Labels, "a key labelled as another server's is not stamped")
+	require.Equal(t, foreignLabels, state.Key(foreign).Labels, "another server's key is never stamped")
+	require.NotNil(t, p.Logs.find("not stamping a CryptoKey that is no longer this server's active key"))
 }
 
 // labelStamp is a CryptoKey's spire-last-update label (Unix seconds).
