@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -245,18 +246,50 @@ func requireCleanPluginExitOf(t *testing.T, log string) {
 
 // TestAwsKmsSweepRemovesAbandonedKeys: a server whose identity changed ("old") leaves keys
 // behind; the sweep of another server ("sweeper", short thresholds) puts them on the
-// deletion path, while a live peer's stamped keys and the sweeper's own keys stay.
+// deletion path. A live peer's key older than the stale threshold stays, and its
+// spire-last-update stamp in KMS shows that the peer's stamps are what keep it; an equally
+// old key whose server stopped stamping ("quitter", unloaded) is swept once its last stamp
+// is stale. The sweeper's own key stays.
 func TestAwsKmsSweepRemovesAbandonedKeys(t *testing.T) {
 	ctx := context.Background()
 	endpoint := startMoto(t)
 	client := kmsClient(endpoint)
 	fast := "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"6s\"\nclock_skew_allowance = \"1s\"\n"
-	state := func(serverID, keyID string) kmstypes.KeyState {
+	const staleAfter = 7 * time.Second // stale_key_age + clock_skew_allowance
+	describe := func(serverID string) *kmstypes.KeyMetadata {
 		out, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{
-			KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/" + keyID),
+			KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/x509-CA-A"),
 		})
 		require.NoError(t, err)
-		return out.KeyMetadata.KeyState
+		return out.KeyMetadata
+	}
+	state := func(serverID string) kmstypes.KeyState { return describe(serverID).KeyState }
+	// lastUpdate is the key's spire-last-update stamp (Unix seconds) as KMS holds it.
+	lastUpdate := func(serverID string) time.Time {
+		tags, err := client.ListResourceTags(ctx, &kms.ListResourceTagsInput{KeyId: describe(serverID).Arn})
+		require.NoError(t, err)
+		for _, tag := range tags.Tags {
+			if aws.ToString(tag.TagKey) == "spire-last-update" {
+				secs, err := strconv.ParseInt(aws.ToString(tag.TagValue), 10, 64)
+				require.NoError(t, err, "stamp %q", aws.ToString(tag.TagValue))
+				return time.Unix(secs, 0)
+			}
+		}
+		t.Fatalf("%s's key has no spire-last-update tag: %v", serverID, tags.Tags)
+		return time.Time{}
+	}
+	// savedByStamps checks that serverID's key is older than the stale threshold, still
+	// enabled, and stamped recently: well after its creation would have made it stale.
+	savedByStamps := func(serverID string) {
+		t.Helper()
+		key := describe(serverID)
+		created := aws.ToTime(key.CreationDate)
+		require.Greater(t, time.Since(created), staleAfter, "%s's key is old enough to be swept without stamps", serverID)
+		require.Equal(t, kmstypes.KeyStateEnabled, key.KeyState, "%s's live key stays", serverID)
+		stamp := lastUpdate(serverID)
+		require.Less(t, time.Since(stamp), 3*time.Second, "%s's key was stamped within the last liveness intervals", serverID)
+		require.True(t, stamp.After(created.Add(staleAfter-time.Second)),
+			"%s's stamp (%s) is newer than its creation (%s) plus the stale threshold", serverID, stamp, created)
 	}
 
 	old := loadExternal(t, awsPluginData(endpoint, "old"))
@@ -267,15 +300,37 @@ func TestAwsKmsSweepRemovesAbandonedKeys(t *testing.T) {
 	peer := loadExternal(t, awsPluginData(endpoint, "peer")+fast)
 	_, err = peer.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
+	quitter := loadExternal(t, awsPluginData(endpoint, "quitter")+fast)
+	_, err = quitter.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
 	sweeper := loadExternal(t, awsPluginData(endpoint, "sweeper")+fast)
 	_, err = sweeper.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
 
 	require.Eventually(t, func() bool {
-		return state("old", "x509-CA-A") == kmstypes.KeyStatePendingDeletion
+		return state("old") == kmstypes.KeyStatePendingDeletion
 	}, 40*time.Second, 250*time.Millisecond, "the abandoned key must be swept")
-	require.Equal(t, kmstypes.KeyStateEnabled, state("peer", "x509-CA-A"), "a live peer's stamped key stays")
-	require.Equal(t, kmstypes.KeyStateEnabled, state("sweeper", "x509-CA-A"), "the sweeper's own key stays")
+
+	// Let the live keys grow older than the threshold, with several sweeps past it.
+	for _, id := range []string{"peer", "quitter"} {
+		if wait := time.Until(aws.ToTime(describe(id).CreationDate).Add(staleAfter + 3*time.Second)); wait > 0 {
+			time.Sleep(wait)
+		}
+	}
+	savedByStamps("peer")
+	savedByStamps("quitter")
+
+	// The control: the quitter stops stamping; its key, as old as the peer's, is swept
+	// once its last stamp is stale, not before.
+	require.NoError(t, quitter.catalog.Close())
+	stopped := time.Now()
+	require.Eventually(t, func() bool {
+		return state("quitter") == kmstypes.KeyStatePendingDeletion
+	}, 40*time.Second, 250*time.Millisecond, "a key nobody stamps any more must be swept")
+	require.Greater(t, time.Since(stopped), staleAfter-3*time.Second, "swept only once its last stamp was stale")
+
+	savedByStamps("peer")
+	require.Equal(t, kmstypes.KeyStateEnabled, state("sweeper"), "the sweeper's own key stays")
 	// Both live servers sweep; whichever got there first logged it.
 	require.Eventually(t, func() bool {
 		return sweeper.Logs.find("stale key put on the deletion path") != nil ||
@@ -441,22 +496,9 @@ func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
 	ctx := context.Background()
 	endpoint := startMoto(t)
 	client := kmsClient(endpoint)
-	policyOf := func(serverID string) string {
-		// GetKeyPolicy takes a key id or ARN, not an alias.
-		described, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{
-			KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/x509-CA-A"),
-		})
-		require.NoError(t, err)
-		out, err := client.GetKeyPolicy(ctx, &kms.GetKeyPolicyInput{
-			KeyId:      described.KeyMetadata.KeyId,
-			PolicyName: aws.String("default"),
-		})
-		require.NoError(t, err)
-		return aws.ToString(out.Policy)
-	}
+	policyOf := func(serverID string) string { return caKeyPolicy(t, client, serverID) }
 
-	role := loadExternal(t, awsPluginData(endpoint, "with-role")+
-		"assume_role_arn = \"arn:aws:iam::123456789012:role/spire-server\"\nexternal_id = \"tenant-7\"\n")
+	role := loadExternal(t, awsPluginData(endpoint, "with-role")+assumeRole)
 	key, err := role.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
 	digest := sha256.Sum256([]byte("as the role"))
@@ -474,6 +516,79 @@ func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
 	_, err = user.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
 	require.NotContains(t, policyOf("as-user"), "spire-server", "plain users get the account default policy")
+}
+
+// assumeRole is the plugin_data of TestAwsKmsAssumedRoleKeyPolicy's role (moto's STS lets
+// anyone assume it).
+const assumeRole = "assume_role_arn = \"arn:aws:iam::123456789012:role/spire-server\"\nexternal_id = \"tenant-7\"\n"
+
+// caKeyPolicy reads the key policy of serverID's x509-CA-A key from KMS.
+func caKeyPolicy(t *testing.T, client *kms.Client, serverID string) string {
+	t.Helper()
+	ctx := context.Background()
+	// GetKeyPolicy takes a key id or ARN, not an alias.
+	described, err := client.DescribeKey(ctx, &kms.DescribeKeyInput{
+		KeyId: aws.String("alias/SPIRE_SERVER/example_org/" + serverID + "/x509-CA-A"),
+	})
+	require.NoError(t, err)
+	out, err := client.GetKeyPolicy(ctx, &kms.GetKeyPolicyInput{
+		KeyId:      described.KeyMetadata.KeyId,
+		PolicyName: aws.String("default"),
+	})
+	require.NoError(t, err)
+	return aws.ToString(out.Policy)
+}
+
+// TestAwsKmsCallerIdentityAtConfigure: without key_policy_file, Configure asks STS who this
+// server runs as (GetCallerIdentity), since the default policy of new keys depends on it. A
+// transient STS failure is retried and the keys still get the role's least-privilege policy;
+// an STS that keeps failing fails Configure with Unavailable, saying what the plugin could not
+// tell and how to do without it, instead of silently giving new keys another policy.
+func TestAwsKmsCallerIdentityAtConfigure(t *testing.T) {
+	ctx := context.Background()
+	endpoint := startMoto(t)
+	proxy := newFaultProxy(t, endpoint) // STS is served by the same endpoint as KMS
+	const getCallerIdentity = "GetCallerIdentity"
+
+	for _, tc := range []struct{ name, data string }{
+		{"assumed role", awsPluginData(proxy.URL, "sts-down-role") + assumeRole},
+		{"plain user", awsPluginData(proxy.URL, "sts-down-user")},
+	} {
+		t.Run("persistent failure fails Configure as "+tc.name, func(t *testing.T) {
+			fails := make([]fault, 30)
+			for i := range fails {
+				fails[i] = faultServer500
+			}
+			proxy.inject(getCallerIdentity, fails...)
+			defer proxy.clear(getCallerIdentity)
+			proxy.snapshot()
+			started := time.Now()
+			_, err := tryLoad(catalogConfig(t, tc.data))
+			require.Error(t, err, "Configure must fail when it cannot tell which policy new keys get")
+			require.Less(t, time.Since(started), 30*time.Second, "inside SPIRE's deadline")
+			require.Contains(t, err.Error(), "code = Unavailable", err.Error())
+			require.Contains(t, err.Error(), "cannot tell which role this server runs as", err.Error())
+			require.Contains(t, err.Error(), "key_policy_file", err.Error())
+			require.Contains(t, err.Error(), "STS GetCallerIdentity", "the failed call is named")
+			calls := proxy.snapshot()
+			require.Greater(t, calls[getCallerIdentity], 1, "GetCallerIdentity is retried before giving up")
+			require.Zero(t, calls["CreateKey"])
+		})
+	}
+
+	t.Run("one failure is retried and keys get the role's policy", func(t *testing.T) {
+		proxy.snapshot()
+		proxy.inject(getCallerIdentity, faultServer500)
+		p := loadExternal(t, awsPluginData(proxy.URL, "sts-blip")+assumeRole)
+		require.Equal(t, 2, proxy.calls(getCallerIdentity), "one failure, one retry")
+		require.NotNil(t, p.Logs.find("new keys get a least-privilege key policy for this server's role"))
+		_, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+		require.NoError(t, err)
+		policy := caKeyPolicy(t, kmsClient(endpoint), "sts-blip")
+		require.Contains(t, policy, `"arn:aws:iam::123456789012:role/spire-server"`, policy)
+		require.Contains(t, policy, `"kms:Sign"`)
+		require.NotContains(t, policy, `"kms:*"`, "not the account default policy")
+	})
 }
 
 // TestAwsKmsAgainstLocalStack runs the aws_kms backend against a second, independent KMS

@@ -1,6 +1,8 @@
 package spire_test
 
 import (
+	"bytes"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -22,7 +24,10 @@ const (
 )
 
 // faultProxy sits on 127.0.0.1 between the plugin and the emulator and fails the next
-// queued requests of an operation (by X-Amz-Target, e.g. "TrentService.Sign").
+// queued requests of an operation: a JSON-protocol call by its X-Amz-Target ("Sign" for
+// "TrentService.Sign"), a query-protocol call (STS) by the Action of its form body
+// ("GetCallerIdentity", "AssumeRole"). Query-protocol faults are answered in that
+// protocol's XML error shape, so that the SDK reads their codes as it would AWS's.
 type faultProxy struct {
 	URL   string
 	mu    sync.Mutex
@@ -41,7 +46,7 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 	p := &faultProxy{queue: map[string][]fault{}, seen: map[string]int{}}
 	forward := httputil.NewSingleHostReverseProxy(upstream)
 	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		operation := strings.TrimPrefix(r.Header.Get("X-Amz-Target"), "TrentService.")
+		operation, query := requestOperation(t, r)
 		p.mu.Lock()
 		p.seen[operation]++
 		var next *fault
@@ -58,6 +63,15 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 			forward.ServeHTTP(w, r)
 			return
 		}
+		if *next == faultSlow {
+			time.Sleep(9 * time.Second) // longer than the plugin's 8 s attempt timeout
+			forward.ServeHTTP(w, r)
+			return
+		}
+		if query {
+			writeQueryFault(w, *next)
+			return
+		}
 		switch *next {
 		case faultThrottle:
 			w.Header().Set("Content-Type", "application/x-amz-json-1.1")
@@ -72,14 +86,61 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 			if err == nil {
 				_ = conn.Close()
 			}
-		case faultSlow:
-			time.Sleep(9 * time.Second) // longer than the plugin's 8 s attempt timeout
-			forward.ServeHTTP(w, r)
 		}
 	}))
 	t.Cleanup(server.Close)
 	p.URL = server.URL
 	return p
+}
+
+// requestOperation names the AWS operation of r: the X-Amz-Target of a JSON-protocol call
+// (the service prefix dropped), else the Action of a query-protocol form body (query is then
+// true). The body is read and put back for forwarding.
+func requestOperation(t *testing.T, r *http.Request) (operation string, query bool) {
+	if target := r.Header.Get("X-Amz-Target"); target != "" {
+		_, op, found := strings.Cut(target, ".")
+		if !found {
+			op = target
+		}
+		return op, false
+	}
+	if !strings.HasPrefix(r.Header.Get("Content-Type"), "application/x-www-form-urlencoded") || r.Body == nil {
+		return "", false
+	}
+	body, err := io.ReadAll(r.Body)
+	r.Body.Close()
+	if err != nil {
+		t.Errorf("fault proxy: reading a query-protocol body: %v", err)
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	form, err := url.ParseQuery(string(body))
+	if err != nil {
+		t.Errorf("fault proxy: a form body that does not parse: %v: %q", err, body)
+		return "", true
+	}
+	return form.Get("Action"), true
+}
+
+// writeQueryFault answers a query-protocol (STS) call with the fault, in the XML error shape
+// of that protocol.
+func writeQueryFault(w http.ResponseWriter, f fault) {
+	queryError := func(status int, kind, code string) {
+		w.Header().Set("Content-Type", "text/xml")
+		w.WriteHeader(status)
+		_, _ = w.Write([]byte(`<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>` + kind +
+			`</Type><Code>` + code + `</Code><Message>injected</Message></Error><RequestId>fault-proxy</RequestId></ErrorResponse>`))
+	}
+	switch f {
+	case faultThrottle:
+		queryError(http.StatusBadRequest, "Sender", "Throttling")
+	case faultServer500:
+		queryError(http.StatusInternalServerError, "Receiver", "InternalFailure")
+	case faultDrop:
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			_ = conn.Close()
+		}
+	}
 }
 
 func (p *faultProxy) inject(operation string, faults ...fault) {

@@ -14,11 +14,13 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -546,12 +548,38 @@ func TestGcpKmsFaults(t *testing.T) {
 }
 
 // TestGcpKmsSweep: a server whose identity is gone leaves keys behind; a live server's sweep
-// (short thresholds) destroys their versions and marks them inactive, while a live peer's
-// stamped key and the sweeper's own key stay.
+// (short thresholds) destroys their versions and marks them inactive. A live peer's key
+// older than the stale threshold stays, and its spire-last-update label shows that the
+// peer's stamps are what keep it; an equally old key whose server stopped stamping
+// ("quitter", unloaded) is swept once its last stamp is stale. The sweeper's own key stays.
 func TestGcpKmsSweep(t *testing.T) {
 	ctx := context.Background()
 	env := newGcpEnv(t, "--generation-delay", "0")
 	fast := "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"6s\"\nclock_skew_allowance = \"1s\""
+	const staleAfter = 7 * time.Second // stale_key_age + clock_skew_allowance
+	key := func(server string) *gcpFakeCryptoKey {
+		return env.fake.State(t, env.ring).Key("spire-key-" + server + "-x509-CA-A")
+	}
+	swept := func(server string) bool {
+		k := key(server)
+		return k.Versions[0].State == "DESTROY_SCHEDULED" && k.Labels["spire-active"] == "false"
+	}
+	// savedByStamps checks that server's key is older than the stale threshold, still
+	// enabled and active, and stamped recently: well after its creation would have made it
+	// stale.
+	savedByStamps := func(server string) {
+		t.Helper()
+		k := key(server)
+		created := k.Versions[0].CreateTime
+		require.Greater(t, time.Since(created), staleAfter, "%s's key is old enough to be swept without stamps", server)
+		require.Equal(t, "ENABLED", k.Versions[0].State, "%s's live key stays", server)
+		require.Equal(t, "true", k.Labels["spire-active"], "%s's live key stays active", server)
+		stamp := labelStamp(t, k)
+		require.Less(t, time.Since(stamp), 3*time.Second, "%s's key was stamped within the last liveness intervals", server)
+		require.True(t, stamp.After(created.Add(staleAfter-time.Second)),
+			"%s's stamp (%s) is newer than its creation (%s) plus the stale threshold", server, stamp, created)
+	}
+
 	old := loadExternal(t, env.pluginData("old"))
 	_, err := old.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
@@ -560,19 +588,146 @@ func TestGcpKmsSweep(t *testing.T) {
 	peer := loadExternal(t, env.pluginData("peer", fast))
 	_, err = peer.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
+	quitter := loadExternal(t, env.pluginData("quitter", fast))
+	_, err = quitter.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
 	sweeper := loadExternal(t, env.pluginData("sweeper", fast))
 	_, err = sweeper.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 	require.NoError(t, err)
 
-	key := func(server string) *gcpFakeCryptoKey {
-		return env.fake.State(t, env.ring).Key("spire-key-" + server + "-x509-CA-A")
+	require.Eventually(t, func() bool { return swept("old") }, 40*time.Second, 250*time.Millisecond,
+		"the abandoned key's versions are destroyed and it is marked inactive")
+
+	// Let the live keys grow older than the threshold, with several sweeps past it.
+	for _, server := range []string{"peer", "quitter"} {
+		if wait := time.Until(key(server).Versions[0].CreateTime.Add(staleAfter + 3*time.Second)); wait > 0 {
+			time.Sleep(wait)
+		}
 	}
-	require.Eventually(t, func() bool {
-		k := key("old")
-		return k.Versions[0].State == "DESTROY_SCHEDULED" && k.Labels["spire-active"] == "false"
-	}, 40*time.Second, 250*time.Millisecond, "the abandoned key's versions are destroyed and it is marked inactive")
-	require.Equal(t, "ENABLED", key("peer").Versions[0].State, "a live peer's stamped key stays")
+	savedByStamps("peer")
+	savedByStamps("quitter")
+
+	// The control: the quitter stops stamping; its key, as old as the peer's, is swept
+	// once its last stamp is stale, not before.
+	require.NoError(t, quitter.catalog.Close())
+	stopped := time.Now()
+	require.Eventually(t, func() bool { return swept("quitter") }, 40*time.Second, 250*time.Millisecond,
+		"a key nobody stamps any more must be swept")
+	require.Greater(t, time.Since(stopped), staleAfter-3*time.Second, "swept only once its last stamp was stale")
+
+	savedByStamps("peer")
 	require.Equal(t, "ENABLED", key("sweeper").Versions[0].State, "the sweeper's own key stays")
+	require.Equal(t, "true", key("sweeper").Labels["spire-active"])
+	require.Eventually(t, func() bool {
+		return sweeper.Logs.find("stale key put on the deletion path") != nil ||
+			peer.Logs.find("stale key put on the deletion path") != nil
+	}, 5*time.Second, 50*time.Millisecond)
+}
+
+// TestGcpKmsStamping: the plugin's stamper refreshes spire-last-update on its CryptoKeys
+// every liveness_interval and changes no other label. It does not stamp, nor re-activate, a
+// CryptoKey someone marked spire-active=false, nor one relabelled as another server's, and
+// it never touches another server's CryptoKey.
+func TestGcpKmsStamping(t *testing.T) {
+	ctx := context.Background()
+	env := newGcpEnv(t, "--generation-delay", "0")
+	// A stamp every second; no sweep while the test runs.
+	stampEverySecond := "liveness_interval = \"1s\"\nsweep_interval = \"1h\"\nstale_key_age = \"1h\""
+	const (
+		ca      = "spire-key-stamper-x509-CA-A"
+		jwt     = "spire-key-stamper-JWT-Signer-A"
+		taken   = "spire-key-stamper-x509-CA-B" // relabelled as another server's below
+		foreign = "spire-key-other-x509-CA-A"
+	)
+	withoutStamp := func(labels map[string]string) map[string]string {
+		out := maps.Clone(labels)
+		delete(out, "spire-last-update")
+		return out
+	}
+
+	// Another server's key; that server is gone, so its labels stay as they are now.
+	other := loadExternal(t, env.pluginData("other"))
+	_, err := other.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NoError(t, other.catalog.Close())
+	foreignLabels := env.fake.State(t, env.ring).Key(foreign).Labels
+
+	p := loadExternal(t, env.pluginData("stamper", stampEverySecond))
+	for _, id := range []string{"x509-CA-A", "JWT-Signer-A", "x509-CA-B"} {
+		_, err := p.KeyManager.GenerateKey(ctx, id, keymanager.ECP256)
+		require.NoError(t, err)
+	}
+	initial := map[string]map[string]string{}
+	for _, id := range []string{ca, jwt, taken} {
+		k := env.fake.State(t, env.ring).Key(id)
+		require.NotNil(t, k, id)
+		require.Equal(t, "true", k.Labels["spire-active"])
+		initial[id] = k.Labels
+	}
+
+	// watch samples the stamps of ids for d and returns, per id, the distinct values seen
+	// in order; each must be recent, and later ones newer.
+	watch := func(d time.Duration, ids ...string) map[string][]int64 {
+		seen := map[string][]int64{}
+		for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			state := env.fake.State(t, env.ring)
+			for _, id := range ids {
+				k := state.Key(id)
+				stamp := labelStamp(t, k).Unix()
+				values := seen[id]
+				if len(values) == 0 || values[len(values)-1] != stamp {
+					require.True(t, len(values) == 0 || stamp > values[len(values)-1], "%s: stamps only move forward: %v then %d", id, values, stamp)
+					seen[id] = append(values, stamp)
+				}
+			}
+		}
+		return seen
+	}
+
+	// Every liveness_interval: the stamp moves forward, stays within a few seconds of now,
+	// and no other label changes.
+	seen := watch(4500*time.Millisecond, ca, jwt, taken)
+	state := env.fake.State(t, env.ring)
+	for _, id := range []string{ca, jwt, taken} {
+		require.GreaterOrEqual(t, len(seen[id]), 3, "%s was re-stamped every liveness_interval: %v", id, seen[id])
+		require.Less(t, time.Since(labelStamp(t, state.Key(id))), 3*time.Second, id)
+		require.Equal(t, withoutStamp(initial[id]), withoutStamp(state.Key(id).Labels), "%s: a stamp changes spire-last-update only", id)
+	}
+
+	// Someone marks one of the plugin's keys inactive and relabels another as someone
+	// else's. Both edits land right after a stamp round (the stamper visits CryptoKeys in
+	// name order, taken last), not between a round's read and write of the same key.
+	last := labelStamp(t, state.Key(taken))
+	require.Eventually(t, func() bool {
+		return labelStamp(t, env.fake.State(t, env.ring).Key(taken)).After(last)
+	}, 5*time.Second, 20*time.Millisecond)
+	state = env.fake.State(t, env.ring)
+	inactive := maps.Clone(state.Key(jwt).Labels)
+	inactive["spire-active"] = "false"
+	env.fake.SetLabels(t, state.Key(jwt).Name, inactive)
+	relabelled := maps.Clone(state.Key(taken).Labels)
+	relabelled["spire-server-id"] = "someone-else"
+	env.fake.SetLabels(t, state.Key(taken).Name, relabelled)
+
+	// Several rounds later: the stamper went on with the key that is still its own, and
+	// left the other two exactly as they were written.
+	seen = watch(4500*time.Millisecond, ca)
+	require.GreaterOrEqual(t, len(seen[ca]), 3, "the stamper keeps stamping its active key: %v", seen[ca])
+	state = env.fake.State(t, env.ring)
+	require.Equal(t, inactive, state.Key(jwt).Labels, "an inactive key is neither stamped nor re-activated")
+	require.Equal(t, relabelled, state.Key(taken).Labels, "a key labelled as another server's is not stamped")
+	require.Equal(t, foreignLabels, state.Key(foreign).Labels, "another server's key is never stamped")
+	require.NotNil(t, p.Logs.find("not stamping a CryptoKey that is no longer this server's active key"))
+}
+
+// labelStamp is a CryptoKey's spire-last-update label (Unix seconds).
+func labelStamp(t *testing.T, k *gcpFakeCryptoKey) time.Time {
+	t.Helper()
+	text, ok := k.Labels["spire-last-update"]
+	require.True(t, ok, "%s has no spire-last-update label: %v", k.Name, k.Labels)
+	secs, err := strconv.ParseInt(text, 10, 64)
+	require.NoError(t, err, "stamp %q", text)
+	return time.Unix(secs, 0)
 }
 
 // gcpOthersKeyPolicy writes a key_policy_file that names someone else than the plugin's

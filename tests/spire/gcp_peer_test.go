@@ -13,6 +13,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"os"
@@ -358,6 +359,17 @@ func (f *gcpKmsFake) State(t *testing.T, keyRing string) *gcpFakeState {
 	var s gcpFakeState
 	f.do(t, http.MethodGet, "/_fake/state?keyRing="+url.QueryEscape(keyRing), nil, &s)
 	return &s
+}
+
+// SetLabels replaces a CryptoKey's labels through the API (cryptoKeys.patch with
+// updateMask=labels), as the harness: what an operator or another tool would do.
+func (f *gcpKmsFake) SetLabels(t *testing.T, cryptoKey string, labels map[string]string) {
+	t.Helper()
+	var out gcpFakeCryptoKey
+	f.do(t, http.MethodPatch, "/v1/"+cryptoKey+"?updateMask=labels", map[string]any{"labels": labels}, &out)
+	if !maps.Equal(out.Labels, labels) {
+		t.Fatalf("SetLabels %s: the fake answered labels %v, want %v", cryptoKey, out.Labels, labels)
+	}
 }
 
 func TestGcpKmsFakeStarts(t *testing.T) {

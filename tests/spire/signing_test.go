@@ -152,13 +152,31 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 		{`keys_path = "/tmp/k.json"` + "\n" + `keys_pth = "x"`, `unknown key "keys_pth" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, keys_path`},
 		{`keys_path = 42`, `"keys_path" must be a string, got a number`},
 		{`keys_path = "/tmp/k.json"` + "\n" + `log_level = "loud"`, `"loud" is not one of trace, debug, info, warn, error`},
-		{`backend = "aws"`, `unknown backend "aws"; available: disk, aws_kms`},
+		{`backend = "aws"`, `unknown backend "aws"; available: `},
 	} {
 		_, err := tryLoad(catalogConfig(t, tc.data))
 		require.Error(t, err, tc.data)
 		require.Contains(t, err.Error(), "InvalidArgument", tc.data)
 		require.Contains(t, err.Error(), tc.want, tc.data)
 	}
+
+	// The list of backends is exactly the three this binary has, in this order: nothing
+	// missing and nothing extra after them.
+	_, err := tryLoad(catalogConfig(t, `backend = "aws"`))
+	require.Error(t, err)
+	_, list, found := strings.Cut(err.Error(), "; available: ")
+	require.True(t, found, err.Error())
+	require.Equal(t, "disk, aws_kms, gcp_kms", list, err.Error())
+
+	// A keys file in a directory that does not exist is refused at Configure, naming the
+	// directory, not at the first GenerateKey.
+	missing := filepath.Join(t.TempDir(), "no-such-dir")
+	_, err = tryLoad(catalogConfig(t, fmt.Sprintf("keys_path = %q", filepath.Join(missing, "keys.json"))))
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "InvalidArgument")
+	require.Contains(t, err.Error(), "its directory "+missing+" does not exist", err.Error())
+	_, statErr := os.Stat(missing)
+	require.True(t, os.IsNotExist(statErr), "Configure must not create the directory")
 }
 
 // SPIRE's HCL v1 printer output of a JSON server config quotes every key.
