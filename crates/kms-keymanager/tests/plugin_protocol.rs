@@ -394,22 +394,33 @@ async fn every_rpc_and_its_errors() {
         (Code::NotFound, "key \"nope\" not found")
     );
 
-    // A second Configure keeps every key and serves signatures throughout.
-    let signer = {
-        let mut km = km.clone();
-        let digest = sha256.clone();
-        tokio::spawn(async move {
-            for _ in 0..200 {
-                km.sign_data(sign_request(
-                    "ec-p256",
-                    digest.clone(),
-                    sha(HashAlgorithm::Sha256),
-                ))
-                .await
-                .expect("signing must not fail during a reconfigure");
-            }
+    // A second Configure keeps every key and serves signatures throughout. A sign rate limit
+    // keeps 60 signatures in flight (queued in the plugin, 20 a second) while the second
+    // Configure arrives, so the two really overlap.
+    plugin
+        .configure(
+            "example.org",
+            &format!("{}max_signs_per_second = 20\n", hcl(&keys)),
+        )
+        .await
+        .unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let signers: Vec<_> = (0..60)
+        .map(|_| {
+            let mut km = km.clone();
+            let digest = sha256.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                km.sign_data(sign_request("ec-p256", digest, sha(HashAlgorithm::Sha256)))
+                    .await
+                    .expect("signing must not fail during a reconfigure");
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
         })
-    };
+        .collect();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     plugin
         .configure(
             "example.org",
@@ -417,7 +428,15 @@ async fn every_rpc_and_its_errors() {
         )
         .await
         .unwrap();
-    signer.await.unwrap();
+    let finished_at_reconfigure = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        finished_at_reconfigure < 60,
+        "the second Configure must overlap in-flight signatures ({finished_at_reconfigure} of 60 had finished)"
+    );
+    for signer in signers {
+        signer.await.unwrap();
+    }
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 60);
     assert_eq!(
         km.get_public_keys(GetPublicKeysRequest {})
             .await

@@ -38,7 +38,8 @@ pub trait KeyLifecycle: Send + Sync + 'static {
     fn identity(&self) -> SweeperIdentity;
 
     /// Refreshes the liveness stamp of keys this server serves. Changes nothing else on
-    /// the key (never re-activates it), and skips a key that is no longer this server's.
+    /// the key as it was read (does not re-activate it), and skips a key that is no longer
+    /// this server's.
     async fn stamp(
         &self,
         keys: &[StoredKey<Self::Handle>],
