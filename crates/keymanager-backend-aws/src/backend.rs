@@ -273,6 +273,31 @@ impl AwsKmsBackend {
         }))
     }
 
+    /// A key of `id` at a known ARN with one GetPublicKey; `None` (reported) when KMS says
+    /// the key is not usable (disabled, pending deletion).
+    async fn load_by_arn(
+        &self,
+        id: &str,
+        arn: &str,
+    ) -> Result<Option<StoredKey<AwsKey>>, BackendError> {
+        let Ok(key_id) = KeyId::new(id) else {
+            return Ok(None);
+        };
+        match self.read_public_key(arn).await {
+            Ok((key_type, spki_der)) => Ok(Some(StoredKey {
+                id: key_id,
+                key_type,
+                spki_der,
+                handle: AwsKey::new(arn),
+            })),
+            Err(error) if error.kind == BackendErrorKind::FailedPrecondition => {
+                tracing::warn!(key_id = id, key = arn, %error, "skipping a key that is not usable");
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
     /// Every alias of this trust domain: (alias name, target key id).
     async fn trust_domain_aliases(&self) -> Result<Vec<(String, String)>, BackendError> {
         let root = format!(
@@ -528,8 +553,8 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn discover(&self) -> Result<Vec<StoredKey<AwsKey>>, BackendError> {
-        // (key id, ARN or target key id) of this server's current keys.
         let found: Vec<(String, String)> = match self.discovery {
+            // (key id, target key id): DescribeKey tells the ARN and the state.
             Discovery::Alias => self
                 .trust_domain_aliases()
                 .await?
@@ -539,17 +564,32 @@ impl Backend for AwsKmsBackend {
                         .map(|id| (id, target))
                 })
                 .collect(),
+            // The tagging API gives ARNs: one GetPublicKey per key, which also refuses a key
+            // that is not enabled. Several active keys of one id are resolved first.
             Discovery::Tags => {
-                let mut found = Vec::new();
+                let mut single = Vec::new();
+                let mut resolved = Vec::new();
                 for (id, arns) in self.active_by_tags(None).await? {
-                    if arns.len() > 1 {
-                        tracing::warn!(key_id = %id, keys = ?arns, "several active keys for one id (an interrupted rotation); using the newest");
-                    }
-                    if let Some(arn) = self.current_among(&id, &arns).await? {
-                        found.push((id, arn));
+                    match arns.as_slice() {
+                        [arn] => single.push((id, arn.clone())),
+                        _ => {
+                            tracing::warn!(key_id = %id, keys = ?arns, "several active keys for one id (an interrupted rotation); using the one the alias points at");
+                            if let Some(arn) = self.current_among(&id, &arns).await? {
+                                resolved.push((id, arn));
+                            }
+                        }
                     }
                 }
-                found
+                single.extend(resolved);
+                let mut keys = Vec::with_capacity(single.len());
+                for batch in single.chunks(CONCURRENCY) {
+                    let loaded =
+                        join_all(batch.iter().map(|(id, arn)| self.load_by_arn(id, arn))).await;
+                    for key in loaded {
+                        keys.extend(key?);
+                    }
+                }
+                return Ok(keys);
             }
         };
         let mut keys = Vec::with_capacity(found.len());

@@ -91,6 +91,8 @@ pub struct GcpKey {
     shared: bool,
     /// Prepared in a new CryptoKey, which publish labels active.
     activate: bool,
+    /// The labels this process created that CryptoKey with (publish then needs no read).
+    created_labels: Option<Arc<HashMap<String, String>>>,
 }
 
 impl GcpKey {
@@ -101,6 +103,7 @@ impl GcpKey {
             algorithm,
             shared,
             activate,
+            created_labels: None,
         }
     }
 }
@@ -369,19 +372,17 @@ impl GcpKmsBackend {
             return Ok(GcpKey::new(&version.name, algorithm, false, false));
         }
         let crypto_key_id = naming::last_segment(name);
+        let labels = self.standard_labels(SystemTime::now(), false);
         match self
-            .create_crypto_key(
-                crypto_key_id,
-                algorithm.clone(),
-                self.standard_labels(SystemTime::now(), false),
-                false,
-            )
+            .create_crypto_key(crypto_key_id, algorithm.clone(), labels.clone(), false)
             .await
         {
             Ok(key) => {
                 self.ensure_policy(&key.name).await?;
                 let version = format!("{}/cryptoKeyVersions/1", key.name);
-                Ok(GcpKey::new(&version, algorithm, false, true))
+                let mut prepared = GcpKey::new(&version, algorithm, false, true);
+                prepared.created_labels = Some(Arc::new(labels));
+                Ok(prepared)
             }
             Err(e) if e.already_exists() => {
                 // Left by an earlier run (inactive, no enabled version, or a crash after
@@ -710,6 +711,13 @@ impl Backend for GcpKmsBackend {
             return Ok(());
         }
         let kms = self.kms();
+        if let Some(created) = &new.handle.created_labels {
+            // Created by this process moments ago: the labels are known.
+            let mut labels = (**created).clone();
+            labels.insert(naming::LABEL_ACTIVE.into(), "true".into());
+            let key = CryptoKey::new().set_name(&*new.handle.crypto_key);
+            return Ok(kms.set_labels(&key, labels).await?);
+        }
         let key = kms.get_crypto_key(&new.handle.crypto_key).await?;
         if key.labels.get(naming::LABEL_ACTIVE).map(String::as_str) == Some("true") {
             return Ok(());

@@ -97,27 +97,37 @@ impl LogControl {
 
     /// Sets the level for every later event.
     pub fn set_level(&self, level: LogLevel) {
-        self.level.store(level as u8, Ordering::Relaxed);
+        if self.level.swap(level as u8, Ordering::Relaxed) != level as u8 {
+            // Callsites cache whether they are enabled (see `register_callsite`).
+            tracing::callsite::rebuild_interest_cache();
+        }
     }
 
     /// Whether an event at `level` from `target` is logged: the plugin's own at the set
     /// level and above; a dependency's from `warn` up, or all of them at `trace`.
     fn allows(&self, level: LogLevel, target: &str) -> bool {
         let threshold = self.level.load(Ordering::Relaxed);
-        let threshold = if threshold == LogLevel::Trace as u8 || is_own_target(target) {
-            threshold
-        } else {
-            threshold.max(LogLevel::Warn as u8)
-        };
-        level as u8 >= threshold
+        // Cheapest test first: most callsites the transport libraries hit per request
+        // (h2 frames, hyper) are below the threshold and need no look at their target.
+        if (level as u8) < threshold {
+            return false;
+        }
+        level >= LogLevel::Warn || threshold == LogLevel::Trace as u8 || is_own_target(target)
     }
 }
 
 /// True for events of this workspace's crates (`keymanager_engine::engine`,
 /// `kms_keymanager`, …), whose targets are their module paths.
 fn is_own_target(target: &str) -> bool {
-    let krate = target.split("::").next().unwrap_or_default();
-    krate.starts_with("keymanager_") || krate == "kms_keymanager"
+    // The crate name is what comes before the first `::` (no allocation, no split).
+    let crate_ends = |rest: &str| rest.is_empty() || rest.starts_with("::");
+    target
+        .strip_prefix("kms_keymanager")
+        .is_some_and(crate_ends)
+        || target.strip_prefix("keymanager_").is_some_and(|rest| {
+            let name_len = rest.find("::").unwrap_or(rest.len());
+            name_len > 0
+        })
 }
 
 /// Installs the hclog JSON logger on stderr; `info` until Configure says otherwise.
@@ -146,10 +156,18 @@ struct HclogJsonLayer {
 }
 
 impl<S: Subscriber> Layer<S> for HclogJsonLayer {
-    fn register_callsite(&self, _metadata: &'static Metadata<'static>) -> Interest {
-        // The level can change at run time (and with it whether a dependency's debug
-        // events show), so every callsite is re-checked.
-        Interest::sometimes()
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+        // Decided once per callsite and cached: a disabled callsite (the transport
+        // libraries' per-frame traces) then costs nothing per request. `set_level`
+        // rebuilds the cache when the level changes.
+        if self
+            .control
+            .allows(LogLevel::of(metadata.level()), metadata.target())
+        {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
     }
 
     fn enabled(&self, metadata: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
