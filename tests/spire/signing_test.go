@@ -174,7 +174,7 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 	_, err = tryLoad(catalogConfig(t, fmt.Sprintf("keys_path = %q", filepath.Join(missing, "keys.json"))))
 	require.Error(t, err)
 	require.Contains(t, err.Error(), "InvalidArgument")
-	require.Contains(t, err.Error(), "its directory "+missing+" does not exist", err.Error())
+	require.Contains(t, err.Error(), fmt.Sprintf("its directory %q does not exist", missing), err.Error())
 	_, statErr := os.Stat(missing)
 	require.True(t, os.IsNotExist(statErr), "Configure must not create the directory")
 }
