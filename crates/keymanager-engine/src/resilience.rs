@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -216,10 +216,19 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// Counts backend calls per operation.
+/// Counts backend calls per operation. Counting is on the signing path of every call: a
+/// read lock to find the operation's counters (written once per operation name) and
+/// atomic increments, so concurrent calls never wait for each other here.
 #[derive(Default)]
 pub struct CallStats {
-    counters: Mutex<BTreeMap<&'static str, OperationStats>>,
+    counters: RwLock<BTreeMap<&'static str, Counters>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    throttles: AtomicU64,
 }
 
 /// Counts for one operation.
@@ -236,15 +245,17 @@ pub struct OperationStats {
 impl CallStats {
     /// Records one backend call.
     pub fn record_call(&self, operation: &'static str) {
-        self.with(operation, |s| s.calls += 1);
+        self.with(operation, |c| {
+            c.calls.fetch_add(1, Ordering::Relaxed);
+        });
     }
 
     /// Records a failed call.
     pub fn record_failure(&self, operation: &'static str, kind: BackendErrorKind) {
-        self.with(operation, |s| {
-            s.failures += 1;
+        self.with(operation, |c| {
+            c.failures.fetch_add(1, Ordering::Relaxed);
             if kind == BackendErrorKind::ResourceExhausted {
-                s.throttles += 1;
+                c.throttles.fetch_add(1, Ordering::Relaxed);
             }
         });
     }
@@ -252,15 +263,34 @@ impl CallStats {
     /// A copy of every counter.
     pub fn snapshot(&self) -> BTreeMap<&'static str, OperationStats> {
         self.counters
-            .lock()
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .iter()
+            .map(|(operation, c)| {
+                (
+                    *operation,
+                    OperationStats {
+                        calls: c.calls.load(Ordering::Relaxed),
+                        failures: c.failures.load(Ordering::Relaxed),
+                        throttles: c.throttles.load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect()
     }
 
-    fn with(&self, operation: &'static str, f: impl FnOnce(&mut OperationStats)) {
+    fn with(&self, operation: &'static str, f: impl Fn(&Counters)) {
+        if let Some(counters) = self
+            .counters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(operation)
+        {
+            return f(counters);
+        }
         f(self
             .counters
-            .lock()
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(operation)
             .or_default());
