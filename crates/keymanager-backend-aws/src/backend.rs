@@ -11,7 +11,7 @@
 //!   `ScheduleKeyDeletion` (7 days).
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -21,6 +21,7 @@ use aws_sdk_kms::types::{
     KeyMetadata, KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag,
 };
 use futures_util::future::join_all;
+use keymanager_engine::kit::swap::Swap;
 use keymanager_engine::kit::vocabulary as tags;
 use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::lifecycle::{
@@ -108,11 +109,11 @@ struct NewKeys {
 pub struct AwsKmsBackend {
     /// Replaced whole by a re-Configure with rotated credentials; calls in flight finish on
     /// the clients they started with.
-    clients: RwLock<Arc<Clients>>,
+    clients: Swap<Clients>,
     trust_domain: String,
     server_id: String,
     discovery: Discovery,
-    new_keys: RwLock<Arc<NewKeys>>,
+    new_keys: Swap<NewKeys>,
 }
 
 #[async_trait]
@@ -137,14 +138,14 @@ impl KmsAdapter for AwsKmsBackend {
             "aws_kms backend ready"
         );
         Ok(Self {
-            clients: RwLock::new(Arc::new(clients)),
+            clients: Swap::new(clients),
             trust_domain: config.trust_domain.clone(),
             server_id,
             discovery: config.backend.discovery,
-            new_keys: RwLock::new(Arc::new(NewKeys {
+            new_keys: Swap::new(NewKeys {
                 policy,
                 tags: config.backend.key_tags.clone(),
-            })),
+            }),
         })
     }
 }
@@ -193,19 +194,12 @@ impl AwsKmsBackend {
             .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))
     }
 
-    /// The clients; the lock is held to clone them only, never across a call.
     fn clients(&self) -> Arc<Clients> {
-        self.clients
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.clients.get()
     }
 
     fn new_keys(&self) -> Arc<NewKeys> {
-        self.new_keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.new_keys.get()
     }
 
     async fn describe(&self, key: &str) -> Result<Option<KeyMetadata>, BackendError> {
@@ -745,13 +739,10 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn reconfigure(&self, config: &KmsConfig<Self>) -> Result<(), BackendError> {
-        let clients = Arc::new(Clients::connect(&config.backend, config.endpoint.as_ref()).await);
+        let clients = Clients::connect(&config.backend, config.endpoint.as_ref()).await;
         let policy = key_policy(&config.backend, &clients).await?;
-        *self.clients.write().unwrap_or_else(PoisonError::into_inner) = clients;
-        *self
-            .new_keys
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(NewKeys {
+        self.clients.set(clients);
+        self.new_keys.set(NewKeys {
             policy,
             tags: config.backend.key_tags.clone(),
         });

@@ -14,7 +14,7 @@
 //! sweep, since other servers may still sign with them).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -23,6 +23,7 @@ use google_cloud_kms_v1::model::crypto_key_version::{
     CryptoKeyVersionAlgorithm as Algorithm, CryptoKeyVersionState as State,
 };
 use google_cloud_kms_v1::model::{CryptoKey, CryptoKeyVersion};
+use keymanager_engine::kit::swap::Swap;
 use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::lifecycle::{
     KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity, parse_stamp, stamp_text,
@@ -123,14 +124,14 @@ struct NewKeys {
 
 /// The backend.
 pub struct GcpKmsBackend {
-    kms: RwLock<Arc<Kms>>,
+    kms: Swap<Kms>,
     key_ring: String,
     td_hash: String,
     server_id: String,
     shared: Option<SharedKeys>,
     /// `clock_skew_allowance`: also how long after a lock's lease a waiter takes over.
     skew: Duration,
-    new_keys: RwLock<Arc<NewKeys>>,
+    new_keys: Swap<NewKeys>,
     /// Per shared CryptoKey, the highest version number this process served from a
     /// GenerateKey: bounded by the number of shared keys. Never held across I/O.
     served: Mutex<HashMap<String, u64>>,
@@ -159,35 +160,28 @@ impl KmsAdapter for GcpKmsBackend {
             "gcp_kms backend ready"
         );
         Ok(Self {
-            kms: RwLock::new(Arc::new(kms)),
+            kms: Swap::new(kms),
             key_ring: settings.key_ring.clone(),
             td_hash: naming::trust_domain_hash(&config.trust_domain),
             server_id,
             shared: settings.shared.clone(),
             skew: config.schedule.policy.max_clock_skew,
-            new_keys: RwLock::new(Arc::new(NewKeys {
+            new_keys: Swap::new(NewKeys {
                 protection: settings.protection_level,
                 policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
-            })),
+            }),
             served: Mutex::new(HashMap::new()),
         })
     }
 }
 
 impl GcpKmsBackend {
-    /// The client; the lock is held to clone it only, never across a call.
     fn kms(&self) -> Arc<Kms> {
-        self.kms
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.kms.get()
     }
 
     fn new_keys(&self) -> Arc<NewKeys> {
-        self.new_keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.new_keys.get()
     }
 
     /// True when `id` is served from a shared CryptoKey.
@@ -800,11 +794,8 @@ impl Backend for GcpKmsBackend {
         // finish on the old one.
         let kms =
             Kms::connect(auth(settings), config.endpoint.as_ref().map(|e| e.as_str())).await?;
-        *self.kms.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(kms);
-        *self
-            .new_keys
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(NewKeys {
+        self.kms.set(kms);
+        self.new_keys.set(NewKeys {
             protection: settings.protection_level,
             policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
         });

@@ -7,7 +7,8 @@
 //! - [`policy_file`]: `key_policy_file`, read and checked at Configure;
 //! - [`vocabulary`]: the tag and label names;
 //! - [`classify`]: failed calls → error kinds and messages with their whole cause chain;
-//! - [`paging`]: list loops that cannot loop forever.
+//! - [`paging`]: list loops that cannot loop forever;
+//! - [`swap`]: values a re-Configure replaces while calls use them.
 
 pub mod classify;
 pub mod endpoint;
@@ -15,6 +16,7 @@ pub mod paging;
 pub mod policy_file;
 pub mod server_identity;
 mod shell;
+pub mod swap;
 pub mod vocabulary;
 
 pub use shell::{COMMON_KEYS, KmsAdapter, KmsConfig, KmsFactory, KmsSettings};
