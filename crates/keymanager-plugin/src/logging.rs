@@ -97,10 +97,7 @@ impl LogControl {
 
     /// Sets the level for every later event.
     pub fn set_level(&self, level: LogLevel) {
-        if self.level.swap(level as u8, Ordering::Relaxed) != level as u8 {
-            // Callsites cache whether they are enabled (see `register_callsite`).
-            tracing::callsite::rebuild_interest_cache();
-        }
+        self.level.store(level as u8, Ordering::Relaxed);
     }
 
     /// Whether an event at `level` from `target` is logged: the plugin's own at the set
@@ -156,18 +153,11 @@ struct HclogJsonLayer {
 }
 
 impl<S: Subscriber> Layer<S> for HclogJsonLayer {
-    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-        // Decided once per callsite and cached: a disabled callsite (the transport
-        // libraries' per-frame traces) then costs nothing per request. `set_level`
-        // rebuilds the cache when the level changes.
-        if self
-            .control
-            .allows(LogLevel::of(metadata.level()), metadata.target())
-        {
-            Interest::always()
-        } else {
-            Interest::never()
-        }
+    fn register_callsite(&self, _metadata: &'static Metadata<'static>) -> Interest {
+        // The level can change at run time (and with it whether a dependency's debug
+        // events show), so every callsite is re-checked; `allows` keeps that check to a
+        // load and a compare for the callsites below the level.
+        Interest::sometimes()
     }
 
     fn enabled(&self, metadata: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
@@ -296,8 +286,13 @@ mod tests {
         }
     }
 
+    /// Callsite interest is process-global: tests that install subscribers run one at a
+    /// time, so that one test's level changes cannot decide another's callsites.
+    static SUBSCRIBER_TESTS: Mutex<()> = Mutex::new(());
+
     #[test]
     fn lines_have_hclog_keys_as_strings_and_six_digit_timestamps() {
+        let _one_at_a_time = SUBSCRIBER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let lines = Arc::new(Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::registry().with(Capture(lines.clone()));
         tracing::subscriber::with_default(subscriber, || {
@@ -375,6 +370,7 @@ mod tests {
 
     #[test]
     fn dependencies_log_from_warn_up_except_at_trace() {
+        let _one_at_a_time = SUBSCRIBER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let lines = Arc::new(Mutex::new(Vec::new()));
         let control = LogControl::detached();
         let layer = HclogJsonLayer {
