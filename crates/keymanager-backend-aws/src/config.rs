@@ -406,10 +406,10 @@ fn check_sts_string(
 
 #[cfg(test)]
 mod tests {
+    use keymanager_engine::CoreConfig;
     use keymanager_engine::kit::KmsConfig;
     use keymanager_engine::kit::server_identity::ServerIdSource;
     use keymanager_engine::settings::SettingValue;
-    use keymanager_engine::{BackendFactory, CoreConfig};
 
     use super::*;
     use crate::AwsKmsBackend;
@@ -441,19 +441,13 @@ mod tests {
         parse_all(settings(&pairs))
     }
 
-    fn parse_all(mut settings: Settings) -> Result<KmsConfig<AwsKmsBackend>, String> {
-        let factory = crate::AwsKmsFactory::new();
+    fn parse_all(settings: Settings) -> Result<KmsConfig<AwsKmsBackend>, String> {
         let core = CoreConfig {
             trust_domain: "example.org".into(),
         };
-        let config = factory
-            .parse(&mut settings, &core)
-            .map_err(|e| e.to_string())?;
-        settings
-            .finish(&factory.setting_keys())
-            .map_err(|e| e.to_string())?;
-        let any: Box<dyn std::any::Any> = config;
-        Ok(*any.downcast::<KmsConfig<AwsKmsBackend>>().unwrap())
+        crate::AwsKmsFactory::new()
+            .parse_all(settings, &core)
+            .map_err(|e| e.to_string())
     }
 
     #[test]

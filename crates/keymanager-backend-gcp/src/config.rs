@@ -391,10 +391,10 @@ fn check_policy(file: &PolicyFile) -> Result<serde_json::Value, SettingsError> {
 mod tests {
     use std::collections::BTreeMap;
 
+    use keymanager_engine::CoreConfig;
     use keymanager_engine::kit::KmsConfig;
     use keymanager_engine::kit::server_identity::ServerIdSource;
     use keymanager_engine::settings::SettingValue;
-    use keymanager_engine::{BackendFactory, CoreConfig};
 
     use super::*;
     use crate::GcpKmsBackend;
@@ -417,19 +417,12 @@ mod tests {
                 values.insert(k.to_string(), v.clone());
             }
         }
-        let mut settings = Settings::new(values);
-        let factory = crate::GcpKmsFactory::new();
         let core = CoreConfig {
             trust_domain: "example.org".into(),
         };
-        let config = factory
-            .parse(&mut settings, &core)
-            .map_err(|e| e.to_string())?;
-        settings
-            .finish(&factory.setting_keys())
-            .map_err(|e| e.to_string())?;
-        let any: Box<dyn std::any::Any> = config;
-        Ok(*any.downcast::<KmsConfig<GcpKmsBackend>>().unwrap())
+        crate::GcpKmsFactory::new()
+            .parse_all(Settings::new(values), &core)
+            .map_err(|e| e.to_string())
     }
 
     fn shared(pairs: &[(&str, &str)]) -> SettingValue {

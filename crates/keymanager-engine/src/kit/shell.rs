@@ -140,6 +140,18 @@ impl<A: KmsAdapter> KmsFactory<A> {
             backend,
         })
     }
+
+    /// Parses every setting as the plugin does, refusing keys this backend does not know;
+    /// the configuration's type is kept (for tests and tools).
+    pub fn parse_all(
+        &self,
+        mut settings: Settings,
+        core: &CoreConfig,
+    ) -> Result<KmsConfig<A>, SettingsError> {
+        let config = self.parse_typed(&mut settings, core)?;
+        settings.finish(&self.setting_keys())?;
+        Ok(config)
+    }
 }
 
 /// A validated KMS backend configuration: the shell's settings and the backend's own.
