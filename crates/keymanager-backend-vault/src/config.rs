@@ -601,3 +601,290 @@ impl KmsSettings for VaultSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use keymanager_engine::CoreConfig;
+    use keymanager_engine::kit::KmsConfig;
+    use keymanager_engine::kit::server_identity::ServerIdSource;
+    use keymanager_engine::settings::SettingValue;
+
+    use super::*;
+    use crate::VaultBackend;
+
+    fn s(v: &str) -> SettingValue {
+        SettingValue::String(v.into())
+    }
+
+    fn block(pairs: &[(&str, &str)]) -> SettingValue {
+        SettingValue::Map(pairs.iter().map(|(k, v)| (k.to_string(), s(v))).collect())
+    }
+
+    fn settings(pairs: &[(&str, SettingValue)]) -> Settings {
+        Settings::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    }
+
+    fn parse_env(
+        pairs: &[(&str, SettingValue)],
+        env: &[(&str, &str)],
+    ) -> Result<(VaultSettings, Vec<String>), String> {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| env.get(name).cloned();
+        let mut warnings = Vec::new();
+        let mut settings = settings(pairs);
+        let parsed = VaultSettings::parse_with_env(&mut settings, &mut warnings, &lookup)
+            .map_err(|e| e.to_string())?;
+        settings.finish(SETTING_KEYS).map_err(|e| e.to_string())?;
+        Ok((parsed, warnings))
+    }
+
+    fn token_auth() -> (&'static str, SettingValue) {
+        ("token_auth", block(&[("token", "s.secret-token")]))
+    }
+
+    /// Through the registered factory, as the plugin parses.
+    fn parse_all(pairs: &[(&str, SettingValue)]) -> Result<KmsConfig<VaultBackend>, String> {
+        let core = CoreConfig {
+            trust_domain: "example.org".into(),
+        };
+        crate::VaultFactory::new()
+            .parse_all(settings(pairs), &core)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn spires_keys_parse_with_their_defaults() {
+        let config = parse_all(&[
+            ("vault_addr", s("https://vault.example.org:8200/")),
+            ("key_identifier_value", s("server-a")),
+            token_auth(),
+        ])
+        .expect("valid");
+        let vault = &config.backend;
+        assert_eq!(vault.address, "https://vault.example.org:8200");
+        assert_eq!(vault.transit_path, "transit");
+        assert_eq!(vault.namespace, None);
+        assert_eq!(vault.liveness, None);
+        assert!(!vault.insecure_skip_verify);
+        assert_eq!(config.server_id, ServerIdSource::Value("server-a".into()));
+        assert!(matches!(vault.auth, Auth::Token { .. }));
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let (parsed, _) = parse_env(
+            &[
+                ("vault_addr", s("http://127.0.0.1:8200")),
+                (
+                    "approle_auth",
+                    block(&[
+                        ("approle_id", "role-1"),
+                        ("approle_secret_id", "very-secret-id"),
+                    ]),
+                ),
+            ],
+            &[],
+        )
+        .expect("valid");
+        let shown = format!("{parsed:?}");
+        assert!(!shown.contains("very-secret-id"), "{shown}");
+        let (parsed, _) = parse_env(
+            &[("vault_addr", s("http://127.0.0.1:8200")), token_auth()],
+            &[],
+        )
+        .expect("valid");
+        assert!(!format!("{parsed:?}").contains("s.secret-token"));
+    }
+
+    #[test]
+    fn exactly_one_auth_block_is_accepted() {
+        let addr = ("vault_addr", s("http://127.0.0.1:8200"));
+        let none = parse_env(std::slice::from_ref(&addr), &[]).expect_err("no auth");
+        assert!(
+            none.contains("token_auth, cert_auth, approle_auth or k8s_auth"),
+            "{none}"
+        );
+        let two = parse_env(
+            &[
+                addr.clone(),
+                token_auth(),
+                (
+                    "approle_auth",
+                    block(&[("approle_id", "r"), ("approle_secret_id", "x")]),
+                ),
+            ],
+            &[],
+        )
+        .expect_err("two blocks");
+        assert!(two.contains("only one authentication block"), "{two}");
+        assert!(two.contains("token_auth, approle_auth"), "{two}");
+        let unknown = parse_env(
+            &[
+                addr,
+                ("token_auth", block(&[("token", "t"), ("tokn", "x")])),
+            ],
+            &[],
+        )
+        .expect_err("unknown key in a block");
+        assert!(unknown.contains("token_auth.tokn"), "{unknown}");
+    }
+
+    #[test]
+    fn empty_blocks_read_spires_environment_variables() {
+        let (parsed, warnings) = parse_env(
+            &[("token_auth", block(&[]))],
+            &[
+                ("VAULT_ADDR", "https://env.example:8200"),
+                ("VAULT_TOKEN", "env-token"),
+                ("VAULT_NAMESPACE", "team-a"),
+                ("VAULT_TRANSIT_ENGINE_PATH", "spire-transit"),
+            ],
+        )
+        .expect("valid");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(parsed.address, "https://env.example:8200");
+        assert_eq!(parsed.namespace.as_deref(), Some("team-a"));
+        assert_eq!(parsed.transit_path, "spire-transit");
+        assert_eq!(
+            parsed.auth,
+            Auth::Token {
+                token: Secret::new("env-token".into())
+            }
+        );
+        let (parsed, _) = parse_env(
+            &[
+                ("vault_addr", s("http://v:8200")),
+                ("approle_auth", block(&[])),
+            ],
+            &[
+                ("VAULT_APPROLE_ID", "env-role"),
+                ("VAULT_APPROLE_SECRET_ID", "env-secret"),
+            ],
+        )
+        .expect("valid");
+        assert!(matches!(
+            parsed.auth,
+            Auth::AppRole { ref mount, ref role_id, .. } if mount == "approle" && role_id == "env-role"
+        ));
+        let missing = parse_env(
+            &[
+                ("vault_addr", s("http://v:8200")),
+                ("token_auth", block(&[])),
+            ],
+            &[],
+        )
+        .expect_err("no token anywhere");
+        assert!(missing.contains("token_auth.token"), "{missing}");
+    }
+
+    #[test]
+    fn explicit_values_win_over_the_environment_with_a_warning_that_hides_secrets() {
+        let (parsed, warnings) = parse_env(
+            &[("vault_addr", s("https://explicit:8200")), token_auth()],
+            &[
+                ("VAULT_ADDR", "https://env:8200"),
+                ("VAULT_TOKEN", "env-token-value"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(parsed.address, "https://explicit:8200");
+        assert_eq!(
+            parsed.auth,
+            Auth::Token {
+                token: Secret::new("s.secret-token".into())
+            }
+        );
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("VAULT_ADDR is set and differs from vault_addr"));
+        assert!(warnings[0].contains("https://explicit:8200"));
+        assert!(warnings[1].contains("VAULT_TOKEN"));
+        assert!(
+            warnings
+                .iter()
+                .all(|w| !w.contains("s.secret-token") && !w.contains("env-token-value")),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_key() {
+        let cases: Vec<(Vec<(&str, SettingValue)>, &str)> = vec![
+            (vec![token_auth()], "vault_addr"),
+            (
+                vec![("vault_addr", s("vault:8200")), token_auth()],
+                "not an http:// or https:// URL",
+            ),
+            (
+                vec![
+                    ("vault_addr", s("http://v")),
+                    ("transit_engine_path", s("a/../b")),
+                    token_auth(),
+                ],
+                "transit_engine_path",
+            ),
+            (
+                vec![
+                    ("vault_addr", s("http://v")),
+                    ("liveness_kv_prefix", s("p")),
+                    token_auth(),
+                ],
+                "liveness_kv_mount",
+            ),
+            (
+                vec![
+                    ("vault_addr", s("http://v")),
+                    ("ca_cert_path", s("/nonexistent/ca.pem")),
+                    token_auth(),
+                ],
+                "ca_cert_path",
+            ),
+            (
+                vec![
+                    ("vault_addr", s("http://v")),
+                    ("k8s_auth", block(&[("token_path", "/t")])),
+                ],
+                "k8s_auth.k8s_auth_role_name",
+            ),
+            (
+                vec![("vault_addr", s("http://v")), ("cert_auth", block(&[]))],
+                "cert_auth.client_cert_path",
+            ),
+        ];
+        for (pairs, wanted) in cases {
+            let error = parse_env(&pairs, &[]).expect_err(wanted);
+            assert!(error.contains(wanted), "{wanted}: {error}");
+        }
+        assert!(check_server_id("srv-a_1.x").is_ok());
+        assert!(check_server_id("srv/a").unwrap_err().contains("'/'"));
+    }
+
+    #[test]
+    fn liveness_records_default_their_prefix() {
+        let (parsed, _) = parse_env(
+            &[
+                ("vault_addr", s("http://v")),
+                ("liveness_kv_mount", s("/secret/")),
+                token_auth(),
+            ],
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(
+            parsed.liveness,
+            Some(LivenessStore {
+                mount: "secret".into(),
+                prefix: DEFAULT_LIVENESS_PREFIX.into()
+            })
+        );
+    }
+}
