@@ -1,7 +1,7 @@
 //! Re-Configure never silently ignores a setting: every change is applied at once, refused
 //! naming the setting, or applied at the next start with a warning. Rotated credentials take
 //! effect without a restart. Driven through the plugin's own configuration state, against
-//! moto and the Cloud KMS fake, with the fault proxy watching what reaches the store.
+//! moto, the Cloud KMS fake and OpenBao, with the fault proxy watching what reaches the store.
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -9,7 +9,8 @@ use std::sync::{Arc, OnceLock};
 use keymanager_backend_aws::AwsKmsFactory;
 use keymanager_backend_disk::DiskFactory;
 use keymanager_backend_gcp::GcpKmsFactory;
-use keymanager_conformance::peers::{self, Peer};
+use keymanager_backend_vault::VaultFactory;
+use keymanager_conformance::peers::{self, OPENBAO_ROOT_TOKEN, Peer};
 use keymanager_conformance::proxy::FaultProxy;
 use keymanager_engine::{BackendFactory, CoreConfig, HashAlgorithm, KeyId, KeyType, SignerOpts};
 use keymanager_plugin::PluginState;
@@ -18,7 +19,8 @@ use tonic::Code;
 
 static AWS: AwsKmsFactory = AwsKmsFactory::new();
 static GCP: GcpKmsFactory = GcpKmsFactory::new();
-static BACKENDS: &[&dyn BackendFactory] = &[&DiskFactory, &AWS, &GCP];
+static VAULT: VaultFactory = VaultFactory::new();
+static BACKENDS: &[&dyn BackendFactory] = &[&DiskFactory, &AWS, &GCP, &VAULT];
 
 fn core() -> Option<CoreConfig> {
     Some(CoreConfig {
@@ -315,4 +317,80 @@ async fn missing_aws_credentials_fail_configure_as_unauthenticated_without_retri
         started.elapsed()
     );
     plugin.shutdown().await.expect("clean exit");
+}
+
+/// `bao <args>` against `peer` as root; its standard output.
+fn bao(peer: &Peer, args: &[&str]) -> String {
+    let output = std::process::Command::new(peers::interpreter("BAO_BIN"))
+        .args(args)
+        .env("BAO_ADDR", &peer.url)
+        .env("BAO_TOKEN", OPENBAO_ROOT_TOKEN)
+        .output()
+        .expect("run bao");
+    assert!(
+        output.status.success(),
+        "bao {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn vault(address: &str, token: &str, extra: &str) -> String {
+    format!(
+        "backend = \"hashicorp_vault\"\nvault_addr = {address:?}\nkey_identifier_value = \"reconfigured\"\ntoken_auth {{\n  token = {token:?}\n}}\n{extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_vault_token_applies_at_once_a_bad_one_is_refused_and_the_mount_cannot_change() {
+    static PEER: OnceLock<Peer> = OnceLock::new();
+    let peer = PEER.get_or_init(peers::openbao);
+    let first = bao(peer, &["token", "create", "-field=token", "-ttl=1h"]);
+    let second = bao(peer, &["token", "create", "-field=token", "-ttl=1h"]);
+    let state = state();
+    state
+        .configure(core(), &vault(&peer.url, &first, ""))
+        .await
+        .expect("configure");
+    let service = state.service().expect("configured");
+    service
+        .generate_key(KeyId::new("x509-CA-A").expect("id"), KeyType::EcP256)
+        .await
+        .expect("generate");
+    sign(&state, "x509-CA-A").await;
+
+    // A new token: applied without a restart; the old one can then be revoked.
+    state
+        .configure(core(), &vault(&peer.url, &second, ""))
+        .await
+        .expect("re-Configure with a new token");
+    assert!(Arc::ptr_eq(&service, &state.service().expect("configured")));
+    bao(peer, &["token", "revoke", &first]);
+    sign(&state, "x509-CA-A").await;
+
+    // A token Vault does not accept fails the re-Configure; signing goes on with the
+    // working one.
+    let status = state
+        .configure(core(), &vault(&peer.url, "not-a-token", ""))
+        .await
+        .expect_err("a bad token is refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    assert!(
+        !status.message().contains("not-a-token"),
+        "{}",
+        status.message()
+    );
+    sign(&state, "x509-CA-A").await;
+
+    // Another Transit mount is another store: refused, naming it.
+    let status = state
+        .configure(
+            core(),
+            &vault(&peer.url, &second, "transit_engine_path = \"other\"\n"),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("transit"), "{}", status.message());
+    sign(&state, "x509-CA-A").await;
 }
