@@ -1,5 +1,6 @@
 //! The backend conformance suite on `hashicorp_vault`, against a real OpenBao dev server
-//! (started here on 127.0.0.1), with liveness records in its KV v2 mount.
+//! (started here on 127.0.0.1), with liveness records in its KV v2 mount: once in the root
+//! namespace, once inside a namespace (`X-Vault-Namespace`, as Vault Enterprise and HCP).
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,6 +17,7 @@ static BAO: OnceLock<Peer> = OnceLock::new();
 
 struct VaultSubject {
     bao: &'static Peer,
+    namespace: Option<&'static str>,
 }
 
 impl VaultSubject {
@@ -24,6 +26,9 @@ impl VaultSubject {
         let mut request = reqwest::Client::new()
             .request(method, format!("{}/v1/{path}", self.bao.url))
             .header("X-Vault-Token", OPENBAO_ROOT_TOKEN);
+        if let Some(namespace) = self.namespace {
+            request = request.header("X-Vault-Namespace", namespace);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -70,8 +75,11 @@ impl Subject for VaultSubject {
     }
 
     fn plugin_data(&self, server_id: &str, endpoint: Option<&str>) -> String {
+        let namespace = self
+            .namespace
+            .map_or(String::new(), |ns| format!("namespace = {ns:?}\n"));
         format!(
-            "backend = \"hashicorp_vault\"\nvault_addr = {:?}\ntoken_auth {{\n  token = {OPENBAO_ROOT_TOKEN:?}\n}}\nkey_identifier_value = {server_id:?}\nliveness_kv_mount = \"secret\"\n",
+            "backend = \"hashicorp_vault\"\nvault_addr = {:?}\n{namespace}token_auth {{\n  token = {OPENBAO_ROOT_TOKEN:?}\n}}\nkey_identifier_value = {server_id:?}\nliveness_kv_mount = \"secret\"\n",
             endpoint.unwrap_or(&self.bao.url)
         )
     }
@@ -116,8 +124,33 @@ impl Subject for VaultSubject {
     }
 }
 
+fn bao() -> &'static Peer {
+    BAO.get_or_init(peers::openbao)
+}
+
 keymanager_conformance::conformance_suite!(async {
     Arc::new(VaultSubject {
-        bao: BAO.get_or_init(peers::openbao),
+        bao: bao(),
+        namespace: None,
     }) as Arc<dyn Subject>
 });
+
+mod in_a_namespace {
+    use super::*;
+
+    const NAMESPACE: &str = "spire-team";
+
+    fn namespaced() -> &'static Peer {
+        static READY: OnceLock<()> = OnceLock::new();
+        let peer = bao();
+        READY.get_or_init(|| peers::openbao_namespace(peer, NAMESPACE));
+        peer
+    }
+
+    keymanager_conformance::conformance_suite!(async {
+        Arc::new(VaultSubject {
+            bao: namespaced(),
+            namespace: Some(NAMESPACE),
+        }) as Arc<dyn Subject>
+    });
+}

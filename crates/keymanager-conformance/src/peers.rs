@@ -275,16 +275,34 @@ pub fn openbao() -> Peer {
         ready_path: "/v1/sys/health",
         timeout: Duration::from_secs(30),
     });
-    let output = Command::new(&bao)
-        .args(["secrets", "enable", "-path=transit", "transit"])
+    openbao_cli(&peer, &["secrets", "enable", "-path=transit", "transit"]);
+    peer
+}
+
+/// Creates the namespace `namespace` on an [`openbao`] peer, with a Transit engine at
+/// `transit/` and KV v2 at `secret/` inside it (what the root namespace has).
+pub fn openbao_namespace(peer: &Peer, namespace: &str) {
+    openbao_cli(peer, &["namespace", "create", namespace]);
+    let ns = format!("-ns={namespace}");
+    openbao_cli(
+        peer,
+        &["secrets", "enable", &ns, "-path=transit", "transit"],
+    );
+    openbao_cli(peer, &["secrets", "enable", &ns, "-path=secret", "kv-v2"]);
+}
+
+/// Runs the `bao` CLI against `peer` with the root token; its standard output.
+pub fn openbao_cli(peer: &Peer, args: &[&str]) -> String {
+    let output = Command::new(interpreter("BAO_BIN"))
+        .args(args)
         .env("BAO_ADDR", &peer.url)
         .env("BAO_TOKEN", OPENBAO_ROOT_TOKEN)
         .output()
-        .expect("run bao secrets enable");
+        .expect("run bao");
     assert!(
         output.status.success(),
-        "enabling Transit failed: {}",
+        "bao {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    peer
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
 }

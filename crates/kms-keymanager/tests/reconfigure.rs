@@ -10,7 +10,7 @@ use keymanager_backend_aws::AwsKmsFactory;
 use keymanager_backend_disk::DiskFactory;
 use keymanager_backend_gcp::GcpKmsFactory;
 use keymanager_backend_vault::VaultFactory;
-use keymanager_conformance::peers::{self, OPENBAO_ROOT_TOKEN, Peer};
+use keymanager_conformance::peers::{self, Peer};
 use keymanager_conformance::proxy::FaultProxy;
 use keymanager_engine::{BackendFactory, CoreConfig, HashAlgorithm, KeyId, KeyType, SignerOpts};
 use keymanager_plugin::PluginState;
@@ -319,22 +319,6 @@ async fn missing_aws_credentials_fail_configure_as_unauthenticated_without_retri
     plugin.shutdown().await.expect("clean exit");
 }
 
-/// `bao <args>` against `peer` as root; its standard output.
-fn bao(peer: &Peer, args: &[&str]) -> String {
-    let output = std::process::Command::new(peers::interpreter("BAO_BIN"))
-        .args(args)
-        .env("BAO_ADDR", &peer.url)
-        .env("BAO_TOKEN", OPENBAO_ROOT_TOKEN)
-        .output()
-        .expect("run bao");
-    assert!(
-        output.status.success(),
-        "bao {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
 fn vault(address: &str, token: &str, extra: &str) -> String {
     format!(
         "backend = \"hashicorp_vault\"\nvault_addr = {address:?}\nkey_identifier_value = \"reconfigured\"\ntoken_auth {{\n  token = {token:?}\n}}\n{extra}"
@@ -345,8 +329,8 @@ fn vault(address: &str, token: &str, extra: &str) -> String {
 async fn a_new_vault_token_applies_at_once_a_bad_one_is_refused_and_the_mount_cannot_change() {
     static PEER: OnceLock<Peer> = OnceLock::new();
     let peer = PEER.get_or_init(peers::openbao);
-    let first = bao(peer, &["token", "create", "-field=token", "-ttl=1h"]);
-    let second = bao(peer, &["token", "create", "-field=token", "-ttl=1h"]);
+    let first = peers::openbao_cli(peer, &["token", "create", "-field=token", "-ttl=1h"]);
+    let second = peers::openbao_cli(peer, &["token", "create", "-field=token", "-ttl=1h"]);
     let state = state();
     state
         .configure(core(), &vault(&peer.url, &first, ""))
@@ -365,7 +349,7 @@ async fn a_new_vault_token_applies_at_once_a_bad_one_is_refused_and_the_mount_ca
         .await
         .expect("re-Configure with a new token");
     assert!(Arc::ptr_eq(&service, &state.service().expect("configured")));
-    bao(peer, &["token", "revoke", &first]);
+    peers::openbao_cli(peer, &["token", "revoke", &first]);
     sign(&state, "x509-CA-A").await;
 
     // A token Vault does not accept fails the re-Configure; signing goes on with the
