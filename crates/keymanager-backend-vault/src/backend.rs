@@ -712,7 +712,61 @@ impl KeyLifecycle for VaultBackend {
 
 #[cfg(test)]
 mod tests {
+    use keymanager_engine::CoreConfig;
+    use keymanager_engine::settings::{SettingValue, Settings};
+
     use super::*;
+
+    /// A key deleted between LIST and its read (an HA peer rotating) is gone, not an error
+    /// and not a crash as in SPIRE's built-in: against a real OpenBao.
+    #[tokio::test]
+    async fn a_key_gone_between_list_and_read_is_skipped() {
+        let peer = keymanager_conformance::peers::openbao();
+        let values = [
+            ("vault_addr", SettingValue::String(peer.url.clone())),
+            ("key_identifier_value", SettingValue::String("gone".into())),
+            (
+                "token_auth",
+                SettingValue::Map(
+                    [(
+                        "token".to_string(),
+                        SettingValue::String(
+                            keymanager_conformance::peers::OPENBAO_ROOT_TOKEN.into(),
+                        ),
+                    )]
+                    .into(),
+                ),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let core = CoreConfig {
+            trust_domain: "example.org".into(),
+        };
+        let config = crate::VaultFactory::new()
+            .parse_all(Settings::new(values), &core)
+            .expect("valid");
+        let backend = VaultBackend::open(&config, "gone".into())
+            .await
+            .expect("open");
+        let id = KeyId::new("k").expect("id");
+        let handle = backend
+            .prepare(&id, KeyType::EcP256, None)
+            .await
+            .expect("prepare");
+        let listed = vec![
+            handle.name.to_string(),
+            naming::key_name("gone", "vanished"),
+        ];
+        let read = backend
+            .read_all(listed)
+            .await
+            .expect("a vanished key is no error");
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].name, *handle.name);
+        assert!(read[0].deletion_allowed, "prepared keys are marked");
+    }
 
     #[test]
     fn signatures_must_carry_the_served_version() {
