@@ -255,6 +255,49 @@ impl Digest {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// The DER `DigestInfo` of RSASSA-PKCS1-v1_5 (RFC 8017 §9.2): what a raw RSA
+    /// mechanism (PKCS#11 `CKM_RSA_PKCS`) must be given to sign this digest.
+    pub fn pkcs1_digest_info(&self) -> Vec<u8> {
+        // SEQUENCE { SEQUENCE { OID 2.16.840.1.101.3.4.2.<n>, NULL }, OCTET STRING digest }:
+        // every hash here is in NIST's hashAlgs arc, so only the last OID byte differs.
+        let arc = match self.hash {
+            HashAlgorithm::Sha256 => 1,
+            HashAlgorithm::Sha384 => 2,
+            HashAlgorithm::Sha512 => 3,
+            HashAlgorithm::Sha224 => 4,
+            HashAlgorithm::Sha512_224 => 5,
+            HashAlgorithm::Sha512_256 => 6,
+            HashAlgorithm::Sha3_224 => 7,
+            HashAlgorithm::Sha3_256 => 8,
+            HashAlgorithm::Sha3_384 => 9,
+            HashAlgorithm::Sha3_512 => 10,
+        };
+        let len = self.bytes.len() as u8;
+        let mut out = vec![
+            0x30,
+            0x11 + len,
+            0x30,
+            0x0d,
+            0x06,
+            0x09,
+            0x60,
+            0x86,
+            0x48,
+            0x01,
+            0x65,
+            0x03,
+            0x04,
+            0x02,
+            arc,
+            0x05,
+            0x00,
+            0x04,
+            len,
+        ];
+        out.extend_from_slice(&self.bytes);
+        out
+    }
 }
 
 impl fmt::Debug for Digest {
@@ -266,6 +309,41 @@ impl fmt::Debug for Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_infos_match_rfc_8017() {
+        // RFC 8017 §9.2, note 1: the DER prefixes for SHA-256, SHA-384, SHA-512 and SHA-224.
+        let cases: [(HashAlgorithm, &str); 4] = [
+            (
+                HashAlgorithm::Sha256,
+                "3031300d060960864801650304020105000420",
+            ),
+            (
+                HashAlgorithm::Sha384,
+                "3041300d060960864801650304020205000430",
+            ),
+            (
+                HashAlgorithm::Sha512,
+                "3051300d060960864801650304020305000440",
+            ),
+            (
+                HashAlgorithm::Sha224,
+                "302d300d06096086480165030402040500041c",
+            ),
+        ];
+        for (hash, prefix) in cases {
+            let digest = Digest::new(hash, vec![0xab; hash.output_len()]).expect("digest");
+            let info = digest.pkcs1_digest_info();
+            assert_eq!(hex::encode(&info[..19]), prefix, "{hash}");
+            assert_eq!(&info[19..], digest.as_bytes());
+        }
+        // Every hash's DigestInfo is one well-formed DER SEQUENCE around its digest.
+        for hash in HashAlgorithm::ALL {
+            let digest = Digest::new(hash, vec![1; hash.output_len()]).expect("digest");
+            let info = digest.pkcs1_digest_info();
+            assert_eq!(usize::from(info[1]) + 2, info.len(), "{hash}");
+        }
+    }
 
     #[test]
     fn pss_salt_follows_go_semantics() {
