@@ -98,6 +98,18 @@ export BAO_BIN
 BAO_BIN=$(bao_bin)
 "$BAO_BIN" version
 
+step "SoftHSM2 and OpenSC (PKCS#11 peers)"
+# Debian's packages; a token directory of this run (SOFTHSM2_CONF is read by the library
+# when a process initialises it, and by softhsm2-util).
+if ! command -v softhsm2-util >/dev/null || ! command -v pkcs11-tool >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 opensc >/dev/null
+fi
+mkdir -p "$LOG_DIR/softhsm-tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$LOG_DIR/softhsm-tokens" >"$LOG_DIR/softhsm2.conf"
+export SOFTHSM2_CONF=$LOG_DIR/softhsm2.conf
+softhsm2-util --version
+
 step "format"
 cargo fmt --all --check
 (cd tests/spire && test -z "$(gofmt -l .)" && go vet ./...)

@@ -306,3 +306,49 @@ pub fn openbao_cli(peer: &Peer, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
+
+/// A PKCS#11 software token for the tests: its module, label and user PIN.
+#[derive(Clone, Debug)]
+pub struct SoftToken {
+    /// The PKCS#11 library.
+    pub module: PathBuf,
+    /// The token label.
+    pub label: String,
+    /// The user PIN.
+    pub pin: String,
+}
+
+/// SoftHSM2's module from Debian's `softhsm2` package.
+pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// Initialises a fresh SoftHSM2 token labelled `label` (user PIN `1234`). SoftHSM2 reads
+/// its token directory from `SOFTHSM2_CONF`, which `scripts/test-all.sh` points at a
+/// directory of the run; the library reads it when a process first initialises it, so a
+/// test binary creates its tokens before it loads the module.
+pub fn softhsm_token(label: &str) -> SoftToken {
+    let conf = interpreter("SOFTHSM2_CONF");
+    let output = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("run softhsm2-util (Debian package softhsm2)");
+    assert!(
+        output.status.success(),
+        "softhsm2-util --init-token failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    SoftToken {
+        module: PathBuf::from(SOFTHSM2_MODULE),
+        label: label.to_string(),
+        pin: "1234".to_string(),
+    }
+}

@@ -57,6 +57,13 @@ pub trait Subject: Send + Sync + 'static {
         true
     }
 
+    /// Whether the backend keeps liveness stamps (a PKCS#11 token has nowhere to keep them:
+    /// its keys are per server, and only its own leftovers are swept). Without them the
+    /// stamp cases are skipped, and say so.
+    fn keeps_stamps(&self) -> bool {
+        true
+    }
+
     /// Writes `text` as the liveness stamp of the key at `locator` in `trust_domain` (for
     /// stamp fuzzing). `false` for a backend without stamps.
     async fn set_stamp(&self, _trust_domain: &str, _locator: &str, _text: &str) -> bool {
@@ -622,8 +629,16 @@ pub async fn listing_is_free_of_side_effects(h: &Harness) {
         .generate_key(id("b"), KeyType::EcP256)
         .await
         .expect("generate");
+    let Some(proxy) = h.proxy.as_ref() else {
+        // No proxy in front of this store (a PKCS#11 token): no crash leftover can be made
+        // and writes are not observable; listing must still read the same twice.
+        let first = service.list_records().await.expect("list");
+        let second = service.list_records().await.expect("list");
+        assert_eq!(first, second, "listing twice reads the same");
+        eprintln!("partly skipped: no proxy in front of this store to observe writes");
+        return;
+    };
     // A leftover: a crash right after the prepare step.
-    let proxy = h.proxy();
     proxy.plan(Plan::Once(h.subject.prepare_calls(), Fault::HoldAfter));
     tokio::select! {
         _ = service.generate_key(id("c"), KeyType::EcP256) => panic!("the first call is held"),
@@ -657,6 +672,10 @@ pub async fn listing_is_free_of_side_effects(h: &Harness) {
 
 /// Stamps written by a server read back as its liveness evidence.
 pub async fn stamps_round_trip(h: &Harness) {
+    if !h.subject.keeps_stamps() {
+        eprintln!("skipped: this backend keeps no liveness stamps");
+        return;
+    }
     if !h.subject.peer_lists_keys() {
         eprintln!("skipped: this test peer cannot list the trust domain's keys");
         return;
@@ -696,6 +715,10 @@ pub async fn stamps_round_trip(h: &Harness) {
 /// Junk in a stamp (overflowing, negative, not a number) is no evidence: the sweep neither
 /// panics nor fails, and a dead server's genuinely stale key is still removed.
 pub async fn junk_stamps_are_no_evidence(h: &Harness) {
+    if !h.subject.keeps_stamps() {
+        eprintln!("skipped: this backend keeps no liveness stamps");
+        return;
+    }
     if !h.subject.peer_lists_keys() {
         eprintln!("skipped: this test peer cannot list the trust domain's keys");
         return;

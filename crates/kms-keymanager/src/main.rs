@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use keymanager_backend_aws::AwsKmsFactory;
 use keymanager_backend_disk::DiskFactory;
 use keymanager_backend_gcp::GcpKmsFactory;
+use keymanager_backend_pkcs11::Pkcs11Factory;
 use keymanager_backend_vault::VaultFactory;
 use keymanager_engine::BackendFactory;
 
@@ -25,6 +26,7 @@ pub const BACKENDS: &[&'static dyn BackendFactory] = &[
     &AwsKmsFactory::new(),
     &GcpKmsFactory::new(),
     &VaultFactory::new(),
+    &Pkcs11Factory::new(),
 ];
 
 fn main() -> ExitCode {
