@@ -45,6 +45,19 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// Whether the session sees the user's objects.
+fn is_logged_in(session: &Session) -> bool {
+    session
+        .get_session_info()
+        .map(|info| {
+            matches!(
+                info.session_state(),
+                SessionState::RwUser | SessionState::RoUser
+            )
+        })
+        .unwrap_or(false)
+}
+
 impl Pool {
     /// A pool of at most `max_sessions`, with one session opened and logged in now (a
     /// wrong PIN fails here, after exactly one attempt).
@@ -170,7 +183,9 @@ impl Pool {
                     pool.give_back(session);
                     Ok(value)
                 }
-                Err(e) if is_session_lost(&e) => {
+                // Logged out behind our back, private objects vanish from the session's view
+                // and the token answers "invalid handle", not "not logged in": ask it.
+                Err(e) if is_session_lost(&e) || !is_logged_in(&session) => {
                     tracing::warn!(token = %pool.token, error = %e, "PKCS#11 session lost; reopening and trying once more");
                     drop(session);
                     // Every idle session shares the fate of this one (token removed or

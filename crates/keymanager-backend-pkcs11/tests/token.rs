@@ -1,0 +1,339 @@
+//! The `pkcs11` backend against a SoftHSM2 token, as an operator would check it: keys are
+//! sensitive and never extractable (asked of the token itself), concurrent signers all
+//! succeed, a session lost behind the plugin's back costs no failed signature, and bad
+//! configuration (wrong PIN, missing token, wrong module) fails Configure clearly — a
+//! wrong PIN after exactly one login attempt.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error, RvError};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use keymanager_backend_pkcs11::{Pkcs11Backend, Pkcs11Factory};
+use keymanager_conformance::peers::{self, SoftToken};
+use keymanager_conformance::verify;
+use keymanager_engine::kit::{KmsAdapter, KmsConfig};
+use keymanager_engine::settings::{SettingValue, Settings};
+use keymanager_engine::{
+    BackendConfig, BackendErrorKind, CoreConfig, EngineOptions, HashAlgorithm, KeyId, KeyService,
+    KeyType, SignatureScheme, SignerOpts,
+};
+
+fn token() -> &'static SoftToken {
+    static TOKEN: OnceLock<SoftToken> = OnceLock::new();
+    TOKEN.get_or_init(|| peers::softhsm_token(&format!("token-tests-{}", std::process::id())))
+}
+
+/// Tests that log in, log out or count logins run one at a time: login state is per
+/// process and token.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn config(pairs: &[(&str, &str)]) -> Result<KmsConfig<Pkcs11Backend>, String> {
+    let token = token();
+    let mut values: BTreeMap<String, SettingValue> = [
+        ("module", token.module.display().to_string()),
+        ("token_label", token.label.clone()),
+        ("pin", token.pin.clone()),
+        ("key_identifier_value", "token-tests".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), SettingValue::String(v)))
+    .collect();
+    for (k, v) in pairs {
+        values.insert(k.to_string(), SettingValue::String(v.to_string()));
+    }
+    let core = CoreConfig {
+        trust_domain: "example.org".into(),
+    };
+    Pkcs11Factory::new()
+        .parse_all(Settings::new(values), &core)
+        .map_err(|e| e.to_string())
+}
+
+async fn start(pairs: &[(&str, &str)]) -> Arc<dyn KeyService> {
+    config(pairs)
+        .expect("valid")
+        .open()
+        .await
+        .expect("open")
+        .start(EngineOptions::default())
+        .await
+        .expect("start")
+}
+
+fn id(s: &str) -> KeyId {
+    KeyId::new(s).expect("id")
+}
+
+async fn sign_and_verify(service: &dyn KeyService, key: &str, key_type: KeyType, opts: SignerOpts) {
+    let message = format!("signed on the token by {key}");
+    let digest = verify::digest(opts.hash(), message.as_bytes());
+    let signature = service
+        .sign(&id(key), digest, opts, None)
+        .await
+        .expect("sign");
+    let public = service.public_key(&id(key)).expect("public key");
+    verify::verify(
+        &public.spki_der,
+        key_type,
+        SignatureScheme::resolve(key_type, opts).expect("scheme"),
+        message.as_bytes(),
+        &signature.bytes,
+    )
+    .expect("verifies");
+}
+
+/// A session of the test's own on the token, logged in.
+fn own_session() -> (Pkcs11, Session) {
+    let token = token();
+    let context = Pkcs11::new(&token.module).expect("module");
+    match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("initialise: {e}"),
+    }
+    let slot = context
+        .get_slots_with_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| {
+            context
+                .get_token_info(*s)
+                .map(|i| i.label().trim_end() == token.label)
+                .unwrap_or(false)
+        })
+        .expect("the token");
+    let session = context.open_rw_session(slot).expect("session");
+    match session.login(UserType::User, Some(&AuthPin::from(token.pin.as_str()))) {
+        Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("login: {e}"),
+    }
+    (context, session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn private_keys_are_sensitive_and_never_extractable() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let service = start(&[("key_identifier_value", "attributes")]).await;
+    for (key, key_type) in [("ec", KeyType::EcP256), ("rsa", KeyType::Rsa2048)] {
+        service
+            .generate_key(id(key), key_type)
+            .await
+            .expect("generate");
+    }
+    let (_context, session) = own_session();
+    let private: Vec<_> = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .expect("find")
+        .into_iter()
+        .filter(|o| {
+            session
+                .get_attributes(*o, &[AttributeType::Label])
+                .map(|a| matches!(&a[..], [Attribute::Label(l)] if String::from_utf8_lossy(l).contains(":attributes:")))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert_eq!(private.len(), 2);
+    for object in private {
+        let attributes = session
+            .get_attributes(
+                object,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::Sign,
+                    AttributeType::NeverExtractable,
+                    AttributeType::AlwaysSensitive,
+                ],
+            )
+            .expect("attributes");
+        for attribute in &attributes {
+            let ok = match attribute {
+                Attribute::Sensitive(v)
+                | Attribute::Token(v)
+                | Attribute::Private(v)
+                | Attribute::Sign(v)
+                | Attribute::NeverExtractable(v)
+                | Attribute::AlwaysSensitive(v) => *v,
+                Attribute::Extractable(v) => !*v,
+                _ => true,
+            };
+            assert!(ok, "{attribute:?} on a private key");
+        }
+        // The token refuses to hand out the private value.
+        let value = session.get_attributes(
+            object,
+            &[AttributeType::Value, AttributeType::PrivateExponent],
+        );
+        assert!(
+            value.map(|a| a.is_empty()).unwrap_or(true),
+            "the private key's value must not be readable"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_signers_all_succeed() {
+    let service = start(&[("key_identifier_value", "concurrent")]).await;
+    service
+        .generate_key(id("k"), KeyType::EcP256)
+        .await
+        .expect("generate");
+    let mut tasks = Vec::new();
+    for n in 0..16 {
+        let service = service.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..20 {
+                let digest =
+                    verify::digest(HashAlgorithm::Sha256, format!("{n}/{round}").as_bytes());
+                service
+                    .sign(
+                        &id("k"),
+                        digest,
+                        SignerOpts::Hash(HashAlgorithm::Sha256),
+                        None,
+                    )
+                    .await
+                    .expect("every concurrent signature succeeds");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("signer");
+    }
+    sign_and_verify(
+        &*service,
+        "k",
+        KeyType::EcP256,
+        SignerOpts::Hash(HashAlgorithm::Sha256),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_logout_behind_the_plugins_back_costs_no_failed_signature() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let service = start(&[("key_identifier_value", "logged-out")]).await;
+    service
+        .generate_key(id("k"), KeyType::Rsa2048)
+        .await
+        .expect("generate");
+    let opts = SignerOpts::Hash(HashAlgorithm::Sha256);
+    sign_and_verify(&*service, "k", KeyType::Rsa2048, opts).await;
+    // Login state is the application's: logging out one session logs out every session
+    // of this process, the plugin's included (CKR_USER_NOT_LOGGED_IN on its next C_Sign).
+    let (_context, session) = own_session();
+    session.logout().expect("logout");
+    sign_and_verify(&*service, "k", KeyType::Rsa2048, opts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_pin_fails_configure_after_one_login_attempt() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Log every session out first, so the plugin must log in.
+    let (_context, session) = own_session();
+    let _ = session.logout();
+    drop(session);
+    let wrong = config(&[("pin", "0000"), ("key_identifier_value", "wrong-pin")]).expect("valid");
+    let error = match Pkcs11Backend::open(&wrong, "wrong-pin".into()).await {
+        Ok(_) => panic!("a wrong PIN must fail"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        error.kind,
+        BackendErrorKind::Unauthenticated,
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("CKR_PIN_INCORRECT"),
+        "{}",
+        error.message
+    );
+    assert!(!error.message.contains("0000"), "{}", error.message);
+    // One attempt: the token is not locked; the right PIN still works.
+    let backend = Pkcs11Backend::open(&config(&[]).expect("valid"), "right-pin".into())
+        .await
+        .expect("the right PIN works after one wrong attempt");
+    assert!(backend.login_attempts() <= 1);
+}
+
+#[tokio::test]
+async fn a_missing_token_or_a_wrong_module_fails_configure_naming_it() {
+    let missing = config(&[("token_label", "no-such-token")]).expect("valid");
+    let error = match Pkcs11Backend::open(&missing, "x".into()).await {
+        Ok(_) => panic!("no such token"),
+        Err(e) => e,
+    };
+    assert_eq!(error.kind, BackendErrorKind::FailedPrecondition);
+    assert!(error.message.contains("no-such-token"), "{}", error.message);
+    assert!(
+        error.message.contains(&token().label),
+        "lists the tokens present: {}",
+        error.message
+    );
+
+    let no_module = config(&[("module", "/nonexistent/libpkcs11.so")]).expect("valid");
+    let error = match Pkcs11Backend::open(&no_module, "x".into()).await {
+        Ok(_) => panic!("no such module"),
+        Err(e) => e,
+    };
+    assert_eq!(error.kind, BackendErrorKind::InvalidArgument);
+    assert!(
+        error.message.contains("/nonexistent/libpkcs11.so"),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        no_module.problems(),
+        vec!["module /nonexistent/libpkcs11.so does not exist or is not a file".to_string()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_gone_with_a_reinitialised_token_are_not_found_clearly() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let label = format!("reinit-{}", std::process::id());
+    let token = peers::softhsm_token(&label);
+    let service = start(&[
+        ("token_label", label.as_str()),
+        ("key_identifier_value", "reinit"),
+    ])
+    .await;
+    service
+        .generate_key(id("k"), KeyType::EcP256)
+        .await
+        .expect("generate");
+    // The security officer re-initialises the token: every object on it is gone.
+    let output = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--token",
+            &token.label,
+            "--label",
+            &token.label,
+        ])
+        .args(["--pin", &token.pin, "--so-pin", "5678"])
+        .output()
+        .expect("softhsm2-util");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let error = service
+        .sign(
+            &id("k"),
+            vec![1; 32],
+            SignerOpts::Hash(HashAlgorithm::Sha256),
+            None,
+        )
+        .await
+        .expect_err("the key is gone");
+    let text = error.to_string();
+    assert!(text.contains("gone from the token"), "{text}");
+}
