@@ -5,7 +5,7 @@
 //! wrong PIN after exactly one login attempt.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
@@ -29,7 +29,7 @@ fn token() -> &'static SoftToken {
 
 /// Tests that log in, log out or count logins run one at a time: login state is per
 /// process and token.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn config(pairs: &[(&str, &str)]) -> Result<KmsConfig<Pkcs11Backend>, String> {
     let token = token();
@@ -115,7 +115,7 @@ fn own_session() -> (Pkcs11, Session) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn private_keys_are_sensitive_and_never_extractable() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     let service = start(&[("key_identifier_value", "attributes")]).await;
     for (key, key_type) in [("ec", KeyType::EcP256), ("rsa", KeyType::Rsa2048)] {
         service
@@ -216,7 +216,7 @@ async fn sixteen_concurrent_signers_all_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_logout_behind_the_plugins_back_costs_no_failed_signature() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     let service = start(&[("key_identifier_value", "logged-out")]).await;
     service
         .generate_key(id("k"), KeyType::Rsa2048)
@@ -233,7 +233,7 @@ async fn a_logout_behind_the_plugins_back_costs_no_failed_signature() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_pin_fails_configure_after_one_login_attempt() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     // Log every session out first, so the plugin must log in.
     let (_context, session) = own_session();
     let _ = session.logout();
@@ -296,7 +296,7 @@ async fn a_missing_token_or_a_wrong_module_fails_configure_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keys_gone_with_a_reinitialised_token_are_not_found_clearly() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     let label = format!("reinit-{}", std::process::id());
     let token = peers::softhsm_token(&label);
     let service = start(&[
