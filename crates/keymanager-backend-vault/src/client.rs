@@ -166,7 +166,12 @@ fn status_error(shown: &str, status: StatusCode, body: &[u8]) -> BackendError {
         .and_then(|v| v.get("errors").cloned())
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default();
-    let mut detail = errors.join("; ");
+    let mut detail = errors
+        .iter()
+        .map(|e| one_line(e))
+        .filter(|e| !e.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     if detail.is_empty() {
         detail = String::from_utf8_lossy(body).chars().take(200).collect();
     }
@@ -186,6 +191,25 @@ fn status_error(shown: &str, status: StatusCode, body: &[u8]) -> BackendError {
         message.push_str(" (Vault is sealed: unseal it; signing resumes by itself)");
     }
     BackendError::new(kind, message)
+}
+
+/// Vault's multi-line error text (`1 error occurred:\n\t* permission denied\n\n`) as one
+/// line (`permission denied`), for log lines and gRPC messages.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(|l| l.trim().trim_start_matches("* ").trim())
+        .filter(|l| !l.is_empty() && !is_error_count(l))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Vault's `N error(s) occurred:` header line.
+fn is_error_count(line: &str) -> bool {
+    line.ends_with("occurred:")
+        && line
+            .split(' ')
+            .next()
+            .is_some_and(|n| n.parse::<u32>().is_ok())
 }
 
 /// A string field of a JSON object, or an error naming it.
@@ -210,7 +234,12 @@ mod tests {
             br#"{"errors":["1 error occurred:\n\t* permission denied\n\n"]}"#,
         );
         assert_eq!(e.kind, BackendErrorKind::PermissionDenied);
-        assert!(e.message.contains("permission denied"), "{}", e.message);
+        assert!(
+            e.message.contains("HTTP 403: permission denied (the token"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains('\n'), "{}", e.message);
         assert!(
             e.message
                 .contains("policies must allow this path: transit/sign/k/sha2-256"),

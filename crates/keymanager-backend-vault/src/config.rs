@@ -37,8 +37,9 @@ pub const DEFAULT_TRANSIT_PATH: &str = "transit";
 /// Where liveness records go under `liveness_kv_mount` unless `liveness_kv_prefix` says.
 pub const DEFAULT_LIVENESS_PREFIX: &str = "kms-keymanager";
 
-/// How this server logs in to Vault. `Debug` redacts every secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How this server logs in to Vault. `Debug` redacts every secret, and shows only the
+/// start of an AppRole role id.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Auth {
     /// A fixed token (`token_auth`): checked with `auth/token/lookup-self`, renewed when
     /// renewable; it cannot be replaced without a re-Configure.
@@ -76,6 +77,36 @@ pub enum Auth {
         /// The token file.
         token_path: PathBuf,
     },
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Token { .. } => f.write_str("Token { token: <redacted> }"),
+            Self::AppRole { mount, role_id, .. } => {
+                let shown: String = role_id.chars().take(4).collect();
+                write!(
+                    f,
+                    "AppRole {{ mount: {mount:?}, role_id: \"{shown}…\", secret_id: <redacted> }}"
+                )
+            }
+            Self::Cert {
+                mount, role, paths, ..
+            } => write!(
+                f,
+                "Cert {{ mount: {mount:?}, role: {role:?}, client_cert_path: {:?}, client_key_path: {:?} }}",
+                paths.0, paths.1
+            ),
+            Self::Kubernetes {
+                mount,
+                role,
+                token_path,
+            } => write!(
+                f,
+                "Kubernetes {{ mount: {mount:?}, role: {role:?}, token_path: {token_path:?} }}"
+            ),
+        }
+    }
 }
 
 impl Auth {
@@ -698,6 +729,10 @@ mod tests {
         .expect("valid");
         let shown = format!("{parsed:?}");
         assert!(!shown.contains("very-secret-id"), "{shown}");
+        assert!(
+            !shown.contains("role-1"),
+            "only the role id's start: {shown}"
+        );
         let (parsed, _) = parse_env(
             &[("vault_addr", s("http://127.0.0.1:8200")), token_auth()],
             &[],
