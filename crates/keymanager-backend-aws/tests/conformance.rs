@@ -161,7 +161,7 @@ impl Subject for AwsSubject {
         live
     }
 
-    async fn set_stamp(&self, locator: &str, text: &str) -> bool {
+    async fn set_stamp(&self, _trust_domain: &str, locator: &str, text: &str) -> bool {
         let kms = aws_sdk_kms::Client::new(&self.config().await);
         kms.tag_resource()
             .key_id(locator)

@@ -496,13 +496,14 @@ impl Kms {
         if !response.name.is_empty() && response.name != version {
             return Err(integrity_error("public key (wrong version name)", version));
         }
-        let spki_der = pem_to_der(&response.pem).ok_or_else(|| KmsError {
-            code: None,
-            error: BackendError::new(
-                BackendErrorKind::Internal,
-                format!("Cloud KMS returned an unreadable PEM public key for {version}"),
-            ),
-        })?;
+        let spki_der =
+            keymanager_engine::kit::pem::public_key_der(&response.pem).ok_or_else(|| KmsError {
+                code: None,
+                error: BackendError::new(
+                    BackendErrorKind::Internal,
+                    format!("Cloud KMS returned an unreadable PEM public key for {version}"),
+                ),
+            })?;
         Ok(FetchedPublicKey {
             spki_der,
             algorithm: response.algorithm,
@@ -627,20 +628,6 @@ fn read_service_account(path: &Path) -> Result<serde_json::Value, BackendError> 
     })
 }
 
-/// The DER inside a `-----BEGIN PUBLIC KEY-----` PEM block.
-fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    let body: String = pem
-        .lines()
-        .filter(|line| !line.starts_with("-----"))
-        .map(str::trim)
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .ok()?;
-    (!der.is_empty() && pem.contains("-----BEGIN PUBLIC KEY-----")).then_some(der)
-}
-
 /// The list filter for versions that can sign.
 pub const ENABLED_FILTER: &str = "state = ENABLED";
 
@@ -669,16 +656,6 @@ mod tests {
         assert_eq!(
             crypto_key_of(v),
             "projects/p/locations/l/keyRings/r/cryptoKeys/k"
-        );
-    }
-
-    #[test]
-    fn pem_bodies_decode_and_garbage_does_not() {
-        let pem = "-----BEGIN PUBLIC KEY-----\nAQID\n-----END PUBLIC KEY-----\n";
-        assert_eq!(pem_to_der(pem), Some(vec![1, 2, 3]));
-        assert_eq!(
-            pem_to_der("-----BEGIN PUBLIC KEY-----\n!!\n-----END PUBLIC KEY-----"),
-            None
         );
     }
 }

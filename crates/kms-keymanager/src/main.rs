@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use keymanager_backend_aws::AwsKmsFactory;
 use keymanager_backend_disk::DiskFactory;
 use keymanager_backend_gcp::GcpKmsFactory;
+use keymanager_backend_vault::VaultFactory;
 use keymanager_engine::BackendFactory;
 
 // Every RPC allocates in hyper/h2/prost on both sides of the socket; mimalloc measurably
@@ -19,8 +20,12 @@ use keymanager_engine::BackendFactory;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every backend compiled into this binary, selected by `backend = "<name>"` in plugin_data.
-pub const BACKENDS: &[&'static dyn BackendFactory] =
-    &[&DiskFactory, &AwsKmsFactory::new(), &GcpKmsFactory::new()];
+pub const BACKENDS: &[&'static dyn BackendFactory] = &[
+    &DiskFactory,
+    &AwsKmsFactory::new(),
+    &GcpKmsFactory::new(),
+    &VaultFactory::new(),
+];
 
 fn main() -> ExitCode {
     if keymanager_plugin::is_launched_by_host() {

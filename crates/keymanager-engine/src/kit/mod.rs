@@ -8,11 +8,13 @@
 //! - [`vocabulary`]: the tag and label names;
 //! - [`classify`]: failed calls → error kinds and messages with their whole cause chain;
 //! - [`paging`]: list loops that cannot loop forever;
+//! - [`pem`]: public keys handed out as PEM;
 //! - [`swap`]: values a re-Configure replaces while calls use them.
 
 pub mod classify;
 pub mod endpoint;
 pub mod paging;
+pub mod pem;
 pub mod policy_file;
 pub mod server_identity;
 mod shell;
