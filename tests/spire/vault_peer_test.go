@@ -355,12 +355,12 @@ path "transit/sign/*" {
 `
 
 // vaultLivenessPolicy adds the KV v2 paths of the liveness records (liveness_kv_mount =
-// "secret", the default prefix kms-keymanager).
+// "secret", the default prefix kms-keymanager), as the README gives them.
 const vaultLivenessPolicy = `path "secret/data/kms-keymanager/*" {
-  capabilities = ["create", "read", "update", "delete"]
+  capabilities = ["create", "read", "update"]
 }
 path "secret/metadata/kms-keymanager/*" {
-  capabilities = ["read", "list", "delete"]
+  capabilities = ["list", "delete"]
 }
 `
 
@@ -575,25 +575,37 @@ func (b *baoServer) PublishedKeys(t *testing.T, mount, serverID string) map[stri
 	return out
 }
 
-// KVRecord reads a KV v2 secret's data and when its current version was written; ok is false if it
-// does not exist.
-func (b *baoServer) KVRecord(t *testing.T, mount, path string) (data map[string]any, updated time.Time, ok bool) {
+// KVList lists the names under a KV v2 path (sub-paths end in "/"); none: empty.
+func (b *baoServer) KVList(t *testing.T, mount, path string) []string {
+	t.Helper()
+	status, data := b.Request(t, b.RootToken, "LIST", mount+"/metadata/"+path, nil)
+	if status == http.StatusNotFound {
+		return nil
+	}
+	require.Equal(t, http.StatusOK, status, "%s", data)
+	var out struct {
+		Data struct{ Keys []string } `json:"data"`
+	}
+	require.NoError(t, json.Unmarshal(data, &out))
+	sort.Strings(out.Data.Keys)
+	return out.Data.Keys
+}
+
+// KVRecord reads a KV v2 secret's data; ok is false if it does not exist.
+func (b *baoServer) KVRecord(t *testing.T, mount, path string) (data map[string]any, ok bool) {
 	t.Helper()
 	status, body := b.Request(t, b.RootToken, http.MethodGet, mount+"/data/"+path, nil)
 	if status == http.StatusNotFound {
-		return nil, time.Time{}, false
+		return nil, false
 	}
 	require.Equal(t, http.StatusOK, status, "%s", body)
 	var out struct {
 		Data struct {
-			Data     map[string]any `json:"data"`
-			Metadata struct {
-				CreatedTime time.Time `json:"created_time"`
-			} `json:"metadata"`
+			Data map[string]any `json:"data"`
 		} `json:"data"`
 	}
 	require.NoError(t, json.Unmarshal(body, &out), "%s", body)
-	return out.Data.Data, out.Data.Metadata.CreatedTime, true
+	return out.Data.Data, true
 }
 
 // vaultEnvNames are the environment variables SPIRE's Vault client (and ours, as fallbacks)

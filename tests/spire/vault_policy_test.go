@@ -15,7 +15,7 @@ import (
 // TestVaultPolicyErrors: a token whose policy lacks a path SPIRE documents gets an error that
 // names the path. Without transit/sign/*, Configure and GenerateKey work and SignData fails
 // with PermissionDenied; without list on transit/keys, Configure (which lists the mount)
-// fails.
+// fails. A refused AppRole login fails Configure with Unauthenticated, without the secret.
 func TestVaultPolicyErrors(t *testing.T) {
 	ctx := context.Background()
 	clearVaultEnv(t)
@@ -36,6 +36,7 @@ func TestVaultPolicyErrors(t *testing.T) {
 		require.Contains(t, err.Error(), "PermissionDenied", "the code says what went wrong")
 		require.Contains(t, err.Error(), "transit/sign/", "the error names the path the policy lacks")
 		require.NotContains(t, err.Error(), token)
+		t.Logf("SignData: %v", err)
 	})
 
 	t.Run("no list on transit/keys", func(t *testing.T) {
@@ -52,12 +53,23 @@ path "transit/sign/*" {
 		require.Contains(t, err.Error(), "PermissionDenied", err.Error())
 		require.Contains(t, err.Error(), "transit/keys", "the error names the path the policy lacks")
 		require.NotContains(t, err.Error(), token)
+		t.Logf("Configure: %v", err)
+	})
+
+	t.Run("a refused login fails Configure", func(t *testing.T) {
+		roleID, _ := bao.EnableAppRole(t, "spire", map[string]any{"token_policies": []string{"spire"}})
+		const wrongSecret = "00000000-1111-4222-8333-444444444444"
+		_, err := tryLoad(catalogConfig(t, vaultPluginData(bao.Addr, "refused", appRoleAuth(roleID, wrongSecret))))
+		require.Error(t, err)
+		require.Contains(t, err.Error(), "Unauthenticated", err.Error())
+		require.NotContains(t, err.Error(), wrongSecret)
+		t.Logf("Configure: %v", err)
 	})
 }
 
 // TestVaultEnvFallback: the Vault environment variables are fallbacks only. With vault_addr
 // and a token in plugin_data, a VAULT_ADDR and VAULT_TOKEN that point elsewhere are ignored
-// (SPIRE's built-in would let them win); with an empty token_auth block and no vault_addr,
+// (SPIRE's built-in would let them win) and neither token is logged; with an empty token_auth block and no vault_addr,
 // the plugin takes both from the environment.
 func TestVaultEnvFallback(t *testing.T) {
 	ctx := context.Background()
@@ -73,6 +85,7 @@ func TestVaultEnvFallback(t *testing.T) {
 		key, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 		require.NoError(t, err)
 		require.NoError(t, signVerified(key, 1))
+		requireNoSecretsLogged(t, p.Logs, token, "not-a-token")
 	})
 
 	t.Run("environment as fallback", func(t *testing.T) {

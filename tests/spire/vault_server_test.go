@@ -3,7 +3,9 @@ package spire_test
 import (
 	"context"
 	"crypto"
+	"fmt"
 	"sort"
+	"strconv"
 	"testing"
 	"time"
 
@@ -38,8 +40,8 @@ func keyNames(keys map[string]*transitKey) []string {
 // lifecycle thresholds. server-a (AppRole) mints an X.509-SVID and a JWT-SVID that verify
 // against its bundle, signed by keys published in transit under its name; a restart reuses
 // the same CA key. server-b (token) gets its own keys. While both run, each one's liveness
-// record stays fresh and neither touches the other's keys. Once server-a is stopped for good,
-// server-b's sweep deletes server-a's keys, after its record is stale and not before; keys of
+// records (one per key) stay fresh and neither touches the other's keys. Once server-a is stopped for good,
+// server-b's sweep deletes server-a's keys and their records, once stale and not before; keys of
 // a server that never wrote a record ("bystander") are never touched.
 func TestVaultRealSpireServer(t *testing.T) {
 	ctx := context.Background()
@@ -51,9 +53,21 @@ func TestVaultRealSpireServer(t *testing.T) {
 	const fast = "liveness_kv_mount = \"secret\"\nliveness_interval = \"1s\"\nsweep_interval = \"1s\"\n" +
 		"stale_key_age = \"6s\"\nclock_skew_allowance = \"1s\"\n"
 	const staleAfter = 7 * time.Second // stale_key_age + clock_skew_allowance
-	record := func(serverID string) (time.Time, bool) {
-		_, written, ok := bao.KVRecord(t, "secret", "kms-keymanager/"+trustDomain+"/"+serverID)
-		return written, ok
+	// requireFreshRecords checks the liveness records of serverID in KV: one per key it
+	// serves, at secret/data/kms-keymanager/<trust domain>/<server id>/<key name>, each
+	// {"stamp": "<unix seconds>"} written within the last few liveness intervals.
+	requireFreshRecords := func(serverID string) {
+		t.Helper()
+		dir := "kms-keymanager/" + trustDomain + "/" + serverID + "/"
+		keys := keyNames(bao.TransitKeysOf(t, "transit", serverID))
+		require.Equal(t, keys, bao.KVList(t, "secret", dir), "one liveness record per key of %s", serverID)
+		for _, name := range keys {
+			data, ok := bao.KVRecord(t, "secret", dir+name)
+			require.True(t, ok)
+			stamp, err := strconv.ParseInt(fmt.Sprint(data["stamp"]), 10, 64)
+			require.NoError(t, err, "record %s%s: %v", dir, name, data)
+			require.Less(t, time.Since(time.Unix(stamp, 0)), 3*time.Second, "%s's record of %s is refreshed every liveness_interval", serverID, name)
+		}
 	}
 
 	// A server without liveness records (our plugin, liveness_kv_mount unset).
@@ -83,18 +97,18 @@ func TestVaultRealSpireServer(t *testing.T) {
 	time.Sleep(staleAfter + 2*time.Second) // several records and sweeps by both servers
 	require.Equal(t, keyNames(keysA), keyNames(bao.TransitKeysOf(t, "transit", "server-a")), "server-b must not touch live server-a's keys")
 	require.Equal(t, keyNames(keysB), keyNames(bao.TransitKeysOf(t, "transit", "server-b")), "server-a must not touch server-b's keys")
-	for _, id := range []string{"server-a", "server-b"} {
-		written, ok := record(id)
-		require.True(t, ok, "%s writes its liveness record in KV", id)
-		require.Less(t, time.Since(written), 3*time.Second, "%s's liveness record is refreshed every liveness_interval", id)
-	}
+	requireFreshRecords("server-a")
+	requireFreshRecords("server-b")
 	a.mintAndVerify(t)
 
 	requireCleanPluginExitOf(t, a.stop()) // server-a never comes back
 	stopped := time.Now()
 	require.Eventually(t, func() bool { return len(bao.TransitKeysOf(t, "transit", "server-a")) == 0 },
 		40*time.Second, 250*time.Millisecond, "server-b's sweep deletes the stopped server's keys")
-	require.Greater(t, time.Since(stopped), staleAfter-2*time.Second, "swept only once the record was stale")
+	require.Greater(t, time.Since(stopped), staleAfter-2*time.Second, "swept only once the records were stale")
+	t.Logf("server-a's keys were swept %s after it stopped", time.Since(stopped).Round(100*time.Millisecond))
+	require.Empty(t, bao.KVList(t, "secret", "kms-keymanager/"+trustDomain+"/server-a/"),
+		"the liveness records of deleted keys are removed")
 	require.Equal(t, keyNames(keysB), keyNames(bao.TransitKeysOf(t, "transit", "server-b")), "the sweeper's own keys stay")
 	require.Equal(t, bystanderKeys, keyNames(bao.TransitKeysOf(t, "transit", "bystander")),
 		"keys of a server with no liveness record are never touched")
