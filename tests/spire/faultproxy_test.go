@@ -17,17 +17,20 @@ import (
 type fault int
 
 const (
-	faultThrottle  fault = iota // 400 ThrottlingException
-	faultServer500              // 500 KMSInternalException
-	faultDrop                   // the connection is closed without a response
-	faultSlow                   // the response comes after the plugin's per-attempt timeout
+	faultThrottle    fault = iota // 400 ThrottlingException (Vault: 429)
+	faultServer500                // 500 KMSInternalException (Vault: 500)
+	faultDrop                     // the connection is closed without a response
+	faultSlow                     // the response comes after the plugin's per-attempt timeout
+	faultUnavailable              // 503 (Vault: "injected: service unavailable")
 )
 
 // faultProxy sits on 127.0.0.1 between the plugin and the emulator and fails the next
 // queued requests of an operation: a JSON-protocol call by its X-Amz-Target ("Sign" for
 // "TrentService.Sign"), a query-protocol call (STS) by the Action of its form body
-// ("GetCallerIdentity", "AssumeRole"). Query-protocol faults are answered in that
-// protocol's XML error shape, so that the SDK reads their codes as it would AWS's.
+// ("GetCallerIdentity", "AssumeRole"), a Vault API call by the first two segments of its
+// path after /v1/ ("transit/sign", "transit/keys", "auth/approle"). Query-protocol faults are
+// answered in that protocol's XML error shape, Vault faults in Vault's {"errors": [...]}
+// shape, so that clients read them as they would the real service's.
 type faultProxy struct {
 	URL   string
 	mu    sync.Mutex
@@ -72,6 +75,10 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 			writeQueryFault(w, *next)
 			return
 		}
+		if strings.HasPrefix(r.URL.Path, "/v1/") {
+			writeVaultFault(w, *next)
+			return
+		}
 		switch *next {
 		case faultThrottle:
 			w.Header().Set("Content-Type", "application/x-amz-json-1.1")
@@ -81,6 +88,10 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 			w.Header().Set("Content-Type", "application/x-amz-json-1.1")
 			w.WriteHeader(http.StatusInternalServerError)
 			_, _ = w.Write([]byte(`{"__type":"KMSInternalException","message":"injected"}`))
+		case faultUnavailable:
+			w.Header().Set("Content-Type", "application/x-amz-json-1.1")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte(`{"__type":"ServiceUnavailableException","message":"injected"}`))
 		case faultDrop:
 			conn, _, err := w.(http.Hijacker).Hijack()
 			if err == nil {
@@ -97,6 +108,10 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 // (the service prefix dropped), else the Action of a query-protocol form body (query is then
 // true). The body is read and put back for forwarding.
 func requestOperation(t *testing.T, r *http.Request) (operation string, query bool) {
+	if rest, found := strings.CutPrefix(r.URL.Path, "/v1/"); found {
+		segments := strings.SplitN(rest, "/", 3)
+		return strings.Join(segments[:min(2, len(segments))], "/"), false
+	}
 	if target := r.Header.Get("X-Amz-Target"); target != "" {
 		_, op, found := strings.Cut(target, ".")
 		if !found {
@@ -135,6 +150,28 @@ func writeQueryFault(w http.ResponseWriter, f fault) {
 		queryError(http.StatusBadRequest, "Sender", "Throttling")
 	case faultServer500:
 		queryError(http.StatusInternalServerError, "Receiver", "InternalFailure")
+	case faultDrop:
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			_ = conn.Close()
+		}
+	}
+}
+
+// writeVaultFault answers a Vault API call with the fault, in Vault's error shape.
+func writeVaultFault(w http.ResponseWriter, f fault) {
+	vaultError := func(status int, message string) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_, _ = w.Write([]byte(`{"errors":["` + message + `"]}`))
+	}
+	switch f {
+	case faultThrottle:
+		vaultError(http.StatusTooManyRequests, "injected: rate limit quota exceeded")
+	case faultServer500:
+		vaultError(http.StatusInternalServerError, "injected: internal error")
+	case faultUnavailable:
+		vaultError(http.StatusServiceUnavailable, "injected: service unavailable")
 	case faultDrop:
 		conn, _, err := w.(http.Hijacker).Hijack()
 		if err == nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager/awskms"
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager/disk"
+	"github.com/spiffe/spire/pkg/server/plugin/keymanager/hashicorpvault"
 )
 
 const trustDomain = "example.org"
@@ -47,7 +48,8 @@ func sha256File(t testing.TB, path string) string {
 }
 
 // keyManagerRepo is the KeyManager repository SPIRE's server catalog uses, rebuilt from
-// exported parts: exactly one KeyManager, facade version v1, SPIRE's built-in disk.
+// exported parts: exactly one KeyManager, facade version v1, SPIRE's built-ins disk, aws_kms
+// and hashicorp_vault.
 type keyManagerRepo struct {
 	keymanager.Repository
 }
@@ -56,7 +58,7 @@ func (r *keyManagerRepo) Binder() any                      { return r.SetKeyMana
 func (r *keyManagerRepo) Constraints() catalog.Constraints { return catalog.ExactlyOne() }
 func (r *keyManagerRepo) Versions() []catalog.Version      { return []catalog.Version{v1{}} }
 func (r *keyManagerRepo) BuiltIns() []catalog.BuiltIn {
-	return []catalog.BuiltIn{disk.BuiltIn(), awskms.BuiltIn()}
+	return []catalog.BuiltIn{disk.BuiltIn(), awskms.BuiltIn(), hashicorpvault.BuiltIn()}
 }
 
 type v1 struct{}
