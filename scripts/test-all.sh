@@ -21,6 +21,7 @@ FLASK_VERSION=3.1.3
 FLASK_CORS_VERSION=6.0.5
 LOCALSTACK_VERSION=2026.3.0
 OPENBAO_VERSION=2.7.2
+KRYOPTIC_VERSION=1.5.4
 CACHE=${KMS_KEYMANAGER_CACHE:-$HOME/.cache/kms-keymanager}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 SPIRE_SERVER_BIN=$CACHE/bin/spire-server-$SPIRE_VERSION
@@ -109,6 +110,41 @@ mkdir -p "$LOG_DIR/softhsm-tokens"
 printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$LOG_DIR/softhsm-tokens" >"$LOG_DIR/softhsm2.conf"
 export SOFTHSM2_CONF=$LOG_DIR/softhsm2.conf
 softhsm2-util --version
+
+step "kryoptic (second PKCS#11 peer) $KRYOPTIC_VERSION"
+# kryoptic's module (a cdylib on crates.io, not installable with `cargo install`), built by
+# the stand-alone package tests/peers/kryoptic at its pinned Cargo.lock against Debian's
+# OpenSSL 3.0 and SQLite (bindgen needs libclang), once per version and lock: the library is
+# kept in the cache. KRYOPTIC_CONF, read by the library when a process initialises it, lists
+# slots of this run, each with its own SQLite store; tests initialise a token in a free one.
+KRYOPTIC_PKG=tests/peers/kryoptic
+grep -q "^kryoptic = { version = \"=$KRYOPTIC_VERSION\"" "$KRYOPTIC_PKG/Cargo.toml" ||
+  { echo "$KRYOPTIC_PKG/Cargo.toml does not pin kryoptic $KRYOPTIC_VERSION" >&2; exit 1; }
+KRYOPTIC_DIR=$CACHE/kryoptic-$KRYOPTIC_VERSION-$(cat "$KRYOPTIC_PKG/Cargo.toml" "$KRYOPTIC_PKG/Cargo.lock" | sha256sum | cut -c1-12)
+export KRYOPTIC_MODULE=$KRYOPTIC_DIR/libkryoptic_pkcs11.so
+if [[ ! -f $KRYOPTIC_MODULE ]]; then
+  if ! dpkg -s libclang-dev libssl-dev libsqlite3-dev pkg-config >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev libssl-dev libsqlite3-dev pkg-config >/dev/null
+  fi
+  (cd "$KRYOPTIC_PKG" && CARGO_TARGET_DIR=$CACHE/kryoptic-build \
+    cargo build --release --locked --message-format=json-render-diagnostics) >"$LOG_DIR/kryoptic-build.json"
+  built=$(python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line) if line.startswith("{") else {}
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kryoptic_pkcs11":
+        print(*[f for f in m["filenames"] if f.endswith(".so")])' <"$LOG_DIR/kryoptic-build.json")
+  [[ -f $built ]] || { echo "the kryoptic build made no libkryoptic_pkcs11.so" >&2; exit 1; }
+  mkdir -p "$KRYOPTIC_DIR"
+  cp "$built" "$KRYOPTIC_MODULE.tmp"
+  mv "$KRYOPTIC_MODULE.tmp" "$KRYOPTIC_MODULE"
+fi
+mkdir -p "$LOG_DIR/kryoptic"
+for slot in $(seq 0 15); do
+  printf '[[slots]]\nslot = %d\ndbtype = "sqlite"\ndbargs = "%s/slot%d.sql"\n\n' "$slot" "$LOG_DIR/kryoptic" "$slot"
+done >"$LOG_DIR/kryoptic/token.conf"
+export KRYOPTIC_CONF=$LOG_DIR/kryoptic/token.conf
+pkcs11-tool --module "$KRYOPTIC_MODULE" --show-info 2>&1 | grep -E 'Manufacturer|Library'
 
 step "format"
 cargo fmt --all --check

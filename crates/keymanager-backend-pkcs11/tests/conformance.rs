@@ -1,5 +1,7 @@
-//! The backend conformance suite on `pkcs11`, against a SoftHSM2 token initialised here.
-//! The store is read back with cryptoki directly, not through the backend.
+//! The backend conformance suite on `pkcs11`, against two independent software tokens
+//! initialised here: SoftHSM2 (C++, Debian's package) and kryoptic (Rust, on OpenSSL; built
+//! by scripts/test-all.sh). Both modules are loaded in this one process. The store is read
+//! back with cryptoki directly, not through the backend.
 
 use std::sync::{Arc, OnceLock};
 
@@ -15,16 +17,11 @@ use keymanager_engine::BackendFactory;
 
 static FACTORY: Pkcs11Factory = Pkcs11Factory::new();
 
-fn token() -> &'static SoftToken {
-    static TOKEN: OnceLock<SoftToken> = OnceLock::new();
-    TOKEN.get_or_init(|| peers::softhsm_token(&format!("conformance-{}", std::process::id())))
-}
-
-struct SoftHsmSubject {
+struct TokenSubject {
     token: &'static SoftToken,
 }
 
-impl SoftHsmSubject {
+impl TokenSubject {
     /// The label and RFC 7512 locator of every private key object on the token, read with
     /// cryptoki.
     fn private_keys(&self) -> Vec<(String, String)> {
@@ -76,7 +73,7 @@ impl SoftHsmSubject {
 }
 
 #[async_trait]
-impl Subject for SoftHsmSubject {
+impl Subject for TokenSubject {
     fn factory(&self) -> &'static dyn BackendFactory {
         &FACTORY
     }
@@ -116,6 +113,24 @@ impl Subject for SoftHsmSubject {
     }
 }
 
-keymanager_conformance::conformance_suite!(async {
-    Arc::new(SoftHsmSubject { token: token() }) as Arc<dyn Subject>
-});
+/// A token of `make`, made once per test binary (before its module is loaded here).
+fn subject(token: &'static OnceLock<SoftToken>, make: fn(&str) -> SoftToken) -> Arc<dyn Subject> {
+    let token = token.get_or_init(|| make(&format!("conformance-{}", std::process::id())));
+    Arc::new(TokenSubject { token })
+}
+
+mod softhsm {
+    use super::*;
+
+    static TOKEN: OnceLock<SoftToken> = OnceLock::new();
+
+    keymanager_conformance::conformance_suite!(async { subject(&TOKEN, peers::softhsm_token) });
+}
+
+mod kryoptic {
+    use super::*;
+
+    static TOKEN: OnceLock<SoftToken> = OnceLock::new();
+
+    keymanager_conformance::conformance_suite!(async { subject(&TOKEN, peers::kryoptic_token) });
+}

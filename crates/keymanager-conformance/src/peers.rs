@@ -7,6 +7,10 @@
 //! The interpreters and binaries come from the environment `scripts/test-all.sh` sets up
 //! (`MOTO_PYTHON`, `LOCALSTACK_PYTHON`, `GCP_FAKE_PYTHON`, `BAO_BIN`). Without it a peer test fails
 //! and says so: it never silently passes.
+//!
+//! The PKCS#11 software tokens (SoftHSM2, kryoptic) are libraries, not processes: their
+//! functions here initialise a token the test then loads the module for (`SOFTHSM2_CONF`,
+//! `KRYOPTIC_MODULE`, `KRYOPTIC_CONF`, from the same script).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -350,5 +354,126 @@ pub fn softhsm_token(label: &str) -> SoftToken {
         module: PathBuf::from(SOFTHSM2_MODULE),
         label: label.to_string(),
         pin: "1234".to_string(),
+    }
+}
+
+/// The user PIN of a [`kryoptic_token`] (kryoptic advertises a minimum PIN length of 8).
+pub const KRYOPTIC_USER_PIN: &str = "12345678";
+/// The SO PIN of a [`kryoptic_token`].
+pub const KRYOPTIC_SO_PIN: &str = "87654321";
+
+/// Initialises a fresh token labelled `label` (user PIN [`KRYOPTIC_USER_PIN`]) on kryoptic,
+/// the second software token, independent of SoftHSM2. `scripts/test-all.sh` builds its
+/// module from crates.io and names it in `KRYOPTIC_MODULE`; `KRYOPTIC_CONF` names a
+/// configuration of the run that lists several slots, each with its own SQLite store. The
+/// library reads `KRYOPTIC_CONF` when a process initialises it, so like SoftHSM2 a test
+/// binary creates its tokens before it loads the module.
+///
+/// Each call takes the first slot whose token is not initialised yet (as `pkcs11-tool -L`
+/// from Debian's `opensc` reports it) and initialises it there with `pkcs11-tool`: the slots
+/// are shared by the whole run, and a lock file beside the configuration keeps two test
+/// threads or processes from taking the same one.
+pub fn kryoptic_token(label: &str) -> SoftToken {
+    let module = interpreter("KRYOPTIC_MODULE");
+    let conf = interpreter("KRYOPTIC_CONF");
+    assert!(
+        Path::new(&module).is_file(),
+        "KRYOPTIC_MODULE={module} is not a file: run scripts/test-all.sh, which builds kryoptic"
+    );
+    let pkcs11_tool = |args: &[&str]| {
+        let output = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&module)
+            .args(args)
+            .env("KRYOPTIC_CONF", &conf)
+            .output()
+            .expect("run pkcs11-tool (Debian package opensc)");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "pkcs11-tool {args:?} on kryoptic failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    static IN_PROCESS: Mutex<()> = Mutex::new(());
+    let _in_process = IN_PROCESS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lock = std::fs::File::create(format!("{conf}.lock"))
+        .unwrap_or_else(|e| panic!("cannot create the lock file beside {conf}: {e}"));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {conf}.lock: {e}"));
+    let listing = pkcs11_tool(&["--list-slots"]);
+    let slot = free_slot(&listing).unwrap_or_else(|| {
+        panic!(
+            "every kryoptic slot listed in KRYOPTIC_CONF={conf} already has a token: \
+             give it more [[slots]] or a fresh configuration (scripts/test-all.sh writes one \
+             per run); pkcs11-tool --list-slots said:\n{listing}"
+        )
+    });
+    pkcs11_tool(&[
+        "--slot",
+        &slot,
+        "--init-token",
+        "--label",
+        label,
+        "--so-pin",
+        KRYOPTIC_SO_PIN,
+    ]);
+    pkcs11_tool(&[
+        "--slot",
+        &slot,
+        "--init-pin",
+        "--login",
+        "--so-pin",
+        KRYOPTIC_SO_PIN,
+        "--pin",
+        KRYOPTIC_USER_PIN,
+    ]);
+    SoftToken {
+        module: PathBuf::from(module),
+        label: label.to_string(),
+        pin: KRYOPTIC_USER_PIN.to_string(),
+    }
+}
+
+/// The id (`0x…`) of the first slot whose token `pkcs11-tool --list-slots` reports as
+/// uninitialised:
+///
+/// ```text
+/// Slot 0 (0x0): Kryoptic Slot
+///   token state:   uninitialized
+/// ```
+fn free_slot(listing: &str) -> Option<String> {
+    let mut slot = None;
+    for line in listing.lines() {
+        if let Some(rest) = line.strip_prefix("Slot ") {
+            slot = rest
+                .split_once('(')
+                .and_then(|(_, r)| r.split_once(')'))
+                .map(|(id, _)| id.to_string());
+        } else if line.split_whitespace().collect::<Vec<_>>()
+            == ["token", "state:", "uninitialized"]
+            && let Some(id) = slot.take()
+        {
+            return Some(id);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_slot;
+
+    #[test]
+    fn the_first_uninitialised_slot_is_free() {
+        let listing = "Available slots:\nSlot 0 (0x0): Kryoptic Slot\n  token label        : a\n  token flags        : token initialized\nSlot 1 (0x1): Kryoptic Slot\n  token state:   uninitialized\nSlot 2 (0x2): Kryoptic Slot\n  token state:   uninitialized\n";
+        assert_eq!(free_slot(listing).as_deref(), Some("0x1"));
+        assert_eq!(
+            free_slot("Available slots:\nSlot 0 (0x0): x\n  token label : a\n"),
+            None
+        );
     }
 }
