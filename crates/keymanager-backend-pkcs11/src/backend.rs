@@ -676,20 +676,19 @@ impl Backend for Pkcs11Backend {
             .run(format!("signing with {}", key.locator()), move |session| {
                 let mechanism = mechanism.build();
                 match session.sign(&mechanism, cached, &data) {
-                    // The handle went stale (another session layout, a token reload):
-                    // find the key again by its CKA_ID.
-                    Err(cryptoki::error::Error::Pkcs11(
-                        cryptoki::error::RvError::KeyHandleInvalid
-                        | cryptoki::error::RvError::ObjectHandleInvalid,
-                        _,
-                    )) => match private_key(session, &id)? {
-                        Some(object) => session.sign(&mechanism, object, &data),
+                    Ok(signature) => Ok(signature),
+                    Err(e) if crate::errors::is_session_lost(&e) => Err(e),
+                    // The cached handle may be stale (the token reloaded its objects), or the
+                    // key gone (the token was re-initialised: some tokens then answer
+                    // CKR_GENERAL_ERROR): ask the token for the key by its CKA_ID.
+                    Err(e) => match private_key(session, &id)? {
+                        Some(object) if object != cached => session.sign(&mechanism, object, &data),
+                        Some(_) => Err(e),
                         None => Err(cryptoki::error::Error::Pkcs11(
                             cryptoki::error::RvError::KeyHandleInvalid,
                             cryptoki::context::Function::Sign,
                         )),
                     },
-                    other => other,
                 }
             })
             .await?;

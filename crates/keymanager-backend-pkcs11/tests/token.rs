@@ -1,4 +1,5 @@
-//! The `pkcs11` backend against a SoftHSM2 token, as an operator would check it: keys are
+//! The `pkcs11` backend against two independent software tokens (SoftHSM2 and kryoptic),
+//! as an operator would check it: keys are
 //! sensitive and never extractable (asked of the token itself), concurrent signers all
 //! succeed, a session lost behind the plugin's back costs no failed signature, and bad
 //! configuration (wrong PIN, missing token, wrong module) fails Configure clearly — a
@@ -22,17 +23,39 @@ use keymanager_engine::{
     KeyType, SignatureScheme, SignerOpts,
 };
 
-fn token() -> &'static SoftToken {
-    static TOKEN: OnceLock<SoftToken> = OnceLock::new();
-    TOKEN.get_or_init(|| peers::softhsm_token(&format!("token-tests-{}", std::process::id())))
+/// Which token a case runs on.
+#[derive(Clone, Copy)]
+enum Peer {
+    SoftHsm,
+    Kryoptic,
+}
+
+impl Peer {
+    /// A fresh token named `name` on this peer.
+    fn token(self, name: &str) -> SoftToken {
+        let label = format!("{name}-{}", std::process::id());
+        match self {
+            Self::SoftHsm => peers::softhsm_token(&label),
+            Self::Kryoptic => peers::kryoptic_token(&label),
+        }
+    }
+
+    /// The token the cases share on this peer.
+    fn shared(self) -> &'static SoftToken {
+        static SOFTHSM: OnceLock<SoftToken> = OnceLock::new();
+        static KRYOPTIC: OnceLock<SoftToken> = OnceLock::new();
+        match self {
+            Self::SoftHsm => SOFTHSM.get_or_init(|| self.token("token-tests")),
+            Self::Kryoptic => KRYOPTIC.get_or_init(|| self.token("token-tests")),
+        }
+    }
 }
 
 /// Tests that log in, log out or count logins run one at a time: login state is per
 /// process and token.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn config(pairs: &[(&str, &str)]) -> Result<KmsConfig<Pkcs11Backend>, String> {
-    let token = token();
+fn config(token: &SoftToken, pairs: &[(&str, &str)]) -> Result<KmsConfig<Pkcs11Backend>, String> {
     let mut values: BTreeMap<String, SettingValue> = [
         ("module", token.module.display().to_string()),
         ("token_label", token.label.clone()),
@@ -53,8 +76,8 @@ fn config(pairs: &[(&str, &str)]) -> Result<KmsConfig<Pkcs11Backend>, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn start(pairs: &[(&str, &str)]) -> Arc<dyn KeyService> {
-    config(pairs)
+async fn start(token: &SoftToken, pairs: &[(&str, &str)]) -> Arc<dyn KeyService> {
+    config(token, pairs)
         .expect("valid")
         .open()
         .await
@@ -87,8 +110,7 @@ async fn sign_and_verify(service: &dyn KeyService, key: &str, key_type: KeyType,
 }
 
 /// A session of the test's own on the token, logged in.
-fn own_session() -> (Pkcs11, Session) {
-    let token = token();
+fn own_session(token: &SoftToken) -> (Pkcs11, Session) {
     let context = Pkcs11::new(&token.module).expect("module");
     match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
@@ -113,17 +135,16 @@ fn own_session() -> (Pkcs11, Session) {
     (context, session)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn private_keys_are_sensitive_and_never_extractable() {
+async fn private_keys_are_sensitive_and_never_extractable(peer: Peer) {
     let _one = SERIAL.lock().await;
-    let service = start(&[("key_identifier_value", "attributes")]).await;
+    let service = start(peer.shared(), &[("key_identifier_value", "attributes")]).await;
     for (key, key_type) in [("ec", KeyType::EcP256), ("rsa", KeyType::Rsa2048)] {
         service
             .generate_key(id(key), key_type)
             .await
             .expect("generate");
     }
-    let (_context, session) = own_session();
+    let (_context, session) = own_session(peer.shared());
     let private: Vec<_> = session
         .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
         .expect("find")
@@ -176,9 +197,8 @@ async fn private_keys_are_sensitive_and_never_extractable() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sixteen_concurrent_signers_all_succeed() {
-    let service = start(&[("key_identifier_value", "concurrent")]).await;
+async fn sixteen_concurrent_signers_all_succeed(peer: Peer) {
+    let service = start(peer.shared(), &[("key_identifier_value", "concurrent")]).await;
     service
         .generate_key(id("k"), KeyType::EcP256)
         .await
@@ -214,10 +234,9 @@ async fn sixteen_concurrent_signers_all_succeed() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_logout_behind_the_plugins_back_costs_no_failed_signature() {
+async fn a_logout_behind_the_plugins_back_costs_no_failed_signature(peer: Peer) {
     let _one = SERIAL.lock().await;
-    let service = start(&[("key_identifier_value", "logged-out")]).await;
+    let service = start(peer.shared(), &[("key_identifier_value", "logged-out")]).await;
     service
         .generate_key(id("k"), KeyType::Rsa2048)
         .await
@@ -226,19 +245,22 @@ async fn a_logout_behind_the_plugins_back_costs_no_failed_signature() {
     sign_and_verify(&*service, "k", KeyType::Rsa2048, opts).await;
     // Login state is the application's: logging out one session logs out every session
     // of this process, the plugin's included (CKR_USER_NOT_LOGGED_IN on its next C_Sign).
-    let (_context, session) = own_session();
+    let (_context, session) = own_session(peer.shared());
     session.logout().expect("logout");
     sign_and_verify(&*service, "k", KeyType::Rsa2048, opts).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_wrong_pin_fails_configure_after_one_login_attempt() {
+async fn a_wrong_pin_fails_configure_after_one_login_attempt(peer: Peer) {
     let _one = SERIAL.lock().await;
     // Log every session out first, so the plugin must log in.
-    let (_context, session) = own_session();
+    let (_context, session) = own_session(peer.shared());
     let _ = session.logout();
     drop(session);
-    let wrong = config(&[("pin", "0000"), ("key_identifier_value", "wrong-pin")]).expect("valid");
+    let wrong = config(
+        peer.shared(),
+        &[("pin", "00000000"), ("key_identifier_value", "wrong-pin")],
+    )
+    .expect("valid");
     let error = match Pkcs11Backend::open(&wrong, "wrong-pin".into()).await {
         Ok(_) => panic!("a wrong PIN must fail"),
         Err(e) => e,
@@ -254,17 +276,19 @@ async fn a_wrong_pin_fails_configure_after_one_login_attempt() {
         "{}",
         error.message
     );
-    assert!(!error.message.contains("0000"), "{}", error.message);
+    assert!(!error.message.contains("00000000"), "{}", error.message);
     // One attempt: the token is not locked; the right PIN still works.
-    let backend = Pkcs11Backend::open(&config(&[]).expect("valid"), "right-pin".into())
-        .await
-        .expect("the right PIN works after one wrong attempt");
+    let backend = Pkcs11Backend::open(
+        &config(peer.shared(), &[]).expect("valid"),
+        "right-pin".into(),
+    )
+    .await
+    .expect("the right PIN works after one wrong attempt");
     assert!(backend.login_attempts() <= 1);
 }
 
-#[tokio::test]
-async fn a_missing_token_or_a_wrong_module_fails_configure_naming_it() {
-    let missing = config(&[("token_label", "no-such-token")]).expect("valid");
+async fn a_missing_token_or_a_wrong_module_fails_configure_naming_it(peer: Peer) {
+    let missing = config(peer.shared(), &[("token_label", "no-such-token")]).expect("valid");
     let error = match Pkcs11Backend::open(&missing, "x".into()).await {
         Ok(_) => panic!("no such token"),
         Err(e) => e,
@@ -272,12 +296,13 @@ async fn a_missing_token_or_a_wrong_module_fails_configure_naming_it() {
     assert_eq!(error.kind, BackendErrorKind::FailedPrecondition);
     assert!(error.message.contains("no-such-token"), "{}", error.message);
     assert!(
-        error.message.contains(&token().label),
+        error.message.contains(&peer.shared().label),
         "lists the tokens present: {}",
         error.message
     );
 
-    let no_module = config(&[("module", "/nonexistent/libpkcs11.so")]).expect("valid");
+    let no_module =
+        config(peer.shared(), &[("module", "/nonexistent/libpkcs11.so")]).expect("valid");
     let error = match Pkcs11Backend::open(&no_module, "x".into()).await {
         Ok(_) => panic!("no such module"),
         Err(e) => e,
@@ -294,37 +319,16 @@ async fn a_missing_token_or_a_wrong_module_fails_configure_naming_it() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn keys_gone_with_a_reinitialised_token_are_not_found_clearly() {
+async fn keys_gone_with_a_reinitialised_token_are_not_found_clearly(peer: Peer) {
     let _one = SERIAL.lock().await;
-    let label = format!("reinit-{}", std::process::id());
-    let token = peers::softhsm_token(&label);
-    let service = start(&[
-        ("token_label", label.as_str()),
-        ("key_identifier_value", "reinit"),
-    ])
-    .await;
+    let token = peer.token("reinit");
+    let service = start(&token, &[("key_identifier_value", "reinit")]).await;
     service
         .generate_key(id("k"), KeyType::EcP256)
         .await
         .expect("generate");
     // The security officer re-initialises the token: every object on it is gone.
-    let output = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--token",
-            &token.label,
-            "--label",
-            &token.label,
-        ])
-        .args(["--pin", &token.pin, "--so-pin", "5678"])
-        .output()
-        .expect("softhsm2-util");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    token.reinitialise();
     let error = service
         .sign(
             &id("k"),
@@ -337,3 +341,33 @@ async fn keys_gone_with_a_reinitialised_token_are_not_found_clearly() {
     let text = error.to_string();
     assert!(text.contains("gone from the token"), "{text}");
 }
+
+macro_rules! on_both_tokens {
+    ($($case:ident),* $(,)?) => {
+        mod softhsm {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(super::Peer::SoftHsm).await
+                }
+            )*
+        }
+        mod kryoptic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(super::Peer::Kryoptic).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_tokens!(
+    private_keys_are_sensitive_and_never_extractable,
+    sixteen_concurrent_signers_all_succeed,
+    a_logout_behind_the_plugins_back_costs_no_failed_signature,
+    a_wrong_pin_fails_configure_after_one_login_attempt,
+    a_missing_token_or_a_wrong_module_fails_configure_naming_it,
+    keys_gone_with_a_reinitialised_token_are_not_found_clearly,
+);

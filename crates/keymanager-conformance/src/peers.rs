@@ -320,6 +320,45 @@ pub struct SoftToken {
     pub label: String,
     /// The user PIN.
     pub pin: String,
+    /// The security officer's PIN.
+    pub so_pin: String,
+}
+
+impl SoftToken {
+    /// Re-initialises the token as its security officer would (`pkcs11-tool`, any module):
+    /// every object on it is gone; same label and PINs.
+    pub fn reinitialise(&self) {
+        let run = |args: &[&str]| {
+            let output = Command::new("pkcs11-tool")
+                .arg("--module")
+                .arg(&self.module)
+                .args(["--token-label", &self.label])
+                .args(args)
+                .output()
+                .expect("run pkcs11-tool (Debian package opensc)");
+            assert!(
+                output.status.success(),
+                "pkcs11-tool {args:?}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        run(&[
+            "--init-token",
+            "--label",
+            &self.label,
+            "--so-pin",
+            &self.so_pin,
+        ]);
+        run(&[
+            "--init-pin",
+            "--login",
+            "--so-pin",
+            &self.so_pin,
+            "--pin",
+            &self.pin,
+        ]);
+    }
 }
 
 /// SoftHSM2's module from Debian's `softhsm2` package.
@@ -354,6 +393,7 @@ pub fn softhsm_token(label: &str) -> SoftToken {
         module: PathBuf::from(SOFTHSM2_MODULE),
         label: label.to_string(),
         pin: "1234".to_string(),
+        so_pin: "5678".to_string(),
     }
 }
 
@@ -435,6 +475,7 @@ pub fn kryoptic_token(label: &str) -> SoftToken {
         module: PathBuf::from(module),
         label: label.to_string(),
         pin: KRYOPTIC_USER_PIN.to_string(),
+        so_pin: KRYOPTIC_SO_PIN.to_string(),
     }
 }
 
