@@ -152,7 +152,9 @@ func TestRealSpireServerPkcs11(t *testing.T) {
 			s.storeKeys = func() map[string]crypto.PublicKey { return tokenKeys(t, token, "server-a") }
 			s.start(1)
 			root := s.mintAndVerify(t)
-			requireCleanPluginExitOf(t, s.stop())
+			log := s.stop()
+			requireCleanPluginExitOf(t, log)
+			require.Contains(t, log, "PKCS#11 module finalised (C_Finalize)", "the module is finalised at shutdown")
 			s.start(2)
 			require.True(t, s.mintAndVerify(t).PublicKey.(equaler).Equal(root.PublicKey), "restart reuses the CA key on the token")
 			requireCleanPluginExitOf(t, s.stop())

@@ -139,10 +139,16 @@ impl Module {
 
 impl Drop for Module {
     fn drop(&mut self) {
-        if self.finalize_on_drop
-            && let Err(e) = self.context.clone().finalize()
-        {
-            tracing::warn!(module = %self.path.display(), error = %e, "C_Finalize failed");
+        if !self.finalize_on_drop {
+            return;
+        }
+        match self.context.clone().finalize() {
+            Ok(()) => {
+                tracing::info!(module = %self.path.display(), "PKCS#11 module finalised (C_Finalize)")
+            }
+            Err(e) => {
+                tracing::warn!(module = %self.path.display(), error = %e, "C_Finalize failed")
+            }
         }
     }
 }
