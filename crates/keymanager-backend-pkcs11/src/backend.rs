@@ -435,6 +435,32 @@ impl Pkcs11Backend {
     }
 }
 
+/// How the token makes `key_type`: (RSA?, modulus bits), or an error naming the mechanism
+/// it lacks.
+fn generation(
+    mechanisms: Mechanisms,
+    key_type: KeyType,
+    token: &str,
+) -> Result<(bool, usize), BackendError> {
+    let cannot = |why: String| {
+        BackendError::new(
+            BackendErrorKind::InvalidArgument,
+            format!("token {token:?} cannot generate {key_type} keys: {why}"),
+        )
+    };
+    match key_type.rsa_bits() {
+        None if mechanisms.ec_generate => Ok((false, 0)),
+        None => Err(cannot("it offers no CKM_EC_KEY_PAIR_GEN".into())),
+        Some(bits) => match mechanisms.rsa_generate {
+            Some((min, max)) if (min..=max).contains(&bits) => Ok((true, bits)),
+            Some((min, max)) => Err(cannot(format!(
+                "its CKM_RSA_PKCS_KEY_PAIR_GEN makes {min} to {max} bits"
+            ))),
+            None => Err(cannot("it offers no CKM_RSA_PKCS_KEY_PAIR_GEN".into())),
+        },
+    }
+}
+
 /// The live key of each id: the newest.
 fn newest_live(found: &[Found]) -> HashMap<&str, &Found> {
     let mut best: HashMap<&str, &Found> = HashMap::new();
@@ -501,42 +527,7 @@ impl Backend for Pkcs11Backend {
             ));
         }
         // (RSA?, bits): a `Mechanism` holds raw pointers and is built on the blocking thread.
-        let (rsa, bits) = match key_type {
-            KeyType::EcP256 | KeyType::EcP384 if !self.mechanisms.ec_generate => {
-                return Err(BackendError::new(
-                    BackendErrorKind::InvalidArgument,
-                    format!(
-                        "token {:?} cannot generate {key_type} keys: it offers no CKM_EC_KEY_PAIR_GEN",
-                        self.token_label
-                    ),
-                ));
-            }
-            KeyType::EcP256 | KeyType::EcP384 => (false, 0),
-            KeyType::Rsa2048 | KeyType::Rsa4096 => {
-                let bits = key_type.rsa_bits().unwrap_or(2048);
-                match self.mechanisms.rsa_generate {
-                    Some((min, max)) if (min..=max).contains(&bits) => (true, bits),
-                    Some((min, max)) => {
-                        return Err(BackendError::new(
-                            BackendErrorKind::InvalidArgument,
-                            format!(
-                                "token {:?} cannot generate {key_type} keys: its CKM_RSA_PKCS_KEY_PAIR_GEN makes {min} to {max} bits",
-                                self.token_label
-                            ),
-                        ));
-                    }
-                    None => {
-                        return Err(BackendError::new(
-                            BackendErrorKind::InvalidArgument,
-                            format!(
-                                "token {:?} cannot generate {key_type} keys: it offers no CKM_RSA_PKCS_KEY_PAIR_GEN",
-                                self.token_label
-                            ),
-                        ));
-                    }
-                }
-            }
-        };
+        let (rsa, bits) = generation(self.mechanisms, key_type, &self.token_label)?;
         let mut object_id = vec![0u8; 16];
         getrandom::fill(&mut object_id).map_err(|e| {
             BackendError::new(
@@ -772,5 +763,78 @@ impl KeyLifecycle for Pkcs11Backend {
                 )
             })?;
         self.destroy(Arc::from(id), &record.locator).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_type_the_token_cannot_make_names_the_mechanism() {
+        let none = Mechanisms {
+            ec_generate: false,
+            rsa_generate: None,
+            ecdsa: false,
+            rsa_pkcs: false,
+            rsa_pss: false,
+        };
+        let error = generation(none, KeyType::EcP384, "hsm").expect_err("no EC");
+        assert_eq!(error.kind, BackendErrorKind::InvalidArgument);
+        assert!(
+            error.message.contains("CKM_EC_KEY_PAIR_GEN"),
+            "{}",
+            error.message
+        );
+        let error = generation(none, KeyType::Rsa2048, "hsm").expect_err("no RSA");
+        assert!(
+            error.message.contains("CKM_RSA_PKCS_KEY_PAIR_GEN"),
+            "{}",
+            error.message
+        );
+        let small = Mechanisms {
+            rsa_generate: Some((1024, 2048)),
+            ..none
+        };
+        assert_eq!(
+            generation(small, KeyType::Rsa2048, "hsm").ok(),
+            Some((true, 2048))
+        );
+        let error = generation(small, KeyType::Rsa4096, "hsm").expect_err("too big");
+        assert!(
+            error.message.contains("1024 to 2048 bits"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn signing_capabilities_follow_the_mechanisms() {
+        let ec_only = Mechanisms {
+            ec_generate: true,
+            rsa_generate: None,
+            ecdsa: true,
+            rsa_pkcs: false,
+            rsa_pss: false,
+        };
+        let caps = capabilities(ec_only);
+        let sha256 = HashAlgorithm::Sha256;
+        assert!(caps.supports(KeyType::EcP256, SignatureScheme::Ecdsa(sha256)));
+        assert!(!caps.supports(KeyType::Rsa2048, SignatureScheme::RsaPkcs1v15(sha256)));
+        let rsa = Mechanisms {
+            rsa_generate: Some((1024, 4096)),
+            rsa_pkcs: true,
+            ..ec_only
+        };
+        let caps = capabilities(rsa);
+        assert!(caps.supports(KeyType::Rsa4096, SignatureScheme::RsaPkcs1v15(sha256)));
+        assert!(!caps.supports(
+            KeyType::Rsa4096,
+            SignatureScheme::RsaPss {
+                hash: sha256,
+                salt: keymanager_engine::PssSaltLength::EqualsHash,
+                salt_len: 32
+            }
+        ));
     }
 }

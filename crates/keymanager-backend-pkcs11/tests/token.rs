@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
@@ -16,6 +17,7 @@ use cryptoki::types::AuthPin;
 use keymanager_backend_pkcs11::{Pkcs11Backend, Pkcs11Factory};
 use keymanager_conformance::peers::{self, SoftToken};
 use keymanager_conformance::verify;
+use keymanager_engine::KeyHandle as _;
 use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::settings::{SettingValue, Settings};
 use keymanager_engine::{
@@ -342,6 +344,76 @@ async fn keys_gone_with_a_reinitialised_token_are_not_found_clearly(peer: Peer) 
     assert!(text.contains("gone from the token"), "{text}");
 }
 
+async fn the_sweep_destroys_this_servers_unpublished_leftovers_only(peer: Peer) {
+    use keymanager_engine::Backend as _;
+    use keymanager_engine::lifecycle::SweepPolicy;
+    let token = peer.shared();
+    // A GenerateKey that died after its prepare step: a pending pair on the token.
+    let leftover_config = config(token, &[("key_identifier_value", "leftovers")]).expect("valid");
+    let backend = Pkcs11Backend::open(&leftover_config, "leftovers".into())
+        .await
+        .expect("open");
+    let leftover = backend
+        .prepare(&id("k"), KeyType::EcP256, None)
+        .await
+        .expect("prepare");
+    // Another server's pending pair on the same token.
+    let other_config = config(token, &[("key_identifier_value", "someone-else")]).expect("valid");
+    let other = Pkcs11Backend::open(&other_config, "someone-else".into())
+        .await
+        .expect("open");
+    other
+        .prepare(&id("k"), KeyType::EcP256, None)
+        .await
+        .expect("prepare");
+    let count = |server: &'static str| {
+        let (_context, session) = own_session(token);
+        session
+            .find_objects(&[])
+            .expect("find")
+            .into_iter()
+            .filter(|o| {
+                session
+                    .get_attributes(*o, &[AttributeType::Label])
+                    .map(|a| matches!(&a[..], [Attribute::Label(l)] if String::from_utf8_lossy(l).contains(&format!(":{server}:"))))
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    assert_eq!(count("leftovers"), 2, "a private and a public object");
+    let service = start(token, &[("key_identifier_value", "leftovers")]).await;
+    assert!(
+        service.public_key(&id("k")).is_err(),
+        "discovery skips a pending key"
+    );
+    let report = service
+        .sweep(SweepPolicy {
+            half_created_grace: Duration::ZERO,
+            max_clock_skew: Duration::ZERO,
+            ..SweepPolicy::default()
+        })
+        .await
+        .expect("sweep")
+        .expect("a report");
+    assert_eq!(report.deleted(), 1, "{report:?}");
+    assert!(
+        report
+            .decisions
+            .iter()
+            .any(|d| d.locator() == leftover.locator())
+    );
+    assert_eq!(
+        count("leftovers"),
+        0,
+        "both objects of the leftover are destroyed"
+    );
+    assert_eq!(
+        count("someone-else"),
+        2,
+        "another server's objects are never touched"
+    );
+}
+
 macro_rules! on_both_tokens {
     ($($case:ident),* $(,)?) => {
         mod softhsm {
@@ -370,4 +442,5 @@ on_both_tokens!(
     a_wrong_pin_fails_configure_after_one_login_attempt,
     a_missing_token_or_a_wrong_module_fails_configure_naming_it,
     keys_gone_with_a_reinitialised_token_are_not_found_clearly,
+    the_sweep_destroys_this_servers_unpublished_leftovers_only,
 );
