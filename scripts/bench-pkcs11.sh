@@ -13,7 +13,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-cargo build --release -q -p kms-keymanager -p keymanager-backend-pkcs11 --example raw_sign_bench
+cargo build --release -q -p kms-keymanager
+cargo build --release -q -p keymanager-backend-pkcs11 --example raw_sign_bench
 mkdir -p "$WORK/tokens"
 printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$WORK/tokens" >"$WORK/softhsm2.conf"
 export SOFTHSM2_CONF=$WORK/softhsm2.conf
