@@ -9,10 +9,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"path/filepath"
-	"sort"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
 )
@@ -68,45 +65,8 @@ func goKey(b *testing.B, kt keymanager.KeyType) crypto.Signer {
 	return key
 }
 
-// benchSign runs b.N signatures over `concurrency` goroutines and reports p50/p99 latency
-// and signatures per second next to Go's ns/op.
+// benchSign runs b.N SHA-256 signatures over `concurrency` goroutines and reports
+// p50/p99 latency and signatures per second next to Go's ns/op (see benchSignHash).
 func benchSign(b *testing.B, signer crypto.Signer, digest []byte, concurrency int) {
-	var mu sync.Mutex
-	latencies := make([]time.Duration, 0, b.N)
-	var wg sync.WaitGroup
-	work := make(chan struct{}, b.N)
-	for i := 0; i < b.N; i++ {
-		work <- struct{}{}
-	}
-	close(work)
-	b.ResetTimer()
-	start := time.Now()
-	for w := 0; w < concurrency; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			local := make([]time.Duration, 0, b.N/concurrency+1)
-			for range work {
-				t := time.Now()
-				if _, err := signer.Sign(rand.Reader, digest, crypto.SHA256); err != nil {
-					b.Error(err)
-					return
-				}
-				local = append(local, time.Since(t))
-			}
-			mu.Lock()
-			latencies = append(latencies, local...)
-			mu.Unlock()
-		}()
-	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	b.StopTimer()
-	sort.Slice(latencies, func(i, j int) bool { return latencies[i] < latencies[j] })
-	if len(latencies) == 0 {
-		return
-	}
-	b.ReportMetric(float64(latencies[len(latencies)/2].Microseconds()), "p50-µs")
-	b.ReportMetric(float64(latencies[len(latencies)*99/100].Microseconds()), "p99-µs")
-	b.ReportMetric(float64(len(latencies))/elapsed.Seconds(), "signs/s")
+	benchSignHash(b, signer, digest, crypto.SHA256, concurrency)
 }

@@ -54,7 +54,8 @@ func BenchmarkPkcs11SignDataAsSpireSeesIt(b *testing.B) {
 	}
 }
 
-// benchSignHash is benchSign with the digest's hash given.
+// benchSignHash runs b.N signatures of `digest` (made with `hash`) over `concurrency`
+// goroutines and reports p50/p99 latency and signatures per second next to Go's ns/op.
 func benchSignHash(b *testing.B, signer crypto.Signer, digest []byte, hash crypto.Hash, concurrency int) {
 	var mu sync.Mutex
 	latencies := make([]time.Duration, 0, b.N)

@@ -45,33 +45,9 @@ const CONCURRENCY: usize = 16;
 /// KMS's deletion window for replaced keys.
 const DELETION_WINDOW_DAYS: i32 = 7;
 
-/// What AWS KMS signs: ECDSA only with the curve's own hash; RSA PKCS#1 and PSS with
-/// SHA-256/384/512; PSS always with a salt as long as the hash.
-const SIGNING: &[(KeyType, SchemeFamily, HashAlgorithm)] = {
-    use HashAlgorithm::{Sha256, Sha384, Sha512};
-    use KeyType::{EcP256, EcP384, Rsa2048, Rsa4096};
-    use SchemeFamily::{Ecdsa, RsaPkcs1v15 as Pkcs1, RsaPss as Pss};
-    &[
-        (EcP256, Ecdsa, Sha256),
-        (EcP384, Ecdsa, Sha384),
-        (Rsa2048, Pkcs1, Sha256),
-        (Rsa2048, Pkcs1, Sha384),
-        (Rsa2048, Pkcs1, Sha512),
-        (Rsa2048, Pss, Sha256),
-        (Rsa2048, Pss, Sha384),
-        (Rsa2048, Pss, Sha512),
-        (Rsa4096, Pkcs1, Sha256),
-        (Rsa4096, Pkcs1, Sha384),
-        (Rsa4096, Pkcs1, Sha512),
-        (Rsa4096, Pss, Sha256),
-        (Rsa4096, Pss, Sha384),
-        (Rsa4096, Pss, Sha512),
-    ]
-};
-
 const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
-    signing: SigningSupport::Only(SIGNING),
+    signing: SigningSupport::CURVE_HASH_ECDSA_AND_RSA_SHA2,
     pss_salt: PssSaltSupport::HashLengthOnly,
     key_algorithm_name: None,
 };

@@ -22,7 +22,7 @@ use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::settings::{SettingValue, Settings};
 use keymanager_engine::{
     BackendConfig, BackendErrorKind, CoreConfig, EngineOptions, HashAlgorithm, KeyId, KeyService,
-    KeyType, SignatureScheme, SignerOpts,
+    KeyType, SignerOpts,
 };
 
 /// Which token a case runs on.
@@ -94,21 +94,9 @@ fn id(s: &str) -> KeyId {
 }
 
 async fn sign_and_verify(service: &dyn KeyService, key: &str, key_type: KeyType, opts: SignerOpts) {
-    let message = format!("signed on the token by {key}");
-    let digest = verify::digest(opts.hash(), message.as_bytes());
-    let signature = service
-        .sign(&id(key), digest, opts, None)
+    verify::sign_and_verify(service, key, key_type, opts)
         .await
-        .expect("sign");
-    let public = service.public_key(&id(key)).expect("public key");
-    verify::verify(
-        &public.spki_der,
-        key_type,
-        SignatureScheme::resolve(key_type, opts).expect("scheme"),
-        message.as_bytes(),
-        &signature.bytes,
-    )
-    .expect("verifies");
+        .expect("the signature verifies against the served public key");
 }
 
 /// A session of the test's own on the token, logged in.

@@ -24,8 +24,7 @@ use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::lifecycle::{KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity};
 use keymanager_engine::{
     Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, HashAlgorithm,
-    KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
-    StoredKey,
+    KeyHandle, KeyId, KeyType, PssSaltSupport, SignatureScheme, SigningSupport, StoredKey,
 };
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -40,33 +39,9 @@ use crate::session::Session;
 /// Keys read at once during discovery and listing.
 const CONCURRENCY: usize = 16;
 
-/// What Transit signs: ECDSA with the curve's own hash (as SPIRE's built-in), RSA PKCS#1
-/// v1.5 and PSS with SHA-256/384/512 and any salt that fits.
-const SIGNING: &[(KeyType, SchemeFamily, HashAlgorithm)] = {
-    use HashAlgorithm::{Sha256, Sha384, Sha512};
-    use KeyType::{EcP256, EcP384, Rsa2048, Rsa4096};
-    use SchemeFamily::{Ecdsa, RsaPkcs1v15 as Pkcs1, RsaPss as Pss};
-    &[
-        (EcP256, Ecdsa, Sha256),
-        (EcP384, Ecdsa, Sha384),
-        (Rsa2048, Pkcs1, Sha256),
-        (Rsa2048, Pkcs1, Sha384),
-        (Rsa2048, Pkcs1, Sha512),
-        (Rsa2048, Pss, Sha256),
-        (Rsa2048, Pss, Sha384),
-        (Rsa2048, Pss, Sha512),
-        (Rsa4096, Pkcs1, Sha256),
-        (Rsa4096, Pkcs1, Sha384),
-        (Rsa4096, Pkcs1, Sha512),
-        (Rsa4096, Pss, Sha256),
-        (Rsa4096, Pss, Sha384),
-        (Rsa4096, Pss, Sha512),
-    ]
-};
-
 const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
-    signing: SigningSupport::Only(SIGNING),
+    signing: SigningSupport::CURVE_HASH_ECDSA_AND_RSA_SHA2,
     pss_salt: PssSaltSupport::Any,
     key_algorithm_name: None,
 };

@@ -12,8 +12,7 @@ use keymanager_conformance::proxy::FaultProxy;
 use keymanager_conformance::verify;
 use keymanager_engine::settings::{SettingValue, Settings};
 use keymanager_engine::{
-    BackendConfig, CoreConfig, EngineOptions, HashAlgorithm, KeyId, KeyService, KeyType,
-    SignatureScheme, SignerOpts,
+    BackendConfig, CoreConfig, EngineOptions, HashAlgorithm, KeyId, KeyService, KeyType, SignerOpts,
 };
 use serde_json::{Value, json};
 
@@ -80,21 +79,13 @@ fn id(s: &str) -> KeyId {
 }
 
 async fn sign_and_verify(service: &dyn KeyService, key: &str) {
-    let message = b"signed inside Vault";
-    let digest = verify::digest(HashAlgorithm::Sha256, message);
-    let opts = SignerOpts::Hash(HashAlgorithm::Sha256);
-    let signature = service
-        .sign(&id(key), digest, opts, None)
-        .await
-        .expect("sign");
-    let public = service.public_key(&id(key)).expect("public key");
-    verify::verify(
-        &public.spki_der,
+    verify::sign_and_verify(
+        service,
+        key,
         KeyType::EcP256,
-        SignatureScheme::resolve(KeyType::EcP256, opts).expect("scheme"),
-        message,
-        &signature.bytes,
+        SignerOpts::Hash(HashAlgorithm::Sha256),
     )
+    .await
     .expect("the signature verifies against the served public key");
 }
 

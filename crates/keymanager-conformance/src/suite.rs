@@ -180,37 +180,6 @@ fn id(s: &str) -> KeyId {
     KeyId::new(s).expect("non-empty id")
 }
 
-/// Signs `message` under `scheme` through the engine and checks it independently.
-async fn sign_and_verify(
-    service: &dyn KeyService,
-    key: &str,
-    key_type: KeyType,
-    opts: SignerOpts,
-) -> Result<(), String> {
-    let message = format!("conformance message for {key} with {opts:?}");
-    let hashed = verify::digest(opts.hash(), message.as_bytes());
-    let signature = service
-        .sign(&id(key), hashed, opts, None)
-        .await
-        .map_err(|e| format!("{key} {opts:?}: {e}"))?;
-    let public = service.public_key(&id(key)).map_err(|e| e.to_string())?;
-    if signature.fingerprint != public.fingerprint {
-        return Err(format!(
-            "{key}: signed by another key than the one published"
-        ));
-    }
-    let scheme = SignatureScheme::resolve(key_type, opts).map_err(|e| e.to_string())?;
-    verify::verify(
-        &public.spki_der,
-        key_type,
-        scheme,
-        message.as_bytes(),
-        &signature.bytes,
-    )
-    .map(drop)
-    .map_err(|e| format!("{key} {opts:?}: {e}"))
-}
-
 /// Every signer option the capabilities declare for `key_type`.
 fn declared(capabilities: &Capabilities, key_type: KeyType) -> Vec<SignerOpts> {
     let mut out = Vec::new();
@@ -271,7 +240,7 @@ pub async fn lifecycle(h: &Harness) {
         let opts = *declared(&capabilities, key_type)
             .first()
             .unwrap_or_else(|| panic!("{key_type} is creatable but declares no signing"));
-        sign_and_verify(service.as_ref(), &key, key_type, opts)
+        verify::sign_and_verify(service.as_ref(), &key, key_type, opts)
             .await
             .expect("a fresh key signs verifiably");
         created.insert((key, public.fingerprint.to_string()));
@@ -334,7 +303,7 @@ pub async fn signs_every_declared_capability(h: &Harness) {
             .expect("generate");
         for opts in declared(&capabilities, key_type) {
             checked += 1;
-            if let Err(e) = sign_and_verify(service.as_ref(), &key, key_type, opts).await {
+            if let Err(e) = verify::sign_and_verify(service.as_ref(), &key, key_type, opts).await {
                 failures.push(e);
             }
         }

@@ -6,7 +6,7 @@
 //! and the rest with RustCrypto (checked by RustCrypto's verifiers here and by Go's crypto in
 //! the SPIRE tests).
 
-use keymanager_engine::{HashAlgorithm, KeyType, SignatureScheme};
+use keymanager_engine::{HashAlgorithm, KeyId, KeyService, KeyType, SignatureScheme, SignerOpts};
 use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
 
 /// The digest of `message` under `hash`.
@@ -247,6 +247,40 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         return None;
     }
     Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// Signs a message under `opts` with the key `key` through the engine (as SPIRE would) and
+/// checks the signature independently against the public key the engine serves, and that
+/// the key that signed is the one published.
+pub async fn sign_and_verify(
+    service: &dyn KeyService,
+    key: &str,
+    key_type: KeyType,
+    opts: SignerOpts,
+) -> Result<(), String> {
+    let id = KeyId::new(key).map_err(|e| e.to_string())?;
+    let message = format!("conformance message for {key} with {opts:?}");
+    let hashed = digest(opts.hash(), message.as_bytes());
+    let signature = service
+        .sign(&id, hashed, opts, None)
+        .await
+        .map_err(|e| format!("{key} {opts:?}: {e}"))?;
+    let public = service.public_key(&id).map_err(|e| e.to_string())?;
+    if signature.fingerprint != public.fingerprint {
+        return Err(format!(
+            "{key}: signed by another key than the one published"
+        ));
+    }
+    let scheme = SignatureScheme::resolve(key_type, opts).map_err(|e| e.to_string())?;
+    verify(
+        &public.spki_der,
+        key_type,
+        scheme,
+        message.as_bytes(),
+        &signature.bytes,
+    )
+    .map(drop)
+    .map_err(|e| format!("{key} {opts:?}: {e}"))
 }
 
 #[cfg(test)]

@@ -158,6 +158,32 @@ pub enum SigningSupport {
     Only(&'static [(KeyType, SchemeFamily, HashAlgorithm)]),
 }
 
+impl SigningSupport {
+    /// What AWS KMS and Vault Transit sign (as declared here): ECDSA only with the curve's
+    /// own hash; RSA PKCS#1 v1.5 and PSS with SHA-256, SHA-384 and SHA-512.
+    pub const CURVE_HASH_ECDSA_AND_RSA_SHA2: Self = Self::Only({
+        use HashAlgorithm::{Sha256, Sha384, Sha512};
+        use KeyType::{EcP256, EcP384, Rsa2048, Rsa4096};
+        use SchemeFamily::{Ecdsa, RsaPkcs1v15 as Pkcs1, RsaPss as Pss};
+        &[
+            (EcP256, Ecdsa, Sha256),
+            (EcP384, Ecdsa, Sha384),
+            (Rsa2048, Pkcs1, Sha256),
+            (Rsa2048, Pkcs1, Sha384),
+            (Rsa2048, Pkcs1, Sha512),
+            (Rsa2048, Pss, Sha256),
+            (Rsa2048, Pss, Sha384),
+            (Rsa2048, Pss, Sha512),
+            (Rsa4096, Pkcs1, Sha256),
+            (Rsa4096, Pkcs1, Sha384),
+            (Rsa4096, Pkcs1, Sha512),
+            (Rsa4096, Pss, Sha256),
+            (Rsa4096, Pss, Sha384),
+            (Rsa4096, Pss, Sha512),
+        ]
+    });
+}
+
 /// A scheme without its parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SchemeFamily {
