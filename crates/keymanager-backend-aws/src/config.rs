@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use keymanager_engine::kit::KmsSettings;
 use keymanager_engine::kit::policy_file::PolicyFile;
+use keymanager_engine::kit::server_identity::check_value_chars;
 use keymanager_engine::settings::{Secret, Settings, SettingsError, echo};
 use keymanager_engine::{OnChange, SettingState};
 
@@ -289,20 +290,7 @@ impl KmsSettings for AwsKmsSettings {
 /// starting with `alias/aws/`. (SPIRE's regex class `[A-z]` also lets `[ \ ] ^ _` and a
 /// backtick through; KMS rejects those in alias names, so they are refused here up front.)
 pub fn check_identifier_value(value: &str) -> Result<(), String> {
-    if value.len() > 256 {
-        return Err(format!(
-            "is {} characters long; the maximum is 256",
-            value.len()
-        ));
-    }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-')))
-    {
-        return Err(format!(
-            "contains {bad:?}; allowed are letters, digits, '/', '_' and '-'"
-        ));
-    }
+    check_value_chars(value, 256, &['/', '_', '-'], None)?;
     if value.starts_with("alias/aws/") {
         return Err("must not start with \"alias/aws/\" (reserved for AWS managed keys)".into());
     }

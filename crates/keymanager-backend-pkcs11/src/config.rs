@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use keymanager_engine::kit::KmsSettings;
+use keymanager_engine::kit::server_identity::check_value_chars;
 use keymanager_engine::settings::{Secret, Settings, SettingsError, echo};
 use keymanager_engine::{OnChange, SettingState};
 
@@ -294,21 +295,12 @@ impl Pkcs11Settings {
 
 /// Server ids go into object labels between `:` separators.
 pub fn check_server_id(value: &str) -> Result<(), String> {
-    if value.len() > 128 {
-        return Err(format!(
-            "is {} characters long; the maximum is 128",
-            value.len()
-        ));
-    }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-    {
-        return Err(format!(
-            "contains {bad:?}; allowed are letters, digits, '_', '-' and '.' (it is part of every key's CKA_LABEL)"
-        ));
-    }
-    Ok(())
+    check_value_chars(
+        value,
+        128,
+        &['_', '-', '.'],
+        Some("it is part of every key's CKA_LABEL"),
+    )
 }
 
 fn process_env(name: &str) -> Option<String> {

@@ -332,14 +332,21 @@ impl VaultBackend {
 /// The live key of each id: the newest `creation_time` among keys not marked for deletion
 /// (SPIRE's built-in's rule for duplicates); ties go to the larger name, so every replica
 /// picks the same one.
-fn winners(keys: &[(KeyId, TransitKey)]) -> HashMap<&str, &TransitKey> {
-    let mut best: HashMap<&str, &TransitKey> = HashMap::new();
-    for (id, key) in keys.iter().filter(|(_, k)| !k.deletion_allowed) {
-        let newer = best
-            .get(id.as_str())
-            .is_none_or(|b| (key.created, &key.name) > (b.created, &b.name));
-        if newer {
-            best.insert(id.as_str(), key);
+/// Keys grouped by their SPIRE key id, for [`winners`].
+fn by_id(keys: &[(KeyId, TransitKey)]) -> impl Iterator<Item = (&str, &TransitKey)> {
+    keys.iter().map(|(id, key)| (id.as_str(), key))
+}
+
+fn winners<'a, G: Eq + std::hash::Hash>(
+    keys: impl IntoIterator<Item = (G, &'a TransitKey)>,
+) -> HashMap<G, &'a TransitKey> {
+    let mut best: HashMap<G, &TransitKey> = HashMap::new();
+    for (group, key) in keys.into_iter().filter(|(_, k)| !k.deletion_allowed) {
+        match best.get(&group) {
+            Some(b) if (key.created, &key.name) <= (b.created, &b.name) => {}
+            _ => {
+                best.insert(group, key);
+            }
         }
     }
     best
@@ -360,7 +367,7 @@ impl Backend for VaultBackend {
 
     async fn discover(&self) -> Result<Vec<StoredKey<VaultKey>>, BackendError> {
         let keys = self.own_keys(None).await?;
-        let live = winners(&keys);
+        let live = winners(by_id(&keys));
         for (id, key) in &keys {
             if !key.deletion_allowed && live.get(id.as_str()).is_some_and(|w| w.name != key.name) {
                 tracing::warn!(key_id = %id, key = %self.locator(&key.name), "an older key of this id is left from an interrupted rotation; the sweep removes it");
@@ -441,7 +448,7 @@ impl Backend for VaultBackend {
 
     async fn find(&self, id: &KeyId) -> Result<Option<String>, BackendError> {
         let keys = self.own_keys(Some(id)).await?;
-        Ok(winners(&keys)
+        Ok(winners(by_id(&keys))
             .get(id.as_str())
             .map(|key| self.locator(&key.name)))
     }
@@ -624,23 +631,13 @@ impl KeyLifecycle for VaultBackend {
         names.sort();
         let keys = self.read_all(names).await?;
         // Which key discovery finds for each (server, id).
-        let mut groups: HashMap<(&str, &str), Vec<&TransitKey>> = HashMap::new();
-        for key in &keys {
+        let published: HashSet<&str> = winners(keys.iter().filter_map(|key| {
             let server = owner_of[&key.name].as_str();
-            if let Some(id) = naming::key_id_of(&key.name, server) {
-                groups.entry((server, id)).or_default().push(key);
-            }
-        }
-        let published: HashSet<&str> = groups
-            .values()
-            .filter_map(|group| {
-                group
-                    .iter()
-                    .filter(|k| !k.deletion_allowed)
-                    .max_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)))
-                    .map(|k| k.name.as_str())
-            })
-            .collect();
+            naming::key_id_of(&key.name, server).map(|id| ((server, id), key))
+        }))
+        .into_values()
+        .map(|k| k.name.as_str())
+        .collect();
         let mut out: Vec<KeyRecord> = keys
             .iter()
             .map(|key| {
@@ -785,9 +782,9 @@ mod tests {
             (id.clone(), key("newer", 20, false)),
             (id.clone(), key("prepared", 30, true)),
         ];
-        assert_eq!(winners(&keys)["x509-CA-A"].name, "newer");
+        assert_eq!(winners(by_id(&keys))["x509-CA-A"].name, "newer");
         let only_prepared = vec![(id, key("prepared", 30, true))];
-        assert!(winners(&only_prepared).is_empty());
+        assert!(winners(by_id(&only_prepared)).is_empty());
     }
 
     #[test]

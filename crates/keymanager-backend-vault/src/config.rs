@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use keymanager_engine::kit::KmsSettings;
+use keymanager_engine::kit::server_identity::check_value_chars;
 use keymanager_engine::settings::{Secret, Settings, SettingsError, echo};
 use keymanager_engine::{OnChange, SettingState};
 
@@ -524,21 +525,12 @@ fn parse_auth(
 
 /// Key names are `<server id>-<uuid>-<key id>`: the id becomes part of a URL path.
 pub fn check_server_id(value: &str) -> Result<(), String> {
-    if value.len() > 256 {
-        return Err(format!(
-            "is {} characters long; the maximum is 256",
-            value.len()
-        ));
-    }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-    {
-        return Err(format!(
-            "contains {bad:?}; allowed are letters, digits, '_', '-' and '.' (it starts every Transit key name)"
-        ));
-    }
-    Ok(())
+    check_value_chars(
+        value,
+        256,
+        &['_', '-', '.'],
+        Some("it starts every Transit key name"),
+    )
 }
 
 impl KmsSettings for VaultSettings {

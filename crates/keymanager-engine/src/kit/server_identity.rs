@@ -8,6 +8,39 @@ use std::path::PathBuf;
 use crate::backend::{BackendError, BackendErrorKind};
 use crate::settings::{Settings, SettingsError};
 
+/// The charset rule a backend puts on `key_identifier_value` when the id becomes part of
+/// store names: at most `max` characters of ASCII letters, digits and `symbols`; `purpose`
+/// (where the id goes) ends the message.
+pub fn check_value_chars(
+    value: &str,
+    max: usize,
+    symbols: &[char],
+    purpose: Option<&str>,
+) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!(
+            "is {} characters long; the maximum is {max}",
+            value.len()
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || symbols.contains(c)))
+    {
+        let quoted: Vec<String> = symbols.iter().map(|c| format!("'{c}'")).collect();
+        let list = match quoted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        let purpose = purpose.map_or(String::new(), |p| format!(" ({p})"));
+        return Err(format!(
+            "contains {bad:?}; allowed are letters, digits, {list}{purpose}"
+        ));
+    }
+    Ok(())
+}
+
 /// Where the server id comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServerIdSource {
