@@ -489,25 +489,43 @@ impl Backend for Pkcs11Backend {
     }
 
     async fn discover(&self) -> Result<Vec<StoredKey<Pkcs11Key>>, BackendError> {
-        let found = self.own(None).await?;
-        let winners: Vec<Vec<u8>> = newest_live(&found).values().map(|w| w.id.clone()).collect();
-        let live: Vec<Found> = found
+        // Live keys of each id, newest first: a pair whose public object is missing (a
+        // token killed mid-write can leave one) is skipped with a warning and the next live
+        // key of the id is used, instead of failing Configure for every key.
+        let mut live: Vec<Found> = self
+            .own(None)
+            .await?
             .into_iter()
-            .filter(|f| winners.contains(&f.id))
+            .filter(|f| f.label.state == State::Live)
             .collect();
-        let mut keys = Vec::new();
+        live.sort_by(|a, b| {
+            (&b.label.key_id, b.label.created, &b.id).cmp(&(
+                &a.label.key_id,
+                a.label.created,
+                &a.id,
+            ))
+        });
+        let mut keys: Vec<StoredKey<Pkcs11Key>> = Vec::new();
         for f in live {
             let Ok(id) = KeyId::new(f.label.key_id.as_str()) else {
                 continue;
             };
+            if keys.iter().any(|k| k.id == id) {
+                continue;
+            }
             let handle = self.handle(f);
-            let (key_type, spki) = self.public_key(&handle).await?;
-            keys.push(StoredKey {
-                id,
-                key_type,
-                spki_der: spki,
-                handle,
-            });
+            match self.public_key(&handle).await {
+                Ok((key_type, spki)) => keys.push(StoredKey {
+                    id,
+                    key_type,
+                    spki_der: spki,
+                    handle,
+                }),
+                Err(error) if error.kind == BackendErrorKind::NotFound => {
+                    tracing::warn!(key_id = %id, key = %handle.locator, error = %error.message, "skipping a key pair without its public object (a token interrupted mid-write); destroy it with the token's tools");
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(keys)
     }
