@@ -402,6 +402,49 @@ async fn the_sweep_destroys_this_servers_unpublished_leftovers_only(peer: Peer) 
     );
 }
 
+async fn a_key_pair_missing_its_public_object_does_not_fail_configure(peer: Peer) {
+    let _one = SERIAL.lock().await;
+    let token = peer.shared();
+    let server = [("key_identifier_value", "half-written")];
+    let service = start(token, &server).await;
+    service
+        .generate_key(id("a"), KeyType::EcP256)
+        .await
+        .expect("generate");
+    service
+        .generate_key(id("b"), KeyType::EcP256)
+        .await
+        .expect("generate");
+    drop(service);
+    // A token killed mid-write: key "a"'s public object is gone.
+    let (_context, session) = own_session(token);
+    let public: Vec<_> = session
+        .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY)])
+        .expect("find")
+        .into_iter()
+        .filter(|o| {
+            session
+                .get_attributes(*o, &[AttributeType::Label])
+                .map(|a| matches!(&a[..], [Attribute::Label(l)] if String::from_utf8_lossy(l).contains(":half-written:a:")))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert_eq!(public.len(), 1);
+    session.destroy_object(public[0]).expect("destroy");
+    let restarted = start(token, &server).await;
+    assert!(
+        restarted.public_key(&id("a")).is_err(),
+        "the broken pair is skipped"
+    );
+    sign_and_verify(
+        &*restarted,
+        "b",
+        KeyType::EcP256,
+        SignerOpts::Hash(HashAlgorithm::Sha256),
+    )
+    .await;
+}
+
 macro_rules! on_both_tokens {
     ($($case:ident),* $(,)?) => {
         mod softhsm {
@@ -431,4 +474,5 @@ on_both_tokens!(
     a_missing_token_or_a_wrong_module_fails_configure_naming_it,
     keys_gone_with_a_reinitialised_token_are_not_found_clearly,
     the_sweep_destroys_this_servers_unpublished_leftovers_only,
+    a_key_pair_missing_its_public_object_does_not_fail_configure,
 );
