@@ -43,7 +43,7 @@ use crate::policy::CallerRole;
 /// Keys described and loaded at once during discovery and listing.
 const CONCURRENCY: usize = 16;
 /// KMS's deletion window for replaced keys.
-const DELETION_WINDOW_DAYS: i32 = 7;
+pub(crate) const DELETION_WINDOW_DAYS: i32 = 7;
 
 const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
@@ -86,10 +86,12 @@ pub struct AwsKmsBackend {
     /// Replaced whole by a re-Configure with rotated credentials; calls in flight finish on
     /// the clients they started with.
     clients: Swap<Clients>,
-    trust_domain: String,
-    server_id: String,
-    discovery: Discovery,
+    pub(crate) trust_domain: String,
+    pub(crate) server_id: String,
+    pub(crate) discovery: Discovery,
     new_keys: Swap<NewKeys>,
+    /// Where the credentials come from, in words (for `doctor`).
+    pub(crate) credential_source: String,
 }
 
 #[async_trait]
@@ -122,6 +124,7 @@ impl KmsAdapter for AwsKmsBackend {
                 policy,
                 tags: config.backend.key_tags.clone(),
             }),
+            credential_source: crate::operator::credential_source(&config.backend),
         })
     }
 }
@@ -170,7 +173,7 @@ impl AwsKmsBackend {
             .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))
     }
 
-    fn clients(&self) -> Arc<Clients> {
+    pub(crate) fn clients(&self) -> Arc<Clients> {
         self.clients.get()
     }
 
@@ -186,7 +189,10 @@ impl AwsKmsBackend {
         }
     }
 
-    async fn read_public_key(&self, arn: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+    pub(crate) async fn read_public_key(
+        &self,
+        arn: &str,
+    ) -> Result<(KeyType, Arc<[u8]>), BackendError> {
         let out = self
             .clients()
             .kms
@@ -269,7 +275,7 @@ impl AwsKmsBackend {
     }
 
     /// Every alias of this trust domain: (alias name, target key id).
-    async fn trust_domain_aliases(&self) -> Result<Vec<(String, String)>, BackendError> {
+    pub(crate) async fn trust_domain_aliases(&self) -> Result<Vec<(String, String)>, BackendError> {
         let root = format!(
             "{}{}/",
             naming::ALIAS_ROOT,
@@ -300,7 +306,7 @@ impl AwsKmsBackend {
 
     /// KMS keys whose tags match every (key, value) pair, with all their tags, through the
     /// Resource Groups Tagging API (never a listing of the whole account).
-    async fn tagged_keys(
+    pub(crate) async fn tagged_keys(
         &self,
         filters: &[(&str, &str)],
     ) -> Result<Vec<(String, BTreeMap<String, String>)>, BackendError> {

@@ -8,13 +8,15 @@
 //! - `policy`: the least-privilege default key policy for an assumed role;
 //! - `client`: the SDK clients on credentials that can be rotated at run time;
 //! - `errors`: SDK failures → error kinds, with the whole cause chain;
-//! - `backend`: the KMS adapter behind the engine's `Backend` and `KeyLifecycle` traits.
+//! - `backend`: the KMS adapter behind the engine's `Backend` and `KeyLifecycle` traits;
+//! - `operator`: what the operator CLI runs by hand (enable, disable, key policy, `doctor`).
 
 mod backend;
 mod client;
 pub mod config;
 mod errors;
 pub mod naming;
+mod operator;
 pub mod policy;
 
 pub use backend::{AwsKey, AwsKmsBackend};

@@ -125,7 +125,7 @@ struct NewKeys {
 /// The backend.
 pub struct GcpKmsBackend {
     kms: Swap<Kms>,
-    key_ring: String,
+    pub(crate) key_ring: String,
     td_hash: String,
     server_id: String,
     shared: Option<SharedKeys>,
@@ -176,7 +176,7 @@ impl KmsAdapter for GcpKmsBackend {
 }
 
 impl GcpKmsBackend {
-    fn kms(&self) -> Arc<Kms> {
+    pub(crate) fn kms(&self) -> Arc<Kms> {
         self.kms.get()
     }
 

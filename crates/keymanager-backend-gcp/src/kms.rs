@@ -552,6 +552,52 @@ impl Kms {
         Ok(response.signature.to_vec())
     }
 
+    /// Enables or disables a version (the operator's `keys enable` / `keys disable`).
+    pub async fn set_version_enabled(&self, name: &str, enabled: bool) -> KmsResult<()> {
+        let state = if enabled {
+            State::Enabled
+        } else {
+            State::Disabled
+        };
+        self.client
+            .update_crypto_key_version()
+            .set_crypto_key_version(CryptoKeyVersion::new().set_name(name).set_state(state))
+            .set_update_mask(FieldMask::default().set_paths(["state"]))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| map_error("UpdateCryptoKeyVersion", name, e))
+    }
+
+    /// A resource's IAM bindings, one `role: members` line each.
+    pub async fn iam_bindings(&self, resource: &str) -> KmsResult<Vec<String>> {
+        let policy = self
+            .client
+            .get_iam_policy()
+            .set_resource(resource)
+            .set_options(GetPolicyOptions::new().set_requested_policy_version(3))
+            .send()
+            .await
+            .map_err(|e| map_error("GetIamPolicy", resource, e))?;
+        Ok(policy
+            .bindings
+            .iter()
+            .map(|b| format!("{}: {}", b.role, b.members.join(", ")))
+            .collect())
+    }
+
+    /// Which of `permissions` the caller holds on `resource` (Cloud KMS's own test).
+    pub async fn granted(&self, resource: &str, permissions: &[&str]) -> KmsResult<Vec<String>> {
+        self.client
+            .test_iam_permissions()
+            .set_resource(resource)
+            .set_permissions(permissions.iter().map(|p| p.to_string()))
+            .send()
+            .await
+            .map(|r| r.permissions)
+            .map_err(|e| map_error("TestIamPermissions", resource, e))
+    }
+
     /// Gives a new CryptoKey its IAM policy: `custom` if set, else the signer role for the
     /// authenticated service account. A key that already has bindings is left alone.
     pub async fn ensure_policy(

@@ -7,12 +7,14 @@
 //! - `naming`: SPIRE's CryptoKey ids and labels, the shared-key template, lock ids;
 //! - `kms`: the Cloud KMS calls on Google's official client, error mapping, CRC32C checks;
 //! - `backend`: the adapter behind the engine's `Backend` and `KeyLifecycle` traits;
-//! - `shared`: shared-key rotation under an atomic, leased lock.
+//! - `shared`: shared-key rotation under an atomic, leased lock;
+//! - `operator`: what the operator CLI runs by hand (enable, disable, IAM, `doctor`).
 
 mod backend;
 pub mod config;
 mod kms;
 pub mod naming;
+mod operator;
 mod shared;
 
 pub use backend::{GcpKey, GcpKmsBackend};

@@ -13,6 +13,7 @@
 //! an interrupted GenerateKey, retired keys whose destruction was interrupted, older live
 //! duplicates). Other servers' objects on the same token are never touched.
 
+use keymanager_engine::admin::KeyOperator;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::SystemTime;
@@ -768,19 +769,38 @@ impl KeyLifecycle for Pkcs11Backend {
     }
 
     async fn delete(&self, record: &KeyRecord) -> Result<(), BackendError> {
-        let id = record
-            .locator
-            .split(";id=")
-            .nth(1)
-            .and_then(|rest| rest.split(';').next())
-            .and_then(der::percent_decode_hex)
-            .ok_or_else(|| {
-                BackendError::new(
-                    BackendErrorKind::Internal,
-                    format!("{} is not a locator of this backend", record.locator),
-                )
-            })?;
+        let id = object_id_of(&record.locator)?;
         self.destroy(Arc::from(id), &record.locator).await
+    }
+}
+
+/// The CKA_ID in one of this backend's locators.
+fn object_id_of(locator: &str) -> Result<Vec<u8>, BackendError> {
+    locator
+        .split(";id=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(der::percent_decode_hex)
+        .ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::NotFound,
+                format!("{locator} is not a locator of this backend"),
+            )
+        })
+}
+
+/// Operators: a token has no disabled state here and destroys at once (the defaults).
+#[async_trait]
+impl KeyOperator for Pkcs11Backend {
+    async fn public_key_at(&self, locator: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+        let id: Arc<[u8]> = Arc::from(object_id_of(locator)?);
+        let (key_type, spki) = self
+            .pool()
+            .run(format!("reading {locator}"), move |session| {
+                Ok(public_key(session, &id))
+            })
+            .await??;
+        Ok((key_type, Arc::from(spki)))
     }
 }
 

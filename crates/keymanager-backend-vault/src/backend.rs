@@ -11,6 +11,7 @@
 //! - *publish*: `deletion_allowed=false`, one call: the newest live key of the id wins;
 //! - *retire* / *abort*: `deletion_allowed=true` (the intent, recorded first), then DELETE.
 
+use keymanager_engine::admin::KeyOperator;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -561,6 +562,33 @@ fn parse_signature(text: &str, expected_version: u64) -> Result<Vec<u8>, String>
                 Ok(bytes)
             }
         })
+}
+
+/// Operators: Transit has no disabled state and deletes at once (the defaults); public keys
+/// of any key of the mount by locator.
+#[async_trait]
+impl KeyOperator for VaultBackend {
+    async fn public_key_at(&self, locator: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+        let name = locator
+            .strip_prefix(&format!("{}/keys/", self.transit))
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::NotFound,
+                    format!("{locator} is not a key of this mount"),
+                )
+            })?;
+        let version = self
+            .read(name)
+            .await?
+            .map(|key| key.latest_version)
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::NotFound,
+                    format!("Transit key {locator} does not exist"),
+                )
+            })?;
+        self.public_key(&self.handle(name, version)).await
+    }
 }
 
 #[async_trait]

@@ -71,6 +71,8 @@ struct State {
     seen: Vec<RequestSummary>,
     plan: Option<(usize, Plan)>,
     held: usize,
+    /// AWS operations answered AccessDeniedException (a missing IAM permission).
+    denied: Vec<String>,
 }
 
 /// A running proxy; stops when dropped with its runtime.
@@ -140,6 +142,14 @@ impl FaultProxy {
         self.state().plan = None;
     }
 
+    /// Answers the AWS operations listed (`GetPublicKey`, as [`RequestSummary::name`] gives
+    /// it) the way AWS answers a caller without the IAM permission: 400
+    /// `AccessDeniedException`. moto and LocalStack do not enforce IAM; this does. An empty
+    /// list allows everything again.
+    pub fn deny_aws(&self, operations: &[&str]) {
+        self.state().denied = operations.iter().map(|o| o.to_string()).collect();
+    }
+
     /// Requests seen so far.
     pub fn count(&self) -> usize {
         self.state().seen.len()
@@ -193,6 +203,20 @@ impl FaultProxy {
                 .and_then(|v| v.split('/').next())
                 .map(str::to_string),
         };
+        let denied = self.state().denied.contains(&summary.name());
+        if denied {
+            self.state().seen.push(summary.clone());
+            let body = format!(
+                "{{\"__type\":\"AccessDeniedException\",\"message\":\"User: arn:aws:iam::000000000000:user/test is not authorized to perform: kms:{} because no identity-based policy allows the kms:{} action\"}}",
+                summary.name(),
+                summary.name()
+            );
+            return Ok(Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header("content-type", "application/x-amz-json-1.1")
+                .body(Full::new(Bytes::from(body)))
+                .expect("static response"));
+        }
         let fault = {
             let mut state = self.state();
             state.seen.push(summary.clone());

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::admin::{AdminOf, KeyAdmin, KeyOperator};
 use crate::backend::{Backend, BackendError};
 use crate::engine::{Engine, EngineOptions};
 use crate::error::EngineError;
@@ -185,6 +186,10 @@ pub trait OpenedBackend: Send {
         self: Box<Self>,
         options: EngineOptions,
     ) -> Result<Arc<dyn KeyService>, EngineError>;
+
+    /// The operator's view of the backend (the CLI's `keys` and `doctor`), without an
+    /// engine: nothing is stamped, swept or generated.
+    fn admin(self: Box<Self>) -> Arc<dyn KeyAdmin>;
 }
 
 /// An opened backend with its optional lifecycle, ready to start; what
@@ -192,6 +197,7 @@ pub trait OpenedBackend: Send {
 pub struct Opened<B: Backend> {
     backend: Arc<B>,
     lifecycle: Option<Arc<dyn KeyLifecycle<Handle = B::Handle>>>,
+    operator: Option<Arc<dyn KeyOperator>>,
 }
 
 impl<B: Backend> Opened<B> {
@@ -200,12 +206,19 @@ impl<B: Backend> Opened<B> {
         Self {
             backend,
             lifecycle: None,
+            operator: None,
         }
     }
 
     /// Adds the backend's lifecycle primitives (usually the backend itself).
     pub fn with_lifecycle(mut self, lifecycle: Arc<dyn KeyLifecycle<Handle = B::Handle>>) -> Self {
         self.lifecycle = Some(lifecycle);
+        self
+    }
+
+    /// Adds the store operations only an operator runs (usually the backend itself).
+    pub fn with_operator(mut self, operator: Arc<dyn KeyOperator>) -> Self {
+        self.operator = Some(operator);
         self
     }
 
@@ -223,6 +236,14 @@ impl<B: Backend> OpenedBackend for Opened<B> {
     ) -> Result<Arc<dyn KeyService>, EngineError> {
         let engine = Engine::start(self.backend, self.lifecycle, options).await?;
         Ok(Arc::new(engine))
+    }
+
+    fn admin(self: Box<Self>) -> Arc<dyn KeyAdmin> {
+        Arc::new(AdminOf {
+            backend: self.backend,
+            lifecycle: self.lifecycle,
+            operator: self.operator,
+        })
     }
 }
 

@@ -10,9 +10,12 @@
 //!   object-safe face for the plugin and the CLI;
 //! - [`config`]: factories, configurations, store identity and run-time setting changes;
 //! - [`lifecycle`]: liveness stamps, sweep rules, the sweep and the background loops;
+//! - [`admin`]: the operator CLI's view of a backend (listing, pruning with the sweep's
+//!   rules, per-key operations, store checks);
 //! - [`kit`]: what every KMS backend needs (configuration shell, endpoint, policy files,
 //!   tag vocabulary, error classification, paging guards).
 
+pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod core;

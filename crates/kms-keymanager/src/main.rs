@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod demo;
+mod operator;
 mod svid;
 
 use std::process::ExitCode;

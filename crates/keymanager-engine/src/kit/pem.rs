@@ -20,9 +20,29 @@ pub fn public_key_der(pem: &str) -> Option<Vec<u8>> {
     (!der.is_empty()).then_some(der)
 }
 
+/// A DER SubjectPublicKeyInfo as a `-----BEGIN PUBLIC KEY-----` block (64-column lines).
+pub fn public_key_pem(spki_der: &[u8]) -> String {
+    let body = base64::engine::general_purpose::STANDARD.encode(spki_der);
+    let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PUBLIC KEY-----\n");
+    pem
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_round_trips() {
+        let der: Vec<u8> = (0..=200).collect();
+        let pem = public_key_pem(&der);
+        assert!(pem.lines().all(|l| l.len() <= 64));
+        assert_eq!(public_key_der(&pem), Some(der));
+    }
 
     #[test]
     fn public_key_bodies_decode_and_anything_else_does_not() {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::admin::KeyOperator;
 use crate::backend::{Backend, BackendError};
 use crate::config::{
     BackendConfig, BackendFactory, CoreConfig, OnChange, Opened, OpenedBackend, SettingState,
@@ -59,7 +60,10 @@ pub trait KmsSettings: fmt::Debug + Clone + Send + Sync + Sized + 'static {
 /// What a KMS backend writes itself beyond its settings: its name and how it opens.
 #[async_trait]
 pub trait KmsAdapter:
-    Backend<Config = KmsConfig<Self>> + KeyLifecycle<Handle = <Self as Backend>::Handle> + Sized
+    Backend<Config = KmsConfig<Self>>
+    + KeyLifecycle<Handle = <Self as Backend>::Handle>
+    + KeyOperator
+    + Sized
 {
     /// The backend's name in `plugin_data` (`aws_kms`).
     const NAME: &'static str;
@@ -241,6 +245,9 @@ impl<A: KmsAdapter> BackendConfig for KmsConfig<A> {
     async fn open(&self) -> Result<Box<dyn OpenedBackend>, BackendError> {
         let server_id = self.server_id.resolve()?;
         let backend = Arc::new(A::open(self, server_id).await?);
-        Ok(Opened::new(backend.clone()).with_lifecycle(backend).boxed())
+        Ok(Opened::new(backend.clone())
+            .with_lifecycle(backend.clone())
+            .with_operator(backend)
+            .boxed())
     }
 }
