@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::join_all;
 use keymanager_engine::admin::{Check, DeletionWindow, KeyOperator};
 use keymanager_engine::lifecycle::KeyRecord;
 use keymanager_engine::{Backend, BackendError, BackendErrorKind, KeyHandle, KeyType};
@@ -122,9 +123,10 @@ impl KeyOperator for GcpKmsBackend {
             .collect();
         own.sort();
         own.dedup();
-        for crypto_key in own {
+        let granted = join_all(own.iter().map(|key| kms.granted(key, KEY_PERMISSIONS))).await;
+        for (crypto_key, granted) in own.iter().zip(granted) {
             let name = format!("permissions on {crypto_key}");
-            checks.push(match kms.granted(&crypto_key, KEY_PERMISSIONS).await {
+            checks.push(match granted {
                 Ok(granted) => {
                     let missing: Vec<&str> = KEY_PERMISSIONS
                         .iter()
@@ -141,7 +143,11 @@ impl KeyOperator for GcpKmsBackend {
                         )
                     }
                 }
-                Err(e) => Check::fail(name, BackendError::from(e).to_string(), "check the CryptoKey's IAM policy"),
+                Err(e) => Check::fail(
+                    name,
+                    BackendError::from(e).to_string(),
+                    "check the CryptoKey's IAM policy",
+                ),
             });
         }
         checks

@@ -256,21 +256,21 @@ impl<B: Backend> KeyAdmin for AdminOf<B> {
     }
 
     async fn public_key_at(&self, locator: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
-        if let Some(found) = self
-            .served()
+        // One store read by locator; a full discovery per key would make listing quadratic.
+        if let Some(operator) = &self.operator {
+            return operator.public_key_at(locator).await;
+        }
+        self.served()
             .await?
             .into_iter()
             .find(|k| k.locator == locator)
-        {
-            return Ok((found.key_type, found.spki_der));
-        }
-        match &self.operator {
-            Some(operator) => operator.public_key_at(locator).await,
-            None => Err(BackendError::new(
-                BackendErrorKind::NotFound,
-                format!("{locator} is not a key this server serves"),
-            )),
-        }
+            .map(|k| (k.key_type, k.spki_der))
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::NotFound,
+                    format!("{locator} is not a key this server serves"),
+                )
+            })
     }
 
     async fn delete(&self, record: &KeyRecord) -> Result<(), BackendError> {
