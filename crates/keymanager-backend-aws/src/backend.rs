@@ -824,6 +824,7 @@ impl KeyLifecycle for AwsKmsBackend {
                         .and_then(|d| u64::try_from(d.secs()).ok())
                         .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
                     deletion_intent: tag(tags::DELETE_INTENT).is_some(),
+                    replaced: tag(tags::DELETE_INTENT).and_then(|v| parse_stamp(&v)),
                 }
             })
             .collect())

@@ -909,6 +909,7 @@ fn version_records(key: &CryptoKey, enabled: &[CryptoKeyVersion]) -> Vec<KeyReco
                 },
                 created: kms::to_system_time(version.create_time.as_ref()),
                 deletion_intent: false,
+                replaced: next.and_then(|n| kms::to_system_time(n.create_time.as_ref())),
             }
         })
         .collect()

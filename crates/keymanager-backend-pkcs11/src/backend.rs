@@ -762,6 +762,7 @@ impl KeyLifecycle for Pkcs11Backend {
                 last_stamp: None,
                 created: Some(f.label.created),
                 deletion_intent: f.label.state == State::Retired,
+                replaced: None,
             })
             .collect();
         records.sort_by(|a, b| a.locator.cmp(&b.locator));

@@ -652,6 +652,7 @@ impl KeyLifecycle for VaultBackend {
                     last_stamp: None,
                     created: None,
                     deletion_intent: false,
+                    replaced: None,
                 });
             }
         }
@@ -684,6 +685,7 @@ impl KeyLifecycle for VaultBackend {
                         .flatten(),
                     created: key.created,
                     deletion_intent: false,
+                    replaced: None,
                 }
             })
             .collect();

@@ -11,7 +11,8 @@
 //!   call of GenerateKey leaves, after a restart, the old key or the new one — never none,
 //!   never one on its way out — and the next sweep leaves exactly that key;
 //! - listing for the sweep only reads;
-//! - liveness stamps round-trip, and junk stamps are no evidence.
+//! - liveness stamps round-trip, and junk stamps are no evidence;
+//! - the operator CLI's view of the store agrees with the engine.
 //!
 //! [`peers`] starts the test peers; [`proxy`] is the fault-injecting proxy in front of them.
 

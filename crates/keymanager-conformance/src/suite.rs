@@ -131,11 +131,13 @@ impl Harness {
             .unwrap_or_else(|e| panic!("starting {server_id}: {e}"))
     }
 
-    async fn try_start(
+    /// Opens the subject's backend for `server_id` as the plugin (and the operator CLI) do,
+    /// without starting an engine.
+    pub async fn open(
         &self,
         trust_domain: &str,
         server_id: &str,
-    ) -> Result<Arc<dyn KeyService>, String> {
+    ) -> Result<Box<dyn keymanager_engine::OpenedBackend>, String> {
         let text = self
             .subject
             .plugin_data(server_id, self.proxy.as_ref().map(|p| p.url()));
@@ -161,8 +163,16 @@ impl Harness {
         settings
             .finish(&factory.setting_keys())
             .map_err(|e| e.to_string())?;
-        let opened = config.open().await.map_err(|e| e.to_string())?;
-        opened
+        config.open().await.map_err(|e| e.to_string())
+    }
+
+    async fn try_start(
+        &self,
+        trust_domain: &str,
+        server_id: &str,
+    ) -> Result<Arc<dyn KeyService>, String> {
+        self.open(trust_domain, server_id)
+            .await?
             .start(EngineOptions {
                 retry: fast_retries(),
                 ..EngineOptions::default()
@@ -782,6 +792,74 @@ pub async fn junk_stamps_are_no_evidence(h: &Harness) {
     );
 }
 
+/// The operator CLI's view of the store (`OpenedBackend::admin`) agrees with the engine:
+/// discovery serves the engine's keys with the same fingerprints, each key reads back by its
+/// locator, and the listing (where the backend lists) shows them published and this
+/// server's.
+pub async fn operator_view_matches_the_engine(h: &Harness) {
+    let (td, server) = scenario("admin");
+    let service = h.start(&td, &server).await;
+    let key_type = service.capabilities().key_types[0];
+    for key in ["x509-CA-A", "JWT-Signer-A", "x509-CA-A"] {
+        service
+            .generate_key(id(key), key_type)
+            .await
+            .unwrap_or_else(|e| panic!("GenerateKey {key}: {e}"));
+    }
+    let admin = h.open(&td, &server).await.expect("open").admin();
+    let served = admin.served().await.expect("served");
+    let engine: BTreeSet<(String, String)> = service
+        .public_keys()
+        .iter()
+        .map(|k| (k.id.as_str().to_string(), k.fingerprint.to_string()))
+        .collect();
+    let seen: BTreeSet<(String, String)> = served
+        .iter()
+        .map(|k| {
+            (
+                k.key_id.clone(),
+                keymanager_engine::Fingerprint::of_spki(&k.spki_der).to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen, engine,
+        "the operator's discovery serves the engine's keys"
+    );
+    let in_use = service.in_use();
+    for key in &served {
+        assert!(
+            in_use.contains(&key.locator),
+            "{} is not in use",
+            key.locator
+        );
+        let (read_type, der) = admin
+            .public_key_at(&key.locator)
+            .await
+            .unwrap_or_else(|e| panic!("public key of {}: {e}", key.locator));
+        assert_eq!((read_type, &*der), (key.key_type, &*key.spki_der));
+    }
+    if !h.subject.peer_lists_keys() {
+        eprintln!("skipped the listing part: the peer cannot list the trust domain's keys");
+        return;
+    }
+    if let Some(records) = admin.records().await.expect("records") {
+        let me = admin
+            .identity()
+            .expect("a lifecycle backend has an identity");
+        assert_eq!(me.server_id, server);
+        for key in &served {
+            let record = records
+                .iter()
+                .find(|r| r.locator == key.locator)
+                .unwrap_or_else(|| panic!("{} is not listed", key.locator));
+            assert!(record.published, "{} is listed unpublished", key.locator);
+            assert_eq!(record.server_id.as_deref(), Some(server.as_str()));
+            assert_eq!(record.key_id.as_deref(), Some(key.key_id.as_str()));
+        }
+    }
+}
+
 /// Generates one `#[tokio::test]` per conformance case for a subject. `$make` is an async
 /// expression yielding an `Arc<dyn Subject>`.
 #[macro_export]
@@ -794,6 +872,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@case $make, listing_is_free_of_side_effects);
         $crate::conformance_suite!(@case $make, stamps_round_trip);
         $crate::conformance_suite!(@case $make, junk_stamps_are_no_evidence);
+        $crate::conformance_suite!(@case $make, operator_view_matches_the_engine);
     };
     (@case $make:expr, $case:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -316,8 +316,8 @@ impl<B: Backend> KeyAdmin for AdminOf<B> {
 pub enum EntryState {
     /// Discovery finds it for its id: the key SPIRE gets.
     Active,
-    /// Discovery finds it, but the store has it disabled: signing fails until it is enabled
-    /// or the next GenerateKey replaces it.
+    /// The store has it disabled: signing with it fails until it is enabled, or the next
+    /// GenerateKey replaces it.
     Disabled,
     /// Discovery does not find it: a replaced key, or one an interrupted GenerateKey left.
     Inactive,
@@ -362,6 +362,8 @@ pub struct KeyEntry {
     pub created: Option<SystemTime>,
     /// The newest liveness stamp.
     pub last_stamp: Option<SystemTime>,
+    /// When it was replaced under its id, where the store records it.
+    pub replaced: Option<SystemTime>,
     /// Its state.
     pub state: EntryState,
     /// Whether a live server stamps it (a stamp within `stale_key_age` plus the skew).
@@ -406,6 +408,7 @@ pub fn inventory(
                 locator: key.locator.clone(),
                 created: None,
                 last_stamp: None,
+                replaced: None,
                 state: EntryState::Active,
                 stamped_live: false,
                 served_here: true,
@@ -442,6 +445,7 @@ pub fn inventory(
                 locator: record.locator.clone(),
                 created: record.created,
                 last_stamp: record.last_stamp,
+                replaced: record.replaced,
                 state,
                 stamped_live: record.last_stamp.is_some_and(|stamp| {
                     now.duration_since(stamp)
@@ -467,6 +471,7 @@ pub fn inventory(
             locator: key.locator.clone(),
             created: None,
             last_stamp: None,
+            replaced: None,
             state: EntryState::Active,
             stamped_live: false,
             served_here: true,
@@ -487,7 +492,8 @@ fn entry_state(record: &KeyRecord, served_here: bool) -> EntryState {
     match record.state {
         StoreKeyState::PendingDeletion => EntryState::PendingDeletion,
         _ if record.deletion_intent => EntryState::DeletionIntent,
-        StoreKeyState::Disabled if record.published || served_here => EntryState::Disabled,
+        // Shown whether or not discovery picks it (tag discovery skips disabled keys).
+        StoreKeyState::Disabled => EntryState::Disabled,
         _ if record.published || served_here => EntryState::Active,
         _ => EntryState::Inactive,
     }
@@ -572,6 +578,7 @@ mod tests {
             last_stamp: Some(now() - Duration::from_secs(stamp_days_ago * DAY)),
             created: Some(now() - Duration::from_secs(30 * DAY)),
             deletion_intent: false,
+            replaced: None,
         }
     }
 

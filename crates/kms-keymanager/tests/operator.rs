@@ -117,11 +117,20 @@ const SHORT: &str =
     "stale_key_age = \"2s\"\nliveness_interval = \"1s\"\nclock_skew_allowance = \"1s\"\n";
 
 #[tokio::test(flavor = "multi_thread")]
-async fn aws_keys_list_prune_change_and_doctor_agree_with_the_plugin() {
+async fn aws_alias_discovery_keys_list_prune_change_and_doctor_agree_with_the_plugin() {
+    aws_scenario("alias", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_tag_discovery_keys_list_prune_change_and_doctor_agree_with_the_plugin() {
+    aws_scenario("tags", "enable_tag_based_key_discovery = true\n").await;
+}
+
+async fn aws_scenario(mode: &str, discovery: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let td = format!("operator-{}.test", std::process::id());
+    let td = format!("operator-{mode}-{}.test", std::process::id());
     let endpoint = &moto().url;
-    let (_a_state, a) = server(&td, &aws_data(endpoint, "server-a", "")).await;
+    let (_a_state, a) = server(&td, &aws_data(endpoint, "server-a", discovery)).await;
     a.generate_key(id("x509-CA-A"), KeyType::EcP256)
         .await
         .expect("generate");
@@ -132,7 +141,7 @@ async fn aws_keys_list_prune_change_and_doctor_agree_with_the_plugin() {
         .await
         .expect("generate");
     {
-        let (_b_state, b) = server(&td, &aws_data(endpoint, "server-b", "")).await;
+        let (_b_state, b) = server(&td, &aws_data(endpoint, "server-b", discovery)).await;
         b.generate_key(id("x509-CA-A"), KeyType::EcP256)
             .await
             .expect("generate on b");
@@ -144,7 +153,7 @@ async fn aws_keys_list_prune_change_and_doctor_agree_with_the_plugin() {
         .collect();
 
     // keys list: exactly the plugin's keys and fingerprints.
-    let cli_data = aws_data(endpoint, "server-a", SHORT);
+    let cli_data = aws_data(endpoint, "server-a", &format!("{discovery}{SHORT}"));
     let list = cli(dir.path(), &cli_data, &td, &["keys", "list", "--json"]);
     assert_eq!(list.code, 0, "{}", list.stderr);
     let json = list.json();
@@ -181,8 +190,9 @@ async fn aws_keys_list_prune_change_and_doctor_agree_with_the_plugin() {
     assert!(
         keys.iter().any(|k| k["server_id"] == "server-a"
             && k["key_id"] == "x509-CA-A"
-            && k["state"] == "pending_deletion"),
-        "the replaced key shows in --history: {all:#}"
+            && k["state"] == "pending_deletion"
+            && k["replaced"].as_str().is_some_and(|t| t.ends_with('Z'))),
+        "the replaced key shows in --history with when it was replaced: {all:#}"
     );
 
     // inspect: the public key PEM and the key policy.
@@ -375,7 +385,7 @@ async fn aws_keys_list_prune_change_and_doctor_agree_with_the_plugin() {
     assert_eq!(doctor.json()["ok"], true);
     let proxy = FaultProxy::start(endpoint).await;
     proxy.deny_aws(&["GetPublicKey"]);
-    let denied_data = aws_data(proxy.url(), "server-a", SHORT);
+    let denied_data = aws_data(proxy.url(), "server-a", &format!("{discovery}{SHORT}"));
     let doctor = cli(dir.path(), &denied_data, &td, &["doctor"]);
     assert_eq!(doctor.code, 1, "{}", doctor.stdout);
     assert!(

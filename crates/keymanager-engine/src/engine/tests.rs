@@ -903,6 +903,7 @@ impl KeyLifecycle for FlakyLifecycle {
             last_stamp: None,
             created: None,
             deletion_intent: false,
+            replaced: None,
         }])
     }
     async fn delete(&self, _record: &KeyRecord) -> Result<(), BackendError> {

@@ -226,6 +226,7 @@ mod tests {
             ),
             created: None,
             deletion_intent: false,
+            replaced: None,
         }
     }
 

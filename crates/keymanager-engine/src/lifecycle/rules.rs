@@ -94,6 +94,9 @@ pub struct KeyRecord {
     pub created: Option<SystemTime>,
     /// A recorded intent to delete (the key was superseded).
     pub deletion_intent: bool,
+    /// When the key was replaced under its id, where the store records it (the deletion
+    /// intent's time, the next version's creation).
+    pub replaced: Option<SystemTime>,
 }
 
 /// What the sweep decided for one key, with the reason in words for logs.
@@ -269,6 +272,7 @@ mod tests {
             last_stamp: ago(H),
             created: ago(30 * DAY),
             deletion_intent: false,
+            replaced: None,
         }
     }
 

@@ -176,6 +176,15 @@ async fn checks(source: &SourceArgs) -> Vec<Check> {
     for entry in &entries {
         let id = entry.key_id.as_deref().unwrap_or("?");
         match entry.state {
+            EntryState::Disabled if !entry.record.as_ref().is_some_and(|r| r.published) => checks
+                .push(Check::warn(
+                    format!("key {id}"),
+                    format!(
+                        "{} is disabled; discovery does not use it, so SPIRE's next GenerateKey of {id} replaces it",
+                        entry.locator
+                    ),
+                    format!("kms-keymanager keys enable {id} to use it again, or `keys delete` it"),
+                )),
             EntryState::Disabled => {
                 usable = false;
                 checks.push(Check::fail(

@@ -189,6 +189,7 @@ fn entry_json(entry: &KeyEntry) -> serde_json::Value {
         "locator": entry.locator,
         "created": when_json(entry.created),
         "last_stamp": when_json(entry.last_stamp),
+        "replaced": when_json(entry.replaced),
         "state": entry.state.as_str(),
         "stamped_live": entry.stamped_live,
         "served_here": entry.served_here,
@@ -232,6 +233,7 @@ async fn list(args: ListArgs) -> Result<(), Failure> {
                 yes_no(e.stamped_live),
                 when(e.created),
                 when(e.last_stamp),
+                when(e.replaced),
                 e.fingerprint.clone().unwrap_or_else(|| "-".into()),
                 e.locator.clone(),
             ]
@@ -248,6 +250,7 @@ async fn list(args: ListArgs) -> Result<(), Failure> {
                 "LIVE STAMP",
                 "CREATED",
                 "LAST STAMP",
+                "REPLACED",
                 "FINGERPRINT",
                 "LOCATOR",
             ],
@@ -356,6 +359,7 @@ async fn inspect(args: KeyArgs) -> Result<(), Failure> {
     field("live stamp", yes_no(entry.stamped_live));
     field("created", when(entry.created));
     field("last stamp", when(entry.last_stamp));
+    field("replaced", when(entry.replaced));
     field(
         "fingerprint",
         entry.fingerprint.clone().unwrap_or_else(|| "-".into()),
