@@ -3,6 +3,8 @@
 //! checks: the listed fingerprints are the plugin's, prune decides as the plugin's own sweep,
 //! keys in use are refused, and doctor names a missing permission.
 
+#![allow(clippy::unwrap_used, reason = "test code: a panic is a test failure")]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
