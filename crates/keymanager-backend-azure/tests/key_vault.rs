@@ -27,6 +27,11 @@ const APP: &str = "spire-app";
 const APP_SECRET: &str = "app-s3cret-value";
 const TD: &str = "example.org";
 
+/// Environment variables a backend sees.
+type Environment = Vec<(String, String)>;
+/// Extra `plugin_data` keys.
+type PluginData = Vec<(&'static str, &'static str)>;
+
 static FAKE: OnceLock<AzureFake> = OnceLock::new();
 /// A fake of its own for faults and token revocation, which are global to a fake.
 static FAULTY: OnceLock<AzureFake> = OnceLock::new();
@@ -424,7 +429,7 @@ async fn every_credential_source_of_the_chain_works() {
     std::fs::write(&token_file, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJzcGlyZSJ9.c2ln").expect("write");
     let token_file = token_file.display().to_string();
     let s = |v: &str| v.to_string();
-    let cases: Vec<(&str, Vec<(String, String)>, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<(&str, Environment, PluginData)> = vec![
         (
             "client secret in plugin_data",
             vec![(s("AZURE_AUTHORITY_HOST"), authority.clone())],
@@ -484,7 +489,7 @@ async fn every_credential_source_of_the_chain_works() {
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 
-    let broken: Vec<(&str, Vec<(String, String)>, Vec<(&str, &str)>, &str)> = vec![
+    let broken: Vec<(&str, Environment, PluginData, &str)> = vec![
         (
             "a wrong client secret",
             vec![(s("AZURE_AUTHORITY_HOST"), authority.clone())],
