@@ -780,7 +780,8 @@ class Handler(BaseHTTPRequestHandler):
         if not client_id:
             raise AadError(400, "invalid_request", 900144, "The request body must contain the following parameter: 'client_id'.")
         scope = form.get("scope", "")
-        scopes = scope.split()
+        # MSAL adds the OpenID Connect scopes to every request; Entra accepts them alongside.
+        scopes = [s for s in scope.split() if s not in ("openid", "offline_access", "profile")]
         if len(scopes) != 1 or not scopes[0].endswith("/.default"):
             raise AadError(400, "invalid_scope", 1002012, f"The provided value for scope {scope} is not valid.")
         if "client_secret" in form:
