@@ -51,8 +51,9 @@ Vault API (api-version is accepted and ignored; JSON; binary values base64url wi
   GET    /deletedkeys, GET|DELETE /deletedkeys/{name}, POST /deletedkeys/{name}/recover
   POST   /keys/{name}[/[{version}]]/sign     {alg, value: digest} -> {kid, value}
   POST   /keys/{name}[/[{version}]]/verify   {alg, digest, value} -> {value: bool}
-  Lists take maxresults (1..25, default 25) and answer {value, nextLink}: nextLink is an
-  absolute https URL with a $skiptoken. Names are case-insensitive, as in Azure.
+  Lists take maxresults (1..25, default --page-size; outside that range 400 BadParameter) and
+  answer {value, nextLink}: nextLink is an absolute https URL with a $skiptoken and the same
+  maxresults. Names are case-insensitive, as in Azure.
   Signatures: ES256/ES384/ES512/ES256K raw r||s (fixed width); RS256/384/512 PKCS#1 v1.5;
   PS256/384/512 PSS with salt length = hash length. `value` is the digest; its length must
   match the algorithm and the algorithm must fit the key (400 BadParameter otherwise).
@@ -1000,9 +1001,9 @@ class Handler(BaseHTTPRequestHandler):
                 size = int(raw)
             except ValueError:
                 raise bad_parameter(f"maxresults must be an integer between 1 and {MAX_PAGE}.")
-            if size < 1:
-                raise bad_parameter(f"maxresults must be an integer between 1 and {MAX_PAGE}.")
-        size = min(size, MAX_PAGE)
+            # The REST reference bounds it to 1..25, and Key Vault refuses larger pages.
+            if not 1 <= size <= MAX_PAGE:
+                raise bad_parameter(f"Invalid maxresults {size}: it must be between 1 and {MAX_PAGE}.")
         items.sort(key=lambda kv: kv[0])
         marker = ""
         token = self._query.get("$skiptoken")

@@ -361,9 +361,9 @@ class KeyTest(FakeTestBase):
             self.assertIsNone(item.version)  # list items carry no version
             self.assertTrue(item.enabled)
             self.assertIsNotNone(item.updated_on)
-        # Raw: at most 25 a page (maxresults above is capped) and an absolute https nextLink.
+        # Raw: pages of at most 25 (the default) and an absolute https nextLink.
         token = {"Authorization": "Bearer " + self.fake.token()}
-        status, _, body = self.fake.request("GET", "/keys?api-version=7.6&maxresults=50", headers=token)
+        status, _, body = self.fake.request("GET", "/keys?api-version=7.6", headers=token)
         self.assertEqual(status, 200)
         self.assertEqual(len(body["value"]), 25)
         self.assertNotIn("managed", body["value"][0])
@@ -376,8 +376,9 @@ class KeyTest(FakeTestBase):
             seen += [i["kid"] for i in body["value"]]
         self.assertEqual(len(seen), len(set(seen)))
         self.assertTrue({f"{self.fake.vault}/keys/{n}" for n in names} <= set(seen))
-        status, _, body = self.fake.request("GET", "/keys?maxresults=0", headers=token)
-        self.assertEqual(status, 400)
+        for bad in ("0", "26", "x"):  # the REST reference allows 1..25
+            status, _, body = self.fake.request("GET", "/keys?maxresults=" + bad, headers=token)
+            self.assertEqual((status, body["error"]["code"]), (400, "BadParameter"))
         # Versions page too.
         for _ in range(3):
             self.client.create_ec_key("paged-versions")
