@@ -142,9 +142,21 @@ func TestAzurePeerWithSpiresBuiltIn(t *testing.T) {
 	byID := requireSameKeys(t, map[string]crypto.PublicKey{"x509-CA-A": rotated.Public(), "JWT-Signer-A": rsaKey.Public()}, keys)
 	require.NoError(t, signVerified(byID["x509-CA-A"], 3))
 
+	// A revoked token: SPIRE's credential chain gets a new one after the claims challenge.
+	fake.ResetStats(t)
+	fake.ExpireTokens(t, "cae")
+	require.NoError(t, signVerified(byID["x509-CA-A"], 4))
+	require.Equal(t, 1, fake.Stats(t)["token"], "one new token")
+
 	// Another server id in the same vault sees none of them.
 	other := loadBuiltInAzureKeyVault(t, fake, azurePluginData(fake.VaultURL, "srv-b"))
 	keys, err = other.KeyManager.GetKeys(ctx)
 	require.NoError(t, err)
 	require.Empty(t, keys)
+
+	// A disabled key of ours fails SPIRE's start-up: the fake serves GetKey on a disabled key
+	// with enabled=false, as Key Vault does, and SPIRE checks it.
+	fake.SetKeyEnabled(t, newEC.Name, false)
+	_, err = tryLoad(catalog.PluginConfig{Type: "KeyManager", Name: "azure_key_vault", DataSource: catalog.FixedData(pluginData)})
+	require.ErrorContains(t, err, "found disabled SPIRE key")
 }

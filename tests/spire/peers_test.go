@@ -323,6 +323,12 @@ func (f *azureKeyVaultFake) SetKeyTimes(t *testing.T, name string, created, upda
 		map[string]int64{"created": created.Unix(), "updated": updated.Unix()}, nil)
 }
 
+// SetKeyEnabled enables or disables every version of a key behind the client's back.
+func (f *azureKeyVaultFake) SetKeyEnabled(t *testing.T, name string, enabled bool) {
+	t.Helper()
+	f.control(t, http.MethodPost, "/_fake/keys/"+name+"/attributes", map[string]bool{"enabled": enabled}, nil)
+}
+
 // azureFakeKey is a key as GET /_fake/keys shows it.
 type azureFakeKey struct {
 	Name     string `json:"name"`
