@@ -96,6 +96,8 @@ Test controls on P under /_fake/ (no authentication)
        operation (not tokens). DELETE /_fake/faults clears them.
   POST /_fake/tokens/expire {"mode": "cae"|"plain"}   revoke every issued token
   POST /_fake/rbac {"deny": [OP, ...]}      those operations answer 403 Forbidden/ForbiddenByRbac
+  POST /_fake/bulk {"keys": [{"name", "kty", "crv", "key_size", "tags", "key_ops", "created",
+       "updated"}, ...]}   creates keys directly (benchmark seeding, planted duplicates)
 
 Usage: python azure_keyvault_fake.py --host 127.0.0.1 --port P --token-port T --certdir DIR
        [--token-lifetime SECONDS] [--page-size N] [--tenant TENANT] [--identity-header VALUE]
@@ -664,6 +666,8 @@ class Handler(BaseHTTPRequestHandler):
                             entry.update(key.deleted_fields(base))
                         out[where].append(entry)
             return self._send(200, out)
+        if path == "/_fake/bulk" and method == "POST":
+            return self._bulk()
         m = re.fullmatch(r"/_fake/keys/([^/]+)/attributes", path)
         if m and method == "POST":
             body = self._json_body()
@@ -682,6 +686,42 @@ class Handler(BaseHTTPRequestHandler):
                         v.attributes["enabled"] = bool(body["enabled"])
                 return self._send(200, key.latest().bundle(self._base()))
         raise ApiError(404, "NotFound", f"no test control {method} {path}")
+
+    def _bulk(self) -> None:
+        """Creates keys behind the clients' backs (no authentication, not counted): many other
+        servers' keys for a benchmark in one request, or a planted key (a duplicate) with the
+        creation time a test needs. Each entry: name, kty (EC|EC-HSM|RSA|RSA-HSM, default EC),
+        crv (default P-256), key_size (default 2048), tags, key_ops (default sign, verify),
+        created/updated (epoch seconds, default now). A name already live gets a new version."""
+        st = self.state
+        body = json.loads(self._body or b"{}")
+        entries = body.get("keys") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            raise bad_parameter('the body must be {"keys": [{"name": ..., ...}, ...]}')
+        made = []
+        for e in entries:
+            name, kty = e.get("name", ""), e.get("kty", "EC")
+            if not NAME_RE.match(name) or kty not in KTYS:
+                raise bad_parameter(f"bulk: invalid name {name!r} or kty {kty!r}")
+            crv = e.get("crv", "P-256") if kty.startswith("EC") else None
+            size = None if crv else e.get("key_size", 2048)
+            if (crv and crv not in CURVES) or (size and size not in RSA_SIZES):
+                raise bad_parameter(f"bulk: unsupported curve or size for {name}")
+            now = time.time()
+            made.append(KeyVersion(name, uuid.uuid4().hex, kty, generate_key(kty, crv, size),
+                                   e.get("key_ops", ["sign", "verify"]),
+                                   {"enabled": True, "created": e.get("created", now), "updated": e.get("updated", now),
+                                    "nbf": None, "exp": None}, e.get("tags") or {}))
+        with st.lock:
+            for kv in made:
+                if kv.name.lower() in st.deleted:
+                    raise ApiError(409, "Conflict", f"bulk: {kv.name} is soft-deleted")
+            for kv in made:
+                key = st.keys.get(kv.name.lower())
+                if key is None:
+                    key = st.keys[kv.name.lower()] = Key(kv.name)
+                key.versions.append(kv)
+        return self._send(200, {"created": len(made), "kids": [kv.jwk(self._base())["kid"] for kv in made]})
 
     # --- managed identity (plain HTTP port) ---------------------------------------------------
 

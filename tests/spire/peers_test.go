@@ -341,12 +341,13 @@ type azureFakeKey struct {
 			Updated int64 `json:"updated"`
 		} `json:"attributes"`
 		Key struct {
-			Kid string `json:"kid"`
-			Crv string `json:"crv"`
-			X   string `json:"x"`
-			Y   string `json:"y"`
-			N   string `json:"n"`
-			E   string `json:"e"`
+			Kid    string   `json:"kid"`
+			KeyOps []string `json:"key_ops"`
+			Crv    string   `json:"crv"`
+			X      string   `json:"x"`
+			Y      string   `json:"y"`
+			N      string   `json:"n"`
+			E      string   `json:"e"`
 		} `json:"key"`
 	} `json:"versions"`
 	DeletedDate int64 `json:"deletedDate"`
@@ -361,4 +362,27 @@ func (f *azureKeyVaultFake) State(t *testing.T) (live, deleted []azureFakeKey) {
 	}
 	f.control(t, http.MethodGet, "/_fake/keys", nil, &out)
 	return out.Keys, out.Deleted
+}
+
+// azureBulkKey is one key for Bulk: Kty defaults to EC, Crv to P-256, KeySize to 2048;
+// Created and Updated (Unix seconds) to now.
+type azureBulkKey struct {
+	Name    string            `json:"name"`
+	Kty     string            `json:"kty,omitempty"`
+	Crv     string            `json:"crv,omitempty"`
+	KeySize int               `json:"key_size,omitempty"`
+	Tags    map[string]string `json:"tags,omitempty"`
+	Created int64             `json:"created,omitempty"`
+	Updated int64             `json:"updated,omitempty"`
+}
+
+// Bulk creates keys directly in the fake (POST /_fake/bulk: no token, not counted in Stats)
+// and returns their kids: seeding thousands of other servers' keys, or planting a key.
+func (f *azureKeyVaultFake) Bulk(t *testing.T, keys ...azureBulkKey) []string {
+	t.Helper()
+	var out struct {
+		Kids []string `json:"kids"`
+	}
+	f.control(t, http.MethodPost, "/_fake/bulk", map[string]any{"keys": keys}, &out)
+	return out.Kids
 }
