@@ -183,7 +183,7 @@ func TestAzureLivenessAgreesWithSpiresBuiltIn(t *testing.T) {
 	day := 24 * time.Hour
 
 	t.Run("our stamp keeps our keys alive for SPIRE's disposal", func(t *testing.T) {
-		ours := loadOurAzure(t, fake, "ours-live", "liveness_interval = \"1s\"\n")
+		ours := loadOurAzure(t, fake, "ours-live", "liveness_interval = \"2s\"\n")
 		_, err := ours.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
 		require.NoError(t, err)
 		key := onlyKey(t, spireAzureKeys(mustLive(t, fake), "x509-CA-A"), "our x509-CA-A")
