@@ -51,8 +51,9 @@ Vault API (api-version is accepted and ignored; JSON; binary values base64url wi
   GET    /deletedkeys, GET|DELETE /deletedkeys/{name}, POST /deletedkeys/{name}/recover
   POST   /keys/{name}[/[{version}]]/sign     {alg, value: digest} -> {kid, value}
   POST   /keys/{name}[/[{version}]]/verify   {alg, digest, value} -> {value: bool}
-  Lists take maxresults (1..25, default 25) and answer {value, nextLink}: nextLink is an
-  absolute https URL with a $skiptoken. Names are case-insensitive, as in Azure.
+  Lists take maxresults (1..25, default --page-size; outside that range 400 BadParameter) and
+  answer {value, nextLink}: nextLink is an absolute https URL with a $skiptoken and the same
+  maxresults. Names are case-insensitive, as in Azure.
   Signatures: ES256/ES384/ES512/ES256K raw r||s (fixed width); RS256/384/512 PKCS#1 v1.5;
   PS256/384/512 PSS with salt length = hash length. `value` is the digest; its length must
   match the algorithm and the algorithm must fit the key (400 BadParameter otherwise).
@@ -95,6 +96,8 @@ Test controls on P under /_fake/ (no authentication)
        operation (not tokens). DELETE /_fake/faults clears them.
   POST /_fake/tokens/expire {"mode": "cae"|"plain"}   revoke every issued token
   POST /_fake/rbac {"deny": [OP, ...]}      those operations answer 403 Forbidden/ForbiddenByRbac
+  POST /_fake/bulk {"keys": [{"name", "kty", "crv", "key_size", "tags", "key_ops", "created",
+       "updated"}, ...]}   creates keys directly (benchmark seeding, planted duplicates)
 
 Usage: python azure_keyvault_fake.py --host 127.0.0.1 --port P --token-port T --certdir DIR
        [--token-lifetime SECONDS] [--page-size N] [--tenant TENANT] [--identity-header VALUE]
@@ -105,6 +108,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import datetime as dt
 import ipaddress
 import json
@@ -504,6 +508,9 @@ class Dropped(Exception):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "azure-keyvault-fake"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold every answer on a kept-alive connection for ~40 ms.
+    disable_nagle_algorithm = True
     state: State = None  # set in main
     token_port = False  # True on the managed identity (plain HTTP) port
 
@@ -663,6 +670,8 @@ class Handler(BaseHTTPRequestHandler):
                             entry.update(key.deleted_fields(base))
                         out[where].append(entry)
             return self._send(200, out)
+        if path == "/_fake/bulk" and method == "POST":
+            return self._bulk()
         m = re.fullmatch(r"/_fake/keys/([^/]+)/attributes", path)
         if m and method == "POST":
             body = self._json_body()
@@ -681,6 +690,42 @@ class Handler(BaseHTTPRequestHandler):
                         v.attributes["enabled"] = bool(body["enabled"])
                 return self._send(200, key.latest().bundle(self._base()))
         raise ApiError(404, "NotFound", f"no test control {method} {path}")
+
+    def _bulk(self) -> None:
+        """Creates keys behind the clients' backs (no authentication, not counted): many other
+        servers' keys for a benchmark in one request, or a planted key (a duplicate) with the
+        creation time a test needs. Each entry: name, kty (EC|EC-HSM|RSA|RSA-HSM, default EC),
+        crv (default P-256), key_size (default 2048), tags, key_ops (default sign, verify),
+        created/updated (epoch seconds, default now). A name already live gets a new version."""
+        st = self.state
+        body = json.loads(self._body or b"{}")
+        entries = body.get("keys") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            raise bad_parameter('the body must be {"keys": [{"name": ..., ...}, ...]}')
+        made = []
+        for e in entries:
+            name, kty = e.get("name", ""), e.get("kty", "EC")
+            if not NAME_RE.match(name) or kty not in KTYS:
+                raise bad_parameter(f"bulk: invalid name {name!r} or kty {kty!r}")
+            crv = e.get("crv", "P-256") if kty.startswith("EC") else None
+            size = None if crv else e.get("key_size", 2048)
+            if (crv and crv not in CURVES) or (size and size not in RSA_SIZES):
+                raise bad_parameter(f"bulk: unsupported curve or size for {name}")
+            now = time.time()
+            made.append(KeyVersion(name, uuid.uuid4().hex, kty, generate_key(kty, crv, size),
+                                   e.get("key_ops", ["sign", "verify"]),
+                                   {"enabled": True, "created": e.get("created", now), "updated": e.get("updated", now),
+                                    "nbf": None, "exp": None}, e.get("tags") or {}))
+        with st.lock:
+            for kv in made:
+                if kv.name.lower() in st.deleted:
+                    raise ApiError(409, "Conflict", f"bulk: {kv.name} is soft-deleted")
+            for kv in made:
+                key = st.keys.get(kv.name.lower())
+                if key is None:
+                    key = st.keys[kv.name.lower()] = Key(kv.name)
+                key.versions.append(kv)
+        return self._send(200, {"created": len(made), "kids": [kv.jwk(self._base())["kid"] for kv in made]})
 
     # --- managed identity (plain HTTP port) ---------------------------------------------------
 
@@ -780,7 +825,8 @@ class Handler(BaseHTTPRequestHandler):
         if not client_id:
             raise AadError(400, "invalid_request", 900144, "The request body must contain the following parameter: 'client_id'.")
         scope = form.get("scope", "")
-        scopes = scope.split()
+        # MSAL adds the OpenID Connect scopes to every request; Entra accepts them alongside.
+        scopes = [s for s in scope.split() if s not in ("openid", "offline_access", "profile")]
         if len(scopes) != 1 or not scopes[0].endswith("/.default"):
             raise AadError(400, "invalid_scope", 1002012, f"The provided value for scope {scope} is not valid.")
         if "client_secret" in form:
@@ -989,8 +1035,10 @@ class Handler(BaseHTTPRequestHandler):
             kv.attributes["updated"] = max(time.time(), kv.attributes["updated"])
             return self._send(200, kv.bundle(self._base()))
 
-    def _page(self, items: list[tuple[str, dict]], path: str) -> None:
-        """Answers one page of (sort key, item), sorted, after the $skiptoken marker."""
+    def _page(self, items: list[tuple[str, object]], path: str, render=lambda item: item) -> None:
+        """Answers one page of (sort key, item), sorted, after the $skiptoken marker; render
+        makes the JSON of an item, only for the items on the page (a vault of thousands of
+        keys is listed in hundreds of pages: rendering each page alone keeps them cheap)."""
         raw = self._query.get("maxresults")
         if raw is None or raw == "":
             size = self.state.args.page_size
@@ -999,9 +1047,9 @@ class Handler(BaseHTTPRequestHandler):
                 size = int(raw)
             except ValueError:
                 raise bad_parameter(f"maxresults must be an integer between 1 and {MAX_PAGE}.")
-            if size < 1:
-                raise bad_parameter(f"maxresults must be an integer between 1 and {MAX_PAGE}.")
-        size = min(size, MAX_PAGE)
+            # The REST reference bounds it to 1..25, and Key Vault refuses larger pages.
+            if not 1 <= size <= MAX_PAGE:
+                raise bad_parameter(f"Invalid maxresults {size}: it must be between 1 and {MAX_PAGE}.")
         items.sort(key=lambda kv: kv[0])
         marker = ""
         token = self._query.get("$skiptoken")
@@ -1010,20 +1058,22 @@ class Handler(BaseHTTPRequestHandler):
                 marker = json.loads(unb64u(token, "$skiptoken"))["NextMarker"]
             except (ValueError, KeyError, TypeError):
                 raise bad_parameter("Invalid $skiptoken.")
-            items = [kv for kv in items if kv[0] > marker]
-        page, rest = items[:size], items[size:]
+            items = items[bisect.bisect_right([kv[0] for kv in items], marker):]
+        page = items[:size]
         next_link = None
-        if rest:
+        if len(items) > size:
             skip = b64u(json.dumps({"NextMarker": page[-1][0]}).encode())
             query = {"api-version": self._query.get("api-version", "7.6"), "$skiptoken": skip, "maxresults": str(size)}
             next_link = f"{self._base()}{path}?{urlencode(query, quote_via=quote, safe='$')}"
-        return self._send(200, {"value": [item for _, item in page], "nextLink": next_link})
+        with self.state.lock:
+            value = [render(item) for _, item in page]
+        return self._send(200, {"value": value, "nextLink": next_link})
 
     def _list_keys(self) -> None:
         base = self._base()
         with self.state.lock:
-            items = [(k.name.lower(), k.latest().item(base, with_version=False)) for k in self.state.keys.values()]
-        return self._page(items, "/keys")
+            items = [(k.name.lower(), k.latest()) for k in self.state.keys.values()]
+        return self._page(items, "/keys", lambda kv: kv.item(base, with_version=False))
 
     def _list_versions(self, name: str) -> None:
         base = self._base()
