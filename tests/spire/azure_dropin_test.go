@@ -3,6 +3,10 @@ package spire_test
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha512"
 	"testing"
 	"time"
 
@@ -108,7 +112,7 @@ func TestAzureDropInWithSpiresBuiltIn(t *testing.T) {
 		require.NoError(t, err)
 		byID := requireSameKeys(t, created, found)
 		for _, key := range byID {
-			requireSignsAndVerifies(t, key)
+			requireAzureSignsAndVerifies(t, key)
 		}
 		require.Zero(t, fake.Stats(t)["create"], "ours created no key: it uses SPIRE's")
 		require.Equal(t, names, liveNames(t, fake, "spire-made"), "the same keys, by name")
@@ -127,7 +131,7 @@ func TestAzureDropInWithSpiresBuiltIn(t *testing.T) {
 		key, err := again.KeyManager.GetKey(ctx, "x509-CA-A")
 		require.NoError(t, err)
 		require.True(t, key.Public().(equaler).Equal(rotated.Public()), "SPIRE's built-in finds the key ours rotated to")
-		requireSignsAndVerifies(t, key)
+		requireAzureSignsAndVerifies(t, key)
 	})
 
 	t.Run("ours creates, SPIRE's built-in finds and signs", func(t *testing.T) {
@@ -141,7 +145,7 @@ func TestAzureDropInWithSpiresBuiltIn(t *testing.T) {
 		requireAzureStoreHolds(t, fake, "ours-made", ours.KeyManager)
 		live := mustLive(t, fake)
 		for id := range created {
-			onlyKey(t, spireAzureKeys(live, id), "ours named "+id+" as SPIRE does (spire-key-<uuid>-<id>)")
+			onlyKey(t, spireAzureKeys(azureKeysOf(live, "ours-made")[id], id), "ours named "+id+" as SPIRE does (spire-key-<uuid>-<id>)")
 		}
 		names := liveNames(t, fake, "ours-made")
 		require.NoError(t, ours.catalog.Close())
@@ -152,11 +156,27 @@ func TestAzureDropInWithSpiresBuiltIn(t *testing.T) {
 		require.NoError(t, err)
 		byID := requireSameKeys(t, created, found)
 		for _, key := range byID {
-			requireSignsAndVerifies(t, key)
+			requireAzureSignsAndVerifies(t, key)
 		}
 		require.Zero(t, fake.Stats(t)["create"], "SPIRE's built-in created no key: it uses ours")
 		require.Equal(t, names, liveNames(t, fake, "ours-made"))
 	})
+}
+
+// requireAzureSignsAndVerifies signs with key and verifies with Go's crypto against its public
+// key: ECDSA with the curve's hash (Key Vault's ES256/ES384 take only that digest), RSA
+// PKCS#1 v1.5 and PSS with salt = hash length.
+func requireAzureSignsAndVerifies(t *testing.T, key keymanager.Key) {
+	t.Helper()
+	pub, ok := key.Public().(*ecdsa.PublicKey)
+	if !ok || pub.Curve != elliptic.P384() {
+		requireSignsAndVerifies(t, key)
+		return
+	}
+	digest := sha512.Sum384([]byte("signed with " + key.ID()))
+	sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA384)
+	require.NoError(t, err, "sign with %s", key.ID())
+	require.True(t, ecdsa.VerifyASN1(pub, digest[:], sig), "ECDSA P-384 signature of %s verifies", key.ID())
 }
 
 func mustLive(t *testing.T, fake *azureKeyVaultFake) []azureFakeKey {
