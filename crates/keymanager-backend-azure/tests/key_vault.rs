@@ -36,8 +36,11 @@ static FAKE: OnceLock<AzureFake> = OnceLock::new();
 /// A fake of its own for faults and token revocation, which are global to a fake.
 static FAULTY: OnceLock<AzureFake> = OnceLock::new();
 
+/// Pages of three keys, so that every listing follows `nextLink`s.
 fn start_fake() -> AzureFake {
     peers::azure_fake_with(&[
+        "--page-size",
+        "3",
         "--identity-header",
         IDENTITY_HEADER,
         "--client",
