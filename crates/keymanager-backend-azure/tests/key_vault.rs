@@ -35,6 +35,8 @@ type PluginData = Vec<(&'static str, &'static str)>;
 static FAKE: OnceLock<AzureFake> = OnceLock::new();
 /// A fake of its own for faults and token revocation, which are global to a fake.
 static FAULTY: OnceLock<AzureFake> = OnceLock::new();
+/// Tokens valid four seconds, with request counts no other test disturbs.
+static SHORT_TOKENS: OnceLock<AzureFake> = OnceLock::new();
 
 /// Pages of three keys, so that every listing follows `nextLink`s.
 fn start_fake() -> AzureFake {
@@ -676,4 +678,55 @@ async fn purge_deleted_keys_purges_only_this_servers_keys() {
         "the default keeps soft-deleted keys"
     );
     assert!(!servers.contains(&purger), "purged: {servers:?}");
+}
+
+async fn stats(fake: &AzureFake) -> Value {
+    let pem = std::fs::read(&fake.ca_cert).expect("CA");
+    reqwest::Client::builder()
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).expect("PEM"))
+        .build()
+        .expect("client")
+        .get(format!("{}/_fake/stats", fake.vault_url))
+        .send()
+        .await
+        .expect("the fake answers")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+/// A token is refreshed before it expires: with four-second tokens, signing across three
+/// lifetimes fetches new tokens and never meets a 401 after the first challenge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_refreshed_before_they_expire() {
+    let fake = SHORT_TOKENS.get_or_init(|| {
+        peers::azure_fake_with(&[
+            "--token-lifetime",
+            "4",
+            "--identity-header",
+            IDENTITY_HEADER,
+        ])
+    });
+    let proxy = vault(fake).await;
+    let service = start(fake, proxy.url(), &unique("short")).await;
+    service
+        .generate_key(id("k"), KeyType::EcP256)
+        .await
+        .expect("generate");
+    let before = stats(fake).await;
+    for _ in 0..6 {
+        signs(service.as_ref(), "k", KeyType::EcP256).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let after = stats(fake).await;
+    let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    assert_eq!(
+        count(&after, "unauthorized"),
+        count(&before, "unauthorized"),
+        "no request went out with an expired token: {after}"
+    );
+    assert!(
+        count(&after, "token") >= count(&before, "token") + 2,
+        "new tokens were fetched: {before} -> {after}"
+    );
 }
