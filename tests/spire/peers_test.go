@@ -1,7 +1,10 @@
 package spire_test
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -125,4 +128,261 @@ func startLocalStack(t *testing.T) string {
 	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
 	waitReady(t, "LocalStack", endpoint+"/_localstack/health", 90*time.Second, logPath)
 	return endpoint
+}
+
+// azureKeyVaultFake is a running tests/peers/azure_keyvault_fake.py: a fake of the Azure Key
+// Vault keys REST API (HTTPS) with Key Vault's challenge authentication, managed identity
+// token endpoints (plain HTTP, as in Azure), a Microsoft Entra token endpoint, and test
+// controls under /_fake/. Its server certificate comes from the process CA that TestMain
+// trusts through SSL_CERT_FILE, so Go clients with default options (SPIRE's built-in, the Go
+// SDK) trust it.
+type azureKeyVaultFake struct {
+	// VaultURL is the vault, https://127.0.0.1:PORT (key_vault_uri).
+	VaultURL string
+	// CertDir holds ca.pem (the CA, in SSL_CERT_FILE), ca-key.pem and the server certificate.
+	CertDir    string
+	CACertPath string
+	// TokenURL is the managed identity port's base URL, http://127.0.0.1:TPORT.
+	TokenURL string
+	// AppServiceEndpoint is IDENTITY_ENDPOINT for App Service managed identity.
+	AppServiceEndpoint string
+	// IdentityHeader is the IDENTITY_HEADER value the fake expects.
+	IdentityHeader string
+	// AuthorityHost is AZURE_AUTHORITY_HOST for the fake's Entra endpoint (clients must
+	// disable instance discovery, which would ask login.microsoftonline.com).
+	AuthorityHost string
+	// Tenant is the tenant the challenges name and the Entra endpoint serves.
+	Tenant string
+	client *http.Client
+}
+
+// startAzureKeyVaultFake starts the fake on free 127.0.0.1 ports and stops it at cleanup.
+// args are passed on (e.g. "--page-size", "5", "--client", "APP:SECRET").
+// AZURE_FAKE_PYTHON is the interpreter of the venv holding tests/peers/requirements-azure.txt.
+func startAzureKeyVaultFake(t *testing.T, args ...string) *azureKeyVaultFake {
+	t.Helper()
+	python := os.Getenv("AZURE_FAKE_PYTHON")
+	if python == "" {
+		t.Fatal("AZURE_FAKE_PYTHON must point at the python of the venv with tests/peers/requirements-azure.txt installed (scripts/test-all.sh sets it)")
+	}
+	script, err := filepath.Abs(filepath.Join("..", "peers", "azure_keyvault_fake.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The fake reuses a CA it finds in its certificate directory: give it the process CA.
+	certDir := filepath.Join(t.TempDir(), "tls")
+	if err := os.MkdirAll(certDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"ca.pem", "ca-key.pem"} {
+		data, err := os.ReadFile(filepath.Join(testCADir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(certDir, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	port, tokenPort := freePort(t), freePort(t)
+	f := &azureKeyVaultFake{
+		VaultURL:       fmt.Sprintf("https://127.0.0.1:%d", port),
+		CertDir:        certDir,
+		CACertPath:     filepath.Join(certDir, "ca.pem"),
+		TokenURL:       fmt.Sprintf("http://127.0.0.1:%d", tokenPort),
+		IdentityHeader: "kms-keymanager-test-identity-header",
+		Tenant:         "fake-tenant",
+		client:         &http.Client{Timeout: 30 * time.Second},
+	}
+	f.AppServiceEndpoint = f.TokenURL + "/msi/token"
+	f.AuthorityHost = f.VaultURL + "/"
+	cmd := exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port),
+		"--token-port", fmt.Sprint(tokenPort), "--certdir", certDir, "--tenant", f.Tenant,
+		"--identity-header", f.IdentityHeader}, args...)...)
+	startPeerProcess(t, "azure_keyvault_fake", cmd, f.TokenURL+"/_fake/health")
+	waitReady(t, "azure_keyvault_fake (https)", f.VaultURL+"/_fake/health", 10*time.Second, "")
+	return f
+}
+
+// azureIdentityEnv lists the variables azidentity's DefaultAzureCredential reads.
+var azureIdentityEnv = []string{
+	"AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH",
+	"AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_USERNAME", "AZURE_PASSWORD", "AZURE_FEDERATED_TOKEN_FILE",
+	"AZURE_AUTHORITY_HOST", "AZURE_TOKEN_CREDENTIALS", "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+	"IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IDENTITY_SERVER_THUMBPRINT", "MSI_ENDPOINT", "MSI_SECRET", "IMDS_ENDPOINT",
+}
+
+// UseManagedIdentity points DefaultAzureCredential (in this process and in plugins it
+// starts) at the fake's App Service managed identity endpoint for this test, with every other
+// Azure identity variable unset (restored at cleanup).
+func (f *azureKeyVaultFake) UseManagedIdentity(t *testing.T) {
+	t.Helper()
+	for _, name := range azureIdentityEnv {
+		if _, set := os.LookupEnv(name); set {
+			t.Setenv(name, "")
+			if err := os.Unsetenv(name); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	t.Setenv("IDENTITY_ENDPOINT", f.AppServiceEndpoint)
+	t.Setenv("IDENTITY_HEADER", f.IdentityHeader)
+}
+
+// control sends a test-control request and decodes a 200 answer into out (if non-nil).
+func (f *azureKeyVaultFake) control(t *testing.T, method, path string, body, out any) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		data, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd = bytes.NewReader(data)
+	}
+	req, err := http.NewRequest(method, f.VaultURL+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := f.client.Do(req)
+	if err != nil {
+		t.Fatalf("azure_keyvault_fake %s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("azure_keyvault_fake %s %s: HTTP %d: %s", method, path, resp.StatusCode, data)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatalf("azure_keyvault_fake %s %s: %v: %s", method, path, err, data)
+		}
+	}
+}
+
+// Stats returns the requests per operation since the start or ResetStats ("create", "get",
+// "update", "list", "delete", "sign", "token", "unauthorized", ...).
+func (f *azureKeyVaultFake) Stats(t *testing.T) map[string]int {
+	t.Helper()
+	stats := map[string]int{}
+	f.control(t, http.MethodGet, "/_fake/stats", nil, &stats)
+	return stats
+}
+
+func (f *azureKeyVaultFake) ResetStats(t *testing.T) {
+	t.Helper()
+	f.control(t, http.MethodPost, "/_fake/stats/reset", map[string]any{}, nil)
+}
+
+// azureFault is one fault rule: the first Count requests of Op ("*" for every vault
+// operation) are delayed by LatencyMS, answered with Status (and Retry-After) or dropped.
+type azureFault struct {
+	Op         string `json:"op"`
+	Status     int    `json:"status,omitempty"`
+	RetryAfter *int   `json:"retry_after,omitempty"`
+	Count      int    `json:"count"`
+	LatencyMS  int    `json:"latency_ms,omitempty"`
+	Drop       bool   `json:"drop,omitempty"`
+}
+
+// Faults appends fault rules.
+func (f *azureKeyVaultFake) Faults(t *testing.T, rules ...azureFault) {
+	t.Helper()
+	f.control(t, http.MethodPost, "/_fake/faults", rules, nil)
+}
+
+func (f *azureKeyVaultFake) ClearFaults(t *testing.T) {
+	t.Helper()
+	f.control(t, http.MethodDelete, "/_fake/faults", nil, nil)
+}
+
+// ExpireTokens revokes every token the fake issued. mode "cae" answers them with a
+// continuous access evaluation claims challenge (the SDKs then bypass their token caches),
+// "plain" with the ordinary challenge an expired token gets.
+func (f *azureKeyVaultFake) ExpireTokens(t *testing.T, mode string) {
+	t.Helper()
+	f.control(t, http.MethodPost, "/_fake/tokens/expire", map[string]string{"mode": mode}, nil)
+}
+
+// Deny makes these operations answer 403 Forbidden (ForbiddenByRbac); none lifts it.
+func (f *azureKeyVaultFake) Deny(t *testing.T, ops ...string) {
+	t.Helper()
+	if ops == nil {
+		ops = []string{}
+	}
+	f.control(t, http.MethodPost, "/_fake/rbac", map[string]any{"deny": ops}, nil)
+}
+
+// SetKeyTimes sets attributes.created and .updated of every version of a key (sweep tests).
+func (f *azureKeyVaultFake) SetKeyTimes(t *testing.T, name string, created, updated time.Time) {
+	t.Helper()
+	f.control(t, http.MethodPost, "/_fake/keys/"+name+"/attributes",
+		map[string]int64{"created": created.Unix(), "updated": updated.Unix()}, nil)
+}
+
+// SetKeyEnabled enables or disables every version of a key behind the client's back.
+func (f *azureKeyVaultFake) SetKeyEnabled(t *testing.T, name string, enabled bool) {
+	t.Helper()
+	f.control(t, http.MethodPost, "/_fake/keys/"+name+"/attributes", map[string]bool{"enabled": enabled}, nil)
+}
+
+// azureFakeKey is a key as GET /_fake/keys shows it.
+type azureFakeKey struct {
+	Name     string `json:"name"`
+	Versions []struct {
+		Kty        string            `json:"kty"`
+		Tags       map[string]string `json:"tags"`
+		Attributes struct {
+			Enabled bool  `json:"enabled"`
+			Created int64 `json:"created"`
+			Updated int64 `json:"updated"`
+		} `json:"attributes"`
+		Key struct {
+			Kid    string   `json:"kid"`
+			KeyOps []string `json:"key_ops"`
+			Crv    string   `json:"crv"`
+			X      string   `json:"x"`
+			Y      string   `json:"y"`
+			N      string   `json:"n"`
+			E      string   `json:"e"`
+		} `json:"key"`
+	} `json:"versions"`
+	DeletedDate int64 `json:"deletedDate"`
+}
+
+// State returns every live and soft-deleted key: what "the vault holds".
+func (f *azureKeyVaultFake) State(t *testing.T) (live, deleted []azureFakeKey) {
+	t.Helper()
+	var out struct {
+		Keys    []azureFakeKey `json:"keys"`
+		Deleted []azureFakeKey `json:"deleted"`
+	}
+	f.control(t, http.MethodGet, "/_fake/keys", nil, &out)
+	return out.Keys, out.Deleted
+}
+
+// azureBulkKey is one key for Bulk: Kty defaults to EC, Crv to P-256, KeySize to 2048;
+// Created and Updated (Unix seconds) to now.
+type azureBulkKey struct {
+	Name    string            `json:"name"`
+	Kty     string            `json:"kty,omitempty"`
+	Crv     string            `json:"crv,omitempty"`
+	KeySize int               `json:"key_size,omitempty"`
+	Tags    map[string]string `json:"tags,omitempty"`
+	Created int64             `json:"created,omitempty"`
+	Updated int64             `json:"updated,omitempty"`
+}
+
+// Bulk creates keys directly in the fake (POST /_fake/bulk: no token, not counted in Stats)
+// and returns their kids: seeding thousands of other servers' keys, or planting a key.
+func (f *azureKeyVaultFake) Bulk(t *testing.T, keys ...azureBulkKey) []string {
+	t.Helper()
+	var out struct {
+		Kids []string `json:"kids"`
+	}
+	f.control(t, http.MethodPost, "/_fake/bulk", map[string]any{"keys": keys}, &out)
+	return out.Kids
 }

@@ -166,7 +166,7 @@ func TestBadConfigurationIsRejected(t *testing.T) {
 	require.Error(t, err)
 	_, list, found := strings.Cut(err.Error(), "; available: ")
 	require.True(t, found, err.Error())
-	require.Equal(t, "disk, aws_kms, gcp_kms, hashicorp_vault, pkcs11", list, err.Error())
+	require.Equal(t, "disk, aws_kms, gcp_kms, hashicorp_vault, azure_key_vault, pkcs11", list, err.Error())
 
 	// A keys file in a directory that does not exist is refused at Configure, naming the
 	// directory, not at the first GenerateKey.

@@ -5,7 +5,7 @@
 //! stdin pipe closes.
 //!
 //! The interpreters and binaries come from the environment `scripts/test-all.sh` sets up
-//! (`MOTO_PYTHON`, `LOCALSTACK_PYTHON`, `GCP_FAKE_PYTHON`, `BAO_BIN`). Without it a peer test fails
+//! (`MOTO_PYTHON`, `LOCALSTACK_PYTHON`, `GCP_FAKE_PYTHON`, `AZURE_FAKE_PYTHON`, `BAO_BIN`). Without it a peer test fails
 //! and says so: it never silently passes.
 //!
 //! The PKCS#11 software tokens (SoftHSM2, kryoptic) are libraries, not processes: their
@@ -247,6 +247,82 @@ pub fn gcp_service_account(fake_url: &str, email: &str, out: &Path, key_ring: Op
         "gcp_service_account.py failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The project's Azure Key Vault fake (tests/peers/azure_keyvault_fake.py): the vault
+/// (HTTPS, its own test CA), the Entra token endpoint on the same port, and the managed
+/// identity endpoints (plain HTTP) on another.
+pub struct AzureFake {
+    /// The running fake; its `url` is the managed-identity port (plain HTTP).
+    pub peer: Peer,
+    /// `https://127.0.0.1:P`: the vault, the Entra authority host and `/_fake/` controls.
+    pub vault_url: String,
+    /// `http://127.0.0.1:T`: App Service (`/msi/token`) and IMDS endpoints.
+    pub token_url: String,
+    /// The test CA the vault's certificate is issued by (trust it with `ca_cert_path`).
+    pub ca_cert: PathBuf,
+    /// The CA's private key (for a TLS fault proxy).
+    pub ca_key: PathBuf,
+}
+
+impl AzureFake {
+    /// The App Service managed identity endpoint (`IDENTITY_ENDPOINT`).
+    pub fn identity_endpoint(&self) -> String {
+        format!("{}/msi/token", self.token_url)
+    }
+}
+
+/// The Azure Key Vault fake with its defaults (tokens valid an hour, pages of 25).
+pub fn azure_fake() -> AzureFake {
+    azure_fake_with(&[])
+}
+
+/// The Azure Key Vault fake with extra arguments (`--token-lifetime 5`, `--page-size 3`,
+/// `--client APP:SECRET`, `--identity-header H`, …).
+pub fn azure_fake_with(extra: &[&str]) -> AzureFake {
+    let port = free_port();
+    let token_port = loop {
+        let p = free_port();
+        if p != port {
+            break p;
+        }
+    };
+    let certdir = std::env::temp_dir().join(format!(
+        "kms-keymanager-azure-fake-{}-{port}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&certdir).expect("the Azure fake's certificate directory");
+    let script = peers_dir().join("azure_keyvault_fake.py");
+    let mut args: Vec<String> = vec![
+        script.display().to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--token-port".into(),
+        token_port.to_string(),
+        "--certdir".into(),
+        certdir.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let peer = Peer::start(PeerCommand {
+        name: "azure_keyvault_fake",
+        program: &interpreter("AZURE_FAKE_PYTHON"),
+        args: &args,
+        env: &[],
+        dir: &std::env::temp_dir(),
+        // Readiness on the plain-HTTP port; the fake answers on both once both are up.
+        port: token_port,
+        ready_path: "/_fake/health",
+        timeout: Duration::from_secs(60),
+    });
+    AzureFake {
+        token_url: peer.url.clone(),
+        peer,
+        vault_url: format!("https://127.0.0.1:{port}"),
+        ca_cert: certdir.join("ca.pem"),
+        ca_key: certdir.join("ca-key.pem"),
+    }
 }
 
 /// The root token of [`openbao`]'s dev server.

@@ -1,9 +1,16 @@
 //! A loopback HTTP proxy between a backend and its test peer that counts every request,
 //! remembers what it was, and fails, loses or holds the request number N on demand:
 //! the way to inject a failure — or a crash — at each store call of a GenerateKey.
+//!
+//! For an HTTPS-only peer (the Key Vault fake) the proxy speaks TLS on both sides
+//! ([`FaultProxy::start_tls`]): it serves a 127.0.0.1 certificate issued from the peer's test
+//! CA, so the backend trusts the proxy exactly as it trusts the peer, and forwards over TLS.
+//! The `Host` header is passed on as the client sent it (the proxy's port): a peer that
+//! builds URLs or challenges from it answers with the proxy's address.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -13,8 +20,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// What the proxy saw of one request.
 #[derive(Clone, Debug)]
@@ -86,17 +97,76 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts a proxy to `target` (`http://127.0.0.1:PORT`) on a free loopback port.
     pub async fn start(target: &str) -> Self {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        Self::serve(target, None, Arc::new(Forward::Plain(Box::new(client)))).await
+    }
+
+    /// Starts a TLS proxy to the HTTPS peer `target` (`https://127.0.0.1:PORT`) whose test CA
+    /// is `ca_cert` with private key `ca_key` (PEM): the proxy serves a certificate for
+    /// 127.0.0.1 issued by that CA and trusts only that CA towards the peer.
+    pub async fn start_tls(target: &str, ca_cert: &Path, ca_key: &Path) -> Self {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_else(|e| panic!("fault proxy: cannot read {}: {e}", path.display()))
+        };
+        let ca_key = rcgen::KeyPair::from_pem(&read(ca_key)).expect("the peer's CA key (PEM)");
+        let issuer =
+            rcgen::Issuer::from_ca_cert_pem(&read(ca_cert), ca_key).expect("the peer's CA (PEM)");
+        let leaf_key = rcgen::KeyPair::generate().expect("a key for the proxy");
+        let leaf =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .expect("certificate parameters")
+                .signed_by(&leaf_key, &issuer)
+                .expect("the proxy's certificate");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .expect("the proxy's TLS configuration");
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_cert).expect("the peer's CA file") {
+            roots
+                .add(cert.expect("a PEM certificate"))
+                .expect("a CA certificate");
+        }
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let authority = target
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+        let forward = Forward::Tls {
+            connector: TlsConnector::from(Arc::new(client)),
+            authority,
+        };
+        Self::serve(
+            target,
+            Some(TlsAcceptor::from(Arc::new(server))),
+            Arc::new(forward),
+        )
+        .await
+    }
+
+    async fn serve(target: &str, tls: Option<TlsAcceptor>, forward: Arc<Forward>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port for the fault proxy");
         let addr: SocketAddr = listener.local_addr().expect("proxy address");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let proxy = Self {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             state: Arc::new(Mutex::new(State::default())),
             held: Arc::new(Notify::new()),
         };
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
         let target: Arc<str> = Arc::from(target.trim_end_matches('/'));
         let state = proxy.clone();
         tokio::spawn(async move {
@@ -104,16 +174,29 @@ impl FaultProxy {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (client, target, state) = (client.clone(), target.clone(), state.clone());
+                let (forward, target, state, tls) =
+                    (forward.clone(), target.clone(), state.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
-                        let (client, target, state) =
-                            (client.clone(), target.clone(), state.clone());
-                        async move { state.handle(request, &client, &target).await }
+                        let (forward, target, state) =
+                            (forward.clone(), target.clone(), state.clone());
+                        async move { state.handle(request, &forward, &target).await }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 });
             }
         });
@@ -174,7 +257,7 @@ impl FaultProxy {
     async fn handle(
         &self,
         request: Request<Incoming>,
-        client: &Client<HttpConnector, Full<Bytes>>,
+        forward: &Forward,
         target: &str,
     ) -> Result<Response<Full<Bytes>>, std::io::Error> {
         let (parts, body) = request.into_parts();
@@ -237,18 +320,19 @@ impl FaultProxy {
         if matches!(fault, Some(Fault::HoldBefore)) {
             match self.hold().await {}
         }
-        let uri = format!("{target}{}", summary.path);
-        let mut forward = Request::builder().method(parts.method).uri(uri);
+        let uri = match forward {
+            Forward::Plain(_) => format!("{target}{}", summary.path),
+            // A connection of its own: the request line carries the path only.
+            Forward::Tls { .. } => summary.path.clone(),
+        };
+        let mut request = Request::builder().method(parts.method).uri(uri);
         for (name, value) in &parts.headers {
-            forward = forward.header(name, value);
+            request = request.header(name, value);
         }
-        let forward = forward
+        let request = request
             .body(Full::new(body))
             .map_err(std::io::Error::other)?;
-        let response = client
-            .request(forward)
-            .await
-            .map_err(std::io::Error::other)?;
+        let response = forward.send(request).await?;
         let (parts, body) = response.into_parts();
         let body = body
             .collect()
@@ -266,5 +350,49 @@ impl FaultProxy {
         self.state().held += 1;
         self.held.notify_waiters();
         std::future::pending().await
+    }
+}
+
+/// How the proxy reaches the peer.
+enum Forward {
+    /// Plain HTTP through a pooled client.
+    Plain(Box<Client<HttpConnector, Full<Bytes>>>),
+    /// TLS, one connection per request (a lost response must not poison a pooled one).
+    Tls {
+        connector: TlsConnector,
+        /// `127.0.0.1:PORT`.
+        authority: String,
+    },
+}
+
+impl Forward {
+    async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, std::io::Error> {
+        match self {
+            Self::Plain(client) => client.request(request).await.map_err(std::io::Error::other),
+            Self::Tls {
+                connector,
+                authority,
+            } => {
+                let tcp = TcpStream::connect(authority.as_str()).await?;
+                let host = authority
+                    .rsplit_once(':')
+                    .map_or(authority.as_str(), |(host, _)| host)
+                    .to_string();
+                let name = ServerName::try_from(host).map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                        .await
+                        .map_err(std::io::Error::other)?;
+                tokio::spawn(connection);
+                sender
+                    .send_request(request)
+                    .await
+                    .map_err(std::io::Error::other)
+            }
+        }
     }
 }

@@ -28,6 +28,12 @@ pub trait Subject: Send + Sync + 'static {
     /// The test peer's URL, for the fault proxy; `None` for a backend without one.
     fn peer_url(&self) -> Option<String>;
 
+    /// The test CA certificate and key of an HTTPS-only peer: the fault proxy then speaks TLS
+    /// on both sides, with a certificate from that CA (see `FaultProxy::start_tls`).
+    fn peer_tls(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        None
+    }
+
     /// `plugin_data` for `server_id`, pointing at `endpoint` (the fault proxy) if there is a
     /// peer. Each call may use a fresh store location for a backend without a peer.
     fn plugin_data(&self, server_id: &str, endpoint: Option<&str>) -> String;
@@ -117,9 +123,12 @@ fn scenario(tag: &str) -> (String, String) {
 impl Harness {
     /// Puts a fault proxy in front of the subject's peer, if it has one.
     pub async fn new(subject: Arc<dyn Subject>) -> Self {
-        let proxy = match subject.peer_url() {
-            Some(url) => Some(FaultProxy::start(&url).await),
-            None => None,
+        let proxy = match (subject.peer_url(), subject.peer_tls()) {
+            (Some(url), Some((ca_cert, ca_key))) => {
+                Some(FaultProxy::start_tls(&url, &ca_cert, &ca_key).await)
+            }
+            (Some(url), None) => Some(FaultProxy::start(&url).await),
+            (None, _) => None,
         };
         Self { subject, proxy }
     }

@@ -299,6 +299,9 @@ pub struct BackendError {
     /// The underlying error, if any.
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// How long the service asked us to wait before trying again (`Retry-After`); the
+    /// engine's retries wait at least this long, or give up when it outlasts their budget.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl BackendError {
@@ -308,6 +311,7 @@ impl BackendError {
             kind,
             message: message.into(),
             source: None,
+            retry_after: None,
         }
     }
 
@@ -323,7 +327,14 @@ impl BackendError {
             kind,
             message,
             source: Some(Box::new(source)),
+            retry_after: None,
         }
+    }
+
+    /// The same error with the wait the service asked for (`Retry-After`).
+    pub fn with_retry_after(mut self, wait: Option<std::time::Duration>) -> Self {
+        self.retry_after = wait;
+        self
     }
 
     /// The same error with more context in front (`"creating key x509-CA-A: …"`).

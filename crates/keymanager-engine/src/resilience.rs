@@ -66,7 +66,8 @@ where
             Err(error) => error,
         };
         stats.record_failure(operation, error.kind);
-        let backoff = full_jitter(policy, attempt);
+        // A service that said when to come back (`Retry-After`) is not asked sooner.
+        let backoff = full_jitter(policy, attempt).max(error.retry_after.unwrap_or_default());
         let out_of_budget = started.elapsed() + backoff > policy.budget;
         if !error.kind.is_transient() || attempt >= policy.max_attempts || out_of_budget {
             return Err(error);
@@ -361,6 +362,43 @@ mod tests {
             started.elapsed() < Duration::from_secs(30),
             "must end inside SPIRE's deadline"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_hint_is_waited_for_or_ends_the_retries() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            budget: Duration::from_secs(10),
+        };
+        let stats = CallStats::default();
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let started = Instant::now();
+        let result: Result<(), BackendError> = with_retries(policy, "sign", &stats, || {
+            let n = attempts.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(transient().with_retry_after(Some(Duration::from_secs(3))))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert!(result.is_ok());
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "waited as asked"
+        );
+        // A wait past the budget is not waited for: the error comes back at once.
+        let started = Instant::now();
+        let result: Result<(), BackendError> = with_retries(policy, "sign", &stats, || async {
+            Err(transient().with_retry_after(Some(Duration::from_secs(60))))
+        })
+        .await;
+        assert!(result.is_err());
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

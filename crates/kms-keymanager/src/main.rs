@@ -10,6 +10,7 @@ mod svid;
 use std::process::ExitCode;
 
 use keymanager_backend_aws::AwsKmsFactory;
+use keymanager_backend_azure::AzureFactory;
 use keymanager_backend_disk::DiskFactory;
 use keymanager_backend_gcp::GcpKmsFactory;
 use keymanager_backend_pkcs11::Pkcs11Factory;
@@ -27,6 +28,7 @@ pub const BACKENDS: &[&'static dyn BackendFactory] = &[
     &AwsKmsFactory::new(),
     &GcpKmsFactory::new(),
     &VaultFactory::new(),
+    &AzureFactory::new(),
     &Pkcs11Factory::new(),
 ];
 

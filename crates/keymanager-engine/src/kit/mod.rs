@@ -9,6 +9,7 @@
 //! - [`classify`]: failed calls → error kinds and messages with their whole cause chain;
 //! - [`paging`]: list loops that cannot loop forever;
 //! - [`pem`]: public keys handed out as PEM;
+//! - [`spki`]: public keys handed out as raw parts (EC point, RSA modulus);
 //! - [`swap`]: values a re-Configure replaces while calls use them.
 
 pub mod classify;
@@ -18,6 +19,7 @@ pub mod pem;
 pub mod policy_file;
 pub mod server_identity;
 mod shell;
+pub mod spki;
 pub mod swap;
 pub mod vocabulary;
 

@@ -51,6 +51,12 @@ pub trait KmsSettings: fmt::Debug + Clone + Send + Sync + Sized + 'static {
     /// The other settings and what a change to each means at run time.
     fn describe(&self) -> Vec<SettingState>;
 
+    /// The lifecycle schedule when `plugin_data` sets none (SPIRE's own defaults for the
+    /// built-in this backend replaces).
+    fn default_schedule() -> LifecycleSchedule {
+        LifecycleSchedule::default()
+    }
+
     /// Problems Validate reports, beyond the server identity's (no side effects).
     fn problems(&self) -> Vec<String> {
         Vec::new()
@@ -134,7 +140,8 @@ impl<A: KmsAdapter> KmsFactory<A> {
                 }
             })?;
         let endpoint = Endpoint::take_from(settings)?;
-        let schedule = LifecycleSchedule::take_from(settings)?;
+        let schedule =
+            LifecycleSchedule::take_from_with(settings, A::Settings::default_schedule())?;
         Ok(KmsConfig::<A> {
             trust_domain: core.trust_domain.clone(),
             server_id,

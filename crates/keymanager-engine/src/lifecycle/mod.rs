@@ -53,6 +53,12 @@ pub trait KeyLifecycle: Send + Sync + 'static {
 
     /// Puts a key on the deletion path, recording the intent first where the store allows.
     async fn delete(&self, record: &KeyRecord) -> Result<(), BackendError>;
+
+    /// Store housekeeping at the end of a sweep (Azure Key Vault: purging this server's
+    /// soft-deleted keys when configured). A failure is logged; the sweep still counts.
+    async fn after_sweep(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// The schedule settings every lifecycle backend accepts.
@@ -88,7 +94,13 @@ impl Default for LifecycleSchedule {
 impl LifecycleSchedule {
     /// Takes the [`SCHEDULE_KEYS`] out of `settings` (durations such as `"6h"`, `"14d"`).
     pub fn take_from(settings: &mut Settings) -> Result<Self, SettingsError> {
-        let mut schedule = Self::default();
+        Self::take_from_with(settings, Self::default())
+    }
+
+    /// As [`LifecycleSchedule::take_from`], starting from a backend's own defaults (SPIRE's
+    /// `azure_key_vault` sweeps every 48 hours, not daily).
+    pub fn take_from_with(settings: &mut Settings, defaults: Self) -> Result<Self, SettingsError> {
+        let mut schedule = defaults;
         if let Some(every) = settings.take_duration("liveness_interval")? {
             schedule.stamp_every = every;
         }
@@ -156,6 +168,9 @@ pub async fn run_sweep<H: KeyHandle>(
                 tracing::debug!(key = %locator, %reason, "sweep keeps key")
             }
         }
+    }
+    if let Err(error) = lifecycle.after_sweep().await {
+        tracing::warn!(%error, "housekeeping after the sweep failed; the next sweep retries");
     }
     Ok(SweepReport { decisions, failed })
 }
