@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use base64::Engine as _;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use keymanager_engine::admin::{DeletionWindow, KeyOperator};
 use keymanager_engine::kit::paging::PageGuard;
 use keymanager_engine::kit::spki::{ec_spki, rsa_spki};
 use keymanager_engine::kit::swap::Swap;
@@ -649,6 +650,51 @@ impl Backend for AzureBackend {
     }
 }
 
+/// What an operator runs by hand (the CLI's `keys`): public keys by locator, enabling and
+/// disabling (`attributes.enabled` on the latest version), and Key Vault's soft delete.
+#[async_trait]
+impl KeyOperator for AzureBackend {
+    async fn public_key_at(&self, locator: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
+        self.read(self.name_of(locator)?)
+            .await?
+            .and_then(|key| key.public)
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::NotFound,
+                    format!("{locator} is not in the vault"),
+                )
+            })
+    }
+
+    async fn set_enabled(&self, record: &KeyRecord, enabled: bool) -> Result<(), BackendError> {
+        let name = self.name_of(&record.locator)?;
+        let key = self.read(name).await?.ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::NotFound,
+                format!("{} is not in the vault", record.locator),
+            )
+        })?;
+        self.client()
+            .call(
+                "update",
+                Method::PATCH,
+                &format!("/keys/{}/{}", key.name, key.version),
+                &record.locator,
+                Some(&json!({"attributes": {"enabled": enabled}})),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.error)
+    }
+
+    fn deletion_window(&self) -> DeletionWindow {
+        DeletionWindow::Scheduled {
+            after: Duration::from_secs(90 * 86400),
+            what: "Key Vault soft delete: recoverable for the vault's retention period, 7 to 90 days, 90 by default; RecoverDeletedKey undoes it",
+        }
+    }
+}
+
 #[async_trait]
 impl KeyLifecycle for AzureBackend {
     type Handle = AzureKey;
@@ -732,6 +778,7 @@ impl KeyLifecycle for AzureBackend {
                 last_stamp: k.updated.and_then(|u| parse_stamp(&u.to_string())),
                 created: at(k.created),
                 deletion_intent: false,
+                replaced: None,
             })
             .collect();
         out.sort_by(|a, b| a.locator.cmp(&b.locator));
