@@ -31,21 +31,32 @@ func newAzureSpireServer(t *testing.T, fake *azureKeyVaultFake, serverID string,
 }
 
 // azurePublishedKeys returns the public keys of serverID's live keys that carry SPIRE's two
-// tags (what SPIRE's built-in or ours would serve), by SPIRE key id. A key id with two such
-// keys fails the test.
+// tags (what SPIRE's built-in or ours would serve), by SPIRE key id; where an id has more
+// than one (a planted duplicate), the newest by creation time, which is the one the plugin
+// must serve.
 func azurePublishedKeys(t *testing.T, fake *azureKeyVaultFake, serverID string) map[string]crypto.PublicKey {
 	t.Helper()
 	out := map[string]crypto.PublicKey{}
+	newest := map[string]int64{}
 	for id, keys := range azureKeysOf(mustLive(t, fake), serverID) {
 		for _, k := range keys {
 			if k.latestTags()["spire-server-td"] != trustDomain {
 				continue
 			}
-			require.Nil(t, out[id], "key id %s of %s has one published key", id, serverID)
-			out[id] = k.PublicKey(t)
+			if created := k.Versions[len(k.Versions)-1].Attributes.Created; out[id] == nil || created > newest[id] {
+				out[id], newest[id] = k.PublicKey(t), created
+			}
 		}
 	}
 	return out
+}
+
+// requireOneKeyPerID checks that every key id of serverID has exactly one live key.
+func requireOneKeyPerID(t *testing.T, fake *azureKeyVaultFake, serverID string) {
+	t.Helper()
+	for id, keys := range azureKeysOf(mustLive(t, fake), serverID) {
+		require.Len(t, keys, 1, "key id %s of %s has one live key", id, serverID)
+	}
 }
 
 func sortedNames(m map[string]bool) []string {
@@ -83,6 +94,7 @@ func TestAzureRealSpireServer(t *testing.T) {
 	requireCleanPluginExitOf(t, log)
 	keysA := liveNames(t, fake, "server-a")
 	require.NotEmpty(t, keysA)
+	requireOneKeyPerID(t, fake, "server-a")
 	a.start(2)
 	require.True(t, a.mintAndVerify(t).PublicKey.(equaler).Equal(rootA.PublicKey), "a restart reuses the CA key in the vault")
 	require.Equal(t, bundleA, a.mustCLI("bundle", "show"), "the bundle is unchanged across a restart")
@@ -94,6 +106,7 @@ func TestAzureRealSpireServer(t *testing.T) {
 	require.False(t, rootA.PublicKey.(equaler).Equal(rootB.PublicKey), "each server has its own CA key")
 	keysB := liveNames(t, fake, "server-b")
 	require.NotEmpty(t, keysB)
+	requireOneKeyPerID(t, fake, "server-b")
 	for name := range keysB {
 		require.False(t, keysA[name], "server-b uses none of server-a's keys")
 	}
@@ -197,6 +210,19 @@ func TestAzureDuplicateResolvedToNewest(t *testing.T) {
 		require.NoError(t, p.catalog.Close())
 	}
 	require.Len(t, spireAzureKeys(mustLive(t, fake), "x509-CA-A"), 2, "the older key is kept while younger than the grace")
+
+	// For the record, not asserted (it is chance): SPIRE's built-in on the same duplicate.
+	plantedPicks := 0
+	for run := 1; run <= 20; run++ {
+		builtin := loadBuiltInAzureKeyVault(t, fake, azurePluginData(fake.VaultURL, "dup"))
+		key, err := builtin.KeyManager.GetKey(ctx, "x509-CA-A")
+		require.NoError(t, err)
+		if key.Public().(equaler).Equal(plantedPub) {
+			plantedPicks++
+		}
+		require.NoError(t, builtin.catalog.Close())
+	}
+	t.Logf("SPIRE's built-in served the newest key at %d of 20 starts, ours at 20", plantedPicks)
 
 	twoHoursAgo := time.Now().Add(-2 * time.Hour)
 	fake.SetKeyTimes(t, original.Name, twoHoursAgo, twoHoursAgo)
@@ -348,3 +374,54 @@ type pubOverride struct {
 }
 
 func (p pubOverride) Public() crypto.PublicKey { return p.pub }
+
+// TestAzureRealSpireServerLeftoverOfInterruptedRotation: the duplicate a rotation cut short
+// leaves when the replaced key is deleted after answering (as SPIRE's built-in does, from a
+// queue): the key SPIRE's journal holds and an older key of the same id, both with SPIRE's
+// tags. It is planted here with a name that sorts after the real one, so that neither the
+// listing order nor a name comparison picks the right key by accident. Over 20 restarts of a
+// real spire-server with our plugin, every start serves the newest key: the CA key and the
+// bundle are those of the first start, SVIDs verify, and no key is generated. (SPIRE's
+// built-in picks either key at each start; the older one does not match its journal and it
+// prepares a new CA.) Once the older key is past the half-created grace (1 h, aged with the
+// fake's key times), the running server's sweep soft-deletes it.
+func TestAzureRealSpireServerLeftoverOfInterruptedRotation(t *testing.T) {
+	fake := startAzureKeyVaultFake(t)
+	s := newAzureSpireServer(t, fake, "leftover", "sweep_interval = \"2s\"\nclock_skew_allowance = \"1s\"\n")
+	s.start(0)
+	root := s.mintAndVerify(t)
+	bundle := s.mustCLI("bundle", "show")
+	requireCleanPluginExitOf(t, s.stop())
+
+	caKeyID := idOfKey(azurePublishedKeys(t, fake, "leftover"), root.PublicKey)
+	require.True(t, strings.HasPrefix(caKeyID, "x509-CA-"), "the root CA key %q is a plugin key", caKeyID)
+	current := onlyKey(t, spireAzureKeys(azureKeysOf(mustLive(t, fake), "leftover")[caKeyID], caKeyID), "the CA key")
+	leftover := "spire-key-ffffffff-ffff-4fff-bfff-ffffffffffff-" + caKeyID
+	require.Greater(t, leftover, current.Name)
+	created := current.Versions[0].Attributes.Created - 600
+	fake.Bulk(t, azureBulkKey{Name: leftover, Created: created, Updated: created,
+		Tags: map[string]string{"spire-server-td": trustDomain, "spire-server-id": "leftover"}})
+
+	for run := 1; run <= 20; run++ {
+		s.start(run)
+		require.Equal(t, bundle, s.mustCLI("bundle", "show"), "restart %d: the bundle is unchanged", run)
+		if run%5 == 0 {
+			require.True(t, s.mintAndVerify(t).PublicKey.(equaler).Equal(root.PublicKey), "restart %d: the same CA key signs", run)
+		}
+		log := s.stop()
+		require.NotContains(t, log, "\"generated key\"", "restart %d: no key is generated", run)
+		require.NotContains(t, log, "public key does not match key manager key", "restart %d", run)
+		requireCleanPluginExitOf(t, log)
+	}
+	require.Len(t, spireAzureKeys(azureKeysOf(mustLive(t, fake), "leftover")[caKeyID], caKeyID), 2,
+		"the older key is kept while younger than the grace")
+
+	s.start(21)
+	twoHoursAgo := time.Now().Add(-2 * time.Hour)
+	fake.SetKeyTimes(t, leftover, twoHoursAgo, twoHoursAgo)
+	require.Eventually(t, func() bool { return deletedNames(t, fake)[leftover] }, 15*time.Second, 200*time.Millisecond,
+		"the older key is retired (soft-deleted) by the sweep")
+	require.Equal(t, current.Name, onlyKey(t, spireAzureKeys(azureKeysOf(mustLive(t, fake), "leftover")[caKeyID], caKeyID), "one key left").Name)
+	require.True(t, s.mintAndVerify(t).PublicKey.(equaler).Equal(root.PublicKey))
+	requireCleanPluginExitOf(t, s.stop())
+}
