@@ -46,8 +46,6 @@ use crate::naming::{self, PENDING_TD, SERVER_ID, TRUST_DOMAIN};
 
 /// Keys read at once during discovery.
 const CONCURRENCY: usize = 16;
-/// Keys per list page (Key Vault's maximum).
-const PAGE_SIZE: usize = 25;
 
 const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
@@ -283,11 +281,8 @@ impl AzureBackend {
     /// Every key (or deleted key) of the vault, following `nextLink`.
     async fn list_all(&self, what: &'static str) -> Result<Vec<Listed>, BackendError> {
         let client = self.client();
-        let path = if what == "deletedkeys" {
-            format!("/deletedkeys?maxresults={PAGE_SIZE}")
-        } else {
-            format!("/keys?maxresults={PAGE_SIZE}")
-        };
+        // No maxresults: the vault's default page is its largest (25).
+        let path = format!("/{what}");
         let mut guard = PageGuard::new(format!("the {what} of {}", client.vault()));
         let mut page = client
             .call("list", Method::GET, &path, "the vault's keys", None)

@@ -182,7 +182,7 @@ impl Client {
         object: &str,
         body: Option<&Value>,
     ) -> Result<Value, AzureError> {
-        if !url.starts_with(&format!("{}/", self.vault)) {
+        if !on_vault(url, &self.vault) {
             // Never send the vault's token elsewhere (a nextLink is the vault's word).
             return Err(plain(BackendError::new(
                 BackendErrorKind::Internal,
@@ -236,6 +236,23 @@ impl Client {
             return Err(status_error(operation, object, status, &headers, &bytes));
         }
     }
+}
+
+/// Whether `url` is on `vault` (same host and port; Key Vault's `nextLink`s spell out the
+/// default port, `https://v.vault.azure.net:443/keys?…`).
+fn on_vault(url: &str, vault: &str) -> bool {
+    let origin = |u: &str| -> Option<String> {
+        let rest = u.strip_prefix("https://")?;
+        let authority = rest.split(['/', '?']).next()?.to_ascii_lowercase();
+        Some(match authority.strip_suffix(":443") {
+            Some(host) => host.to_string(),
+            None => authority,
+        })
+    };
+    let path = url
+        .strip_prefix("https://")
+        .and_then(|rest| rest.find('/').map(|i| &rest[i..]));
+    origin(url).is_some() && origin(url) == origin(vault) && path.is_some()
 }
 
 fn plain(error: BackendError) -> AzureError {
@@ -395,6 +412,30 @@ mod tests {
             let err = scope_from_challenge(header, vault).unwrap_err();
             assert_eq!(err.kind, BackendErrorKind::Unauthenticated, "{header}");
         }
+    }
+
+    #[test]
+    fn next_links_must_stay_on_the_vault() {
+        let vault = "https://v.vault.azure.net";
+        for ok in [
+            "https://v.vault.azure.net:443/keys?api-version=7.5&$skiptoken=x&maxresults=25",
+            "https://V.vault.azure.net/keys?$skiptoken=x",
+        ] {
+            assert!(on_vault(ok, vault), "{ok}");
+        }
+        for bad in [
+            "https://v.vault.azure.net.evil.com/keys",
+            "https://evil.com/keys",
+            "http://v.vault.azure.net/keys",
+            "https://v.vault.azure.net:8443/keys",
+            "https://v.vault.azure.net",
+        ] {
+            assert!(!on_vault(bad, vault), "{bad}");
+        }
+        assert!(on_vault(
+            "https://127.0.0.1:8443/keys?x",
+            "https://127.0.0.1:8443"
+        ));
     }
 
     #[test]

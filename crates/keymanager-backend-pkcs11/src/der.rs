@@ -3,15 +3,9 @@
 
 use keymanager_engine::KeyType;
 
-/// `CKA_EC_PARAMS` of a curve: its named-curve OID, DER.
-pub fn curve_oid(key_type: KeyType) -> &'static [u8] {
-    match key_type {
-        // 1.2.840.10045.3.1.7 (prime256v1)
-        KeyType::EcP256 => &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
-        // 1.3.132.0.34 (secp384r1)
-        _ => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22],
-    }
-}
+/// `CKA_EC_PARAMS` of a curve (its named-curve OID, DER) and the SubjectPublicKeyInfo
+/// builders, shared with the other backends that get raw key parts (written once in the kit).
+pub use keymanager_engine::kit::spki::{curve_oid, ec_spki, rsa_spki};
 
 /// The key type of `CKA_EC_PARAMS`.
 pub fn curve_of(params: &[u8]) -> Option<KeyType> {
@@ -34,68 +28,6 @@ pub fn ec_point(key_type: KeyType, value: &[u8]) -> Option<Vec<u8>> {
         }
     };
     (point.first() == Some(&0x04)).then(|| point.to_vec())
-}
-
-fn length(len: usize, out: &mut Vec<u8>) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes: Vec<u8> = len
-            .to_be_bytes()
-            .into_iter()
-            .skip_while(|&b| b == 0)
-            .collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend(bytes);
-    }
-}
-
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    length(content.len(), &mut out);
-    out.extend_from_slice(content);
-    out
-}
-
-/// A positive INTEGER from big-endian bytes.
-fn integer(bytes: &[u8]) -> Vec<u8> {
-    let trimmed: &[u8] = match bytes.iter().position(|&b| b != 0) {
-        Some(i) => &bytes[i..],
-        None => &[0],
-    };
-    let mut content = Vec::with_capacity(trimmed.len() + 1);
-    if trimmed[0] & 0x80 != 0 {
-        content.push(0);
-    }
-    content.extend_from_slice(trimmed);
-    tlv(0x02, &content)
-}
-
-fn spki(algorithm: &[u8], key: &[u8]) -> Vec<u8> {
-    let mut bits = vec![0];
-    bits.extend_from_slice(key);
-    let mut content = tlv(0x30, algorithm);
-    content.extend(tlv(0x03, &bits));
-    tlv(0x30, &content)
-}
-
-/// The SubjectPublicKeyInfo of an EC point.
-pub fn ec_spki(key_type: KeyType, point: &[u8]) -> Vec<u8> {
-    // 1.2.840.10045.2.1 (id-ecPublicKey)
-    let mut algorithm = vec![0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    algorithm.extend_from_slice(curve_oid(key_type));
-    spki(&algorithm, point)
-}
-
-/// The SubjectPublicKeyInfo of an RSA key.
-pub fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
-    // 1.2.840.113549.1.1.1 (rsaEncryption), NULL parameters
-    let algorithm = [
-        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
-    ];
-    let mut key = integer(modulus);
-    key.extend(integer(exponent));
-    spki(&algorithm, &tlv(0x30, &key))
 }
 
 /// The bit length of a big-endian unsigned number.
@@ -149,6 +81,13 @@ mod tests {
         assert_eq!(bit_length(&[0, 0x01, 0]), 9);
         assert_eq!(percent_decode_hex("%01%ab"), Some(vec![1, 0xab]));
         assert_eq!(percent_decode_hex("01"), None);
+    }
+
+    /// A short-form DER TLV (test data only).
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag, content.len() as u8];
+        out.extend_from_slice(content);
+        out
     }
 
     fn hex(bytes: &[u8]) -> String {
