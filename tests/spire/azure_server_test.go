@@ -13,6 +13,8 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // newAzureSpireServer is a real spire-server whose KeyManager is our plugin on backend
@@ -424,4 +426,41 @@ func TestAzureRealSpireServerLeftoverOfInterruptedRotation(t *testing.T) {
 	require.Equal(t, current.Name, onlyKey(t, spireAzureKeys(azureKeysOf(mustLive(t, fake), "leftover")[caKeyID], caKeyID), "one key left").Name)
 	require.True(t, s.mintAndVerify(t).PublicKey.(equaler).Equal(root.PublicKey))
 	requireCleanPluginExitOf(t, s.stop())
+}
+
+// TestAzureDisabledKeyAndDeniedOperations: a key of this server disabled in the vault behind
+// its back fails SPIRE's built-in at start-up; ours starts, reports the id as absent
+// (NotFound through SPIRE's facade) and the next GenerateKey makes a new key that signs. An
+// operation the vault's RBAC refuses fails with PermissionDenied naming it, and works again
+// once allowed.
+func TestAzureDisabledKeyAndDeniedOperations(t *testing.T) {
+	fake := startAzureKeyVaultFake(t)
+	first := loadOurAzure(t, fake, "disabled")
+	_, err := first.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	jwt, err := first.KeyManager.GenerateKey(ctx, "JWT-Signer-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NoError(t, first.catalog.Close())
+	disabled := onlyKey(t, spireAzureKeys(azureKeysOf(mustLive(t, fake), "disabled")["x509-CA-A"], "x509-CA-A"), "x509-CA-A")
+	fake.SetKeyEnabled(t, disabled.Name, false)
+
+	_, err = tryLoad(builtInAzureConfig(azurePluginData(fake.VaultURL, "disabled")))
+	require.ErrorContains(t, err, "found disabled SPIRE key", "SPIRE's built-in refuses to start")
+
+	ours := loadOurAzure(t, fake, "disabled")
+	_, err = ours.KeyManager.GetKey(ctx, "x509-CA-A")
+	require.Equal(t, codes.NotFound, status.Code(err), "the disabled key's id is absent: %v", err)
+	key, err := ours.KeyManager.GetKey(ctx, "JWT-Signer-A")
+	require.NoError(t, err, "the other keys are served")
+	require.True(t, key.Public().(equaler).Equal(jwt.Public()))
+	regenerated, err := ours.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	require.NoError(t, signVerified(regenerated, 1))
+
+	fake.Deny(t, "sign")
+	err = signVerified(regenerated, 2)
+	require.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
+	require.Contains(t, err.Error(), "sign")
+	fake.Deny(t)
+	require.NoError(t, signVerified(regenerated, 3))
 }
