@@ -331,9 +331,11 @@ func TestAzureCredentials(t *testing.T) {
 	})
 }
 
-// TestAzureFaultsDoNotFailSignData: Key Vault throttling (429 with Retry-After) and an
-// unavailable vault (503), injected into the fake's sign operation, are retried: the
-// signature through SPIRE's facade succeeds and verifies, after Retry-After.
+// TestAzureFaultsDoNotFailSignData: Key Vault throttling (429 with Retry-After), an
+// unavailable vault (503), a dropped connection and a request that gets no answer, injected
+// into the fake's sign operation, are retried: the signature through SPIRE's facade
+// succeeds and verifies (after Retry-After), each fault costing one more sign call. A fault
+// that does not end fails the signature.
 func TestAzureFaultsDoNotFailSignData(t *testing.T) {
 	fake := startAzureKeyVaultFake(t)
 	p := loadOurAzure(t, fake, "faults")
@@ -355,6 +357,14 @@ func TestAzureFaultsDoNotFailSignData(t *testing.T) {
 	fake.ResetStats(t)
 	fake.Faults(t, azureFault{Op: "sign", Drop: true, Count: 1})
 	require.NoError(t, signVerified(key, 3), "a dropped connection is retried")
+	require.Equal(t, 2, fake.Stats(t)["sign"])
+
+	// A vault that does not answer: the request times out (10 s) and is retried.
+	fake.ResetStats(t)
+	fake.Faults(t, azureFault{Op: "sign", LatencyMS: 12000, Count: 1})
+	started = time.Now()
+	require.NoError(t, signVerified(key, 6), "a timed-out request is retried")
+	require.Less(t, time.Since(started), 20*time.Second)
 	require.Equal(t, 2, fake.Stats(t)["sign"])
 
 	// A fault that does not end is reported, not hidden.
