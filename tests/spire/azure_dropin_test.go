@@ -84,9 +84,9 @@ func deletedNames(t *testing.T, fake *azureKeyVaultFake) map[string]bool {
 }
 
 // TestAzureDropInWithSpiresBuiltIn: our backend is a drop-in for SPIRE's built-in
-// azure_key_vault both ways, with the same plugin_data (SPIRE ignores our backend and
-// ca_cert_path keys) on one Key Vault fake, both authenticating through the App Service
-// managed identity environment. Keys SPIRE's built-in created are found by ours (same key
+// azure_key_vault both ways, with the same plugin_data text (SPIRE's decoder ignores our
+// backend and ca_cert_path keys) on one Key Vault fake, both authenticating through the App
+// Service managed identity environment. Keys SPIRE's built-in created are found by ours (same key
 // ids, same key names, same public keys, not one key created) and sign verifiably; keys ours
 // created are found by SPIRE's built-in the same way. Ours rotating a key SPIRE made
 // soft-deletes the old one, and SPIRE's built-in, restarted, follows.
@@ -95,7 +95,7 @@ func TestAzureDropInWithSpiresBuiltIn(t *testing.T) {
 	fake.UseManagedIdentity(t)
 
 	t.Run("SPIRE's built-in creates, ours finds and signs", func(t *testing.T) {
-		builtin := loadBuiltInAzureKeyVault(t, fake, azurePluginData(fake.VaultURL, "spire-made"))
+		builtin := loadBuiltInAzureKeyVault(t, fake, ourAzurePluginData(fake, "spire-made"))
 		created := map[string]crypto.PublicKey{}
 		for id, keyType := range azureDropInKeys {
 			key, err := builtin.KeyManager.GenerateKey(ctx, id, keyType)
@@ -127,7 +127,7 @@ func TestAzureDropInWithSpiresBuiltIn(t *testing.T) {
 		require.Eventually(t, func() bool { return deletedNames(t, fake)[old.Name] }, 10*time.Second, 100*time.Millisecond,
 			"the replaced key %s is soft-deleted", old.Name)
 		require.Zero(t, fake.Stats(t)["purge"])
-		again := loadBuiltInAzureKeyVault(t, fake, azurePluginData(fake.VaultURL, "spire-made"))
+		again := loadBuiltInAzureKeyVault(t, fake, ourAzurePluginData(fake, "spire-made"))
 		key, err := again.KeyManager.GetKey(ctx, "x509-CA-A")
 		require.NoError(t, err)
 		require.True(t, key.Public().(equaler).Equal(rotated.Public()), "SPIRE's built-in finds the key ours rotated to")
@@ -151,7 +151,7 @@ func TestAzureDropInWithSpiresBuiltIn(t *testing.T) {
 		require.NoError(t, ours.catalog.Close())
 
 		fake.ResetStats(t)
-		builtin := loadBuiltInAzureKeyVault(t, fake, azurePluginData(fake.VaultURL, "ours-made"))
+		builtin := loadBuiltInAzureKeyVault(t, fake, ourAzurePluginData(fake, "ours-made"))
 		found, err := builtin.KeyManager.GetKeys(ctx)
 		require.NoError(t, err)
 		byID := requireSameKeys(t, created, found)

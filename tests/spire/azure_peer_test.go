@@ -33,11 +33,12 @@ func azurePluginData(vaultURL, serverID string, extra ...string) string {
 func loadBuiltInAzureKeyVault(t *testing.T, fake *azureKeyVaultFake, pluginData string) *loaded {
 	t.Helper()
 	fake.UseManagedIdentity(t)
-	return load(t, catalog.PluginConfig{
-		Type:       "KeyManager",
-		Name:       "azure_key_vault",
-		DataSource: catalog.FixedData(pluginData),
-	})
+	return load(t, builtInAzureConfig(pluginData))
+}
+
+// builtInAzureConfig is the catalog configuration of SPIRE's built-in azure_key_vault.
+func builtInAzureConfig(pluginData string) catalog.PluginConfig {
+	return catalog.PluginConfig{Type: "KeyManager", Name: "azure_key_vault", DataSource: catalog.FixedData(pluginData)}
 }
 
 // PublicKey is the public key of the key's latest version, from the JWK the fake holds.
