@@ -92,6 +92,8 @@ pub struct AwsKmsBackend {
     new_keys: Swap<NewKeys>,
     /// Where the credentials come from, in words (for `doctor`).
     pub(crate) credential_source: String,
+    /// The KMS endpoint (for `doctor`'s clock check).
+    pub(crate) service_url: String,
 }
 
 #[async_trait]
@@ -125,6 +127,10 @@ impl KmsAdapter for AwsKmsBackend {
                 tags: config.backend.key_tags.clone(),
             }),
             credential_source: crate::operator::credential_source(&config.backend),
+            service_url: config.endpoint.as_ref().map_or_else(
+                || format!("https://kms.{}.amazonaws.com", config.backend.region),
+                |e| e.as_str().to_string(),
+            ),
         })
     }
 }

@@ -82,6 +82,10 @@ impl KeyOperator for AwsKmsBackend {
         Ok(summarise_policy(out.policy().unwrap_or_default()))
     }
 
+    fn clock_url(&self) -> Option<String> {
+        Some(self.service_url.clone())
+    }
+
     async fn checks(&self) -> Vec<Check> {
         let clients = self.clients();
         let mut checks = Vec::new();

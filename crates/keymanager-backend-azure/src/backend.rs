@@ -654,6 +654,10 @@ impl Backend for AzureBackend {
 /// disabling (`attributes.enabled` on the latest version), and Key Vault's soft delete.
 #[async_trait]
 impl KeyOperator for AzureBackend {
+    fn clock_url(&self) -> Option<String> {
+        Some(self.client().vault().to_string())
+    }
+
     async fn public_key_at(&self, locator: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
         self.read(self.name_of(locator)?)
             .await?

@@ -125,6 +125,8 @@ struct NewKeys {
 /// The backend.
 pub struct GcpKmsBackend {
     kms: Swap<Kms>,
+    /// The Cloud KMS endpoint (for `doctor`'s clock check).
+    pub(crate) service_url: String,
     pub(crate) key_ring: String,
     td_hash: String,
     server_id: String,
@@ -161,6 +163,10 @@ impl KmsAdapter for GcpKmsBackend {
         );
         Ok(Self {
             kms: Swap::new(kms),
+            service_url: config.endpoint.as_ref().map_or_else(
+                || "https://cloudkms.googleapis.com".to_string(),
+                |e| e.as_str().to_string(),
+            ),
             key_ring: settings.key_ring.clone(),
             td_hash: naming::trust_domain_hash(&config.trust_domain),
             server_id,

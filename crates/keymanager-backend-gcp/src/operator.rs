@@ -74,6 +74,10 @@ impl KeyOperator for GcpKmsBackend {
         Ok(self.kms().iam_bindings(crypto_key_of(locator)).await?)
     }
 
+    fn clock_url(&self) -> Option<String> {
+        Some(self.service_url.clone())
+    }
+
     async fn checks(&self) -> Vec<Check> {
         let kms = self.kms();
         let mut checks = vec![match kms.principal().await {

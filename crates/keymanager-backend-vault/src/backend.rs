@@ -148,6 +148,8 @@ impl TransitKey {
 pub struct VaultBackend {
     /// Replaced whole by a re-Configure with new credentials or TLS trust.
     session: Swap<Arc<Session>>,
+    /// `vault_addr` (for `doctor`'s clock check).
+    address: String,
     transit: String,
     trust_domain: String,
     server_id: String,
@@ -182,6 +184,7 @@ impl KmsAdapter for VaultBackend {
         );
         Ok(Self {
             session: Swap::new(session),
+            address: settings.address.clone(),
             transit: settings.transit_path.clone(),
             trust_domain: config.trust_domain.clone(),
             server_id,
@@ -568,6 +571,13 @@ fn parse_signature(text: &str, expected_version: u64) -> Result<Vec<u8>, String>
 /// of any key of the mount by locator.
 #[async_trait]
 impl KeyOperator for VaultBackend {
+    fn clock_url(&self) -> Option<String> {
+        Some(format!(
+            "{}/v1/sys/health",
+            self.address.trim_end_matches('/')
+        ))
+    }
+
     async fn public_key_at(&self, locator: &str) -> Result<(KeyType, Arc<[u8]>), BackendError> {
         let name = locator
             .strip_prefix(&format!("{}/keys/", self.transit))

@@ -46,6 +46,12 @@ pub trait KeyOperator: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// A URL of the store whose HTTP `Date` header gives the store's clock (for `doctor`'s
+    /// skew check); `None` for a store without one (a PKCS#11 token, a file).
+    fn clock_url(&self) -> Option<String> {
+        None
+    }
+
     /// The store's own checks for `doctor`: where credentials came from, reachability and
     /// clock, the permissions the README lists. Read-only: never creates, signs or deletes.
     async fn checks(&self) -> Vec<Check> {
@@ -203,6 +209,9 @@ pub trait KeyAdmin: Send + Sync {
 
     /// The store's own `doctor` checks.
     async fn checks(&self) -> Vec<Check>;
+
+    /// Where the store's clock can be read (see [`KeyOperator::clock_url`]).
+    fn clock_url(&self) -> Option<String>;
 }
 
 /// [`KeyAdmin`] for a backend `B`.
@@ -309,6 +318,97 @@ impl<B: Backend> KeyAdmin for AdminOf<B> {
             None => Vec::new(),
         }
     }
+
+    fn clock_url(&self) -> Option<String> {
+        self.operator.as_ref().and_then(|o| o.clock_url())
+    }
+}
+
+/// `doctor`'s clock check: this machine's time against the store's `Date` header (RFC 7231
+/// IMF-fixdate, one-second resolution). Stamps and sweeps compare times across servers and
+/// the store; more skew than `clock_skew_allowance` fails.
+pub fn clock_check(
+    url: &str,
+    date_header: Option<&str>,
+    local: SystemTime,
+    allowance: Duration,
+) -> Check {
+    let name = "clock";
+    let Some(date) = date_header else {
+        return Check::warn(
+            name,
+            format!("{url} sent no Date header; the clock could not be compared"),
+            "check the machine's clock with NTP",
+        );
+    };
+    let Some(remote) = parse_http_date(date) else {
+        return Check::warn(
+            name,
+            format!("{url} sent an unreadable Date header"),
+            "check the machine's clock with NTP",
+        );
+    };
+    let (skew, ahead) = match local.duration_since(remote) {
+        Ok(d) => (d, true),
+        Err(e) => (e.duration(), false),
+    };
+    // The header has one-second resolution: up to a second is no evidence of skew.
+    let skew = skew.saturating_sub(Duration::from_secs(1));
+    let words = format!(
+        "this machine is {}{} {} the store ({url})",
+        skew.as_secs(),
+        " s",
+        if ahead { "ahead of" } else { "behind" }
+    );
+    if skew > allowance {
+        Check::fail(
+            name,
+            format!(
+                "{words}, more than clock_skew_allowance ({} s)",
+                allowance.as_secs()
+            ),
+            "synchronise the clock (NTP): liveness stamps and the stale-key sweep compare times across servers",
+        )
+    } else {
+        Check::ok(name, words)
+    }
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` → time.
+fn parse_http_date(text: &str) -> Option<SystemTime> {
+    let mut parts = text.split_whitespace().skip(1);
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = parts.next()?.parse().ok()?;
+    let mut hms = parts.next()?.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if parts.next()? != "GMT" || h > 23 || m > 59 || s > 60 || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::try_from(day).ok()? - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days).ok()? * 86400 + h * 3600 + m * 60 + s;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// A key's state as `keys list` shows it.
@@ -697,6 +797,46 @@ mod tests {
         let in_use: HashSet<String> = ["mine".to_string()].into();
         let sweep = plan_sweep(now(), &me(), &in_use, &records, SweepPolicy::default());
         assert_eq!(plan.into_iter().map(|(_, d)| d).collect::<Vec<_>>(), sweep);
+    }
+
+    #[test]
+    fn clock_skew_is_read_from_the_date_header() {
+        let store = parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(
+            store,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)
+        );
+        let allowance = Duration::from_secs(600);
+        let date = Some("Sun, 06 Nov 1994 08:49:37 GMT");
+        let at = |offset: i64| {
+            if offset >= 0 {
+                store + Duration::from_secs(offset.unsigned_abs())
+            } else {
+                store - Duration::from_secs(offset.unsigned_abs())
+            }
+        };
+        assert_eq!(
+            clock_check("u", date, at(1), allowance).outcome,
+            CheckOutcome::Ok
+        );
+        assert_eq!(
+            clock_check("u", date, at(-300), allowance).outcome,
+            CheckOutcome::Ok
+        );
+        let ahead = clock_check("u", date, at(3600), allowance);
+        assert_eq!(ahead.outcome, CheckOutcome::Fail);
+        assert!(ahead.detail.contains("3599 s ahead of"), "{}", ahead.detail);
+        let behind = clock_check("u", date, at(-700), allowance);
+        assert_eq!(behind.outcome, CheckOutcome::Fail);
+        assert!(behind.detail.contains("behind"), "{}", behind.detail);
+        assert_eq!(
+            clock_check("u", None, at(0), allowance).outcome,
+            CheckOutcome::Warn
+        );
+        assert_eq!(
+            clock_check("u", Some("yesterday"), at(0), allowance).outcome,
+            CheckOutcome::Warn
+        );
     }
 
     #[test]

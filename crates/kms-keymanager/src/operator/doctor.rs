@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use keymanager_engine::admin::{Check, CheckOutcome, EntryState, ListScope, inventory};
+use keymanager_engine::admin::{
+    Check, CheckOutcome, EntryState, ListScope, clock_check, inventory,
+};
 use serde_json::json;
 
 use super::keys::policy_of;
@@ -122,6 +124,9 @@ async fn checks(source: &SourceArgs) -> Vec<Check> {
     };
     let admin = opened.admin();
     checks.push(Check::ok("connect", format!("{backend_name} client ready")));
+    if let Some(url) = admin.clock_url() {
+        checks.push(clock(&url, policy.max_clock_skew).await);
+    }
     checks.extend(admin.checks().await);
     let served = admin.served().await;
     checks.push(match &served {
@@ -231,4 +236,39 @@ async fn checks(source: &SourceArgs) -> Vec<Check> {
         ));
     }
     checks
+}
+
+/// Compares this machine's clock with the store's `Date` header. Only the header is read:
+/// no credentials are sent, so the certificate is not checked here (a private CA needs no
+/// configuring for this check; the backend's own calls verify it).
+async fn clock(url: &str, allowance: Duration) -> Check {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            return Check::warn(
+                "clock",
+                format!("no HTTP client: {error}"),
+                "check the machine's clock with NTP",
+            );
+        }
+    };
+    match client.get(url).send().await {
+        Ok(response) => {
+            let date = response
+                .headers()
+                .get(reqwest::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            clock_check(url, date.as_deref(), SystemTime::now(), allowance)
+        }
+        Err(error) => Check::fail(
+            "clock",
+            format!("{url} is unreachable: {error}"),
+            "check the network path and the endpoint",
+        ),
+    }
 }
