@@ -121,6 +121,8 @@ pub struct SweepReport {
     pub decisions: Vec<SweepDecision>,
     /// Locators whose deletion failed (they are retried by the next sweep).
     pub failed: Vec<String>,
+    /// The store's state of every key listed, as listed (before this sweep's deletions).
+    pub store_states: Vec<StoreKeyState>,
 }
 
 impl SweepReport {
@@ -157,7 +159,11 @@ pub async fn run_sweep<H: KeyHandle>(
             }
         }
     }
-    Ok(SweepReport { decisions, failed })
+    Ok(SweepReport {
+        decisions,
+        failed,
+        store_states: records.iter().map(|r| r.state).collect(),
+    })
 }
 
 #[cfg(test)]
