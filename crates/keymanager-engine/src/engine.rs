@@ -328,14 +328,14 @@ impl<B: Backend> Engine<B> {
             match self.backend.retire(&old.stored).await {
                 Ok(()) => self.stats.record_success("retire"),
                 Err(error) => {
-                self.stats.record_failure("retire", error.kind);
-                tracing::warn!(
-                    key_id = %id,
-                    fingerprint = %old.public.fingerprint,
-                    locator = old.stored.locator(),
-                    %error,
-                    "could not retire the replaced key; the sweep removes it"
-                );
+                    self.stats.record_failure("retire", error.kind);
+                    tracing::warn!(
+                        key_id = %id,
+                        fingerprint = %old.public.fingerprint,
+                        locator = old.stored.locator(),
+                        %error,
+                        "could not retire the replaced key; the sweep removes it"
+                    );
                 }
             }
         }

@@ -411,7 +411,12 @@ mod tests {
             .as_object()
             .map(|o| {
                 o.keys()
-                    .map(|k| (text.find(&format!("\"{k}\":")).unwrap_or(usize::MAX), k.as_str()))
+                    .map(|k| {
+                        (
+                            text.find(&format!("\"{k}\":")).unwrap_or(usize::MAX),
+                            k.as_str(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -448,7 +453,9 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(path.clone(), failures());
         assert_eq!(
-            std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777).ok(),
+            std::fs::metadata(&path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .ok(),
             Some(0o600)
         );
         for n in 0..10 {
@@ -462,7 +469,12 @@ mod tests {
             log.submit(record(n));
         }
         log.close(Duration::from_secs(5));
-        let lines = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+        let lines = |p: &Path| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
         assert_eq!(lines(&rotated), 10);
         assert_eq!(lines(&path), 5);
     }

@@ -89,7 +89,11 @@ async fn respond(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Resul
         Err(_) => return Ok(()),
     };
     let response = match parse(&head) {
-        Some(Request { method, path, openmetrics }) => {
+        Some(Request {
+            method,
+            path,
+            openmetrics,
+        }) => {
             let path = path.split('?').next().unwrap_or(path);
             match (method, path) {
                 ("GET" | "HEAD", "/metrics") => {
@@ -98,12 +102,7 @@ async fn respond(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Resul
                     } else {
                         (telemetry.metrics().encode_prometheus(), PROMETHEUS_TEXT)
                     };
-                    reply(
-                        "200 OK",
-                        content_type,
-                        &body,
-                        method == "HEAD",
-                    )
+                    reply("200 OK", content_type, &body, method == "HEAD")
                 }
                 ("GET" | "HEAD", _) => reply(
                     "404 Not Found",
@@ -207,11 +206,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_both_formats_refuses_the_rest_and_frees_the_port_when_dropped() {
-        let telemetry = Arc::new(Telemetry::new(
-            "disk",
-            None,
-            Arc::new(CallStats::default()),
-        ));
+        let telemetry = Arc::new(Telemetry::new("disk", None, Arc::new(CallStats::default())));
         let listener = bind("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -220,8 +215,14 @@ mod tests {
 
         let text = get(address, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(text.contains("Content-Type: text/plain; version=0.0.4"), "{text}");
-        assert!(text.contains("# TYPE kms_keymanager_swept_keys_total counter"), "{text}");
+        assert!(
+            text.contains("Content-Type: text/plain; version=0.0.4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE kms_keymanager_swept_keys_total counter"),
+            "{text}"
+        );
 
         let open = get(
             address,
@@ -231,9 +232,21 @@ mod tests {
         assert!(open.contains("application/openmetrics-text"), "{open}");
         assert!(open.ends_with("# EOF\n"), "{open}");
 
-        assert!(get(address, "GET / HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
-        assert!(get(address, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
-        assert!(get(address, "junk\r\n\r\n").await.starts_with("HTTP/1.1 400"));
+        assert!(
+            get(address, "GET / HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 404")
+        );
+        assert!(
+            get(address, "POST /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 405")
+        );
+        assert!(
+            get(address, "junk\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
 
         // A second bind of the same address fails while served, succeeds once dropped.
         assert!(bind(address).await.is_err());

@@ -32,8 +32,8 @@ type HistogramFamily = Family<Labels<1>, Histogram, fn() -> Histogram>;
 
 /// Signing latency: from 50 µs (a software key) to 10 s (a store retrying under throttling).
 const LATENCY_BUCKETS: [f64; 16] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
 ];
 /// Waits for a sign-rate permit: up to SPIRE's 30 s deadline.
 const WAIT_BUCKETS: [f64; 12] = [
@@ -180,7 +180,9 @@ impl Metrics {
 
     pub(crate) fn generate_done(&self, error: Option<&EngineError>) {
         let result = error.map_or("ok", |e| e.class().label());
-        self.generate_total.get_or_create(&[("result", result)]).inc();
+        self.generate_total
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     pub(crate) fn rate_limited_wait(&self, wait: Duration) {
@@ -213,8 +215,12 @@ impl Metrics {
     /// The audit-failure counters, for the audit writer.
     pub(crate) fn audit_failures(&self) -> AuditFailures {
         AuditFailures {
-            open: self.audit_failures.get_or_create_owned(&[("reason", "open")]),
-            write: self.audit_failures.get_or_create_owned(&[("reason", "write")]),
+            open: self
+                .audit_failures
+                .get_or_create_owned(&[("reason", "open")]),
+            write: self
+                .audit_failures
+                .get_or_create_owned(&[("reason", "write")]),
             queue_full: self
                 .audit_failures
                 .get_or_create_owned(&[("reason", "queue_full")]),
@@ -327,11 +333,17 @@ mod tests {
             "kms_keymanager_generate_key_total{result=\"permission_denied\"} 1",
             "# TYPE kms_keymanager_sign_total counter",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
         }
         let open = metrics.encode_openmetrics();
         assert!(open.ends_with("# EOF\n"), "{open}");
-        assert!(open.contains("# TYPE kms_keymanager_sign counter"), "{open}");
+        assert!(
+            open.contains("# TYPE kms_keymanager_sign counter"),
+            "{open}"
+        );
     }
 
     #[test]
@@ -351,8 +363,14 @@ mod tests {
             &report,
         );
         let text = metrics.encode_prometheus();
-        assert!(text.contains("kms_keymanager_keys{state=\"enabled\"} 2"), "{text}");
-        assert!(text.contains("kms_keymanager_keys{state=\"disabled\"} 0"), "{text}");
+        assert!(
+            text.contains("kms_keymanager_keys{state=\"enabled\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kms_keymanager_keys{state=\"disabled\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("kms_keymanager_last_sweep_timestamp_seconds 1800000000"),
             "{text}"
