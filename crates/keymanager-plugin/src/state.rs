@@ -112,6 +112,7 @@ impl PluginState {
         let metrics = listener
             .map(|listener| serve_metrics(listener, &service))
             .transpose()?;
+        service.telemetry().set_counting(metrics.is_some());
         *self.active.write().unwrap_or_else(PoisonError::into_inner) = Some(service.clone());
         Ok(Active {
             service,
@@ -187,6 +188,11 @@ impl PluginState {
         } else if config.metrics_listen.is_none() {
             active.metrics = None;
         }
+        // Requests are counted while an endpoint serves them; a rebind keeps the counts.
+        active
+            .service
+            .telemetry()
+            .set_counting(active.metrics.is_some());
         if let (Some(tasks), Some(schedule)) = (&active.tasks, config.backend.lifecycle()) {
             tasks.set_schedule(schedule);
         }

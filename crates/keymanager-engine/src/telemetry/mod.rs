@@ -16,6 +16,7 @@ pub mod http;
 pub mod metrics;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +35,8 @@ pub use metrics::Metrics;
 /// The engine's metrics and audit log.
 pub struct Telemetry {
     metrics: Metrics,
+    /// Whether requests are counted (`metrics_listen` is set): off, a request pays nothing.
+    counting: AtomicBool,
     audit: RwLock<Option<Arc<AuditLog>>>,
     backend: &'static str,
     server_id: Option<Arc<str>>,
@@ -54,6 +57,7 @@ impl Telemetry {
     pub fn new(backend: &'static str, server_id: Option<String>, stats: Arc<CallStats>) -> Self {
         Self {
             metrics: Metrics::new(backend, stats),
+            counting: AtomicBool::new(false),
             audit: RwLock::new(None),
             backend,
             server_id: server_id.map(Arc::from),
@@ -63,6 +67,16 @@ impl Telemetry {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Starts or stops counting requests (SignData, GenerateKey, rate-limit waits). Backend
+    /// calls, keys, stamps and sweeps are always counted: they cost nothing per request.
+    pub fn set_counting(&self, on: bool) {
+        self.counting.store(on, Ordering::Relaxed);
+    }
+
+    fn counting(&self) -> bool {
+        self.counting.load(Ordering::Relaxed)
     }
 
     /// Starts, keeps, or stops the audit log. The same path keeps the open log (and its
@@ -118,8 +132,10 @@ impl Telemetry {
         at: Option<SystemTime>,
     ) {
         let elapsed = started.elapsed();
-        self.metrics
-            .sign_done(outcome.key_type, outcome.result.err(), elapsed);
+        if self.counting() {
+            self.metrics
+                .sign_done(outcome.key_type, outcome.result.err(), elapsed);
+        }
         if let Some(log) = self.audit_log() {
             log.submit(AuditRecord {
                 time: at.unwrap_or_else(SystemTime::now),
@@ -146,7 +162,9 @@ impl Telemetry {
         started: Instant,
         at: Option<SystemTime>,
     ) {
-        self.metrics.generate_done(result.err());
+        if self.counting() {
+            self.metrics.generate_done(result.err());
+        }
         if let Some(log) = self.audit_log() {
             log.submit(AuditRecord {
                 time: at.unwrap_or_else(SystemTime::now),
@@ -166,7 +184,9 @@ impl Telemetry {
     }
 
     pub(crate) fn rate_limit_waited(&self, wait: Duration) {
-        self.metrics.rate_limited_wait(wait);
+        if self.counting() {
+            self.metrics.rate_limited_wait(wait);
+        }
     }
 
     pub(crate) fn keys_served(&self, count: usize) {
