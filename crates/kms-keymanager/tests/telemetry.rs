@@ -381,3 +381,50 @@ async fn metrics_listen_refuses_a_port_in_use_keeps_the_same_address_and_rebinds
     plugin.shutdown().await.unwrap();
     drop(busy);
 }
+
+/// aws_kms: each SignData line carries KMS's request id (the CloudTrail event's
+/// `requestID`), and the line names this server's id. Against moto.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_audit_lines_carry_the_kms_request_id_and_the_server_id() {
+    let moto = keymanager_conformance::peers::moto();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let plugin = launch().await;
+    plugin
+        .configure(
+            "example.org",
+            &format!(
+                "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nkey_identifier_value = \"audited-server\"\naudit_log = {:?}\n",
+                moto.url,
+                audit.display().to_string()
+            ),
+        )
+        .await
+        .unwrap();
+    generate(&plugin, "x509-CA-A", KeyType::EcP256).await;
+    for n in 0..3 {
+        plugin
+            .key_manager()
+            .sign_data(sign_request("x509-CA-A", n))
+            .await
+            .unwrap();
+    }
+    let lines = wait_for_lines(&audit, 4).await;
+    let signs: Vec<_> = lines
+        .iter()
+        .filter(|l| l["operation"] == "SignData")
+        .collect();
+    assert_eq!(signs.len(), 3);
+    let mut ids = std::collections::HashSet::new();
+    for line in signs {
+        assert_eq!(line["backend"], "aws_kms");
+        assert_eq!(line["server_id"], "audited-server");
+        let id = line["request_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no request id: {line}"));
+        assert!(!id.is_empty());
+        ids.insert(id.to_string());
+    }
+    assert_eq!(ids.len(), 3, "one request id per KMS call");
+    plugin.shutdown().await.unwrap();
+}

@@ -105,15 +105,22 @@ impl Telemetry {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(log) = log.and_then(|log| Arc::try_unwrap(log).ok()) {
-            log.close(Duration::from_secs(1));
+            // Short: this runs inside the plugin's shutdown grace, and the writer is normally idle.
+            log.close(Duration::from_millis(300));
         }
     }
 
-    fn audit_log(&self) -> Option<Arc<AuditLog>> {
-        self.audit
+    /// Hands a record to the audit log, if one is on. The record is built only then.
+    fn audit(&self, record: impl FnOnce() -> AuditRecord) {
+        // The read guard is held only for a non-blocking queue push.
+        if let Some(log) = self
+            .audit
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+        {
+            log.submit(record());
+        }
     }
 
     /// Wall-clock time of an operation's start, only when an audit line will need it.
@@ -136,22 +143,20 @@ impl Telemetry {
             self.metrics
                 .sign_done(outcome.key_type, outcome.result.err(), elapsed);
         }
-        if let Some(log) = self.audit_log() {
-            log.submit(AuditRecord {
-                time: at.unwrap_or_else(SystemTime::now),
-                operation: AuditOperation::SignData,
-                backend: self.backend,
-                key_id: outcome.id.as_str().to_string(),
-                server_id: self.server_id.clone(),
-                fingerprint: outcome.fingerprint.cloned(),
-                key_type: outcome.key_type,
-                scheme: outcome.scheme.map(|s| SchemeFamily::of(s).name()),
-                hash: outcome.scheme.map(|s| s.hash().name()),
-                error: outcome.result.err().map(|e| (e.class(), e.to_string())),
-                latency: elapsed,
-                request_id: outcome.request_id,
-            });
-        }
+        self.audit(|| AuditRecord {
+            time: at.unwrap_or_else(SystemTime::now),
+            operation: AuditOperation::SignData,
+            backend: self.backend,
+            key_id: outcome.id.as_str().to_string(),
+            server_id: self.server_id.clone(),
+            fingerprint: outcome.fingerprint.cloned(),
+            key_type: outcome.key_type,
+            scheme: outcome.scheme.map(|s| SchemeFamily::of(s).name()),
+            hash: outcome.scheme.map(|s| s.hash().name()),
+            error: outcome.result.err().map(|e| (e.class(), e.to_string())),
+            latency: elapsed,
+            request_id: outcome.request_id,
+        });
     }
 
     pub(crate) fn generate_finished(
@@ -165,22 +170,20 @@ impl Telemetry {
         if self.counting() {
             self.metrics.generate_done(result.err());
         }
-        if let Some(log) = self.audit_log() {
-            log.submit(AuditRecord {
-                time: at.unwrap_or_else(SystemTime::now),
-                operation: AuditOperation::GenerateKey,
-                backend: self.backend,
-                key_id: id.as_str().to_string(),
-                server_id: self.server_id.clone(),
-                fingerprint: result.ok().cloned(),
-                key_type: Some(key_type),
-                scheme: None,
-                hash: None,
-                error: result.err().map(|e| (e.class(), e.to_string())),
-                latency: started.elapsed(),
-                request_id: None,
-            });
-        }
+        self.audit(|| AuditRecord {
+            time: at.unwrap_or_else(SystemTime::now),
+            operation: AuditOperation::GenerateKey,
+            backend: self.backend,
+            key_id: id.as_str().to_string(),
+            server_id: self.server_id.clone(),
+            fingerprint: result.ok().cloned(),
+            key_type: Some(key_type),
+            scheme: None,
+            hash: None,
+            error: result.err().map(|e| (e.class(), e.to_string())),
+            latency: started.elapsed(),
+            request_id: None,
+        });
     }
 
     pub(crate) fn rate_limit_waited(&self, wait: Duration) {
