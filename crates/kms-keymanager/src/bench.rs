@@ -293,6 +293,6 @@ pub(crate) fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
-pub(crate) fn signed_us(seconds: f64) -> String {
+fn signed_us(seconds: f64) -> String {
     format!("{:+.0} µs", seconds * 1e6)
 }

@@ -17,7 +17,7 @@ use keymanager_proto::keymanager::sign_data_request::SignerOpts as WireOpts;
 use keymanager_proto::keymanager::{GenerateKeyRequest, SignDataRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::bench::{Cell, launch_configured, measure, signed_us, us};
+use crate::bench::{Cell, launch_configured, measure, us};
 
 type SharedEngine = Arc<Engine<DiskBackend>>;
 
@@ -119,9 +119,9 @@ pub async fn run(concurrency: &[usize], duration: Duration) -> Result<(), String
             }
             summary.push(format!(
                 "{key_type} c={c}: telemetry adds {} at p50 in process ({:.1}% throughput change), {} through the plugin ({:.1}%)",
-                signed_us(in_on.p50.as_secs_f64() - in_off.p50.as_secs_f64()),
+                delta_us(in_on.p50, in_off.p50),
                 100.0 * (in_on.throughput / in_off.throughput - 1.0),
-                signed_us(plug_on.p50.as_secs_f64() - plug_off.p50.as_secs_f64()),
+                delta_us(plug_on.p50, plug_off.p50),
                 100.0 * (plug_on.throughput / plug_off.throughput - 1.0),
             ));
         }
@@ -157,6 +157,11 @@ pub async fn run(concurrency: &[usize], duration: Duration) -> Result<(), String
         lines(&engine_audit),
     );
     Ok(())
+}
+
+/// `on - off` with a tenth of a microsecond: the in-process difference is that small.
+fn delta_us(on: Duration, off: Duration) -> String {
+    format!("{:+.1} µs", (on.as_secs_f64() - off.as_secs_f64()) * 1e6)
 }
 
 fn mean(a: &Cell, b: &Cell) -> Cell {
