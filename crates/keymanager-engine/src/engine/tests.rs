@@ -930,13 +930,40 @@ async fn the_stamper_survives_a_panic_and_an_error_and_follows_schedule_changes(
         sweep_every: Duration::from_secs(3600),
         ..LifecycleSchedule::default()
     };
-    let tasks = spawn_tasks(engine, schedule);
+    let sample = |name: &str| {
+        let text = engine.telemetry().metrics().encode_prometheus();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert_eq!(sample("kms_keymanager_last_stamp_timestamp_seconds"), 0.0);
+    let tasks = spawn_tasks(engine.clone(), schedule);
     tokio::time::sleep(Duration::from_secs(35)).await;
     assert_eq!(
         lifecycle.stamps.load(Ordering::SeqCst),
         3,
         "panic, error, then a good round"
     );
+    // The lifecycle loops report through the engine: the good round is the last stamp.
+    let text = engine.telemetry().metrics().encode_prometheus();
+    for line in [
+        r#"kms_keymanager_backend_calls_total{backend="fake",operation="stamp",result="ok"} 1"#,
+        r#"kms_keymanager_backend_calls_total{backend="fake",operation="stamp",result="error"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from\n{text}"
+        );
+    }
+    assert!(sample("kms_keymanager_last_stamp_timestamp_seconds") > 1.7e9);
+    let report = engine.sweep(SweepPolicy::default()).await.unwrap().unwrap();
+    assert_eq!(sample("kms_keymanager_keys{state=\"enabled\"}"), 1.0);
+    assert_eq!(
+        sample("kms_keymanager_swept_keys_total"),
+        report.deleted() as f64
+    );
+    assert!(sample("kms_keymanager_last_sweep_timestamp_seconds") > 1.7e9);
     // A shorter interval applies at once, not after the current wait.
     tasks.set_schedule(LifecycleSchedule {
         stamp_every: Duration::from_secs(1),
