@@ -338,6 +338,12 @@ mod tests {
                 "{line} missing from\n{text}"
             );
         }
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("# HELP"))
+                .all(|l| l.ends_with('.') && !l.ends_with("..")),
+            "help texts end with one period:\n{text}"
+        );
         let open = metrics.encode_openmetrics();
         assert!(open.ends_with("# EOF\n"), "{open}");
         assert!(
