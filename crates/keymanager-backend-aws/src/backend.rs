@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::operation::RequestId as _;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{
     KeyMetadata, KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag,
@@ -30,8 +31,8 @@ use keymanager_engine::lifecycle::{
 use keymanager_engine::resilience::{CallStats, RetryPolicy, with_retries};
 use keymanager_engine::{
     Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, HashAlgorithm,
-    KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
-    StoredKey,
+    KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SignatureScheme, Signed,
+    SigningSupport, StoredKey,
 };
 
 use crate::client::Clients;
@@ -687,6 +688,18 @@ impl Backend for AwsKmsBackend {
         digest: &Digest,
         scheme: SignatureScheme,
     ) -> Result<BackendSignature, BackendError> {
+        self.sign_traced(key, digest, scheme)
+            .await
+            .map(|signed| signed.signature)
+    }
+
+    /// Adds KMS's request id (`x-amzn-RequestId`, the `requestID` of the CloudTrail event).
+    async fn sign_traced(
+        &self,
+        key: &StoredKey<AwsKey>,
+        digest: &Digest,
+        scheme: SignatureScheme,
+    ) -> Result<Signed, BackendError> {
         use SigningAlgorithmSpec as Spec;
         let algorithm = match (SchemeFamily::of(scheme), scheme.hash()) {
             (SchemeFamily::Ecdsa, HashAlgorithm::Sha256) => Spec::EcdsaSha256,
@@ -715,14 +728,18 @@ impl Backend for AwsKmsBackend {
             .send()
             .await
             .map_err(|e| sdk_error(Service::Kms, "Sign", &key.handle.arn, e))?;
+        let request_id = out.request_id().map(str::to_string);
         let signature = out
             .signature()
             .map(|b| b.as_ref().to_vec())
             .unwrap_or_default();
-        Ok(if key.key_type.is_rsa() {
-            BackendSignature::Rsa(signature)
-        } else {
-            BackendSignature::EcdsaDer(signature)
+        Ok(Signed {
+            signature: if key.key_type.is_rsa() {
+                BackendSignature::Rsa(signature)
+            } else {
+                BackendSignature::EcdsaDer(signature)
+            },
+            request_id,
         })
     }
 

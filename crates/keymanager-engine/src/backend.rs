@@ -116,11 +116,35 @@ pub trait Backend: Send + Sync + 'static {
         scheme: SignatureScheme,
     ) -> Result<BackendSignature, BackendError>;
 
+    /// [`Backend::sign`], plus the store's id for the call where it returns one (AWS's
+    /// `x-amzn-RequestId`), which the audit log records so that a line can be matched to the
+    /// store's own audit trail. The engine calls this; override it only to add the id.
+    async fn sign_traced(
+        &self,
+        key: &StoredKey<Self::Handle>,
+        digest: &Digest,
+        scheme: SignatureScheme,
+    ) -> Result<Signed, BackendError> {
+        Ok(Signed {
+            signature: self.sign(key, digest, scheme).await?,
+            request_id: None,
+        })
+    }
+
     /// Applies settings that may change at run time (rotated credentials, new key tags).
     /// Only called with a configuration of the same store (see `config::StoreIdentity`).
     async fn reconfigure(&self, _config: &Self::Config) -> Result<(), BackendError> {
         Ok(())
     }
+}
+
+/// A signature and the store's request id, if the store gave one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signed {
+    /// The signature.
+    pub signature: BackendSignature,
+    /// The store's id for the call.
+    pub request_id: Option<String>,
 }
 
 /// A signature as a backend produced it; the engine normalises ECDSA to DER.

@@ -39,6 +39,7 @@ use crate::resilience::{
     CallStats, OperationStats, RateLimitDenied, RateLimiter, RetryPolicy, with_retries,
 };
 use crate::service::KeyService;
+use crate::telemetry::{SignOutcome, Telemetry};
 
 /// Engine settings that do not depend on the backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -81,7 +82,25 @@ pub struct Engine<B: Backend> {
     max_keys: AtomicUsize,
     sign_limiter: RwLock<Option<Arc<Limiter>>>,
     retry: RetryPolicy,
-    stats: CallStats,
+    stats: Arc<CallStats>,
+    telemetry: Arc<Telemetry>,
+}
+
+/// What a SignData learned on its way, for metrics and the audit line (also when it fails).
+struct SignTrace<H> {
+    key: Option<Arc<ManagedKey<H>>>,
+    scheme: Option<SignatureScheme>,
+    request_id: Option<String>,
+}
+
+impl<H> Default for SignTrace<H> {
+    fn default() -> Self {
+        Self {
+            key: None,
+            scheme: None,
+            request_id: None,
+        }
+    }
 }
 
 impl<B: Backend> Engine<B> {
@@ -91,7 +110,7 @@ impl<B: Backend> Engine<B> {
         lifecycle: Option<Arc<dyn KeyLifecycle<Handle = B::Handle>>>,
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
-        let stats = CallStats::default();
+        let stats = Arc::new(CallStats::default());
         let discovered =
             with_retries(options.retry, "discover", &stats, || backend.discover()).await?;
         let mut keys = HashMap::with_capacity(discovered.len());
@@ -113,6 +132,9 @@ impl<B: Backend> Engine<B> {
             keys = keys.len(),
             "key engine started"
         );
+        let server_id = lifecycle.as_ref().map(|l| l.identity().server_id);
+        let telemetry = Arc::new(Telemetry::new(backend.name(), server_id, stats.clone()));
+        telemetry.keys_served(keys.len());
         let engine = Self {
             backend,
             lifecycle,
@@ -122,6 +144,7 @@ impl<B: Backend> Engine<B> {
             sign_limiter: RwLock::new(None),
             retry: options.retry,
             stats,
+            telemetry,
         };
         engine.apply_options(&options);
         Ok(engine)
@@ -158,8 +181,31 @@ impl<B: Backend> Engine<B> {
         &self.backend
     }
 
+    /// The engine's metrics and audit log.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// Creates a new key under `id`, replacing any existing one, which is then retired.
     pub async fn generate_key(
+        &self,
+        id: KeyId,
+        key_type: KeyType,
+    ) -> Result<PublicKey, EngineError> {
+        let started = tokio::time::Instant::now();
+        let at = self.telemetry.audit_clock();
+        let result = self.generate_key_traced(id.clone(), key_type).await;
+        self.telemetry.generate_finished(
+            &id,
+            key_type,
+            result.as_ref().map(|k| &k.fingerprint),
+            started,
+            at,
+        );
+        result
+    }
+
+    async fn generate_key_traced(
         &self,
         id: KeyId,
         key_type: KeyType,
@@ -184,6 +230,7 @@ impl<B: Backend> Engine<B> {
             .backend
             .prepare(&id, key_type, replaces)
             .await
+            .inspect(|_| self.stats.record_success("prepare"))
             .inspect_err(|e| self.stats.record_failure("prepare", e.kind))
             .map_err(|source| EngineError::Generate {
                 id: id.clone(),
@@ -262,11 +309,11 @@ impl<B: Backend> Engine<B> {
 
         let managed = Arc::new(managed_key(new));
         let public = managed.public.clone();
-        let replaced = self
-            .keys
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.clone(), managed);
+        let (replaced, served) = {
+            let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+            (keys.insert(id.clone(), managed), keys.len())
+        };
+        self.telemetry.keys_served(served);
         tracing::info!(
             key_id = %id,
             key_type = %key_type,
@@ -278,15 +325,18 @@ impl<B: Backend> Engine<B> {
             // Phase 3. The new key is live; failing to retire the old one must not fail the
             // request: discovery no longer finds it, so the sweep finishes the job.
             self.stats.record_call("retire");
-            if let Err(error) = self.backend.retire(&old.stored).await {
-                self.stats.record_failure("retire", error.kind);
-                tracing::warn!(
-                    key_id = %id,
-                    fingerprint = %old.public.fingerprint,
-                    locator = old.stored.locator(),
-                    %error,
-                    "could not retire the replaced key; the sweep removes it"
-                );
+            match self.backend.retire(&old.stored).await {
+                Ok(()) => self.stats.record_success("retire"),
+                Err(error) => {
+                    self.stats.record_failure("retire", error.kind);
+                    tracing::warn!(
+                        key_id = %id,
+                        fingerprint = %old.public.fingerprint,
+                        locator = old.stored.locator(),
+                        %error,
+                        "could not retire the replaced key; the sweep removes it"
+                    );
+                }
             }
         }
         Ok(public)
@@ -404,13 +454,44 @@ impl<B: Backend> Engine<B> {
         deadline: Option<Duration>,
     ) -> Result<Signature, EngineError> {
         let started = tokio::time::Instant::now();
+        let at = self.telemetry.audit_clock();
+        let mut trace = SignTrace::default();
+        let result = self
+            .sign_traced(id, digest, opts, deadline, started, &mut trace)
+            .await;
+        self.telemetry.sign_finished(
+            SignOutcome {
+                id,
+                key_type: trace.key.as_ref().map(|k| k.public.key_type),
+                fingerprint: trace.key.as_ref().map(|k| &k.public.fingerprint),
+                scheme: trace.scheme,
+                request_id: trace.request_id,
+                result: result.as_ref().map(|_| ()),
+            },
+            started,
+            at,
+        );
+        result
+    }
+
+    async fn sign_traced(
+        &self,
+        id: &KeyId,
+        digest: Vec<u8>,
+        opts: SignerOpts,
+        deadline: Option<Duration>,
+        started: tokio::time::Instant,
+        trace: &mut SignTrace<B::Handle>,
+    ) -> Result<Signature, EngineError> {
         let key = self
             .read_keys()
             .get(id)
             .cloned()
             .ok_or_else(|| EngineError::KeyNotFound(id.clone()))?;
+        trace.key = Some(key.clone());
         let key_type = key.public.key_type;
         let scheme = SignatureScheme::resolve(key_type, opts)?;
+        trace.scheme = Some(scheme);
         let digest = Digest::new(opts.hash(), digest)?;
         let capabilities = self.backend.capabilities();
         if !capabilities.supports(key_type, scheme) {
@@ -438,6 +519,7 @@ impl<B: Backend> Engine<B> {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         if let Some(limiter) = limiter {
+            let waiting = tokio::time::Instant::now();
             limiter
                 .bucket
                 .acquire(deadline)
@@ -451,6 +533,7 @@ impl<B: Backend> Engine<B> {
                         reason: format!("{waiting} calls are already waiting"),
                     },
                 })?;
+            self.telemetry.rate_limit_waited(waiting.elapsed());
         }
         // Retries stop early enough to answer inside the caller's deadline.
         let mut policy = self.retry;
@@ -458,11 +541,12 @@ impl<B: Backend> Engine<B> {
             let left = deadline.saturating_sub(started.elapsed());
             policy.budget = policy.budget.min(left.mul_f64(0.8));
         }
-        let raw = with_retries(policy, "sign", &self.stats, || {
-            self.backend.sign(&key.stored, &digest, scheme)
+        let signed = with_retries(policy, "sign", &self.stats, || {
+            self.backend.sign_traced(&key.stored, &digest, scheme)
         })
         .await?;
-        let bytes = normalise_signature(id, key_type, raw)?;
+        trace.request_id = signed.request_id;
+        let bytes = normalise_signature(id, key_type, signed.signature)?;
         Ok(Signature {
             bytes,
             fingerprint: key.public.fingerprint.clone(),
@@ -519,6 +603,10 @@ impl<B: Backend> KeyService for Engine<B> {
         self.stats.snapshot()
     }
 
+    fn telemetry(&self) -> &Arc<Telemetry> {
+        Engine::telemetry(self)
+    }
+
     fn set_options(&self, options: &EngineOptions) {
         self.apply_options(options);
     }
@@ -548,10 +636,13 @@ impl<B: Backend> KeyService for Engine<B> {
         };
         let keys = self.stored_keys();
         self.stats.record_call("stamp");
+        let now = std::time::SystemTime::now();
         lifecycle
-            .stamp(&keys, std::time::SystemTime::now())
+            .stamp(&keys, now)
             .await
             .inspect_err(|e| self.stats.record_failure("stamp", e.kind))?;
+        self.stats.record_success("stamp");
+        self.telemetry.stamped(now);
         Ok(true)
     }
 
@@ -569,14 +660,12 @@ impl<B: Backend> KeyService for Engine<B> {
         };
         let in_use = self.in_use();
         self.stats.record_call("sweep");
-        let report = run_sweep(
-            lifecycle.as_ref(),
-            &in_use,
-            std::time::SystemTime::now(),
-            policy,
-        )
-        .await
-        .inspect_err(|e| self.stats.record_failure("sweep", e.kind))?;
+        let now = std::time::SystemTime::now();
+        let report = run_sweep(lifecycle.as_ref(), &in_use, now, policy)
+            .await
+            .inspect_err(|e| self.stats.record_failure("sweep", e.kind))?;
+        self.stats.record_success("sweep");
+        self.telemetry.swept(now, &report);
         Ok(Some(report))
     }
 

@@ -98,7 +98,106 @@ pub enum EngineError {
     Backend(#[from] BackendError),
 }
 
+/// What kind of failure an [`EngineError`] is, decided once here: the plugin maps each class
+/// to the gRPC code of the same name, and metrics and the audit log report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The request does not fit the key or the backend.
+    InvalidArgument,
+    /// No such key.
+    NotFound,
+    /// Credentials missing or rejected.
+    Unauthenticated,
+    /// Credentials lack a permission.
+    PermissionDenied,
+    /// A limit (key cap, sign rate, store throttling).
+    ResourceExhausted,
+    /// The store is unreachable.
+    Unavailable,
+    /// The key cannot be used in its state.
+    FailedPrecondition,
+    /// Anything else.
+    Internal,
+}
+
+impl ErrorClass {
+    /// Every class, in a fixed order ([`ErrorClass::index`]).
+    pub const ALL: [ErrorClass; 8] = [
+        Self::InvalidArgument,
+        Self::NotFound,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
+        Self::ResourceExhausted,
+        Self::Unavailable,
+        Self::FailedPrecondition,
+        Self::Internal,
+    ];
+
+    /// The gRPC code name (`ResourceExhausted`), as the audit log writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "InvalidArgument",
+            Self::NotFound => "NotFound",
+            Self::Unauthenticated => "Unauthenticated",
+            Self::PermissionDenied => "PermissionDenied",
+            Self::ResourceExhausted => "ResourceExhausted",
+            Self::Unavailable => "Unavailable",
+            Self::FailedPrecondition => "FailedPrecondition",
+            Self::Internal => "Internal",
+        }
+    }
+
+    /// The metric label spelling (`resource_exhausted`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "invalid_argument",
+            Self::NotFound => "not_found",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission_denied",
+            Self::ResourceExhausted => "resource_exhausted",
+            Self::Unavailable => "unavailable",
+            Self::FailedPrecondition => "failed_precondition",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Position in [`ErrorClass::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The class of a backend failure.
+    pub fn of_backend(kind: BackendErrorKind) -> Self {
+        match kind {
+            BackendErrorKind::InvalidArgument => Self::InvalidArgument,
+            BackendErrorKind::NotFound => Self::NotFound,
+            BackendErrorKind::Unauthenticated => Self::Unauthenticated,
+            BackendErrorKind::PermissionDenied => Self::PermissionDenied,
+            BackendErrorKind::ResourceExhausted => Self::ResourceExhausted,
+            BackendErrorKind::Unavailable => Self::Unavailable,
+            BackendErrorKind::FailedPrecondition => Self::FailedPrecondition,
+            BackendErrorKind::Internal => Self::Internal,
+        }
+    }
+}
+
 impl EngineError {
+    /// What kind of failure this is.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Scheme(_)
+            | Self::KeyTypeUnsupported { .. }
+            | Self::PssSaltUnsupported { .. }
+            | Self::SchemeUnsupported { .. } => ErrorClass::InvalidArgument,
+            Self::KeyNotFound(_) => ErrorClass::NotFound,
+            Self::KeyLimitReached { .. } | Self::RateLimited { .. } => {
+                ErrorClass::ResourceExhausted
+            }
+            Self::InvalidBackendSignature { .. } => ErrorClass::Internal,
+            Self::Backend(e) | Self::Generate { source: e, .. } => ErrorClass::of_backend(e.kind),
+        }
+    }
+
     /// The backend failure behind this error, if there is one.
     pub fn backend_kind(&self) -> Option<BackendErrorKind> {
         match self {

@@ -12,6 +12,7 @@
 //! - [`lifecycle`]: liveness stamps, sweep rules, the sweep and the background loops;
 //! - [`admin`]: the operator CLI's view of a backend (listing, pruning with the sweep's
 //!   rules, per-key operations, store checks);
+//! - [`telemetry`]: Prometheus metrics, the `/metrics` endpoint and the audit log;
 //! - [`kit`]: what every KMS backend needs (configuration shell, endpoint, policy files,
 //!   tag vocabulary, error classification, paging guards).
 
@@ -26,10 +27,11 @@ pub mod lifecycle;
 pub mod resilience;
 mod service;
 pub mod settings;
+pub mod telemetry;
 
 pub use backend::{
     Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, KeyHandle,
-    PssSaltSupport, SchemeFamily, SigningSupport, StoredKey,
+    PssSaltSupport, SchemeFamily, Signed, SigningSupport, StoredKey,
 };
 pub use config::{
     BackendConfig, BackendFactory, CoreConfig, OnChange, Opened, OpenedBackend, SettingState,
@@ -41,5 +43,5 @@ pub use core::algorithm::{
 pub use core::ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
 pub use core::key::{EmptyKeyId, Fingerprint, KeyId, KeyType, PublicKey};
 pub use engine::{Engine, EngineOptions, Signature};
-pub use error::EngineError;
+pub use error::{EngineError, ErrorClass};
 pub use service::{KeyService, SharedKeyService};

@@ -62,7 +62,10 @@ where
     loop {
         stats.record_call(operation);
         let error = match call().await {
-            Ok(value) => return Ok(value),
+            Ok(value) => {
+                stats.record_success(operation);
+                return Ok(value);
+            }
             Err(error) => error,
         };
         stats.record_failure(operation, error.kind);
@@ -79,6 +82,7 @@ where
             error = %error,
             "transient backend failure; retrying"
         );
+        stats.record_retry(operation);
         tokio::time::sleep(backoff).await;
         attempt += 1;
     }
@@ -228,8 +232,10 @@ pub struct CallStats {
 #[derive(Default)]
 struct Counters {
     calls: AtomicU64,
+    successes: AtomicU64,
     failures: AtomicU64,
     throttles: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// Counts for one operation.
@@ -241,6 +247,10 @@ pub struct OperationStats {
     pub failures: u64,
     /// Failures that were throttling (`ResourceExhausted`).
     pub throttles: u64,
+    /// Calls that succeeded (`calls - successes - failures` are in flight).
+    pub successes: u64,
+    /// Retries started after a transient failure.
+    pub retries: u64,
 }
 
 impl CallStats {
@@ -248,6 +258,20 @@ impl CallStats {
     pub fn record_call(&self, operation: &'static str) {
         self.with(operation, |c| {
             c.calls.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
+    /// Records a call that succeeded.
+    pub fn record_success(&self, operation: &'static str) {
+        self.with(operation, |c| {
+            c.successes.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
+    /// Records that a failed call is about to be retried.
+    pub fn record_retry(&self, operation: &'static str) {
+        self.with(operation, |c| {
+            c.retries.fetch_add(1, Ordering::Relaxed);
         });
     }
 
@@ -274,6 +298,8 @@ impl CallStats {
                         calls: c.calls.load(Ordering::Relaxed),
                         failures: c.failures.load(Ordering::Relaxed),
                         throttles: c.throttles.load(Ordering::Relaxed),
+                        successes: c.successes.load(Ordering::Relaxed),
+                        retries: c.retries.load(Ordering::Relaxed),
                     },
                 )
             })
@@ -324,6 +350,7 @@ mod tests {
         assert_eq!(result.unwrap(), "signature");
         let sign = stats.snapshot()["sign"];
         assert_eq!((sign.calls, sign.failures, sign.throttles), (4, 3, 3));
+        assert_eq!((sign.successes, sign.retries), (1, 3));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ use crate::engine::{EngineOptions, Signature};
 use crate::error::EngineError;
 use crate::lifecycle::{KeyRecord, SweepPolicy, SweepReport};
 use crate::resilience::OperationStats;
+use crate::telemetry::Telemetry;
 
 /// A running key engine, whatever its backend.
 #[async_trait]
@@ -46,6 +47,9 @@ pub trait KeyService: Send + Sync + 'static {
 
     /// Backend calls, failures and throttles per operation since start.
     fn call_stats(&self) -> BTreeMap<&'static str, OperationStats>;
+
+    /// The engine's metrics and audit log.
+    fn telemetry(&self) -> &Arc<Telemetry>;
 
     /// Applies the engine options that may change at run time (key cap, sign rate).
     fn set_options(&self, options: &EngineOptions);

@@ -1,5 +1,8 @@
 //! The whole `plugin_data`: the keys every backend shares, then the backend's own keys.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 use keymanager_engine::settings::{SettingsError, echo};
 use keymanager_engine::{BackendConfig, BackendFactory, CoreConfig, OnChange, SettingState};
 
@@ -7,7 +10,14 @@ use crate::hcl_settings;
 use crate::logging::LogLevel;
 
 /// Keys read by the runtime itself, whatever the backend.
-pub const COMMON_KEYS: &[&str] = &["backend", "log_level", "max_keys", "max_signs_per_second"];
+pub const COMMON_KEYS: &[&str] = &[
+    "backend",
+    "log_level",
+    "max_keys",
+    "max_signs_per_second",
+    "metrics_listen",
+    "audit_log",
+];
 /// The backend used when `plugin_data` names none: the embedded software default.
 pub const DEFAULT_BACKEND: &str = "disk";
 
@@ -24,6 +34,10 @@ pub struct PluginConfig {
     pub max_keys: Option<usize>,
     /// Client-side SignData rate limit (`None`: unlimited).
     pub max_signs_per_second: Option<f64>,
+    /// Where `/metrics` is served (`None`: no endpoint).
+    pub metrics_listen: Option<SocketAddr>,
+    /// The audit log file (`None`: no audit log).
+    pub audit_log: Option<PathBuf>,
     /// The backend's own settings.
     pub backend: Box<dyn BackendConfig>,
 }
@@ -40,6 +54,8 @@ impl PluginConfig {
                 self.max_signs_per_second,
                 OnChange::Runtime,
             ),
+            SettingState::new("metrics_listen", self.metrics_listen, OnChange::Runtime),
+            SettingState::new("audit_log", &self.audit_log, OnChange::Runtime),
         ];
         states.extend(self.backend.settings());
         states
@@ -105,6 +121,34 @@ pub fn parse_plugin_config(
         }
         Some(n) => Some(n as f64),
     };
+    let metrics_listen = match settings.take_nonempty_string("metrics_listen")? {
+        None => None,
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            SettingsError::invalid(
+                "metrics_listen",
+                format!(
+                    "{} is not an IP address and port, e.g. \"127.0.0.1:9988\" or \"[::1]:9988\"",
+                    echo(&text)
+                ),
+            )
+        })?),
+    };
+    let audit_log = match settings.take_nonempty_string("audit_log")? {
+        None => None,
+        Some(text) => {
+            let path = PathBuf::from(&text);
+            if !path.is_absolute() || text.ends_with('/') {
+                return Err(SettingsError::invalid(
+                    "audit_log",
+                    format!(
+                        "{} must be the absolute path of a file, e.g. \"/var/log/spire/kms-audit.jsonl\"",
+                        echo(&text)
+                    ),
+                ));
+            }
+            Some(path)
+        }
+    };
     let backend = factory.parse(&mut settings, &core)?;
     let mut allowed: Vec<&str> = COMMON_KEYS.to_vec();
     allowed.extend(factory.setting_keys());
@@ -115,6 +159,8 @@ pub fn parse_plugin_config(
         log_level,
         max_keys,
         max_signs_per_second,
+        metrics_listen,
+        audit_log,
         backend,
     })
 }
@@ -197,7 +243,7 @@ mod tests {
         );
         assert_eq!(
             err("keys_path = \"/k\"\nkey_path = \"/k\"\n"),
-            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, keys_path"
+            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, metrics_listen, audit_log, keys_path"
         );
         assert_eq!(
             err("keys_path = 7\n"),
@@ -212,6 +258,39 @@ mod tests {
             "invalid \"backend\": unknown backend \"hsm\"; available: disk"
         );
         assert!(err("keys_path = {").starts_with("plugin_data is not valid HCL"));
+    }
+
+    #[test]
+    fn telemetry_keys_are_parsed_and_bad_values_named() {
+        let config = parse_plugin_config(
+            BACKENDS,
+            core(),
+            "keys_path = \"/k\"\nmetrics_listen = \"127.0.0.1:9988\"\naudit_log = \"/var/log/spire/kms-audit.jsonl\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9988".parse().unwrap())
+        );
+        assert_eq!(
+            config.audit_log.as_deref(),
+            Some(std::path::Path::new("/var/log/spire/kms-audit.jsonl"))
+        );
+        let off = parse_plugin_config(BACKENDS, core(), "keys_path = \"/k\"\n").unwrap();
+        assert_eq!((off.metrics_listen, off.audit_log), (None, None));
+        let err = |text: &str| {
+            parse_plugin_config(BACKENDS, core(), text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("keys_path = \"/k\"\nmetrics_listen = \"localhost:9988\"\n"),
+            "invalid \"metrics_listen\": \"localhost:9988\" is not an IP address and port, e.g. \"127.0.0.1:9988\" or \"[::1]:9988\""
+        );
+        assert_eq!(
+            err("keys_path = \"/k\"\naudit_log = \"audit.jsonl\"\n"),
+            "invalid \"audit_log\": \"audit.jsonl\" must be the absolute path of a file, e.g. \"/var/log/spire/kms-audit.jsonl\""
+        );
     }
 
     #[test]

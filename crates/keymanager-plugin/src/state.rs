@@ -6,6 +6,7 @@
 use std::sync::{Arc, PoisonError, RwLock};
 
 use keymanager_engine::lifecycle::{LifecycleTasks, spawn_tasks};
+use keymanager_engine::telemetry::http::{MetricsServer, bind};
 use keymanager_engine::{BackendFactory, CoreConfig, KeyService, OnChange, SettingState};
 use tonic::Status;
 
@@ -19,6 +20,8 @@ struct Active {
     config: PluginConfig,
     /// Stamper and sweeper, for backends with a lifecycle; dropped with the state.
     tasks: Option<LifecycleTasks>,
+    /// The `/metrics` endpoint, where `metrics_listen` is set; dropping it frees the port.
+    metrics: Option<MetricsServer>,
 }
 
 /// Shared by every service: the backends on offer and the active engine.
@@ -75,6 +78,11 @@ impl PluginState {
         for warning in config.backend.warnings() {
             tracing::warn!("{warning}");
         }
+        // Bound first: a port in use fails Configure before any key store is touched.
+        let listener = match config.metrics_listen {
+            Some(address) => Some(bind_metrics(address).await?),
+            None => None,
+        };
         let opened = config
             .backend
             .open()
@@ -98,11 +106,19 @@ impl PluginState {
             }
             _ => None,
         };
+        service
+            .telemetry()
+            .set_audit_log(config.audit_log.as_deref());
+        let metrics = listener
+            .map(|listener| serve_metrics(listener, &service))
+            .transpose()?;
+        service.telemetry().set_counting(metrics.is_some());
         *self.active.write().unwrap_or_else(PoisonError::into_inner) = Some(service.clone());
         Ok(Active {
             service,
             config,
             tasks,
+            metrics,
         })
     }
 
@@ -133,8 +149,23 @@ impl PluginState {
             .collect();
         let backend_changed = changes.iter().any(|c| {
             c.on_change == OnChange::Runtime
-                && !matches!(c.key, "log_level" | "max_keys" | "max_signs_per_second")
+                && !matches!(
+                    c.key,
+                    "log_level"
+                        | "max_keys"
+                        | "max_signs_per_second"
+                        | "metrics_listen"
+                        | "audit_log"
+                )
         });
+        // A new address is bound before anything else changes, so that a port in use
+        // refuses the whole re-Configure; the same address keeps the running endpoint.
+        let new_listener = match config.metrics_listen {
+            Some(address) if active.config.metrics_listen != Some(address) => {
+                Some(bind_metrics(address).await?)
+            }
+            _ => None,
+        };
         if backend_changed {
             active
                 .service
@@ -147,6 +178,21 @@ impl PluginState {
         }
         self.log_control.set_level(config.log_level);
         active.service.set_options(&config.engine_options());
+        active
+            .service
+            .telemetry()
+            .set_audit_log(config.audit_log.as_deref());
+        if let Some(listener) = new_listener {
+            // The old endpoint (if any) stops here, the new one serves from now on.
+            active.metrics = Some(serve_metrics(listener, &active.service)?);
+        } else if config.metrics_listen.is_none() {
+            active.metrics = None;
+        }
+        // Requests are counted while an endpoint serves them; a rebind keeps the counts.
+        active
+            .service
+            .telemetry()
+            .set_counting(active.metrics.is_some());
         if let (Some(tasks), Some(schedule)) = (&active.tasks, config.backend.lifecycle()) {
             tasks.set_schedule(schedule);
         }
@@ -198,6 +244,8 @@ impl PluginState {
         let mut configured = self.configured.lock().await;
         if let Some(active) = configured.as_mut() {
             active.tasks = None;
+            active.metrics = None;
+            active.service.telemetry().close_audit_log();
             for (operation, stats) in active.service.call_stats() {
                 tracing::info!(
                     backend = active.service.backend_name(),
@@ -210,6 +258,22 @@ impl PluginState {
             }
         }
     }
+}
+
+async fn bind_metrics(address: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Status> {
+    bind(address).await.map_err(|error| {
+        Status::invalid_argument(format!(
+            "invalid \"metrics_listen\": cannot listen on {address}: {error}"
+        ))
+    })
+}
+
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    service: &Arc<dyn KeyService>,
+) -> Result<MetricsServer, Status> {
+    MetricsServer::serve(listener, service.telemetry().clone())
+        .map_err(|error| Status::internal(format!("cannot serve the metrics endpoint: {error}")))
 }
 
 /// Settings whose value differs between two configurations (a key present in only one

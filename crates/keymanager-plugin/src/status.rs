@@ -1,7 +1,7 @@
 //! The single place where errors become gRPC status codes.
 
 use keymanager_engine::settings::SettingsError;
-use keymanager_engine::{BackendErrorKind, EngineError};
+use keymanager_engine::{EngineError, ErrorClass};
 use tonic::{Code, Status};
 
 use crate::wire::WireError;
@@ -37,31 +37,15 @@ pub fn engine_error_to_status(error: &EngineError) -> Status {
 }
 
 fn engine_code(error: &EngineError) -> Code {
-    match error {
-        EngineError::Scheme(_)
-        | EngineError::KeyTypeUnsupported { .. }
-        | EngineError::PssSaltUnsupported { .. }
-        | EngineError::SchemeUnsupported { .. } => Code::InvalidArgument,
-        EngineError::KeyNotFound(_) => Code::NotFound,
-        EngineError::KeyLimitReached { .. } | EngineError::RateLimited { .. } => {
-            Code::ResourceExhausted
-        }
-        EngineError::InvalidBackendSignature { .. } => Code::Internal,
-        EngineError::Backend(e) | EngineError::Generate { source: e, .. } => backend_code(e.kind),
-        _ => Code::Internal,
-    }
-}
-
-fn backend_code(kind: BackendErrorKind) -> Code {
-    match kind {
-        BackendErrorKind::InvalidArgument => Code::InvalidArgument,
-        BackendErrorKind::NotFound => Code::NotFound,
-        BackendErrorKind::Unauthenticated => Code::Unauthenticated,
-        BackendErrorKind::PermissionDenied => Code::PermissionDenied,
-        BackendErrorKind::ResourceExhausted => Code::ResourceExhausted,
-        BackendErrorKind::Unavailable => Code::Unavailable,
-        BackendErrorKind::FailedPrecondition => Code::FailedPrecondition,
-        BackendErrorKind::Internal => Code::Internal,
+    match error.class() {
+        ErrorClass::InvalidArgument => Code::InvalidArgument,
+        ErrorClass::NotFound => Code::NotFound,
+        ErrorClass::Unauthenticated => Code::Unauthenticated,
+        ErrorClass::PermissionDenied => Code::PermissionDenied,
+        ErrorClass::ResourceExhausted => Code::ResourceExhausted,
+        ErrorClass::Unavailable => Code::Unavailable,
+        ErrorClass::FailedPrecondition => Code::FailedPrecondition,
+        ErrorClass::Internal => Code::Internal,
     }
 }
 

@@ -25,15 +25,28 @@ pub struct BenchArgs {
     /// Launches used to measure the time from process start to the handshake line.
     #[arg(long, default_value_t = 10)]
     startup_runs: usize,
+    /// Instead: SignData with telemetry (`metrics_listen` and `audit_log`) off and on, in
+    /// process and through the plugin socket, in one run.
+    #[arg(long)]
+    telemetry: bool,
 }
 
-struct Cell {
-    p50: Duration,
-    p99: Duration,
-    throughput: f64,
+pub(crate) struct Cell {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub throughput: f64,
+    /// Requests made, warm-up included.
+    pub requests: usize,
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
+    if args.telemetry {
+        return crate::bench_telemetry::run(
+            &args.concurrency,
+            Duration::from_millis(args.duration_ms),
+        )
+        .await;
+    }
     let binary = std::env::current_exe().map_err(|e| format!("cannot locate this binary: {e}"))?;
     let duration = Duration::from_millis(args.duration_ms);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -190,7 +203,11 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 }
 
 /// Runs `concurrency` workers signing random SHA-256 digests for `duration`.
-async fn measure<F, Fut>(concurrency: usize, duration: Duration, sign: F) -> Result<Cell, String>
+pub(crate) async fn measure<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    sign: F,
+) -> Result<Cell, String>
 where
     F: Fn(Vec<u8>) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
@@ -223,6 +240,7 @@ where
         all.extend(worker.await.map_err(|e| e.to_string())??);
     }
     let elapsed = started.elapsed();
+    let requests = all.len() + 20;
     all.sort();
     let pick = |q: f64| {
         all.get(((all.len() as f64 - 1.0) * q) as usize)
@@ -233,11 +251,15 @@ where
         p50: pick(0.50),
         p99: pick(0.99),
         throughput: all.len() as f64 / elapsed.as_secs_f64(),
+        requests,
     })
 }
 
 /// A plugin launched as SPIRE launches it, configured on the disk backend at `keys_path`.
-async fn launch_configured(binary: &Path, keys_path: &Path) -> Result<PluginProcess, String> {
+pub(crate) async fn launch_configured(
+    binary: &Path,
+    keys_path: &Path,
+) -> Result<PluginProcess, String> {
     let plugin = PluginProcess::launch(binary)
         .await
         .map_err(|e| e.to_string())?;
@@ -267,7 +289,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn us(d: Duration) -> String {
+pub(crate) fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 

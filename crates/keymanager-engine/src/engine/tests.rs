@@ -931,13 +931,40 @@ async fn the_stamper_survives_a_panic_and_an_error_and_follows_schedule_changes(
         sweep_every: Duration::from_secs(3600),
         ..LifecycleSchedule::default()
     };
-    let tasks = spawn_tasks(engine, schedule);
+    let sample = |name: &str| {
+        let text = engine.telemetry().metrics().encode_prometheus();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert_eq!(sample("kms_keymanager_last_stamp_timestamp_seconds"), 0.0);
+    let tasks = spawn_tasks(engine.clone(), schedule);
     tokio::time::sleep(Duration::from_secs(35)).await;
     assert_eq!(
         lifecycle.stamps.load(Ordering::SeqCst),
         3,
         "panic, error, then a good round"
     );
+    // The lifecycle loops report through the engine: the good round is the last stamp.
+    let text = engine.telemetry().metrics().encode_prometheus();
+    for line in [
+        r#"kms_keymanager_backend_calls_total{backend="fake",operation="stamp",result="ok"} 1"#,
+        r#"kms_keymanager_backend_calls_total{backend="fake",operation="stamp",result="error"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from\n{text}"
+        );
+    }
+    assert!(sample("kms_keymanager_last_stamp_timestamp_seconds") > 1.7e9);
+    let report = engine.sweep(SweepPolicy::default()).await.unwrap().unwrap();
+    assert_eq!(sample("kms_keymanager_keys{state=\"enabled\"}"), 1.0);
+    assert_eq!(
+        sample("kms_keymanager_swept_keys_total"),
+        report.deleted() as f64
+    );
+    assert!(sample("kms_keymanager_last_sweep_timestamp_seconds") > 1.7e9);
     // A shorter interval applies at once, not after the current wait.
     tasks.set_schedule(LifecycleSchedule {
         stamp_every: Duration::from_secs(1),
@@ -951,5 +978,82 @@ async fn the_stamper_survives_a_panic_and_an_error_and_follows_schedule_changes(
         lifecycle.stamps.load(Ordering::SeqCst),
         5,
         "dropping the tasks stops them"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_request_is_counted_and_audited_with_its_outcome() {
+    let store = Arc::new(Store::default());
+    let engine = start_on(&store, EngineOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let telemetry = engine.telemetry().clone();
+    // Not counted before an endpoint asks for it.
+    engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
+    assert!(
+        !telemetry
+            .metrics()
+            .encode_prometheus()
+            .contains("kms_keymanager_generate_key_total{")
+    );
+    telemetry.set_counting(true);
+    telemetry.set_audit_log(Some(&audit));
+
+    let key = engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
+    store.transient_sign_failures.store(2, Ordering::SeqCst);
+    sign_sha256(&engine, "k").await.unwrap();
+    sign_sha256(&engine, "missing").await.unwrap_err();
+    engine
+        .sign(
+            &id("k"),
+            vec![0; 31],
+            SignerOpts::Hash(HashAlgorithm::Sha256),
+            None,
+        )
+        .await
+        .unwrap_err();
+
+    let text = telemetry.metrics().encode_prometheus();
+    for line in [
+        r#"kms_keymanager_sign_total{backend="fake",key_type="ec-p256",result="ok"} 1"#,
+        r#"kms_keymanager_sign_total{backend="fake",key_type="unknown",result="not_found"} 1"#,
+        r#"kms_keymanager_sign_total{backend="fake",key_type="ec-p256",result="invalid_argument"} 1"#,
+        r#"kms_keymanager_backend_calls_total{backend="fake",operation="sign",result="ok"} 1"#,
+        r#"kms_keymanager_backend_calls_total{backend="fake",operation="sign",result="throttled"} 2"#,
+        r#"kms_keymanager_retries_total{operation="sign"} 2"#,
+        r#"kms_keymanager_generate_key_total{result="ok"} 1"#,
+        r#"kms_keymanager_keys{state="active"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from\n{text}"
+        );
+    }
+
+    telemetry.close_audit_log();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["operation"], "GenerateKey");
+    assert_eq!(lines[0]["fingerprint"], key.fingerprint.as_str());
+    assert_eq!(lines[1]["operation"], "SignData");
+    assert_eq!(lines[1]["result"], "ok");
+    assert_eq!(lines[1]["fingerprint"], key.fingerprint.as_str());
+    assert_eq!(
+        (&lines[1]["scheme"], &lines[1]["hash"]),
+        (&"ECDSA".into(), &"SHA-256".into())
+    );
+    assert_eq!(
+        (&lines[2]["error_code"], &lines[2]["key_type"]),
+        (&"NotFound".into(), &serde_json::Value::Null)
+    );
+    assert_eq!(lines[3]["error_code"], "InvalidArgument");
+    assert!(
+        lines[3]["error"].as_str().unwrap().contains("31"),
+        "{}",
+        lines[3]
     );
 }

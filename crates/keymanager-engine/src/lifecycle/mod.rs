@@ -133,6 +133,8 @@ pub struct SweepReport {
     pub decisions: Vec<SweepDecision>,
     /// Locators whose deletion failed (they are retried by the next sweep).
     pub failed: Vec<String>,
+    /// The store's state of every key listed, as listed (before this sweep's deletions).
+    pub store_states: Vec<StoreKeyState>,
 }
 
 impl SweepReport {
@@ -172,7 +174,11 @@ pub async fn run_sweep<H: KeyHandle>(
     if let Err(error) = lifecycle.after_sweep().await {
         tracing::warn!(%error, "housekeeping after the sweep failed; the next sweep retries");
     }
-    Ok(SweepReport { decisions, failed })
+    Ok(SweepReport {
+        decisions,
+        failed,
+        store_states: records.iter().map(|r| r.state).collect(),
+    })
 }
 
 #[cfg(test)]
