@@ -1,6 +1,7 @@
 package spire_test
 
 import (
+	"context"
 	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
 	"github.com/stretchr/testify/require"
 )
 
@@ -147,4 +149,47 @@ func TestOperatorDoctorNamesMissingGcpPermission(t *testing.T) {
 	}
 	require.NoError(t, json.Unmarshal([]byte(run.stdout), &report))
 	require.True(t, report.OK)
+}
+
+// TestOperatorOnAzureKeyVault: the operator CLI on the Key Vault fake with keys our plugin
+// made: `keys list` shows the plugin's fingerprint, disable/enable round-trip in the vault,
+// `doctor` passes and, when the vault's access control refuses listing, fails naming it.
+func TestOperatorOnAzureKeyVault(t *testing.T) {
+	fake := startAzureKeyVaultFake(t)
+	p := loadOurAzure(t, fake, "server-a")
+	key, err := p.KeyManager.GenerateKey(context.Background(), "x509-CA-A", keymanager.ECP256)
+	require.NoError(t, err)
+	der, err := x509.MarshalPKIXPublicKey(key.Public())
+	require.NoError(t, err)
+	sum := sha256.Sum256(der)
+	require.NoError(t, p.catalog.Close())
+
+	data := filepath.Join(t.TempDir(), "plugin_data.hcl")
+	require.NoError(t, os.WriteFile(data, []byte(ourAzurePluginData(fake, "server-a")), 0o600))
+	source := []string{"--plugin-data", data, "--trust-domain", trustDomain}
+	list := func() string {
+		run := runOperator(t, append([]string{"keys", "list", "--json"}, source...)...)
+		require.Equal(t, 0, run.code, run.stderr)
+		return run.stdout
+	}
+	require.Contains(t, list(), hex.EncodeToString(sum[:]))
+
+	disable := runOperator(t, append([]string{"keys", "disable", "x509-CA-A", "--force"}, source...)...)
+	require.Equal(t, 0, disable.code, disable.stderr)
+	require.Contains(t, list(), `"state": "disabled"`)
+	live, _ := fake.State(t)
+	require.Len(t, live, 1)
+	latest := live[0].Versions[len(live[0].Versions)-1]
+	require.False(t, latest.Attributes.Enabled, "the vault holds the key disabled")
+	enable := runOperator(t, append([]string{"keys", "enable", "x509-CA-A"}, source...)...)
+	require.Equal(t, 0, enable.code, enable.stderr)
+	require.Contains(t, list(), `"state": "active"`)
+
+	doctor := runOperator(t, append([]string{"doctor"}, source...)...)
+	require.Equal(t, 0, doctor.code, "doctor:\n%s\n%s", doctor.stdout, doctor.stderr)
+	fake.Deny(t, "list")
+	doctor = runOperator(t, append([]string{"doctor"}, source...)...)
+	require.Equal(t, 1, doctor.code, doctor.stdout)
+	require.Contains(t, doctor.stdout, "[FAIL] credentials and keys/list")
+	require.Contains(t, doctor.stdout, "Key Vault Crypto User")
 }

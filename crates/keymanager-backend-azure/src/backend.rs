@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use base64::Engine as _;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use keymanager_engine::admin::{DeletionWindow, KeyOperator};
+use keymanager_engine::admin::{Check, DeletionWindow, KeyOperator};
 use keymanager_engine::kit::paging::PageGuard;
 use keymanager_engine::kit::spki::{ec_spki, rsa_spki};
 use keymanager_engine::kit::swap::Swap;
@@ -689,6 +689,55 @@ impl KeyOperator for AzureBackend {
             .await
             .map(drop)
             .map_err(|e| e.error)
+    }
+
+    /// Credentials and the permissions README lists, by the reads the plugin makes: one page
+    /// of the key listing (keys/list), then this server's keys (keys/get). Nothing is
+    /// created, signed or deleted.
+    async fn checks(&self) -> Vec<Check> {
+        let client = self.client();
+        let grant = |what: &str| {
+            format!(
+                "grant {what} on the vault to this identity (see README, azure_key_vault → required permissions)"
+            )
+        };
+        let listed = client
+            .call(
+                "list",
+                Method::GET,
+                "/keys?maxresults=1",
+                "the vault's keys",
+                None,
+            )
+            .await;
+        let mut checks = vec![match &listed {
+            Ok(_) => Check::ok(
+                "credentials and keys/list",
+                format!(
+                    "listed {} with a token from {}",
+                    client.vault(),
+                    client.credential_source()
+                ),
+            ),
+            Err(e) => Check::fail(
+                "credentials and keys/list",
+                format!("{} (token from {})", e.error, client.credential_source()),
+                grant(
+                    "Keys: List, Get, Update, Create, Delete and Cryptographic Operations: Sign (e.g. the Key Vault Crypto User role)",
+                ),
+            ),
+        }];
+        if listed.is_ok() {
+            let own = self.discover().await;
+            checks.push(match own {
+                Ok(keys) => Check::ok(
+                    "keys/get",
+                    format!("read {} key(s) of this server", keys.len()),
+                ),
+                Err(e) => Check::fail("keys/get", e.to_string(), grant("Keys: Get")),
+            });
+        }
+        checks
     }
 
     fn deletion_window(&self) -> DeletionWindow {

@@ -105,6 +105,11 @@ impl Client {
         &self.vault
     }
 
+    /// Where the token comes from, in words (no secrets), for `doctor`.
+    pub fn credential_source(&self) -> String {
+        self.credential.chain().source.describe()
+    }
+
     fn cached_scope(&self) -> Option<String> {
         self.scope
             .lock()
