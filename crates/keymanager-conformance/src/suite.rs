@@ -651,6 +651,16 @@ pub async fn listing_is_free_of_side_effects(h: &Harness) {
         .map(RequestSummary::name)
         .collect();
     assert!(writes.is_empty(), "listing wrote to the store: {writes:?}");
+    // Other cases run at the same time against the same store: compare this scenario's keys.
+    let ours = |records: &[keymanager_engine::lifecycle::KeyRecord]| {
+        records
+            .iter()
+            .filter(|r| r.server_id.as_deref() == Some(server.as_str()))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let (first, second) = (ours(&first), ours(&second));
+    assert!(!first.is_empty(), "this scenario's keys are listed");
     assert_eq!(first, second, "listing twice reads the same");
     assert!(
         first.iter().any(|r| !r.published),
