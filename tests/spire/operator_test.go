@@ -104,6 +104,19 @@ func TestOperatorCLIOnRealSpireServer(t *testing.T) {
 	}{
 		{"aws_kms", awsPluginData(endpoint, "server-a"), func() map[string]crypto.PublicKey { return kmsKeysOf(t, endpoint, "server-a") }},
 		{"gcp_kms", gcp.pluginData("server-a"), func() map[string]crypto.PublicKey { return gcp.standardKeysOf(t, "server-a") }},
+		// JWT keys in shared CryptoKeys, filed under the shared owner: still this server's.
+		{"gcp_kms_shared_keys", gcp.pluginData("server-s", sharedKeys("op")), func() map[string]crypto.PublicKey {
+			keys := gcp.standardKeysOf(t, "server-s")
+			for id, key := range gcp.keysOf(t, func(k *gcpFakeCryptoKey) string {
+				if k.Labels["spire-shared"] != "true" {
+					return ""
+				}
+				return k.Name[strings.LastIndex(k.Name, "-JWT-Signer-")+1:]
+			}) {
+				keys[id] = key
+			}
+			return keys
+		}},
 	} {
 		t.Run(backend.name, func(t *testing.T) {
 			s := newSpireServerWith(t, func(*spireServer) string {

@@ -523,7 +523,10 @@ pub fn inventory(
             me.is_none_or(|me| record.trust_domain.as_deref() == Some(me.trust_domain.as_str()))
         })
         .filter(|record| {
+            // A key this server serves is its own even when the store files it under
+            // another owner (gcp_kms shared keys).
             scope.all_servers
+                || served_by_locator.contains_key(record.locator.as_str())
                 || me.is_none_or(|me| record.server_id.as_deref() == Some(me.server_id.as_str()))
         })
         .map(|record| {
@@ -756,6 +759,21 @@ mod tests {
         assert!(!dead.stamped_live && !dead.served_here);
         assert_eq!(dead.fingerprint, None);
         assert!(in_use_reason(mine).is_some());
+    }
+
+    #[test]
+    fn a_served_key_filed_under_another_owner_is_listed_as_this_servers() {
+        let entries = inventory(
+            now(),
+            Some(&me()),
+            SweepPolicy::default(),
+            &[served("shared")],
+            Some(&[record("shared", "-shared-", true, 0)]),
+            &HashMap::new(),
+            ListScope::default(),
+        );
+        assert_eq!(entries.len(), 1);
+        assert!(entries[0].served_here);
     }
 
     #[test]
