@@ -6,14 +6,17 @@
 //! that neither our discovery nor SPIRE's built-in (both need the trust-domain tag) sees it
 //! until it is published.
 
+use keymanager_engine::kit::uuid_name;
+
 pub use keymanager_engine::kit::vocabulary::{SERVER_ID, TRUST_DOMAIN};
 
 /// The trust domain of a key that is prepared but not yet published.
 pub const PENDING_TD: &str = "spire-pending-td";
 
-const PREFIX: &str = "spire-key-";
+/// The fixed first part of SPIRE's Key Vault key names (`spire-key-<uuid>-<id>`).
+const OWNER: &str = "spire-key";
 /// `spire-key-` + 36-character UUID + `-`: where the SPIRE key id starts.
-const KEY_ID_OFFSET: usize = PREFIX.len() + 37;
+const KEY_ID_OFFSET: usize = OWNER.len() + 1 + 37;
 /// Key Vault's longest key name.
 const MAX_NAME: usize = 127;
 
@@ -39,24 +42,12 @@ pub fn check_key_id(key_id: &str) -> Result<(), String> {
 
 /// A new key name for `key_id`.
 pub fn key_name(key_id: &str) -> String {
-    format!("{PREFIX}{}-{key_id}", uuid::Uuid::new_v4())
+    uuid_name::new_name(OWNER, key_id)
 }
 
 /// The SPIRE key id of a name in SPIRE's format.
 pub fn key_id_of(name: &str) -> Option<&str> {
-    let rest = name.strip_prefix(PREFIX)?;
-    let uuid = rest.get(..36)?;
-    let key_id = rest.get(36..)?.strip_prefix('-')?;
-    (is_uuid_shaped(uuid) && !key_id.is_empty()).then_some(key_id)
-}
-
-/// `8-4-4-4-12` hex digits.
-fn is_uuid_shaped(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
+    uuid_name::key_id_of(name, OWNER)
 }
 
 #[cfg(test)]

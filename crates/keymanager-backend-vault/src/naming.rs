@@ -2,25 +2,16 @@
 //! `<server id>-<uuid v4>-<SPIRE key id>`, a new UUID per GenerateKey. Ownership is the
 //! server id prefix followed by a UUID-shaped segment.
 
+use keymanager_engine::kit::uuid_name;
+
 /// A new key name for `key_id` of `server_id`.
 pub fn key_name(server_id: &str, key_id: &str) -> String {
-    format!("{server_id}-{}-{key_id}", uuid::Uuid::new_v4())
+    uuid_name::new_name(server_id, key_id)
 }
 
 /// The SPIRE key id in `name` if the key belongs to `server_id`.
 pub fn key_id_of<'a>(name: &'a str, server_id: &str) -> Option<&'a str> {
-    let rest = name.strip_prefix(server_id)?.strip_prefix('-')?;
-    let (uuid, key_id) = (rest.get(..36)?, rest.get(36..)?.strip_prefix('-')?);
-    (is_uuid_shaped(uuid) && !key_id.is_empty()).then_some(key_id)
-}
-
-/// `8-4-4-4-12` hex digits.
-fn is_uuid_shaped(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
+    uuid_name::key_id_of(name, server_id)
 }
 
 /// Which of `servers` owns `name`: the longest server id that matches, so that a server

@@ -10,7 +10,8 @@
 //! - [`paging`]: list loops that cannot loop forever;
 //! - [`pem`]: public keys handed out as PEM;
 //! - [`spki`]: public keys handed out as raw parts (EC point, RSA modulus);
-//! - [`swap`]: values a re-Configure replaces while calls use them.
+//! - [`swap`]: values a re-Configure replaces while calls use them;
+//! - [`uuid_name`]: `<owner>-<uuid>-<key id>` key names (Vault, Key Vault).
 
 pub mod classify;
 pub mod endpoint;
@@ -21,6 +22,7 @@ pub mod server_identity;
 mod shell;
 pub mod spki;
 pub mod swap;
+pub mod uuid_name;
 pub mod vocabulary;
 
 pub use shell::{COMMON_KEYS, KmsAdapter, KmsConfig, KmsFactory, KmsSettings};
