@@ -295,27 +295,34 @@ fn select(
             args.key
         ))),
         ([], [one]) => Ok(one.clone()),
-        ([], several) => Err(Failure::usage(format!(
-            "key {}{whose} has {} replaced instances and no current one; name one by its locator: {}",
-            args.key,
-            several.len(),
-            several
-                .iter()
-                .map(|e| e.locator.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
-        (several, _) => Err(Failure::usage(format!(
-            "key {}{whose} has {} current instances; name one by its locator: {}",
-            args.key,
-            several.len(),
-            several
-                .iter()
-                .map(|e| e.locator.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+        ([], several) => Err(ambiguous(
+            &args.key,
+            &whose,
+            "replaced instances and no current one",
+            several.iter(),
+        )),
+        (several, _) => Err(ambiguous(
+            &args.key,
+            &whose,
+            "current instances",
+            several.iter().copied(),
+        )),
     }
+}
+
+/// Several keys fit: the operator names one by its locator.
+fn ambiguous<'a>(
+    key: &str,
+    whose: &str,
+    what: &str,
+    entries: impl ExactSizeIterator<Item = &'a KeyEntry>,
+) -> Failure {
+    let count = entries.len();
+    let locators: Vec<&str> = entries.map(|e| e.locator.as_str()).collect();
+    Failure::usage(format!(
+        "key {key}{whose} has {count} {what}; name one by its locator: {}",
+        locators.join(", ")
+    ))
 }
 
 const ALL: ListScope = ListScope {
