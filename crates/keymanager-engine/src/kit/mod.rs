@@ -10,7 +10,8 @@
 //! - [`paging`]: list loops that cannot loop forever;
 //! - [`pem`]: public keys handed out as PEM;
 //! - [`spki`]: public keys handed out as raw parts (EC point, RSA modulus);
-//! - [`swap`]: values a re-Configure replaces while calls use them.
+//! - [`swap`]: values a re-Configure replaces while calls use them;
+//! - [`wrap`]: a private key wrapped for a KMS import (RSA-OAEP, AES key wrap).
 
 pub mod classify;
 pub mod endpoint;
@@ -22,5 +23,6 @@ mod shell;
 pub mod spki;
 pub mod swap;
 pub mod vocabulary;
+pub mod wrap;
 
 pub use shell::{COMMON_KEYS, KmsAdapter, KmsConfig, KmsFactory, KmsSettings};
