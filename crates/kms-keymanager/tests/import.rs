@@ -530,3 +530,210 @@ async fn a_migration_failing_at_any_store_call_completes_on_rerun() {
         assert!(step < 200, "the migration never finished cleanly");
     }
 }
+
+/// One control request with a JSON body to the Cloud KMS fake (plain HTTP/1.0).
+async fn control(fake: &Peer, method: &str, path: &str, body: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = fake.url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(url).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "{method} {path} HTTP/1.0\r\nHost: fake\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap_or_default())
+        .unwrap_or(Value::Null)
+}
+
+fn gcp_data(endpoint: &str, ring: &str, service_account: &Path, server_id: &str) -> String {
+    format!(
+        "backend = \"gcp_kms\"\nkey_ring = {ring:?}\nendpoint = {endpoint:?}\nservice_account_file = {:?}\nkey_identifier_value = {server_id:?}\n",
+        service_account.display().to_string()
+    )
+}
+
+fn migrate_args<'a>(from: &'a str, to: &'a str, td: &'a str) -> Vec<&'a str> {
+    vec![
+        "keys",
+        "migrate",
+        "--from-plugin-data",
+        from,
+        "--to-plugin-data",
+        to,
+        "--trust-domain",
+        td,
+        "--json",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_to_gcp_kms_migration_keeps_every_public_key_and_is_idempotent() {
+    let fake = peers::gcp_fake();
+    let dir = tempfile::tempdir().unwrap();
+    let ring = "projects/import/locations/global/keyRings/spire";
+    let sa = dir.path().join("sa.json");
+    peers::gcp_service_account(
+        &fake.url,
+        "importer@import.iam.gserviceaccount.com",
+        &sa,
+        Some(ring),
+    );
+    let td = format!("migrate-gcp-{}.test", std::process::id());
+    let keys = dir.path().join("keys.json");
+    let expected = disk_server_keys(&td, &keys).await;
+    let from = write(dir.path(), "from.hcl", &disk_data(&keys));
+    let target = gcp_data(&fake.url, ring, &sa, "server-g");
+    let to = write(dir.path(), "to.hcl", &target);
+
+    let done = run(&migrate_args(&from, &to, &td));
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    let json = done.json();
+    assert_eq!(json["imported"].as_array().unwrap().len(), 4, "{json:#}");
+    let calls = control(fake, "GET", "/_fake/calls", "").await;
+    assert!(
+        calls["cryptoKeyVersions.import"].as_u64().unwrap_or(0) >= 4,
+        "{calls}"
+    );
+    assert!(
+        calls["importJobs.create"].as_u64().unwrap_or(0) >= 1,
+        "{calls}"
+    );
+
+    let (_s, served) = server(&td, &target).await;
+    assert_target_serves(&served, &expected).await;
+
+    let again = run(&migrate_args(&from, &to, &td));
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.json()["skipped"], 4);
+    assert_eq!(again.json()["imported"].as_array().unwrap().len(), 0);
+
+    // keys import --replace on Cloud KMS: a new version of the same CryptoKey.
+    let p256 = fixture("p256.pkcs8.pem").display().to_string();
+    let replaced = run(&[
+        "keys",
+        "import",
+        "--key-id",
+        "x509-CA-A",
+        "--key",
+        &p256,
+        "--replace",
+        "--json",
+        "--plugin-data",
+        &to,
+        "--trust-domain",
+        &td,
+    ]);
+    assert_eq!(replaced.code, 0, "{}", replaced.stderr);
+    let json = replaced.json();
+    assert_eq!(json["outcome"], "replaced");
+    assert!(
+        json["locator"]
+            .as_str()
+            .unwrap()
+            .ends_with("/cryptoKeyVersions/2"),
+        "{json}"
+    );
+    let (_s, served) = server(&td, &target).await;
+    assert_eq!(
+        served
+            .public_key(&id("x509-CA-A"))
+            .unwrap()
+            .fingerprint
+            .to_string(),
+        fingerprint(&std::fs::read(fixture("p256.spki.der")).unwrap())
+    );
+}
+
+/// Calls and wall time of a 4-key migration and of one import with 25 ms per Cloud KMS call
+/// (the fake's latency control); `cargo test -p kms-keymanager --test import -- --ignored
+/// --nocapture bench_`. Figures go to docs/benchmarks.md.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: run by hand"]
+async fn bench_migration_and_import_with_25ms_per_call() {
+    let fake = peers::gcp_fake();
+    let dir = tempfile::tempdir().unwrap();
+    let ring = "projects/bench/locations/global/keyRings/spire";
+    let sa = dir.path().join("sa.json");
+    peers::gcp_service_account(
+        &fake.url,
+        "bench@bench.iam.gserviceaccount.com",
+        &sa,
+        Some(ring),
+    );
+    let td = "bench.test";
+    let keys = dir.path().join("keys.json");
+    let _expected = disk_server_keys(td, &keys).await;
+    let from = write(dir.path(), "from.hcl", &disk_data(&keys));
+    control(&fake, "POST", "/_fake/latency", "{\"seconds\": 0.025}").await;
+    let mut report = Vec::new();
+    for (what, server_id) in [
+        ("migrate 4 keys (first ImportJob created)", "bench-a"),
+        ("migrate 4 keys (ImportJob reused)", "bench-b"),
+    ] {
+        let to = write(
+            dir.path(),
+            &format!("{server_id}.hcl"),
+            &gcp_data(&fake.url, ring, &sa, server_id),
+        );
+        control(&fake, "POST", "/_fake/calls/reset", "").await;
+        let started = std::time::Instant::now();
+        let done = run(&migrate_args(&from, &to, td));
+        let wall = started.elapsed();
+        assert_eq!(done.code, 0, "{}", done.stderr);
+        let calls = control(&fake, "GET", "/_fake/calls", "").await;
+        let total: u64 = calls
+            .as_object()
+            .unwrap()
+            .values()
+            .filter_map(Value::as_u64)
+            .sum();
+        report.push(format!(
+            "{what}: {total} calls, {} ms wall: {calls}",
+            wall.as_millis()
+        ));
+    }
+    let to = write(
+        dir.path(),
+        "one.hcl",
+        &gcp_data(&fake.url, ring, &sa, "bench-one"),
+    );
+    let p256 = fixture("p256.pkcs8.pem").display().to_string();
+    control(&fake, "POST", "/_fake/calls/reset", "").await;
+    let started = std::time::Instant::now();
+    let one = run(&[
+        "keys",
+        "import",
+        "--key-id",
+        "x509-CA-A",
+        "--key",
+        &p256,
+        "--plugin-data",
+        &to,
+        "--trust-domain",
+        td,
+    ]);
+    let wall = started.elapsed();
+    assert_eq!(one.code, 0, "{}", one.stderr);
+    let calls = control(&fake, "GET", "/_fake/calls", "").await;
+    let total: u64 = calls
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    report.push(format!(
+        "import 1 key: {total} calls, {} ms wall: {calls}",
+        wall.as_millis()
+    ));
+    control(&fake, "POST", "/_fake/latency", "{\"seconds\": 0}").await;
+    for line in report {
+        println!("BENCH {line}");
+    }
+}
