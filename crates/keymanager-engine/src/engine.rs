@@ -417,8 +417,11 @@ impl<B: Backend> Engine<B> {
             key_type = %key_type,
             fingerprint = %public.fingerprint,
             replaced = replaced.is_some(),
-            imported = matches!(origin, Origin::Import(_)),
-            "generated key"
+            "{}",
+            match origin {
+                Origin::Generate => "generated key",
+                Origin::Import(_) => "imported key",
+            }
         );
         if let Some(old) = replaced {
             // Phase 3. The new key is live; failing to retire the old one must not fail the

@@ -2,7 +2,7 @@
 //! another store, same public keys): both through the engine's own import, which names,
 //! tags and publishes the key exactly as GenerateKey would have.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use keymanager_engine::admin::KeyAdmin;
@@ -75,7 +75,7 @@ pub struct MigrateArgs {
 const DESTROY_HINT: &str = "the private key still exists outside the store; once the store serves it, destroy every other copy (e.g. `shred -u FILE`, and backups)";
 
 /// Reads and parses the key file; the bytes are zeroed when dropped.
-fn read_key(path: &PathBuf) -> Result<PrivateKeyMaterial, Failure> {
+fn read_key(path: &Path) -> Result<PrivateKeyMaterial, Failure> {
     let bytes = Zeroizing::new(
         std::fs::read(path)
             .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?,
@@ -181,22 +181,22 @@ pub async fn import(args: ImportArgs) -> Result<(), Failure> {
 }
 
 fn side(
-    server_conf: &Option<PathBuf>,
-    plugin_data: &Option<PathBuf>,
-    trust_domain: &Option<String>,
+    server_conf: Option<&PathBuf>,
+    plugin_data: Option<&PathBuf>,
+    trust_domain: Option<&String>,
     which: &str,
 ) -> Result<SourceArgs, Failure> {
     match (server_conf, plugin_data) {
         (Some(conf), None) => Ok(SourceArgs {
-            server_conf: Some(conf.clone()),
+            server_conf: Some(conf.to_path_buf()),
             plugin_data: None,
             trust_domain: None,
         }),
         (None, Some(data)) => match trust_domain {
             Some(td) => Ok(SourceArgs {
                 server_conf: None,
-                plugin_data: Some(data.clone()),
-                trust_domain: Some(td.clone()),
+                plugin_data: Some(data.to_path_buf()),
+                trust_domain: Some(td.to_string()),
             }),
             None => Err(Failure::usage(format!(
                 "--{which}-plugin-data needs --trust-domain"
@@ -232,15 +232,15 @@ impl Step {
 /// Runs `keys migrate`.
 pub async fn migrate(args: MigrateArgs) -> Result<(), Failure> {
     let from = side(
-        &args.from_server_conf,
-        &args.from_plugin_data,
-        &args.trust_domain,
+        args.from_server_conf.as_ref(),
+        args.from_plugin_data.as_ref(),
+        args.trust_domain.as_ref(),
         "from",
     )?;
     let to = side(
-        &args.to_server_conf,
-        &args.to_plugin_data,
-        &args.trust_domain,
+        args.to_server_conf.as_ref(),
+        args.to_plugin_data.as_ref(),
+        args.trust_domain.as_ref(),
         "to",
     )?;
     let source = open(&from).await?;
