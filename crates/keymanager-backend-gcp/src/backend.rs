@@ -138,6 +138,19 @@ pub struct GcpKmsBackend {
     /// Per shared CryptoKey, the highest version number this process served from a
     /// GenerateKey: bounded by the number of shared keys. Never held across I/O.
     served: Mutex<HashMap<String, u64>>,
+    /// The ImportJob the last import used, so the keys of one `keys migrate` share one
+    /// lookup. Never held across I/O.
+    import_job: Mutex<Option<CachedImportJob>>,
+}
+
+/// An ImportJob known to be ACTIVE, with its DER wrapping key.
+#[derive(Clone)]
+struct CachedImportJob {
+    name: String,
+    wrapping_key: Arc<[u8]>,
+    protection: ProtectionLevel,
+    /// Reused until then.
+    until: SystemTime,
 }
 
 fn auth(settings: &GcpKmsSettings) -> Auth {
@@ -178,6 +191,7 @@ impl KmsAdapter for GcpKmsBackend {
                 policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
             }),
             served: Mutex::new(HashMap::new()),
+            import_job: Mutex::new(None),
         })
     }
 }
@@ -767,9 +781,33 @@ impl Backend for GcpKmsBackend {
             }
         };
         let protection = self.new_keys().protection;
-        let (job, wrapping_key) = kms
-            .import_job(&self.key_ring, protection, GENERATION_BUDGET)
-            .await?;
+        let cached = self
+            .import_job
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .filter(|c| c.protection == protection && c.until > SystemTime::now());
+        let (job, wrapping_key) = match cached {
+            Some(cached) => (cached.name, cached.wrapping_key),
+            None => {
+                let (job, der) = kms
+                    .import_job(&self.key_ring, protection, GENERATION_BUDGET)
+                    .await?;
+                let wrapping_key: Arc<[u8]> = Arc::from(der);
+                // The job had more than an hour left when chosen: reuse it for half that.
+                let cached = CachedImportJob {
+                    name: job.clone(),
+                    wrapping_key: wrapping_key.clone(),
+                    protection,
+                    until: SystemTime::now() + Duration::from_secs(1800),
+                };
+                *self
+                    .import_job
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(cached);
+                (job, wrapping_key)
+            }
+        };
         let wrapped = wrap::rsa_aes_key_wrap_sha256(&wrapping_key, key.pkcs8_der())?;
         let version = kms
             .import_version(&name, algorithm.clone(), &job, wrapped)

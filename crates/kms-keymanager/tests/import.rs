@@ -462,7 +462,7 @@ async fn a_migration_failing_at_any_store_call_completes_on_rerun() {
                 "--json",
             ])
         };
-        let fault = if step % 2 == 0 {
+        let fault = if step.is_multiple_of(2) {
             Fault::Lose
         } else {
             Fault::Fail
