@@ -197,6 +197,34 @@ ENUM_FIELDS = {
     "algorithm": ALGORITHM,
     "protectionLevel": PROTECTION,
 }
+IMPORT_METHOD = {
+    "IMPORT_METHOD_UNSPECIFIED": 0,
+    "RSA_OAEP_3072_SHA1_AES_256": 1,
+    "RSA_OAEP_4096_SHA1_AES_256": 2,
+    "RSA_OAEP_3072_SHA256_AES_256": 3,
+    "RSA_OAEP_4096_SHA256_AES_256": 4,
+    "RSA_OAEP_3072_SHA256": 5,
+    "RSA_OAEP_4096_SHA256": 6,
+}
+IMPORT_JOB_STATE = {
+    "IMPORT_JOB_STATE_UNSPECIFIED": 0,
+    "PENDING_GENERATION": 1,
+    "ACTIVE": 2,
+    "EXPIRED": 3,
+}
+# An ImportJob's "state" is its own enum (PENDING_GENERATION is 1 there, 5 for versions).
+IMPORT_JOB_ENUM_FIELDS = {"importMethod": IMPORT_METHOD, "state": IMPORT_JOB_STATE,
+                          "protectionLevel": PROTECTION}
+# Import methods this fake implements: (wrapping key bits, OAEP hash, with an AES-256 key).
+IMPORT_METHODS = {
+    "RSA_OAEP_3072_SHA1_AES_256": (3072, "sha1", True),
+    "RSA_OAEP_4096_SHA1_AES_256": (4096, "sha1", True),
+    "RSA_OAEP_3072_SHA256_AES_256": (3072, "sha256", True),
+    "RSA_OAEP_4096_SHA256_AES_256": (4096, "sha256", True),
+    "RSA_OAEP_3072_SHA256": (3072, "sha256", False),
+    "RSA_OAEP_4096_SHA256": (4096, "sha256", False),
+}
+IMPORT_JOB_LIFETIME = 3 * 86400.0
 
 # Signing algorithms this fake can generate keys for: (kind, size or curve, hash, padding).
 SIGN_ALGORITHMS = {
@@ -228,7 +256,7 @@ ALL_SIGN_ALGORITHMS = set(SIGN_ALGORITHMS) | {
     "PQ_SIGN_ML_DSA_87_EXTERNAL_MU",
 }
 SYMMETRIC_ALGORITHMS = {"GOOGLE_SYMMETRIC_ENCRYPTION"}
-HASH_CLASSES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+HASH_CLASSES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 HASH_LEN = {"sha256": 32, "sha384": 48, "sha512": 64}
 
 # ---------------------------------------------------------------------------------------------
@@ -362,9 +390,10 @@ def encode_enums(obj, ints: bool):
         return obj
     if isinstance(obj, dict):
         out = {}
+        table = IMPORT_JOB_ENUM_FIELDS if "importMethod" in obj else ENUM_FIELDS
         for k, v in obj.items():
-            if k in ENUM_FIELDS and isinstance(v, str):
-                out[k] = ENUM_FIELDS[k][v]
+            if k in table and isinstance(v, str):
+                out[k] = table[k][v]
             else:
                 out[k] = encode_enums(v, ints)
         return out
@@ -501,6 +530,8 @@ class Version:
         self.destroy_event_time = None
         self.private_key = None
         self.pem = None
+        self.import_job = None
+        self.import_time = None
 
     def refresh(self):
         if self.state == "DESTROY_SCHEDULED" and self.destroy_time is not None and self.destroy_time <= now():
@@ -519,6 +550,8 @@ class Version:
             "generateTime": fmt_time(self.generate_time),
             "destroyTime": fmt_time(self.destroy_time),
             "destroyEventTime": fmt_time(self.destroy_event_time),
+            "importJob": self.import_job,
+            "importTime": fmt_time(self.import_time),
         })
 
 
@@ -549,11 +582,49 @@ class CryptoKey:
         return out
 
 
+class ImportJob:
+    """A key-wrapping key pair of a key ring: clients wrap key material with its public key;
+    importCryptoKeyVersion unwraps it with the private key."""
+
+    def __init__(self, name, method, protection):
+        self.name = name
+        self.method = method
+        self.protection = protection
+        self.create_time = now()
+        self.generate_time = None
+        self.expire_time = None
+        self.state = "PENDING_GENERATION"
+        self.private_key = None
+        self.pem = None
+
+    def refresh(self):
+        if self.state == "ACTIVE" and self.expire_time is not None and self.expire_time <= now():
+            self.state = "EXPIRED"
+            self.private_key = None
+
+    def json(self) -> dict:
+        self.refresh()
+        out = prune({
+            "name": self.name,
+            "importMethod": self.method,
+            "protectionLevel": self.protection,
+            "createTime": fmt_time(self.create_time),
+            "generateTime": fmt_time(self.generate_time),
+            "expireTime": fmt_time(self.expire_time),
+            "expireEventTime": fmt_time(self.expire_time) if self.state == "EXPIRED" else None,
+            "state": self.state,
+        })
+        if self.pem is not None and self.state == "ACTIVE":
+            out["publicKey"] = {"pem": self.pem}
+        return out
+
+
 class KeyRing:
     def __init__(self, name):
         self.name = name
         self.create_time = now()
         self.keys: dict[str, CryptoKey] = {}
+        self.import_jobs: dict[str, ImportJob] = {}
         self.policy = Policy()
 
     def json(self) -> dict:
@@ -681,6 +752,12 @@ METHOD_PERMISSIONS = {
     "cryptoKeyVersions.restore": "cloudkms.cryptoKeyVersions.restore",
     "cryptoKeyVersions.getPublicKey": "cloudkms.cryptoKeyVersions.viewPublicKey",
     "cryptoKeyVersions.asymmetricSign": "cloudkms.cryptoKeyVersions.useToSign",
+    "importJobs.create": "cloudkms.importJobs.create",
+    "importJobs.get": "cloudkms.importJobs.get",
+    "importJobs.list": "cloudkms.importJobs.list",
+    # Google documents importCryptoKeyVersion as needing cloudkms.cryptoKeyVersions.create on
+    # the key and cloudkms.importJobs.useToImport on the job; the key's permission is checked.
+    "cryptoKeyVersions.import": "cloudkms.cryptoKeyVersions.create",
 }
 
 _LOCATIONS = {"cloudkms.locations.get", "cloudkms.locations.list", "resourcemanager.projects.get"}
@@ -695,6 +772,8 @@ PREDEFINED_ROLES = {
         "cloudkms.cryptoKeyVersions.create", "cloudkms.cryptoKeyVersions.get", "cloudkms.cryptoKeyVersions.list",
         "cloudkms.cryptoKeyVersions.update", "cloudkms.cryptoKeyVersions.destroy",
         "cloudkms.cryptoKeyVersions.restore",
+        "cloudkms.importJobs.create", "cloudkms.importJobs.get", "cloudkms.importJobs.list",
+        "cloudkms.importJobs.useToImport",
     },
     "roles/cloudkms.viewer": _LOCATIONS | {
         "cloudkms.keyRings.get", "cloudkms.keyRings.list", "cloudkms.cryptoKeys.get", "cloudkms.cryptoKeys.list",
@@ -705,6 +784,9 @@ PREDEFINED_ROLES = {
         "cloudkms.cryptoKeyVersions.viewPublicKey",
     },
     "roles/cloudkms.signer": _LOCATIONS | {"cloudkms.cryptoKeyVersions.useToSign"},
+    "roles/cloudkms.importer": _LOCATIONS | {
+        "cloudkms.importJobs.get", "cloudkms.importJobs.list", "cloudkms.importJobs.useToImport",
+    },
     "roles/cloudkms.publicKeyViewer": _LOCATIONS | {"cloudkms.cryptoKeyVersions.viewPublicKey"},
     "roles/cloudkms.cryptoKeyEncrypterDecrypter": _LOCATIONS | {
         "cloudkms.cryptoKeyVersions.useToEncrypt", "cloudkms.cryptoKeyVersions.useToDecrypt",
@@ -904,6 +986,27 @@ class Fake:
                 if v.state == "PENDING_GENERATION":
                     v.state = "ENABLED"
                     v.generate_time = now()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def start_import_job(self, job: ImportJob):
+        """Generates the wrapping key pair off the request thread, like key versions."""
+        delay = self.generation_delay
+        bits = IMPORT_METHODS[job.method][0]
+
+        def run():
+            started = time.monotonic()
+            private_key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+            pem = private_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+            remaining = delay - (time.monotonic() - started)
+            if remaining > 0:
+                time.sleep(remaining)
+            with self.lock:
+                job.private_key, job.pem = private_key, pem
+                job.state = "ACTIVE"
+                job.generate_time = now()
+                job.expire_time = job.generate_time + IMPORT_JOB_LIFETIME
 
         threading.Thread(target=run, daemon=True).start()
 
@@ -1412,6 +1515,135 @@ def h_test_iam(fake, ctx):
     return {"permissions": list(perms)} if perms else {}
 
 
+def h_import_job_create(fake, ctx):
+    job_id = ctx.q_any("importJobId", "import_job_id", default="")
+    if not ID_RE.match(job_id):
+        raise invalid(f"import_job_id {job_id!r} must match [a-zA-Z0-9_-]{{1,63}}")
+    body = ctx.body
+    check_known(body, {"name", "importMethod", "protectionLevel", "createTime", "generateTime", "expireTime",
+                       "expireEventTime", "state", "publicKey", "attestation", "cryptoKeyBackend"}, "import_job")
+    method = parse_enum(body.get("importMethod", 0), IMPORT_METHOD, "import_job.import_method")
+    if method == "IMPORT_METHOD_UNSPECIFIED":
+        raise invalid("import_job.import_method must be specified")
+    prot = parse_enum(body.get("protectionLevel", 0), PROTECTION, "import_job.protection_level")
+    if prot == "PROTECTION_LEVEL_UNSPECIFIED":
+        raise invalid("import_job.protection_level must be specified")
+    if prot not in ("SOFTWARE", "HSM"):
+        raise invalid(f"import_job.protection_level {prot} is not supported")
+    with fake.lock:
+        ring = fake.ring(ctx.ring_name())
+        if job_id in ring.import_jobs:
+            raise ApiError("ALREADY_EXISTS", f"ImportJob {ring.name}/importJobs/{job_id} already exists.")
+        job = ring.import_jobs[job_id] = ImportJob(f"{ring.name}/importJobs/{job_id}", method, prot)
+        fake.start_import_job(job)
+        return job.json()
+
+
+def _import_job(fake, ring_name: str, job_id: str) -> ImportJob:
+    job = fake.ring(ring_name).import_jobs.get(job_id)
+    if job is None:
+        raise not_found(f"ImportJob {ring_name}/importJobs/{job_id} not found.")
+    return job
+
+
+def h_import_job_get(fake, ctx):
+    with fake.lock:
+        return _import_job(fake, ctx.ring_name(), ctx.segs[7]).json()
+
+
+def h_import_job_list(fake, ctx):
+    terms = parse_filter(ctx.q("filter", ""))
+    with fake.lock:
+        ring = fake.ring(ctx.ring_name())
+        jobs = [j for _, j in sorted(ring.import_jobs.items())]
+        for j in jobs:
+            j.refresh()
+        jobs = [j for j in jobs if filter_matches(
+            terms, {"name": j.name, "state": j.state, "importMethod": j.method, "import_method": j.method,
+                    "protectionLevel": j.protection, "protection_level": j.protection}, {}, "ImportJob")]
+        jobs = order(ctx, jobs, {"name": lambda j: j.name, "createTime": lambda j: j.create_time,
+                                 "create_time": lambda j: j.create_time})
+        return page(ctx, [j.json() for j in jobs], "importJobs")
+
+
+def unwrap_import(job: ImportJob, wrapped: bytes) -> bytes:
+    """Undoes the client's wrapping with the job's private key: RSA-OAEP of an AES-256 key
+    followed by the key material under AES key wrap with padding (RFC 5649), or RSA-OAEP of
+    the material itself for the methods without AES."""
+    from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+    bits, hash_name, with_aes = IMPORT_METHODS[job.method]
+    h = HASH_CLASSES[hash_name]()
+    oaep = padding.OAEP(mgf=padding.MGF1(HASH_CLASSES[hash_name]()), algorithm=h, label=None)
+    rsa_len = bits // 8
+    try:
+        if not with_aes:
+            return job.private_key.decrypt(wrapped, oaep)
+        if len(wrapped) <= rsa_len:
+            raise ValueError("too short")
+        aes_key = job.private_key.decrypt(wrapped[:rsa_len], oaep)
+        if len(aes_key) != 32:
+            raise ValueError("not an AES-256 key")
+        return aes_key_unwrap_with_padding(aes_key, wrapped[rsa_len:])
+    except (ValueError, InvalidUnwrap):
+        raise invalid(f"The wrapped key material could not be unwrapped with {job.name} ({job.method}).")
+
+
+def _imported_matches(private_key, algorithm: str) -> bool:
+    kind, param, _, _ = SIGN_ALGORITHMS[algorithm]
+    if kind == "ec":
+        return isinstance(private_key, ec.EllipticCurvePrivateKey) and isinstance(private_key.curve, param)
+    return isinstance(private_key, rsa.RSAPrivateKey) and private_key.key_size == param
+
+
+def h_version_import(fake, ctx):
+    body = ctx.body
+    check_known(body, {"cryptoKeyVersion", "algorithm", "importJob", "wrappedKey", "rsaAesWrappedKey"},
+                "import_crypto_key_version")
+    algorithm = parse_enum(body.get("algorithm", 0), ALGORITHM, "algorithm")
+    if algorithm not in SIGN_ALGORITHMS:
+        raise invalid(f"algorithm {algorithm} cannot be imported into this fake; supported: "
+                      + ", ".join(sorted(SIGN_ALGORITHMS)))
+    if body.get("cryptoKeyVersion"):
+        raise ApiError("UNIMPLEMENTED", "re-importing into an existing crypto_key_version is not supported by this fake")
+    job_name = body.get("importJob", "")
+    wrapped_field = "wrappedKey" if "wrappedKey" in body else "rsaAesWrappedKey"
+    wrapped = parse_bytes(body.get(wrapped_field, ""), wrapped_field)
+    if not wrapped:
+        raise invalid("wrapped_key must be set")
+    with fake.lock:
+        key = fake.key(ctx.ring_name(), ctx.segs[7])
+        if key.purpose != "ASYMMETRIC_SIGN":
+            raise precondition(f"{key.name} has purpose {key.purpose}; this fake imports ASYMMETRIC_SIGN keys only")
+        prefix = f"{ctx.ring_name()}/importJobs/"
+        if not job_name.startswith(prefix):
+            raise invalid(f"import_job {job_name!r} must be an ImportJob of {ctx.ring_name()}")
+        job = _import_job(fake, ctx.ring_name(), job_name[len(prefix):])
+        job.refresh()
+        if job.state != "ACTIVE":
+            raise precondition(f"The request cannot be fulfilled. Resource {job.name} has value {job.state} in field import_job.state.")
+        if job.protection != key.protection:
+            raise precondition(f"{job.name} has protection level {job.protection}, {key.name} {key.protection}")
+    material = unwrap_import(job, wrapped)
+    try:
+        private_key = serialization.load_der_private_key(material, password=None)
+    except ValueError:
+        raise invalid("The unwrapped key material is not a PKCS#8 private key.")
+    if not _imported_matches(private_key, algorithm):
+        raise invalid(f"The imported key material does not match algorithm {algorithm}.")
+    pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    with fake.lock:
+        v = Version(key, key.next_version)
+        key.next_version += 1
+        key.versions[v.number] = v
+        v.algorithm = algorithm
+        v.private_key, v.pem = private_key, pem
+        v.import_job = job.name
+        v.import_time = now()
+        v.state = "ENABLED"
+        return v.json()
+
+
 # ---------------------------------------------------------------------------------------------
 # Routing
 
@@ -1424,6 +1656,14 @@ def route(http_method: str, segs: list, verb: str | None):
     for i in range(5, n, 2):
         if not segs[i]:
             return None
+    if n in (7, 8) and segs[4] == "keyRings" and segs[6] == "importJobs":
+        if verb is None and n == 7 and http_method == "POST":
+            return ("importJobs.create", h_import_job_create)
+        if verb is None and n == 7 and http_method == "GET":
+            return ("importJobs.list", h_import_job_list)
+        if verb is None and n == 8 and http_method == "GET":
+            return ("importJobs.get", h_import_job_get)
+        return None
     names = ["projects", "locations", "keyRings", "cryptoKeys", "cryptoKeyVersions", "publicKey"]
     for i in range(0, n, 2):
         if segs[i] != names[i // 2]:
@@ -1448,6 +1688,8 @@ def route(http_method: str, segs: list, verb: str | None):
         if n == 11 and segs[10] == "publicKey" and m == "GET":
             return ("cryptoKeyVersions.getPublicKey", h_public_key)
         return table.get((n, m))
+    if n == 9 and m == "POST" and verb == "import":
+        return ("cryptoKeyVersions.import", h_version_import)
     if n == 10 and m == "POST":
         return {
             "destroy": ("cryptoKeyVersions.destroy", h_version_destroy),

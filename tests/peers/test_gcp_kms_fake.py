@@ -275,6 +275,104 @@ class FakeKmsTest(unittest.TestCase):
                 self.assertFalse(resp.verified_digest_crc32c)
                 self.verify(pub.pem, alg, digest, resp.signature)
 
+    def wait_job_active(self, name, timeout=60):
+        deadline = time.time() + timeout
+        while True:
+            job = self.client.get_import_job(request={"name": name})
+            if job.state == kms_v1.ImportJob.ImportJobState.ACTIVE:
+                return job
+            self.assertEqual(job.state, kms_v1.ImportJob.ImportJobState.PENDING_GENERATION)
+            self.assertFalse(job.public_key.pem, "no wrapping key before the job is ACTIVE")
+            self.assertLess(time.time(), deadline, f"{name} never became ACTIVE")
+            time.sleep(0.05)
+
+    @staticmethod
+    def wrap(job, private_key, method="RSA_OAEP_4096_SHA256_AES_256"):
+        """The client side of an import, as Google documents it: a fresh AES-256 key under
+        RSA-OAEP with the job's public key, then the PKCS#8 key under AES key wrap with
+        padding (RFC 5649)."""
+        from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+        pkcs8 = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption())
+        wrapping = serialization.load_pem_public_key(job.public_key.pem.encode())
+        h = hashes.SHA256 if "SHA256" in method else hashes.SHA1
+        oaep = padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None)
+        aes_key = os.urandom(32)
+        return wrapping.encrypt(aes_key, oaep) + aes_key_wrap_with_padding(aes_key, pkcs8)
+
+    def test_import_jobs_create_get_list_and_import_a_version(self):
+        Method = kms_v1.ImportJob.ImportMethod
+        job_id = "job-" + uuid.uuid4().hex[:8]
+        job = self.client.create_import_job(request={
+            "parent": self.ring, "import_job_id": job_id,
+            "import_job": {"import_method": Method.RSA_OAEP_4096_SHA256_AES_256,
+                           "protection_level": kms_v1.ProtectionLevel.SOFTWARE}})
+        self.assertEqual(job.name, f"{self.ring}/importJobs/{job_id}")
+        self.assertEqual(job.import_method, Method.RSA_OAEP_4096_SHA256_AES_256)
+        job = self.wait_job_active(job.name)
+        wrapping = serialization.load_pem_public_key(job.public_key.pem.encode())
+        self.assertEqual(wrapping.key_size, 4096)
+        self.assertIsNotNone(job.expire_time)
+        self.assertIn(job.name, [j.name for j in self.client.list_import_jobs(request={"parent": self.ring})])
+        with self.api_error("ALREADY_EXISTS"):
+            self.client.create_import_job(request={
+                "parent": self.ring, "import_job_id": job_id,
+                "import_job": {"import_method": Method.RSA_OAEP_4096_SHA256_AES_256,
+                               "protection_level": kms_v1.ProtectionLevel.SOFTWARE}})
+        with self.api_error("NOT_FOUND"):
+            self.client.get_import_job(request={"name": self.ring + "/importJobs/missing"})
+
+        for alg, private_key in [
+            (Alg.EC_SIGN_P256_SHA256, ec.generate_private_key(ec.SECP256R1())),
+            (Alg.EC_SIGN_P384_SHA384, ec.generate_private_key(ec.SECP384R1())),
+            (Alg.RSA_SIGN_PKCS1_2048_SHA256, rsa.generate_private_key(65537, 2048)),
+        ]:
+            with self.subTest(algorithm=Alg(alg).name):
+                # Imported into a new key created without a version, and into an existing one.
+                key = self.create_key(alg, skip=True, import_only=True)
+                version = self.client.import_crypto_key_version(request={
+                    "parent": key.name, "algorithm": alg, "import_job": job.name,
+                    "rsa_aes_wrapped_key": self.wrap(job, private_key)})
+                self.assertEqual(version.name, key.name + "/cryptoKeyVersions/1")
+                self.assertEqual(version.state, State.ENABLED)
+                self.assertEqual(version.import_job, job.name)
+                self.assertIsNotNone(version.import_time)
+                pub = self.client.get_public_key(request={"name": version.name})
+                mine = private_key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+                self.assertEqual(pub.pem, mine)
+                hash_name, _ = SUPPORTED[alg]
+                digest = hashlib.new(hash_name, b"imported").digest()
+                self.verify(mine, alg, digest, self.sign(version.name, hash_name, digest).signature)
+
+                existing = self.create_key(alg)
+                second = self.client.import_crypto_key_version(request={
+                    "parent": existing.name, "algorithm": alg, "import_job": job.name,
+                    "wrapped_key": self.wrap(job, private_key)})
+                self.assertEqual(second.name, existing.name + "/cryptoKeyVersions/2")
+
+        # Refusals: material of another type, material wrapped for another job, garbage.
+        key = self.create_key(Alg.EC_SIGN_P384_SHA384, skip=True)
+        with self.api_error("INVALID_ARGUMENT"):
+            self.client.import_crypto_key_version(request={
+                "parent": key.name, "algorithm": Alg.EC_SIGN_P384_SHA384, "import_job": job.name,
+                "rsa_aes_wrapped_key": self.wrap(job, ec.generate_private_key(ec.SECP256R1()))})
+        other = self.wait_job_active(self.client.create_import_job(request={
+            "parent": self.ring, "import_job_id": "other-" + uuid.uuid4().hex[:8],
+            "import_job": {"import_method": Method.RSA_OAEP_3072_SHA256_AES_256,
+                           "protection_level": kms_v1.ProtectionLevel.SOFTWARE}}).name)
+        with self.api_error("INVALID_ARGUMENT"):
+            self.client.import_crypto_key_version(request={
+                "parent": key.name, "algorithm": Alg.EC_SIGN_P384_SHA384, "import_job": job.name,
+                "rsa_aes_wrapped_key": self.wrap(other, ec.generate_private_key(ec.SECP384R1()),
+                                                 "RSA_OAEP_3072_SHA256_AES_256")})
+        with self.api_error("INVALID_ARGUMENT"):
+            self.client.import_crypto_key_version(request={
+                "parent": key.name, "algorithm": Alg.EC_SIGN_P384_SHA384, "import_job": job.name,
+                "rsa_aes_wrapped_key": b"\x00" * 600})
+        self.assertEqual(list(self.client.list_crypto_key_versions(request={"parent": key.name})), [],
+                         "a refused import leaves no version")
+
     def test_pending_generation_refuses_public_key_and_sign(self):
         self.control("generation_delay", {"seconds": 1.0})
         try:

@@ -19,11 +19,13 @@ use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::operation::RequestId as _;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{
-    KeyMetadata, KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag,
+    AlgorithmSpec, ExpirationModelType, KeyMetadata, KeySpec, KeyState, KeyUsageType, MessageType,
+    OriginType, SigningAlgorithmSpec, Tag, WrappingKeySpec,
 };
 use futures_util::future::join_all;
 use keymanager_engine::kit::swap::Swap;
 use keymanager_engine::kit::vocabulary as tags;
+use keymanager_engine::kit::wrap;
 use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::lifecycle::{
     KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity, parse_stamp, stamp_text,
@@ -31,8 +33,8 @@ use keymanager_engine::lifecycle::{
 use keymanager_engine::resilience::{CallStats, RetryPolicy, with_retries};
 use keymanager_engine::{
     Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, HashAlgorithm,
-    KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SignatureScheme, Signed,
-    SigningSupport, StoredKey,
+    KeyHandle, KeyId, KeyType, PrivateKeyMaterial, PssSaltSupport, SchemeFamily, SignatureScheme,
+    Signed, SigningSupport, StoredKey,
 };
 
 use crate::client::Clients;
@@ -484,6 +486,117 @@ impl AwsKmsBackend {
         }
     }
 
+    /// `CreateKey` for `id`, tagged inactive: neither discovery finds it until publish.
+    async fn create_key(
+        &self,
+        id: &KeyId,
+        key_type: KeyType,
+        origin: OriginType,
+    ) -> Result<AwsKey, BackendError> {
+        self.alias(id)?; // refuse an id whose alias would be too long before creating anything
+        let spec = match key_type {
+            KeyType::EcP256 => KeySpec::EccNistP256,
+            KeyType::EcP384 => KeySpec::EccNistP384,
+            KeyType::Rsa2048 => KeySpec::Rsa2048,
+            KeyType::Rsa4096 => KeySpec::Rsa4096,
+        };
+        let new_keys = self.new_keys();
+        let now = stamp_text(SystemTime::now());
+        let ours = [
+            (tags::TRUST_DOMAIN, self.trust_domain.as_str()),
+            (tags::SERVER_ID, self.server_id.as_str()),
+            (tags::KEY_ID, id.as_str()),
+            // Inactive until published: neither discovery finds it, the sweep removes it
+            // if the GenerateKey never gets that far.
+            (tags::ACTIVE, "false"),
+            (tags::LAST_UPDATE, now.as_str()),
+        ];
+        let key_tags = ours
+            .iter()
+            .map(|(k, v)| tag(k, v))
+            .chain(new_keys.tags.iter().map(|(k, v)| tag(k, v)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut request = self
+            .clients()
+            .kms
+            .create_key()
+            .key_spec(spec)
+            .key_usage(KeyUsageType::SignVerify)
+            // Only imports say so: a generated key keeps CreateKey's default request.
+            .set_origin((origin == OriginType::External).then_some(origin))
+            .description(naming::description(&self.trust_domain, id.as_str()))
+            .set_tags(Some(key_tags));
+        if let Some(policy) = &new_keys.policy {
+            request = request.policy(policy);
+        }
+        let created = request
+            .send()
+            .await
+            .map_err(|e| sdk_error(Service::Kms, "CreateKey", id.as_str(), e))?;
+        let arn = created
+            .key_metadata()
+            .and_then(|m| m.arn())
+            .ok_or_else(|| {
+                BackendError::new(BackendErrorKind::Internal, "CreateKey returned no key ARN")
+            })?;
+        Ok(AwsKey::new(arn))
+    }
+
+    /// `GetParametersForImport`, the wrapping, `ImportKeyMaterial` (no expiry).
+    async fn import_material(
+        &self,
+        arn: &str,
+        key: &PrivateKeyMaterial,
+    ) -> Result<(), BackendError> {
+        // An EC PKCS#8 (≤ 185 bytes) fits RSA-OAEP under a 4096-bit key directly; an RSA
+        // PKCS#8 does not and needs the AES key wrap, as AWS documents for RSA key material.
+        let algorithm = if key.key_type().is_rsa() {
+            AlgorithmSpec::RsaAesKeyWrapSha256
+        } else {
+            AlgorithmSpec::RsaesOaepSha256
+        };
+        let clients = self.clients();
+        let params = clients
+            .kms
+            .get_parameters_for_import()
+            .key_id(arn)
+            .wrapping_algorithm(algorithm.clone())
+            .wrapping_key_spec(WrappingKeySpec::Rsa4096)
+            .send()
+            .await
+            .map_err(|e| sdk_error(Service::Kms, "GetParametersForImport", arn, e))?;
+        let (Some(wrapping_key), Some(token)) = (params.public_key(), params.import_token()) else {
+            return Err(BackendError::new(
+                BackendErrorKind::Internal,
+                format!(
+                    "GetParametersForImport for {arn} returned no wrapping key or import token"
+                ),
+            ));
+        };
+        let wrapped = match algorithm {
+            AlgorithmSpec::RsaAesKeyWrapSha256 => {
+                wrap::rsa_aes_key_wrap_sha256(wrapping_key.as_ref(), key.pkcs8_der())?
+            }
+            _ => wrap::rsa_oaep_sha256(wrapping_key.as_ref(), key.pkcs8_der())?,
+        };
+        clients
+            .kms
+            .import_key_material()
+            .key_id(arn)
+            .import_token(token.clone())
+            .encrypted_key_material(Blob::new(wrapped))
+            .expiration_model(ExpirationModelType::KeyMaterialDoesNotExpire)
+            .send()
+            .await
+            .map_err(|e| sdk_error(Service::Kms, "ImportKeyMaterial", arn, e))?;
+        tracing::info!(
+            key = arn,
+            algorithm = algorithm.as_str(),
+            "key material imported"
+        );
+        Ok(())
+    }
+
     /// Records the deletion intent and marks the key inactive (one call), then schedules
     /// its deletion. If the process dies in between, the next sweep finishes the job.
     async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
@@ -591,51 +704,33 @@ impl Backend for AwsKmsBackend {
         key_type: KeyType,
         _replaces: Option<&StoredKey<AwsKey>>,
     ) -> Result<AwsKey, BackendError> {
-        self.alias(id)?; // refuse an id whose alias would be too long before creating anything
-        let spec = match key_type {
-            KeyType::EcP256 => KeySpec::EccNistP256,
-            KeyType::EcP384 => KeySpec::EccNistP384,
-            KeyType::Rsa2048 => KeySpec::Rsa2048,
-            KeyType::Rsa4096 => KeySpec::Rsa4096,
-        };
-        let new_keys = self.new_keys();
-        let now = stamp_text(SystemTime::now());
-        let ours = [
-            (tags::TRUST_DOMAIN, self.trust_domain.as_str()),
-            (tags::SERVER_ID, self.server_id.as_str()),
-            (tags::KEY_ID, id.as_str()),
-            // Inactive until published: neither discovery finds it, the sweep removes it
-            // if the GenerateKey never gets that far.
-            (tags::ACTIVE, "false"),
-            (tags::LAST_UPDATE, now.as_str()),
-        ];
-        let key_tags = ours
-            .iter()
-            .map(|(k, v)| tag(k, v))
-            .chain(new_keys.tags.iter().map(|(k, v)| tag(k, v)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut request = self
-            .clients()
-            .kms
-            .create_key()
-            .key_spec(spec)
-            .key_usage(KeyUsageType::SignVerify)
-            .description(naming::description(&self.trust_domain, id.as_str()))
-            .set_tags(Some(key_tags));
-        if let Some(policy) = &new_keys.policy {
-            request = request.policy(policy);
+        self.create_key(id, key_type, OriginType::AwsKms).await
+    }
+
+    fn can_import(&self) -> bool {
+        true
+    }
+
+    /// `CreateKey` with `Origin=EXTERNAL` (tagged inactive, as `prepare` does), the
+    /// wrapping key from `GetParametersForImport`, the key wrapped here, then
+    /// `ImportKeyMaterial` without expiry. A failure after the key exists puts it on the
+    /// deletion path at once (it is inactive either way, so the sweep would too).
+    async fn prepare_import(
+        &self,
+        id: &KeyId,
+        key: &PrivateKeyMaterial,
+        _replaces: Option<&StoredKey<AwsKey>>,
+    ) -> Result<AwsKey, BackendError> {
+        let created = self
+            .create_key(id, key.key_type(), OriginType::External)
+            .await?;
+        if let Err(error) = self.import_material(&created.arn, key).await {
+            if let Err(cleanup) = self.schedule_deletion(&created.arn).await {
+                tracing::warn!(key = %created.arn, error = %cleanup, "could not delete the key whose import failed; the sweep removes it");
+            }
+            return Err(error.context(format_args!("importing key {id} into {}", created.arn)));
         }
-        let created = request
-            .send()
-            .await
-            .map_err(|e| sdk_error(Service::Kms, "CreateKey", id.as_str(), e))?;
-        let arn = created
-            .key_metadata()
-            .and_then(|m| m.arn())
-            .ok_or_else(|| {
-                BackendError::new(BackendErrorKind::Internal, "CreateKey returned no key ARN")
-            })?;
-        Ok(AwsKey::new(arn))
+        Ok(created)
     }
 
     async fn public_key(&self, prepared: &AwsKey) -> Result<(KeyType, Arc<[u8]>), BackendError> {

@@ -21,8 +21,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use keymanager_engine::{
     Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, Fingerprint,
-    KeyHandle, KeyId, KeyType, PssSaltSupport, SignatureScheme, SigningSupport, StoredKey,
+    KeyHandle, KeyId, KeyType, PrivateKeyMaterial, PssSaltSupport, SignatureScheme, SigningSupport,
+    StoredKey,
 };
+use zeroize::Zeroizing;
 
 const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
@@ -174,6 +176,32 @@ impl Backend for DiskBackend {
         // lock; the key exists in memory only until publish writes it.
         let key = blocking(move || SoftwareKey::generate(key_type)).await?;
         self.handle(id, key)
+    }
+
+    fn can_import(&self) -> bool {
+        true
+    }
+
+    async fn prepare_import(
+        &self,
+        id: &KeyId,
+        key: &PrivateKeyMaterial,
+        _replaces: Option<&StoredKey<DiskKey>>,
+    ) -> Result<DiskKey, BackendError> {
+        // In memory only, like a generated key: publish writes the file.
+        let software = SoftwareKey::from_pkcs8_der(key.pkcs8_der()).map_err(|e| {
+            BackendError::new(BackendErrorKind::InvalidArgument, format!("key {id}: {e}"))
+        })?;
+        self.handle(id, software)
+    }
+
+    fn export(&self, key: &StoredKey<DiskKey>) -> Option<Result<PrivateKeyMaterial, BackendError>> {
+        Some(key.handle.key.to_pkcs8_der().and_then(|der| {
+            let der = Zeroizing::new(der);
+            PrivateKeyMaterial::from_pkcs8_der(&der).map_err(|e| {
+                BackendError::new(BackendErrorKind::Internal, format!("key {}: {e}", key.id))
+            })
+        }))
     }
 
     async fn public_key(&self, prepared: &DiskKey) -> Result<(KeyType, Arc<[u8]>), BackendError> {

@@ -24,14 +24,15 @@ use google_cloud_kms_v1::model::crypto_key_version::{
 };
 use google_cloud_kms_v1::model::{CryptoKey, CryptoKeyVersion};
 use keymanager_engine::kit::swap::Swap;
+use keymanager_engine::kit::wrap;
 use keymanager_engine::kit::{KmsAdapter, KmsConfig};
 use keymanager_engine::lifecycle::{
     KeyLifecycle, KeyRecord, StoreKeyState, SweeperIdentity, parse_stamp, stamp_text,
 };
 use keymanager_engine::{
     Backend, BackendError, BackendErrorKind, BackendSignature, Capabilities, Digest, HashAlgorithm,
-    KeyHandle, KeyId, KeyType, PssSaltSupport, SchemeFamily, SignatureScheme, SigningSupport,
-    StoredKey,
+    KeyHandle, KeyId, KeyType, PrivateKeyMaterial, PssSaltSupport, SchemeFamily, SignatureScheme,
+    SigningSupport, StoredKey,
 };
 
 use crate::config::{GcpKmsSettings, ProtectionLevel, SharedKeys};
@@ -137,6 +138,19 @@ pub struct GcpKmsBackend {
     /// Per shared CryptoKey, the highest version number this process served from a
     /// GenerateKey: bounded by the number of shared keys. Never held across I/O.
     served: Mutex<HashMap<String, u64>>,
+    /// The ImportJob the last import used, so the keys of one `keys migrate` share one
+    /// lookup. Never held across I/O.
+    import_job: Mutex<Option<CachedImportJob>>,
+}
+
+/// An ImportJob known to be ACTIVE, with its DER wrapping key.
+#[derive(Clone)]
+struct CachedImportJob {
+    name: String,
+    wrapping_key: Arc<[u8]>,
+    protection: ProtectionLevel,
+    /// Reused until then.
+    until: SystemTime,
 }
 
 fn auth(settings: &GcpKmsSettings) -> Auth {
@@ -177,6 +191,7 @@ impl KmsAdapter for GcpKmsBackend {
                 policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
             }),
             served: Mutex::new(HashMap::new()),
+            import_job: Mutex::new(None),
         })
     }
 }
@@ -291,7 +306,7 @@ impl GcpKmsBackend {
             // pause, so a service answering inconsistently is not hammered).
             let state = kms.get_version(version).await?.state;
             match state {
-                State::PendingGeneration | State::Enabled => {}
+                State::PendingGeneration | State::PendingImport | State::Enabled => {}
                 other => {
                     return Err(BackendError::new(
                         BackendErrorKind::FailedPrecondition,
@@ -700,6 +715,107 @@ impl Backend for GcpKmsBackend {
 
     async fn public_key(&self, prepared: &GcpKey) -> Result<(KeyType, Arc<[u8]>), BackendError> {
         self.await_key(&prepared.version).await
+    }
+
+    fn can_import(&self) -> bool {
+        true
+    }
+
+    /// The CryptoKey as `prepare` would make it (a new one created without a version and
+    /// labelled inactive, or the replaced key's), an ImportJob, then
+    /// `importCryptoKeyVersion` with the key wrapped for the job
+    /// (`RSA_OAEP_4096_SHA256_AES_256`).
+    async fn prepare_import(
+        &self,
+        id: &KeyId,
+        key: &PrivateKeyMaterial,
+        replaces: Option<&StoredKey<GcpKey>>,
+    ) -> Result<GcpKey, BackendError> {
+        let (name, shared) = self.crypto_key_for(id)?;
+        if shared {
+            return Err(BackendError::new(
+                BackendErrorKind::FailedPrecondition,
+                format!(
+                    "key {id} lives in a shared CryptoKey (shared_keys), which every server rotates under a lock: import is not supported there"
+                ),
+            ));
+        }
+        let algorithm = kms::algorithm_for(key.key_type());
+        let kms = self.kms();
+        let (activate, created_labels) = if replaces.is_some_and(|k| *k.handle.crypto_key == *name)
+        {
+            (false, None)
+        } else {
+            let labels = self.standard_labels(SystemTime::now(), false);
+            match self
+                .create_crypto_key(
+                    naming::last_segment(&name),
+                    algorithm.clone(),
+                    labels.clone(),
+                    true,
+                )
+                .await
+            {
+                Ok(created) => {
+                    self.ensure_policy(&created.name).await?;
+                    (true, Some(Arc::new(labels)))
+                }
+                Err(e) if e.already_exists() => {
+                    // Left by an earlier run (inactive, or a crash after creation): take it
+                    // over as prepare does.
+                    let existing = kms.get_crypto_key(&name).await?;
+                    let active = existing
+                        .labels
+                        .get(naming::LABEL_ACTIVE)
+                        .map(String::as_str)
+                        == Some("true");
+                    if !active {
+                        let mut merged = existing.labels.clone();
+                        merged.extend(self.standard_labels(SystemTime::now(), false));
+                        kms.set_labels(&existing, merged).await?;
+                    }
+                    self.ensure_policy(&name).await?;
+                    (!active, None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let protection = self.new_keys().protection;
+        let cached = self
+            .import_job
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .filter(|c| c.protection == protection && c.until > SystemTime::now());
+        let (job, wrapping_key) = match cached {
+            Some(cached) => (cached.name, cached.wrapping_key),
+            None => {
+                let (job, der) = kms
+                    .import_job(&self.key_ring, protection, GENERATION_BUDGET)
+                    .await?;
+                let wrapping_key: Arc<[u8]> = Arc::from(der);
+                // The job had more than an hour left when chosen: reuse it for half that.
+                let cached = CachedImportJob {
+                    name: job.clone(),
+                    wrapping_key: wrapping_key.clone(),
+                    protection,
+                    until: SystemTime::now() + Duration::from_secs(1800),
+                };
+                *self
+                    .import_job
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(cached);
+                (job, wrapping_key)
+            }
+        };
+        let wrapped = wrap::rsa_aes_key_wrap_sha256(&wrapping_key, key.pkcs8_der())?;
+        let version = kms
+            .import_version(&name, algorithm.clone(), &job, wrapped)
+            .await?;
+        tracing::info!(key_id = %id, version = %version.name, import_job = %job, "key material imported");
+        let mut prepared = GcpKey::new(&version.name, algorithm, false, activate);
+        prepared.created_labels = created_labels;
+        Ok(prepared)
     }
 
     async fn publish(

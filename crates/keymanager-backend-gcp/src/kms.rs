@@ -58,6 +58,27 @@ pub fn crc32c(data: &[u8]) -> i64 {
     i64::from(crc32c::crc32c(data))
 }
 
+fn protection_level(protection: config::ProtectionLevel) -> ProtectionLevel {
+    match protection {
+        config::ProtectionLevel::Software => ProtectionLevel::Software,
+        config::ProtectionLevel::Hsm => ProtectionLevel::Hsm,
+    }
+}
+
+/// The DER body of a PEM block.
+fn pem_body(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(|l| l.trim().chars())
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()
+        .filter(|der| !der.is_empty())
+}
+
 /// A store timestamp as `SystemTime`.
 pub fn to_system_time(t: Option<&google_cloud_wkt::Timestamp>) -> Option<SystemTime> {
     let t = t?;
@@ -384,10 +405,7 @@ impl Kms {
         labels: HashMap<String, String>,
         skip_initial_version: bool,
     ) -> KmsResult<CryptoKey> {
-        let protection = match protection {
-            config::ProtectionLevel::Software => ProtectionLevel::Software,
-            config::ProtectionLevel::Hsm => ProtectionLevel::Hsm,
-        };
+        let protection = protection_level(protection);
         self.client
             .create_crypto_key()
             .set_parent(key_ring)
@@ -458,6 +476,118 @@ impl Kms {
             .send()
             .await
             .map_err(|e| map_error("CreateCryptoKeyVersion", crypto_key, e))
+    }
+
+    /// An ACTIVE ImportJob of `key_ring` for `RSA_OAEP_4096_SHA256_AES_256` at `protection`
+    /// with at least an hour left, else a new one once Cloud KMS has generated its wrapping
+    /// key. Jobs cannot be deleted (they expire after 3 days), so one is reused across
+    /// imports rather than one made per key. Returns the job's name and DER wrapping key.
+    pub async fn import_job(
+        &self,
+        key_ring: &str,
+        protection: config::ProtectionLevel,
+        budget: Duration,
+    ) -> KmsResult<(String, Vec<u8>)> {
+        use google_cloud_kms_v1::model::ImportJob;
+        use google_cloud_kms_v1::model::import_job::{ImportJobState, ImportMethod};
+        let protection = protection_level(protection);
+        let usable = |job: &ImportJob| {
+            job.state == ImportJobState::Active
+                && job.import_method == ImportMethod::RsaOaep4096Sha256Aes256
+                && job.protection_level == protection
+                && to_system_time(job.expire_time.as_ref())
+                    .is_some_and(|t| t > SystemTime::now() + Duration::from_secs(3600))
+        };
+        let wrapping_key = |job: &ImportJob| -> KmsResult<Vec<u8>> {
+            let pem = job
+                .public_key
+                .as_ref()
+                .map(|k| k.pem.as_str())
+                .unwrap_or("");
+            pem_body(pem).ok_or_else(|| {
+                KmsError::local(BackendError::new(
+                    BackendErrorKind::Internal,
+                    format!("ImportJob {} has no readable wrapping public key", job.name),
+                ))
+            })
+        };
+        let mut token = String::new();
+        let mut guard = PageGuard::new(format!("ImportJobs of {key_ring}"));
+        loop {
+            let page = self
+                .client
+                .list_import_jobs()
+                .set_parent(key_ring)
+                .set_page_size(PAGE_SIZE)
+                .set_page_token(token)
+                .send()
+                .await
+                .map_err(|e| map_error("ListImportJobs", key_ring, e))?;
+            if let Some(job) = page.import_jobs.iter().find(|j| usable(j)) {
+                return Ok((job.name.clone(), wrapping_key(job)?));
+            }
+            match guard.next(&page.next_page_token).map_err(KmsError::local)? {
+                None => break,
+                Some(next) => token = next,
+            }
+        }
+        let job_id = format!(
+            "spire-import-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let created = self
+            .client
+            .create_import_job()
+            .set_parent(key_ring)
+            .set_import_job_id(&job_id)
+            .set_import_job(
+                ImportJob::new()
+                    .set_import_method(ImportMethod::RsaOaep4096Sha256Aes256)
+                    .set_protection_level(protection),
+            )
+            .send()
+            .await
+            .map_err(|e| map_error("CreateImportJob", &job_id, e))?;
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        let mut job = created;
+        while job.state != ImportJobState::Active {
+            if job.state != ImportJobState::PendingGeneration || started.elapsed() > budget {
+                return Err(KmsError::local(BackendError::new(
+                    BackendErrorKind::Unavailable,
+                    format!("ImportJob {} is {:?}, not ACTIVE", job.name, job.state),
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+            job = self
+                .client
+                .get_import_job()
+                .set_name(&job.name)
+                .send()
+                .await
+                .map_err(|e| map_error("GetImportJob", &job.name, e))?;
+        }
+        Ok((job.name.clone(), wrapping_key(&job)?))
+    }
+
+    /// `importCryptoKeyVersion`: a new version of `crypto_key` holding the wrapped key.
+    pub async fn import_version(
+        &self,
+        crypto_key: &str,
+        algorithm: Algorithm,
+        import_job: &str,
+        wrapped: Vec<u8>,
+    ) -> KmsResult<CryptoKeyVersion> {
+        self.client
+            .import_crypto_key_version()
+            .set_parent(crypto_key)
+            .set_algorithm(algorithm)
+            .set_import_job(import_job)
+            .set_wrapped_key(bytes::Bytes::from(wrapped))
+            .send()
+            .await
+            .map_err(|e| map_error("ImportCryptoKeyVersion", crypto_key, e))
     }
 
     /// Gets a version.

@@ -15,7 +15,10 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, KeyHandle};
-use crate::core::key::{Fingerprint, KeyType};
+use crate::core::key::{Fingerprint, KeyId, KeyType};
+use crate::core::private_key::PrivateKeyMaterial;
+use crate::engine::{Engine, EngineOptions, Imported};
+use crate::error::EngineError;
 use crate::lifecycle::{
     KeyLifecycle, KeyRecord, StoreKeyState, SweepDecision, SweepPolicy, SweeperIdentity, plan_sweep,
 };
@@ -212,6 +215,22 @@ pub trait KeyAdmin: Send + Sync {
 
     /// Where the store's clock can be read (see [`KeyOperator::clock_url`]).
     fn clock_url(&self) -> Option<String>;
+
+    /// Whether the store can take imported key material.
+    fn can_import(&self) -> bool;
+
+    /// Imports each key under its id, in order, through one engine (one discovery, then
+    /// the same two phases as GenerateKey for each; see `Engine::import_key`). The outer
+    /// error is the engine's start; each import has its own result.
+    async fn import(
+        &self,
+        keys: &[(KeyId, PrivateKeyMaterial)],
+        replace: bool,
+    ) -> Result<Vec<Result<Imported, EngineError>>, EngineError>;
+
+    /// The private keys of this server's keys, sorted by id, for `keys migrate`; `None`
+    /// when the store's keys cannot leave it.
+    async fn export(&self) -> Result<Option<Vec<(KeyId, PrivateKeyMaterial)>>, EngineError>;
 }
 
 /// [`KeyAdmin`] for a backend `B`.
@@ -321,6 +340,40 @@ impl<B: Backend> KeyAdmin for AdminOf<B> {
 
     fn clock_url(&self) -> Option<String> {
         self.operator.as_ref().and_then(|o| o.clock_url())
+    }
+
+    fn can_import(&self) -> bool {
+        self.backend.can_import()
+    }
+
+    async fn import(
+        &self,
+        keys: &[(KeyId, PrivateKeyMaterial)],
+        replace: bool,
+    ) -> Result<Vec<Result<Imported, EngineError>>, EngineError> {
+        let engine = self.engine().await?;
+        let mut results = Vec::with_capacity(keys.len());
+        for (id, key) in keys {
+            results.push(engine.import_key(id.clone(), key, replace).await);
+        }
+        Ok(results)
+    }
+
+    async fn export(&self) -> Result<Option<Vec<(KeyId, PrivateKeyMaterial)>>, EngineError> {
+        Ok(self.engine().await?.export_keys().transpose()?)
+    }
+}
+
+impl<B: Backend> AdminOf<B> {
+    /// An engine over the backend for one operator command: the plugin's own discovery and
+    /// key-creation rules, nothing stamped or swept.
+    async fn engine(&self) -> Result<Engine<B>, EngineError> {
+        Engine::start(
+            self.backend.clone(),
+            self.lifecycle.clone(),
+            EngineOptions::default(),
+        )
+        .await
     }
 }
 

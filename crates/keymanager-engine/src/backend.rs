@@ -16,6 +16,7 @@ use async_trait::async_trait;
 
 use crate::core::algorithm::{Digest, HashAlgorithm, SignatureScheme};
 use crate::core::key::{KeyId, KeyType};
+use crate::core::private_key::PrivateKeyMaterial;
 
 /// A backend's reference to exactly one key instance: an ARN, a version name, the key
 /// material of a software key.
@@ -81,6 +82,41 @@ pub trait Backend: Send + Sync + 'static {
         key_type: KeyType,
         replaces: Option<&StoredKey<Self::Handle>>,
     ) -> Result<Self::Handle, BackendError>;
+
+    /// Whether [`Backend::prepare_import`] is implemented; the engine refuses an import
+    /// before any store call otherwise.
+    fn can_import(&self) -> bool {
+        false
+    }
+
+    /// Phase 1 of an import (`keys import`, `keys migrate`): like [`Backend::prepare`], but
+    /// the new key holds `key`'s material. The same promises hold (discovery does not find
+    /// it; a failure leaves nothing active), and the engine then runs the same
+    /// `public_key` → `publish` → `retire` steps, checking that the store's public key is
+    /// the imported key's.
+    async fn prepare_import(
+        &self,
+        id: &KeyId,
+        _key: &PrivateKeyMaterial,
+        _replaces: Option<&StoredKey<Self::Handle>>,
+    ) -> Result<Self::Handle, BackendError> {
+        Err(BackendError::new(
+            BackendErrorKind::FailedPrecondition,
+            format!(
+                "the {} backend cannot import key material (key {id})",
+                self.name()
+            ),
+        ))
+    }
+
+    /// The private key of one of this server's keys, for `keys migrate` out of a software
+    /// store; `None` for a store whose keys cannot leave it (every KMS and HSM).
+    fn export(
+        &self,
+        _key: &StoredKey<Self::Handle>,
+    ) -> Option<Result<PrivateKeyMaterial, BackendError>> {
+        None
+    }
 
     /// The type and DER public key of a prepared key. Idempotent (the engine retries it);
     /// waits for a key that is still being generated.

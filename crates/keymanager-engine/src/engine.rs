@@ -33,6 +33,7 @@ use crate::config::BackendConfig;
 use crate::core::algorithm::{Digest, SignatureScheme, SignerOpts};
 use crate::core::ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
 use crate::core::key::{Fingerprint, KeyId, KeyType, PublicKey};
+use crate::core::private_key::PrivateKeyMaterial;
 use crate::error::EngineError;
 use crate::lifecycle::{KeyLifecycle, KeyRecord, SweepPolicy, SweepReport, run_sweep};
 use crate::resilience::{
@@ -210,33 +211,118 @@ impl<B: Backend> Engine<B> {
         id: KeyId,
         key_type: KeyType,
     ) -> Result<PublicKey, EngineError> {
-        let capabilities = self.backend.capabilities();
-        if !capabilities.key_types.contains(&key_type) {
-            return Err(EngineError::KeyTypeUnsupported {
-                backend: self.backend.name(),
-                key_type,
-            });
-        }
+        self.check_key_type(key_type)?;
         let slot = self.claim_generate_slot(&id)?;
         let _serialised = slot.lock.lock().await;
-
         let current = self.read_keys().get(&id).cloned();
+        self.create(id, key_type, Origin::Generate, current).await
+    }
+
+    fn check_key_type(&self, key_type: KeyType) -> Result<(), EngineError> {
+        if self.backend.capabilities().key_types.contains(&key_type) {
+            Ok(())
+        } else {
+            Err(EngineError::KeyTypeUnsupported {
+                backend: self.backend.name(),
+                key_type,
+            })
+        }
+    }
+
+    /// Imports `key` under `id` (`keys import`, `keys migrate`): the same two phases and
+    /// compensation rules as [`Engine::generate_key`], with the store's public key checked
+    /// against the imported key's before anything is published. A live key under `id` is
+    /// replaced (and retired) only with `replace`; one with the same public key is left
+    /// alone, so that a repeated import is a no-op.
+    pub async fn import_key(
+        &self,
+        id: KeyId,
+        key: &PrivateKeyMaterial,
+        replace: bool,
+    ) -> Result<Imported, EngineError> {
+        if !self.backend.can_import() {
+            return Err(EngineError::ImportUnsupported {
+                backend: self.backend.name(),
+            });
+        }
+        self.check_key_type(key.key_type())?;
+        let slot = self.claim_generate_slot(&id)?;
+        let _serialised = slot.lock.lock().await;
+        let current = self.read_keys().get(&id).cloned();
+        let replaced = match &current {
+            Some(live) if &live.public.fingerprint == key.fingerprint() => {
+                return Ok(Imported {
+                    public: live.public.clone(),
+                    locator: live.stored.locator().to_string(),
+                    outcome: ImportOutcome::AlreadyServed,
+                });
+            }
+            Some(live) if !replace => {
+                return Err(EngineError::KeyExists {
+                    id,
+                    fingerprint: live.public.fingerprint.to_string(),
+                });
+            }
+            Some(live) => Some(live.public.fingerprint.clone()),
+            None => None,
+        };
+        let public = self
+            .create(id.clone(), key.key_type(), Origin::Import(key), current)
+            .await?;
+        let locator = self
+            .read_keys()
+            .get(&id)
+            .map(|k| k.stored.locator().to_string())
+            .unwrap_or_default();
+        Ok(Imported {
+            public,
+            locator,
+            outcome: match replaced {
+                Some(old) => ImportOutcome::Replaced(old),
+                None => ImportOutcome::Imported,
+            },
+        })
+    }
+
+    /// The private keys of this server's keys, for `keys migrate`; `None` when the store's
+    /// keys cannot leave it.
+    pub fn export_keys(&self) -> Option<Result<Vec<(KeyId, PrivateKeyMaterial)>, BackendError>> {
+        let keys = self.stored_keys();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.backend.export(&key)? {
+                Ok(material) => out.push((key.id.clone(), material)),
+                Err(error) => return Some(Err(error)),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(Ok(out))
+    }
+
+    /// Creates (generates or imports) a key under `id` with the per-id lock held.
+    async fn create(
+        &self,
+        id: KeyId,
+        key_type: KeyType,
+        origin: Origin<'_>,
+        current: Option<Arc<ManagedKey<B::Handle>>>,
+    ) -> Result<PublicKey, EngineError> {
         let replaces = current.as_ref().map(|k| &k.stored);
+        let failed = |id: KeyId, kept: &'static str, source: BackendError| match origin {
+            Origin::Generate => EngineError::Generate { id, kept, source },
+            Origin::Import(_) => EngineError::Import { id, kept, source },
+        };
 
         // Phase 1. Never retried: a lost response after a successful create would leave a
         // second key behind (inactive, so the sweep removes it).
         self.stats.record_call("prepare");
-        let prepared = self
-            .backend
-            .prepare(&id, key_type, replaces)
-            .await
-            .inspect(|_| self.stats.record_success("prepare"))
-            .inspect_err(|e| self.stats.record_failure("prepare", e.kind))
-            .map_err(|source| EngineError::Generate {
-                id: id.clone(),
-                kept: kept(current.is_some()),
-                source,
-            })?;
+        let prepared = match origin {
+            Origin::Generate => self.backend.prepare(&id, key_type, replaces).await,
+            Origin::Import(key) => self.backend.prepare_import(&id, key, replaces).await,
+        }
+        .inspect(|_| self.stats.record_success("prepare"))
+        .inspect_err(|e| self.stats.record_failure("prepare", e.kind))
+        .map_err(|source| failed(id.clone(), kept(current.is_some()), source))?;
 
         let read = with_retries(self.retry, "public_key", &self.stats, || {
             self.backend.public_key(&prepared)
@@ -252,17 +338,29 @@ impl<B: Backend> Engine<B> {
                     ),
                 ));
             }
+            if let Origin::Import(key) = origin
+                && spki_der[..] != key.spki_der()[..]
+            {
+                return Err(BackendError::new(
+                    BackendErrorKind::Internal,
+                    format!(
+                        "the store's public key for the imported key (fingerprint {}) is not the imported key's ({}); the import is undone",
+                        Fingerprint::of_spki(&spki_der),
+                        key.fingerprint()
+                    ),
+                ));
+            }
             Ok(spki_der)
         });
         let spki_der = match read {
             Ok(spki) => spki,
             Err(source) => {
                 let aborted = self.abort(&id, &prepared).await;
-                return Err(EngineError::Generate {
+                return Err(failed(
                     id,
-                    kept: kept_after_abort(current.is_some(), aborted),
+                    kept_after_abort(current.is_some(), aborted),
                     source,
-                });
+                ));
             }
         };
         let new = StoredKey {
@@ -286,11 +384,11 @@ impl<B: Backend> Engine<B> {
                 ),
                 Settled::NotSwitched => {
                     let aborted = self.abort(&id, &new.handle).await;
-                    return Err(EngineError::Generate {
+                    return Err(failed(
                         id,
-                        kept: kept_after_abort(current.is_some(), aborted),
+                        kept_after_abort(current.is_some(), aborted),
                         source,
-                    });
+                    ));
                 }
                 Settled::Unknown => {
                     tracing::error!(
@@ -298,11 +396,11 @@ impl<B: Backend> Engine<B> {
                         new = new.locator(),
                         "could not learn whether the new key was published; both keys are kept and the sweep removes the one discovery does not find"
                     );
-                    return Err(EngineError::Generate {
+                    return Err(failed(
                         id,
-                        kept: "the current key stays in service; whether the store switched to the new key is unknown, and the sweep removes whichever key it does not use",
+                        "the current key stays in service; whether the store switched to the new key is unknown, and the sweep removes whichever key it does not use",
                         source,
-                    });
+                    ));
                 }
             }
         }
@@ -319,7 +417,11 @@ impl<B: Backend> Engine<B> {
             key_type = %key_type,
             fingerprint = %public.fingerprint,
             replaced = replaced.is_some(),
-            "generated key"
+            "{}",
+            match origin {
+                Origin::Generate => "generated key",
+                Origin::Import(_) => "imported key",
+            }
         );
         if let Some(old) = replaced {
             // Phase 3. The new key is live; failing to retire the old one must not fail the
@@ -675,6 +777,37 @@ impl<B: Backend> KeyService for Engine<B> {
             .map(|k| k.stored.locator().to_string())
             .collect()
     }
+}
+
+/// Where a new key's material comes from.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// The store generates it.
+    Generate,
+    /// An imported private key.
+    Import(&'a PrivateKeyMaterial),
+}
+
+/// What an import did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imported {
+    /// The key now served under the id.
+    pub public: PublicKey,
+    /// The store's locator of that key.
+    pub locator: String,
+    /// Whether anything changed.
+    pub outcome: ImportOutcome,
+}
+
+/// Whether an import changed the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// The key is now served under an id that had none.
+    Imported,
+    /// The key replaced the key with this fingerprint, which was retired.
+    Replaced(Fingerprint),
+    /// The id already served this very key: nothing was done.
+    AlreadyServed,
 }
 
 enum Settled {

@@ -93,6 +93,35 @@ pub enum EngineError {
         #[source]
         source: BackendError,
     },
+    /// An import failed; the current key (if any) stays in service.
+    #[error("importing key {id:?} failed ({kept}): {source}")]
+    Import {
+        /// Key id.
+        id: KeyId,
+        /// What the store holds now, in words.
+        kept: &'static str,
+        /// The backend failure.
+        #[source]
+        source: BackendError,
+    },
+    /// The backend has no import.
+    #[error(
+        "the {backend} backend cannot import key material: its keys are generated inside the store (import works for disk, aws_kms and gcp_kms)"
+    )]
+    ImportUnsupported {
+        /// Backend name.
+        backend: &'static str,
+    },
+    /// An import would replace a live key without `--replace`.
+    #[error(
+        "key {id:?} already has a live key (fingerprint {fingerprint}); pass --replace to retire it in favour of the imported key"
+    )]
+    KeyExists {
+        /// Key id.
+        id: KeyId,
+        /// The live key's fingerprint.
+        fingerprint: String,
+    },
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -194,7 +223,12 @@ impl EngineError {
                 ErrorClass::ResourceExhausted
             }
             Self::InvalidBackendSignature { .. } => ErrorClass::Internal,
-            Self::Backend(e) | Self::Generate { source: e, .. } => ErrorClass::of_backend(e.kind),
+            Self::ImportUnsupported { .. } | Self::KeyExists { .. } => {
+                ErrorClass::FailedPrecondition
+            }
+            Self::Backend(e)
+            | Self::Generate { source: e, .. }
+            | Self::Import { source: e, .. } => ErrorClass::of_backend(e.kind),
         }
     }
 

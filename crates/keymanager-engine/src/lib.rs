@@ -42,6 +42,7 @@ pub use core::algorithm::{
 };
 pub use core::ecdsa_der::{ecdsa_der_to_fixed, ecdsa_fixed_to_der};
 pub use core::key::{EmptyKeyId, Fingerprint, KeyId, KeyType, PublicKey};
-pub use engine::{Engine, EngineOptions, Signature};
+pub use core::private_key::{PrivateKeyError, PrivateKeyMaterial};
+pub use engine::{Engine, EngineOptions, ImportOutcome, Imported, Signature};
 pub use error::{EngineError, ErrorClass};
 pub use service::{KeyService, SharedKeyService};

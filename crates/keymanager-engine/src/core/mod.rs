@@ -5,3 +5,4 @@
 pub mod algorithm;
 pub mod ecdsa_der;
 pub mod key;
+pub mod private_key;

@@ -49,6 +49,12 @@ struct Store {
     calls: Mutex<Vec<&'static str>>,
     hold_prepare: tokio::sync::Mutex<()>,
     transient_sign_failures: AtomicUsize,
+    /// Public keys of imported keys, by key number.
+    imported: Mutex<HashMap<usize, Arc<[u8]>>>,
+    /// The store "imports" some other key (a wrapping bug, a tampered answer).
+    import_wrong_key: std::sync::atomic::AtomicBool,
+    /// The backend has no import.
+    no_import: std::sync::atomic::AtomicBool,
 }
 
 struct FakeBackend {
@@ -118,7 +124,7 @@ impl Store {
         StoredKey {
             id: key.id,
             key_type: key.key_type,
-            spki_der: spki(n),
+            spki_der: self.spki_of(n),
             handle: self.handle(n),
         }
     }
@@ -136,6 +142,15 @@ impl Store {
 
     fn is_deleted(&self, n: usize) -> bool {
         self.keys.lock().unwrap()[n].deleted
+    }
+
+    fn spki_of(&self, n: usize) -> Arc<[u8]> {
+        self.imported
+            .lock()
+            .unwrap()
+            .get(&n)
+            .cloned()
+            .unwrap_or_else(|| spki(n))
     }
 
     fn count(&self, method: &str) -> usize {
@@ -205,7 +220,36 @@ impl Backend for FakeBackend {
     ) -> Result<(KeyType, Arc<[u8]>), BackendError> {
         self.store.enter("public_key")?;
         let key_type = self.store.keys.lock().unwrap()[prepared.n].key_type;
-        Ok((key_type, spki(prepared.n)))
+        Ok((key_type, self.store.spki_of(prepared.n)))
+    }
+    fn can_import(&self) -> bool {
+        !self.store.no_import.load(Ordering::SeqCst)
+    }
+    async fn prepare_import(
+        &self,
+        id: &KeyId,
+        key: &PrivateKeyMaterial,
+        _replaces: Option<&StoredKey<FakeHandle>>,
+    ) -> Result<FakeHandle, BackendError> {
+        let effect = self.store.enter("prepare_import")?;
+        let n = {
+            let mut keys = self.store.keys.lock().unwrap();
+            keys.push(FakeKey {
+                id: id.clone(),
+                key_type: key.key_type(),
+                deleted: false,
+            });
+            keys.len() - 1
+        };
+        if !self.store.import_wrong_key.load(Ordering::SeqCst) {
+            self.store
+                .imported
+                .lock()
+                .unwrap()
+                .insert(n, key.spki_der().clone());
+        }
+        self.store.done("prepare_import", effect)?;
+        Ok(self.store.handle(n))
     }
     async fn publish(
         &self,
@@ -1056,4 +1100,165 @@ async fn every_request_is_counted_and_audited_with_its_outcome() {
         "{}",
         lines[3]
     );
+}
+
+fn material(name: &str) -> PrivateKeyMaterial {
+    let bytes: &[u8] = match name {
+        "p256" => include_bytes!("../core/private_key/testdata/p256.pkcs8.pem"),
+        "p384" => include_bytes!("../core/private_key/testdata/p384.sec1.pem"),
+        _ => include_bytes!("../core/private_key/testdata/rsa2048.pkcs1.pem"),
+    };
+    PrivateKeyMaterial::parse(bytes).unwrap()
+}
+
+#[tokio::test]
+async fn an_import_is_published_like_a_generated_key_and_a_repeat_changes_nothing() {
+    let store = Arc::new(Store::default());
+    let engine = start_on(&store, fast_retries()).await;
+    let key = material("p256");
+    let imported = engine
+        .import_key(id("x509-CA-A"), &key, false)
+        .await
+        .unwrap();
+    assert_eq!(imported.outcome, ImportOutcome::Imported);
+    assert_eq!(&imported.public.fingerprint, key.fingerprint());
+    assert_eq!(
+        engine.public_key(&id("x509-CA-A")).unwrap(),
+        imported.public
+    );
+    assert_eq!(store.count("publish"), 1);
+    // A restart finds it through discovery.
+    let restarted = start_on(&store, fast_retries()).await;
+    assert_eq!(
+        &restarted.public_key(&id("x509-CA-A")).unwrap().fingerprint,
+        key.fingerprint()
+    );
+    let again = restarted
+        .import_key(id("x509-CA-A"), &key, false)
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, ImportOutcome::AlreadyServed);
+    assert_eq!(store.count("prepare_import"), 1, "never imported twice");
+}
+
+#[tokio::test]
+async fn a_live_key_is_replaced_only_when_asked_and_then_retired() {
+    let store = Arc::new(Store::default());
+    let engine = start_on(&store, fast_retries()).await;
+    let old = engine
+        .generate_key(id("x509-CA-A"), KeyType::EcP256)
+        .await
+        .unwrap();
+    let key = material("rsa");
+    let refused = engine
+        .import_key(id("x509-CA-A"), &key, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, EngineError::KeyExists { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains(old.fingerprint.as_str()));
+    assert!(refused.to_string().contains("--replace"));
+    assert_eq!(store.count("prepare_import"), 0);
+    let replaced = engine
+        .import_key(id("x509-CA-A"), &key, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        replaced.outcome,
+        ImportOutcome::Replaced(old.fingerprint.clone())
+    );
+    assert_eq!(replaced.public.key_type, KeyType::Rsa2048);
+    assert_eq!(store.count("retire"), 1);
+    assert!(store.is_deleted(0), "the replaced key is retired");
+}
+
+#[tokio::test]
+async fn a_store_holding_another_public_key_undoes_the_import() {
+    let store = Arc::new(Store::default());
+    let engine = start_on(&store, fast_retries()).await;
+    let old = engine
+        .generate_key(id("x509-CA-A"), KeyType::EcP384)
+        .await
+        .unwrap();
+    store.import_wrong_key.store(true, Ordering::SeqCst);
+    let error = engine
+        .import_key(id("x509-CA-A"), &material("p384"), true)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, EngineError::Import { .. }), "{error}");
+    assert!(
+        error.to_string().contains("the import is undone"),
+        "{error}"
+    );
+    assert_eq!(
+        store.count("publish"),
+        1,
+        "only the generated key was published"
+    );
+    assert_eq!(store.count("abort"), 1);
+    assert!(store.is_deleted(1), "the imported key is removed");
+    assert_eq!(engine.public_key(&id("x509-CA-A")).unwrap(), old);
+    let restarted = start_on(&store, fast_retries()).await;
+    assert_eq!(restarted.public_key(&id("x509-CA-A")).unwrap(), old);
+}
+
+#[tokio::test]
+async fn stores_without_import_and_foreign_key_types_are_refused_before_any_call() {
+    let store = Arc::new(Store::default());
+    store.no_import.store(true, Ordering::SeqCst);
+    let engine = start_on(&store, fast_retries()).await;
+    let error = engine
+        .import_key(id("x509-CA-A"), &material("p256"), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, EngineError::ImportUnsupported { backend: "fake" }),
+        "{error}"
+    );
+    store.no_import.store(false, Ordering::SeqCst);
+    let ec_only = Capabilities {
+        key_types: &[KeyType::EcP256],
+        ..any_capabilities()
+    };
+    let engine = start_with(&store, ec_only, fast_retries()).await;
+    let error = engine
+        .import_key(id("x509-CA-A"), &material("rsa"), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, EngineError::KeyTypeUnsupported { .. }),
+        "{error}"
+    );
+    assert_eq!(store.count("prepare_import"), 0);
+}
+
+#[tokio::test]
+async fn a_failed_publish_of_an_import_follows_generate_keys_rules() {
+    let store = Arc::new(Store::default());
+    let engine = start_on(&store, fast_retries()).await;
+    store
+        .faults
+        .lock()
+        .unwrap()
+        .insert("publish", Fault::Always);
+    let error = engine
+        .import_key(id("x509-CA-A"), &material("p256"), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, EngineError::Import { .. }), "{error}");
+    assert_eq!(
+        store.count("abort"),
+        1,
+        "not switched: the imported key is removed"
+    );
+    store.faults.lock().unwrap().clear();
+    // The re-run completes.
+    let done = engine
+        .import_key(id("x509-CA-A"), &material("p256"), false)
+        .await
+        .unwrap();
+    assert_eq!(done.outcome, ImportOutcome::Imported);
+    assert_eq!(store.live("x509-CA-A").len(), 1, "no duplicate");
 }

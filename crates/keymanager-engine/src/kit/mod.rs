@@ -11,7 +11,8 @@
 //! - [`pem`]: public keys handed out as PEM;
 //! - [`spki`]: public keys handed out as raw parts (EC point, RSA modulus);
 //! - [`swap`]: values a re-Configure replaces while calls use them;
-//! - [`uuid_name`]: `<owner>-<uuid>-<key id>` key names (Vault, Key Vault).
+//! - [`uuid_name`]: `<owner>-<uuid>-<key id>` key names (Vault, Key Vault);
+//! - [`wrap`]: a private key wrapped for a KMS import (RSA-OAEP, AES key wrap).
 
 pub mod classify;
 pub mod endpoint;
@@ -24,5 +25,6 @@ pub mod spki;
 pub mod swap;
 pub mod uuid_name;
 pub mod vocabulary;
+pub mod wrap;
 
 pub use shell::{COMMON_KEYS, KmsAdapter, KmsConfig, KmsFactory, KmsSettings};

@@ -1,4 +1,5 @@
-//! `keys list | inspect | prune | disable | enable | delete`: the plugin's own discovery,
+//! `keys list | inspect | prune | disable | enable | delete` (and `import | migrate`, in
+//! `transfer`): the plugin's own discovery,
 //! listing, sweep rules and deletion path, run by hand.
 
 use std::collections::HashMap;
@@ -37,6 +38,10 @@ pub enum KeysCommand {
     Enable(ChangeArgs),
     /// Put a key on the store's deletion path (AWS: 7-day window; Cloud KMS: scheduled destroy).
     Delete(ChangeArgs),
+    /// Import a private key under a SPIRE key id (bring your own key).
+    Import(super::transfer::ImportArgs),
+    /// Copy every key of a software store (disk) into another store, same public keys.
+    Migrate(super::transfer::MigrateArgs),
 }
 
 /// Options every `keys` command takes.
@@ -116,6 +121,8 @@ pub async fn run(command: KeysCommand) -> Result<(), Failure> {
         KeysCommand::Disable(args) => change(args, Change::Disable).await,
         KeysCommand::Enable(args) => change(args, Change::Enable).await,
         KeysCommand::Delete(args) => change(args, Change::Delete).await,
+        KeysCommand::Import(args) => super::transfer::import(args).await,
+        KeysCommand::Migrate(args) => super::transfer::migrate(args).await,
     }
 }
 

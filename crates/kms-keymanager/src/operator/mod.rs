@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod keys;
 mod output;
 pub mod source;
+pub mod transfer;
 
 use std::process::ExitCode;
 use std::sync::Arc;
