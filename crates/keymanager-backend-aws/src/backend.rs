@@ -498,8 +498,7 @@ impl AwsKmsBackend {
         if let Some(by) = replaced_by {
             new_tags.push((tags::REPLACED_BY, by));
         }
-        if let Err(error) = self.tag(arn, &new_tags).await
-        {
+        if let Err(error) = self.tag(arn, &new_tags).await {
             tracing::warn!(key = arn, %error, "could not record the deletion intent; scheduling the deletion anyway");
         }
         match self

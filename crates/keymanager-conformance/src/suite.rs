@@ -925,7 +925,10 @@ pub async fn rotation_history_is_recorded(h: &Harness) {
         .find(|r| &r.locator == new)
         .expect("the new key is listed");
     assert_eq!((current.replaced, &current.replaced_by), (None, &None));
-    assert!(current.created.is_some(), "the new key's creation time is listed");
+    assert!(
+        current.created.is_some(),
+        "the new key's creation time is listed"
+    );
 }
 
 /// Generates one `#[tokio::test]` per conformance case for a subject. `$make` is an async

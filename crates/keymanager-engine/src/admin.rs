@@ -639,7 +639,10 @@ pub fn hand_over_check(old_store: &str, from_old: &[KeyEntry]) -> Check {
             "remove the migrate_from block from plugin_data; it takes effect at the next start of spire-server",
         );
     }
-    let ids: Vec<&str> = from_old.iter().filter_map(|e| e.key_id.as_deref()).collect();
+    let ids: Vec<&str> = from_old
+        .iter()
+        .filter_map(|e| e.key_id.as_deref())
+        .collect();
     Check::ok(
         name,
         format!(
@@ -830,7 +833,10 @@ mod tests {
             locator: locator.into(),
         };
         let target = [key("x509-CA-A", "arn:new-a")];
-        let old = [key("x509-CA-A", "/k.json#a"), key("JWT-Signer-A", "/k.json#j")];
+        let old = [
+            key("x509-CA-A", "/k.json#a"),
+            key("JWT-Signer-A", "/k.json#j"),
+        ];
         let rows = hand_over_entries(&target, &old);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].key_id.as_deref(), Some("JWT-Signer-A"));

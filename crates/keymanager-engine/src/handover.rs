@@ -310,4 +310,3 @@ fn old_operation(operation: &'static str) -> &'static str {
         _ => "migrate_from_other",
     }
 }
-

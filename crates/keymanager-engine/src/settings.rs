@@ -423,10 +423,19 @@ mod tests {
             ("backend".to_string(), SettingValue::String("disk".into())),
             ("keys_path".to_string(), SettingValue::Integer(3)),
         ]);
-        let mut outer = settings(&[("migrate_from", SettingValue::List(vec![SettingValue::Map(inner)]))]);
+        let mut outer = settings(&[(
+            "migrate_from",
+            SettingValue::List(vec![SettingValue::Map(inner)]),
+        )]);
         let mut nested = outer.take_nested("migrate_from").unwrap().unwrap();
-        assert_eq!(nested.take_string("backend").unwrap().as_deref(), Some("disk"));
-        let err = nested.take_string("keys_path").unwrap_err().within("migrate_from");
+        assert_eq!(
+            nested.take_string("backend").unwrap().as_deref(),
+            Some("disk")
+        );
+        let err = nested
+            .take_string("keys_path")
+            .unwrap_err()
+            .within("migrate_from");
         assert_eq!(
             err.to_string(),
             "\"migrate_from.keys_path\" must be a string, got a number"
@@ -441,7 +450,13 @@ mod tests {
             "unknown key \"migrate_from.x\" in plugin_data; allowed keys: migrate_from.backend, migrate_from.keys_path"
         );
         let mut outer = settings(&[("migrate_from", SettingValue::Bool(true))]);
-        assert!(outer.take_nested("migrate_from").unwrap_err().to_string().contains("a block of settings"));
+        assert!(
+            outer
+                .take_nested("migrate_from")
+                .unwrap_err()
+                .to_string()
+                .contains("a block of settings")
+        );
     }
 
     fn settings(pairs: &[(&str, SettingValue)]) -> Settings {

@@ -243,23 +243,20 @@ fn parse_migrate_from(
         .ok_or_else(|| {
             SettingsError::missing(
                 "migrate_from.backend",
-                "the old store's backend (e.g. "disk"), with its settings as they were in plugin_data",
+                "the old store's backend (e.g. \"disk\"), with its settings as they were in plugin_data",
             )
         })?;
-    let factory = backends
-        .iter()
-        .find(|f| f.name() == name)
-        .ok_or_else(|| {
-            let names: Vec<&str> = backends.iter().map(|f| f.name()).collect();
-            SettingsError::invalid(
-                "migrate_from.backend",
-                format!(
-                    "unknown backend {}; available: {}",
-                    echo(&name),
-                    names.join(", ")
-                ),
-            )
-        })?;
+    let factory = backends.iter().find(|f| f.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = backends.iter().map(|f| f.name()).collect();
+        SettingsError::invalid(
+            "migrate_from.backend",
+            format!(
+                "unknown backend {}; available: {}",
+                echo(&name),
+                names.join(", ")
+            ),
+        )
+    })?;
     let backend = factory.parse(&mut settings, core).map_err(within)?;
     let mut allowed = vec!["backend"];
     allowed.extend(factory.setting_keys());
@@ -446,7 +443,9 @@ mod tests {
             "\"migrate_from.keys_path\" is required: the path of the JSON file that holds the keys"
         );
         assert_eq!(
-            err("keys_path = \"/new\"\nmigrate_from {\n  backend = \"disk\"\n  keys_path = \"/old\"\n  log_level = \"debug\"\n}\n"),
+            err(
+                "keys_path = \"/new\"\nmigrate_from {\n  backend = \"disk\"\n  keys_path = \"/old\"\n  log_level = \"debug\"\n}\n"
+            ),
             "unknown key \"migrate_from.log_level\" in plugin_data; allowed keys: migrate_from.backend, migrate_from.keys_path"
         );
         assert!(
@@ -457,7 +456,9 @@ mod tests {
             "keys_path = \"/k.json\"\nmigrate_from {\n  backend = \"disk\"\n  keys_path = \"/k.json\"\n}\n",
         );
         assert!(
-            same.starts_with("invalid \"migrate_from\": it names the store the plugin already uses"),
+            same.starts_with(
+                "invalid \"migrate_from\": it names the store the plugin already uses"
+            ),
             "{same}"
         );
         assert_eq!(

@@ -5,9 +5,9 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
+use keymanager_engine::handover::HandOver;
 use keymanager_engine::lifecycle::{LifecycleTasks, spawn_tasks};
 use keymanager_engine::telemetry::http::{MetricsServer, bind};
-use keymanager_engine::handover::HandOver;
 use keymanager_engine::{
     BackendFactory, CoreConfig, EngineError, KeyService, OnChange, SettingState,
 };
@@ -277,9 +277,9 @@ async fn hand_over(
 ) -> Result<Arc<dyn KeyService>, Status> {
     let store = old.backend.identity().to_string();
     let opened = old.backend.open().await.map_err(|e| {
-        engine_error_to_status(&EngineError::from(e.context(format!(
-            "opening the migrate_from store ({store})"
-        ))))
+        engine_error_to_status(&EngineError::from(
+            e.context(format!("opening the migrate_from store ({store})")),
+        ))
     })?;
     let read_only = opened
         .start_read_only(options, target.telemetry().clone())

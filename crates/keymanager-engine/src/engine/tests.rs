@@ -1138,7 +1138,11 @@ mod handover {
         sign(&handover, "x509-CA-A").await.unwrap();
         assert_eq!(old.count("sign"), old_signs + 1, "signed in the old store");
         sign(&handover, "JWT-Signer-A").await.unwrap();
-        assert_eq!(target.count("sign"), target_signs + 1, "signed in the target");
+        assert_eq!(
+            target.count("sign"),
+            target_signs + 1,
+            "signed in the target"
+        );
         let missing = sign(&handover, "nope").await.unwrap_err();
         assert!(matches!(missing, EngineError::KeyNotFound(_)), "{missing}");
         assert!(!handover.complete());
@@ -1192,10 +1196,16 @@ mod handover {
                 .unwrap_or_else(|| panic!("no migrate_from gauge in\n{text}"))
         };
         assert_eq!(gauge(), "2");
-        handover.generate_key(id("a"), KeyType::EcP256).await.unwrap();
+        handover
+            .generate_key(id("a"), KeyType::EcP256)
+            .await
+            .unwrap();
         assert_eq!(gauge(), "1");
         assert!(!handover.complete());
-        handover.generate_key(id("b"), KeyType::EcP256).await.unwrap();
+        handover
+            .generate_key(id("b"), KeyType::EcP256)
+            .await
+            .unwrap();
         assert_eq!(gauge(), "0");
         assert!(handover.complete());
         assert!(
@@ -1205,18 +1215,17 @@ mod handover {
                 .contains("kms_keymanager_keys{state=\"active\"} 2")
         );
         // A new id goes to the target and changes nothing about the old store.
-        handover.generate_key(id("c"), KeyType::EcP256).await.unwrap();
+        handover
+            .generate_key(id("c"), KeyType::EcP256)
+            .await
+            .unwrap();
         assert!(handover.complete());
     }
 
     #[tokio::test]
     async fn a_failed_generate_keeps_serving_the_old_key() {
         let (old, target, handover) = hand_over(&["x509-CA-A"], &[]).await;
-        target
-            .faults
-            .lock()
-            .unwrap()
-            .insert("prepare", Fault::Once);
+        target.faults.lock().unwrap().insert("prepare", Fault::Once);
         handover
             .generate_key(id("x509-CA-A"), KeyType::EcP256)
             .await

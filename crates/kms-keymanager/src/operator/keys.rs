@@ -251,7 +251,12 @@ async fn list(args: ListArgs) -> Result<(), Failure> {
                 when(e.last_stamp),
                 when(e.replaced),
                 e.replaced_by.clone().unwrap_or_else(|| "-".into()),
-                if e.old_store { "migrate_from" } else { "target" }.into(),
+                if e.old_store {
+                    "migrate_from"
+                } else {
+                    "target"
+                }
+                .into(),
                 e.fingerprint.clone().unwrap_or_else(|| "-".into()),
                 e.locator.clone(),
             ]
@@ -390,7 +395,12 @@ async fn inspect(args: KeyArgs) -> Result<(), Failure> {
     );
     field(
         "store",
-        if entry.old_store { "migrate_from (read-only)" } else { "target" }.into(),
+        if entry.old_store {
+            "migrate_from (read-only)"
+        } else {
+            "target"
+        }
+        .into(),
     );
     field(
         "fingerprint",
@@ -549,6 +559,12 @@ async fn change(args: ChangeArgs, change: Change) -> Result<(), Failure> {
         Change::Enable => "enable",
         Change::Delete => "delete",
     };
+    if entry.old_store {
+        return Err(Failure::refused(format!(
+            "refusing to {verb} {}: it is served from the migrate_from store, which this configuration only reads; change it with the old store's own configuration",
+            entry.locator
+        )));
+    }
     if change != Change::Enable
         && let Some(reason) = in_use_reason(&entry)
         && !args.force
