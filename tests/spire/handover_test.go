@@ -14,7 +14,7 @@ import (
 
 // handoverCATTL is short so that SPIRE rotates its CA and JWT keys (both slots) during the
 // test; a CA lifetime is what a hand-over takes.
-const handoverCATTL = 40 * time.Second
+const handoverCATTL = 90 * time.Second
 
 // TestRealSpireServerHandOverDiskToAwsKms: a spire-server on disk mints SVIDs; its
 // plugin_data switches to aws_kms (moto) with `migrate_from { disk }` and it restarts. The
