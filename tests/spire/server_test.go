@@ -49,6 +49,12 @@ func newSpireServer(t *testing.T) *spireServer {
 // plugin_data_file) line produced by pluginData.
 func newSpireServerWith(t *testing.T, pluginData func(*spireServer) string) *spireServer {
 	t.Helper()
+	return newSpireServerConf(t, "", pluginData)
+}
+
+// newSpireServerConf is newSpireServerWith with extra lines in the server block (ca_ttl…).
+func newSpireServerConf(t *testing.T, serverExtra string, pluginData func(*spireServer) string) *spireServer {
+	t.Helper()
 	bin := os.Getenv("SPIRE_SERVER_BIN")
 	if bin == "" {
 		t.Fatal("SPIRE_SERVER_BIN must point at the spire-server binary")
@@ -69,6 +75,7 @@ func newSpireServerWith(t *testing.T, pluginData func(*spireServer) string) *spi
     log_level = "DEBUG"
     ca_key_type = "ec-p256"
     jwt_key_type = "ec-p256"
+%s
 }
 
 plugins {
@@ -87,7 +94,7 @@ plugins {
         plugin_data {}
     }
 }
-`, freePort(t), s.socket, trustDomain, filepath.Join(dir, "data"), filepath.Join(dir, "data", "datastore.sqlite3"),
+`, freePort(t), s.socket, trustDomain, filepath.Join(dir, "data"), serverExtra, filepath.Join(dir, "data", "datastore.sqlite3"),
 		plugin, sha256File(t, plugin), pluginData(s))
 	require.NoError(t, os.WriteFile(s.conf, []byte(conf), 0o600))
 	return s

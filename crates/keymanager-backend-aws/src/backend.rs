@@ -599,12 +599,19 @@ impl AwsKmsBackend {
 
     /// Records the deletion intent and marks the key inactive (one call), then schedules
     /// its deletion. If the process dies in between, the next sweep finishes the job.
-    async fn schedule_deletion(&self, arn: &str) -> Result<(), BackendError> {
+    /// Records the intent (and, for a key replaced under its id, which key replaced it: the
+    /// rotation history) in one TagResource, then schedules the deletion.
+    async fn schedule_deletion(
+        &self,
+        arn: &str,
+        replaced_by: Option<&str>,
+    ) -> Result<(), BackendError> {
         let now = stamp_text(SystemTime::now());
-        if let Err(error) = self
-            .tag(arn, &[(tags::DELETE_INTENT, &now), (tags::ACTIVE, "false")])
-            .await
-        {
+        let mut new_tags = vec![(tags::DELETE_INTENT, now.as_str()), (tags::ACTIVE, "false")];
+        if let Some(by) = replaced_by {
+            new_tags.push((tags::REPLACED_BY, by));
+        }
+        if let Err(error) = self.tag(arn, &new_tags).await {
             tracing::warn!(key = arn, %error, "could not record the deletion intent; scheduling the deletion anyway");
         }
         match self
@@ -770,11 +777,16 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn abort(&self, prepared: &AwsKey) -> Result<(), BackendError> {
-        self.schedule_deletion(&prepared.arn).await
+        self.schedule_deletion(&prepared.arn, None).await
     }
 
-    async fn retire(&self, replaced: &StoredKey<AwsKey>) -> Result<(), BackendError> {
-        self.schedule_deletion(&replaced.handle.arn).await
+    async fn retire(
+        &self,
+        replaced: &StoredKey<AwsKey>,
+        replaced_by: &StoredKey<AwsKey>,
+    ) -> Result<(), BackendError> {
+        self.schedule_deletion(&replaced.handle.arn, Some(&replaced_by.handle.arn))
+            .await
     }
 
     async fn sign(
@@ -943,13 +955,14 @@ impl KeyLifecycle for AwsKmsBackend {
                         .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
                     deletion_intent: tag(tags::DELETE_INTENT).is_some(),
                     replaced: tag(tags::DELETE_INTENT).and_then(|v| parse_stamp(&v)),
+                    replaced_by: tag(tags::REPLACED_BY),
                 }
             })
             .collect())
     }
 
     async fn delete(&self, record: &KeyRecord) -> Result<(), BackendError> {
-        self.schedule_deletion(&record.locator).await
+        self.schedule_deletion(&record.locator, None).await
     }
 }
 

@@ -121,6 +121,11 @@ impl Subject for AwsSubject {
         self.tagging_api
     }
 
+    /// A replaced key stays listed for the 7-day deletion window, tagged with its history.
+    fn records_replacement(&self) -> bool {
+        true
+    }
+
     async fn live_keys(&self, trust_domain: &str, server_id: &str, key_id: &str) -> Vec<String> {
         use aws_sdk_resourcegroupstagging::types::TagFilter;
         if !self.tagging_api {

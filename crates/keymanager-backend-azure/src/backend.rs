@@ -595,7 +595,11 @@ impl Backend for AzureBackend {
         self.remove(&prepared.name).await
     }
 
-    async fn retire(&self, replaced: &StoredKey<AzureKey>) -> Result<(), BackendError> {
+    async fn retire(
+        &self,
+        replaced: &StoredKey<AzureKey>,
+        _replaced_by: &StoredKey<AzureKey>,
+    ) -> Result<(), BackendError> {
         self.remove(&replaced.handle.name).await
     }
 
@@ -832,6 +836,7 @@ impl KeyLifecycle for AzureBackend {
                 created: at(k.created),
                 deletion_intent: false,
                 replaced: None,
+                replaced_by: None,
             })
             .collect();
         out.sort_by(|a, b| a.locator.cmp(&b.locator));

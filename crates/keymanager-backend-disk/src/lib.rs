@@ -166,6 +166,15 @@ impl Backend for DiskBackend {
             .collect()
     }
 
+    /// Reads the file only: leftovers of crashed writers stay for the server that owns it.
+    async fn discover_read_only(&self) -> Result<Vec<StoredKey<DiskKey>>, BackendError> {
+        self.read_all()
+            .await?
+            .into_iter()
+            .map(|(id, key)| self.stored(id, key))
+            .collect()
+    }
+
     async fn prepare(
         &self,
         id: &KeyId,
@@ -245,7 +254,11 @@ impl Backend for DiskBackend {
         Ok(())
     }
 
-    async fn retire(&self, replaced: &StoredKey<DiskKey>) -> Result<(), BackendError> {
+    async fn retire(
+        &self,
+        replaced: &StoredKey<DiskKey>,
+        _replaced_by: &StoredKey<DiskKey>,
+    ) -> Result<(), BackendError> {
         // publish already replaced the entry in the file; the old private key lives on only
         // in memory until in-flight signatures finish with it.
         tracing::debug!(key_id = %replaced.id, "replaced disk key dropped from the keys file");

@@ -877,7 +877,11 @@ impl Backend for GcpKmsBackend {
         }
     }
 
-    async fn retire(&self, replaced: &StoredKey<GcpKey>) -> Result<(), BackendError> {
+    async fn retire(
+        &self,
+        replaced: &StoredKey<GcpKey>,
+        _replaced_by: &StoredKey<GcpKey>,
+    ) -> Result<(), BackendError> {
         let version = &replaced.handle;
         if version.shared {
             // Other servers may still sign with it; the sweep destroys superseded shared
@@ -1032,6 +1036,9 @@ fn version_records(key: &CryptoKey, enabled: &[CryptoKeyVersion]) -> Vec<KeyReco
                 created: kms::to_system_time(version.create_time.as_ref()),
                 deletion_intent: false,
                 replaced: next.and_then(|n| kms::to_system_time(n.create_time.as_ref())),
+                // Labels are per CryptoKey, not per version: the history is the versions'
+                // order, the next version being the one that replaced this one.
+                replaced_by: next.map(|n| n.name.clone()),
             }
         })
         .collect()

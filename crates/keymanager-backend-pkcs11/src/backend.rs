@@ -640,7 +640,11 @@ impl Backend for Pkcs11Backend {
         self.destroy(prepared.id.clone(), &prepared.locator).await
     }
 
-    async fn retire(&self, replaced: &StoredKey<Pkcs11Key>) -> Result<(), BackendError> {
+    async fn retire(
+        &self,
+        replaced: &StoredKey<Pkcs11Key>,
+        _replaced_by: &StoredKey<Pkcs11Key>,
+    ) -> Result<(), BackendError> {
         self.relabel(&replaced.handle, State::Retired).await?;
         self.destroy(replaced.handle.id.clone(), replaced.locator())
             .await
@@ -763,6 +767,7 @@ impl KeyLifecycle for Pkcs11Backend {
                 created: Some(f.label.created),
                 deletion_intent: f.label.state == State::Retired,
                 replaced: None,
+                replaced_by: None,
             })
             .collect();
         records.sort_by(|a, b| a.locator.cmp(&b.locator));

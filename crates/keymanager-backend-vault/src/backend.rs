@@ -461,7 +461,11 @@ impl Backend for VaultBackend {
         self.remove(&prepared.name).await
     }
 
-    async fn retire(&self, replaced: &StoredKey<VaultKey>) -> Result<(), BackendError> {
+    async fn retire(
+        &self,
+        replaced: &StoredKey<VaultKey>,
+        _replaced_by: &StoredKey<VaultKey>,
+    ) -> Result<(), BackendError> {
         self.remove(&replaced.handle.name).await?;
         if let Some(records) = &self.records {
             records
@@ -663,6 +667,7 @@ impl KeyLifecycle for VaultBackend {
                     created: None,
                     deletion_intent: false,
                     replaced: None,
+                    replaced_by: None,
                 });
             }
         }
@@ -696,6 +701,7 @@ impl KeyLifecycle for VaultBackend {
                     created: key.created,
                     deletion_intent: false,
                     replaced: None,
+                    replaced_by: None,
                 }
             })
             .collect();

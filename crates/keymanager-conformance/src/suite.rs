@@ -70,6 +70,13 @@ pub trait Subject: Send + Sync + 'static {
         true
     }
 
+    /// Whether the store keeps a replaced key listed with its rotation history (when it was
+    /// replaced and by which key; AWS KMS tags it during the 7-day deletion window). Stores
+    /// that remove a replaced key at once have no history to show: the case is skipped.
+    fn records_replacement(&self) -> bool {
+        false
+    }
+
     /// Writes `text` as the liveness stamp of the key at `locator` in `trust_domain` (for
     /// stamp fuzzing). `false` for a backend without stamps.
     async fn set_stamp(&self, _trust_domain: &str, _locator: &str, _text: &str) -> bool {
@@ -879,6 +886,61 @@ pub async fn operator_view_matches_the_engine(h: &Harness) {
     }
 }
 
+/// A rotation leaves the replaced key listed with when it was replaced and by which key (the
+/// new key's locator), for stores that record the history.
+pub async fn rotation_history_is_recorded(h: &Harness) {
+    if !h.subject.records_replacement() {
+        eprintln!("skipped: this store removes a replaced key at once; it keeps no history");
+        return;
+    }
+    if !h.subject.peer_lists_keys() {
+        eprintln!("skipped: this test peer cannot list the trust domain's keys");
+        return;
+    }
+    let (td, server) = scenario("history");
+    let service = h.start(&td, &server).await;
+    let key_type = service.capabilities().key_types[0];
+    service
+        .generate_key(id("x509-CA-A"), key_type)
+        .await
+        .expect("generate");
+    let first = service.in_use();
+    let before = SystemTime::now() - Duration::from_secs(1);
+    service
+        .generate_key(id("x509-CA-A"), key_type)
+        .await
+        .expect("rotate");
+    let after = SystemTime::now() + Duration::from_secs(1);
+    let second = service.in_use();
+    let old = first.iter().next().expect("one key before the rotation");
+    let new = second.iter().next().expect("one key after the rotation");
+    assert_ne!(old, new, "the rotation made a new key");
+    let records = service
+        .list_records()
+        .await
+        .expect("list")
+        .expect("records");
+    let replaced = records
+        .iter()
+        .find(|r| &r.locator == old)
+        .unwrap_or_else(|| panic!("the replaced key {old} is not listed: {records:#?}"));
+    assert_eq!(replaced.replaced_by.as_deref(), Some(new.as_str()));
+    let when = replaced.replaced.expect("when it was replaced");
+    assert!(
+        when >= before && when <= after,
+        "{when:?} not within [{before:?}, {after:?}]"
+    );
+    let current = records
+        .iter()
+        .find(|r| &r.locator == new)
+        .expect("the new key is listed");
+    assert_eq!((current.replaced, &current.replaced_by), (None, &None));
+    assert!(
+        current.created.is_some(),
+        "the new key's creation time is listed"
+    );
+}
+
 /// Generates one `#[tokio::test]` per conformance case for a subject. `$make` is an async
 /// expression yielding an `Arc<dyn Subject>`.
 #[macro_export]
@@ -892,6 +954,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@case $make, stamps_round_trip);
         $crate::conformance_suite!(@case $make, junk_stamps_are_no_evidence);
         $crate::conformance_suite!(@case $make, operator_view_matches_the_engine);
+        $crate::conformance_suite!(@case $make, rotation_history_is_recorded);
     };
     (@case $make:expr, $case:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

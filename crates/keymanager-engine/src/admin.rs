@@ -260,9 +260,11 @@ impl<B: Backend> KeyAdmin for AdminOf<B> {
     }
 
     async fn served(&self) -> Result<Vec<ServedKey>, BackendError> {
+        // Read-only discovery: listing never writes to the store (the old store of a
+        // hand-over is listed the same way).
         let mut keys: Vec<ServedKey> = self
             .backend
-            .discover()
+            .discover_read_only()
             .await?
             .into_iter()
             .map(|k| ServedKey {
@@ -517,6 +519,10 @@ pub struct KeyEntry {
     pub last_stamp: Option<SystemTime>,
     /// When it was replaced under its id, where the store records it.
     pub replaced: Option<SystemTime>,
+    /// The key that replaced it, where the store records it.
+    pub replaced_by: Option<String>,
+    /// Served from the `migrate_from` store (hand-over mode), not the configured one.
+    pub old_store: bool,
     /// Its state.
     pub state: EntryState,
     /// Whether a live server stamps it (a stamp within `stale_key_age` plus the skew).
@@ -562,6 +568,8 @@ pub fn inventory(
                 created: None,
                 last_stamp: None,
                 replaced: None,
+                replaced_by: None,
+                old_store: false,
                 state: EntryState::Active,
                 stamped_live: false,
                 served_here: true,
@@ -602,6 +610,8 @@ pub fn inventory(
                 created: record.created,
                 last_stamp: record.last_stamp,
                 replaced: record.replaced,
+                replaced_by: record.replaced_by.clone(),
+                old_store: false,
                 state,
                 stamped_live: record.last_stamp.is_some_and(|stamp| {
                     now.duration_since(stamp)
@@ -628,6 +638,8 @@ pub fn inventory(
             created: None,
             last_stamp: None,
             replaced: None,
+            replaced_by: None,
+            old_store: false,
             state: EntryState::Active,
             stamped_live: false,
             served_here: true,
@@ -642,6 +654,59 @@ pub fn inventory(
             .then_with(|| a.locator.cmp(&b.locator))
     });
     entries
+}
+
+/// Hand-over mode (`migrate_from`): rows for the keys the old store serves, one per id the
+/// target store's discovery does not find (`target_served`); the target's key wins an id.
+pub fn hand_over_entries(target_served: &[ServedKey], old_served: &[ServedKey]) -> Vec<KeyEntry> {
+    let target_ids: HashSet<&str> = target_served.iter().map(|k| k.key_id.as_str()).collect();
+    old_served
+        .iter()
+        .filter(|k| !target_ids.contains(k.key_id.as_str()))
+        .map(|key| KeyEntry {
+            key_id: Some(key.key_id.clone()),
+            server_id: None,
+            key_type: Some(key.key_type),
+            fingerprint: Some(Fingerprint::of_spki(&key.spki_der).as_str().to_string()),
+            locator: key.locator.clone(),
+            created: None,
+            last_stamp: None,
+            replaced: None,
+            replaced_by: None,
+            old_store: true,
+            state: EntryState::Active,
+            stamped_live: false,
+            served_here: true,
+            record: None,
+        })
+        .collect()
+}
+
+/// `doctor`'s hand-over check: which ids the old store still serves, or that the
+/// `migrate_from` block can be removed.
+pub fn hand_over_check(old_store: &str, from_old: &[KeyEntry]) -> Check {
+    let name = "hand-over";
+    if from_old.is_empty() {
+        return Check::warn(
+            name,
+            format!(
+                "no key is served from the migrate_from store ({old_store}) any more: every key id has moved"
+            ),
+            "remove the migrate_from block from plugin_data; it takes effect at the next start of spire-server",
+        );
+    }
+    let ids: Vec<&str> = from_old
+        .iter()
+        .filter_map(|e| e.key_id.as_deref())
+        .collect();
+    Check::ok(
+        name,
+        format!(
+            "{} key id(s) still served from the migrate_from store ({old_store}), read-only: {}; SPIRE's rotation moves each to the target store within one CA lifetime",
+            ids.len(),
+            ids.join(", ")
+        ),
+    )
 }
 
 fn entry_state(record: &KeyRecord, served_here: bool) -> EntryState {
@@ -735,6 +800,7 @@ mod tests {
             created: Some(now() - Duration::from_secs(30 * DAY)),
             deletion_intent: false,
             replaced: None,
+            replaced_by: None,
         }
     }
 
@@ -827,6 +893,31 @@ mod tests {
         );
         assert_eq!(entries.len(), 1);
         assert!(entries[0].served_here);
+    }
+
+    #[test]
+    fn a_hand_over_lists_the_old_stores_keys_for_the_ids_the_target_lacks() {
+        let key = |id: &str, locator: &str| ServedKey {
+            key_id: id.into(),
+            key_type: KeyType::EcP256,
+            spki_der: Arc::from(locator.as_bytes()),
+            locator: locator.into(),
+        };
+        let target = [key("x509-CA-A", "arn:new-a")];
+        let old = [
+            key("x509-CA-A", "/k.json#a"),
+            key("JWT-Signer-A", "/k.json#j"),
+        ];
+        let rows = hand_over_entries(&target, &old);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].key_id.as_deref(), Some("JWT-Signer-A"));
+        assert!(rows[0].old_store && rows[0].served_here);
+        let check = hand_over_check("disk keys file", &rows);
+        assert_eq!(check.outcome, CheckOutcome::Ok);
+        assert!(check.detail.contains("JWT-Signer-A"), "{}", check.detail);
+        let done = hand_over_check("disk keys file", &hand_over_entries(&old, &old));
+        assert_eq!(done.outcome, CheckOutcome::Warn);
+        assert!(done.fix.unwrap().contains("remove the migrate_from block"));
     }
 
     #[test]

@@ -73,6 +73,13 @@ pub trait Backend: Send + Sync + 'static {
     /// This server's keys as discovery finds them (one per id).
     async fn discover(&self) -> Result<Vec<StoredKey<Self::Handle>>, BackendError>;
 
+    /// [`Backend::discover`] for a store opened read-only (the old store of a hand-over):
+    /// no housekeeping that writes (the `disk` backend skips removing temporary files
+    /// left by crashed writers). Most stores' discovery only reads: the default.
+    async fn discover_read_only(&self) -> Result<Vec<StoredKey<Self::Handle>>, BackendError> {
+        self.discover().await
+    }
+
     /// Phase 1: creates a key for `id` that discovery does not find yet. Never retried by
     /// the engine (a lost response would leave a second key); what a failure leaves behind
     /// must be inactive, so that the sweep removes it.
@@ -141,7 +148,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Phase 3: starts removing a key that was replaced under its id, recording the intent
     /// first where the store allows, so that a crash half-way still ends with the key gone.
-    async fn retire(&self, replaced: &StoredKey<Self::Handle>) -> Result<(), BackendError>;
+    /// A store whose replaced keys stay listed for a while records the rotation history with
+    /// the intent: when, and by which key (`replaced_by`; see README, "Rotation history").
+    async fn retire(
+        &self,
+        replaced: &StoredKey<Self::Handle>,
+        replaced_by: &StoredKey<Self::Handle>,
+    ) -> Result<(), BackendError>;
 
     /// Signs `digest` with `key`. The engine has already checked the scheme against
     /// [`Capabilities`], the digest length, and that the scheme fits the key type.

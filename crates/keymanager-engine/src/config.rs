@@ -15,9 +15,11 @@ use crate::admin::{AdminOf, KeyAdmin, KeyOperator};
 use crate::backend::{Backend, BackendError};
 use crate::engine::{Engine, EngineOptions};
 use crate::error::EngineError;
+use crate::handover::{ReadOnlyEngine, ReadOnlyKeys};
 use crate::lifecycle::{KeyLifecycle, LifecycleSchedule};
 use crate::service::KeyService;
 use crate::settings::{Settings, SettingsError};
+use crate::telemetry::Telemetry;
 
 /// What SPIRE tells every plugin at Configure time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,6 +192,15 @@ pub trait OpenedBackend: Send {
     /// The operator's view of the backend (the CLI's `keys` and `doctor`), without an
     /// engine: nothing is stamped, swept or generated.
     fn admin(self: Box<Self>) -> Arc<dyn KeyAdmin>;
+
+    /// Discovers the backend's keys for signing only: the old store of a hand-over
+    /// (`migrate_from`). No lifecycle, no GenerateKey: nothing is ever written to the store.
+    /// Signatures are reported to `telemetry`, the plugin's.
+    async fn start_read_only(
+        self: Box<Self>,
+        options: EngineOptions,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Arc<dyn ReadOnlyKeys>, EngineError>;
 }
 
 /// An opened backend with its optional lifecycle, ready to start; what
@@ -235,6 +246,17 @@ impl<B: Backend> OpenedBackend for Opened<B> {
         options: EngineOptions,
     ) -> Result<Arc<dyn KeyService>, EngineError> {
         let engine = Engine::start(self.backend, self.lifecycle, options).await?;
+        Ok(Arc::new(engine))
+    }
+
+    async fn start_read_only(
+        self: Box<Self>,
+        options: EngineOptions,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Arc<dyn ReadOnlyKeys>, EngineError> {
+        // The lifecycle and the operator are dropped here: the old store is never stamped,
+        // swept or changed.
+        let engine = ReadOnlyEngine::start(self.backend, options, telemetry).await?;
         Ok(Arc::new(engine))
     }
 

@@ -111,9 +111,28 @@ impl<B: Backend> Engine<B> {
         lifecycle: Option<Arc<dyn KeyLifecycle<Handle = B::Handle>>>,
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
+        Self::start_with(backend, lifecycle, options, None).await
+    }
+
+    /// [`Engine::start`]; with `read_only_telemetry`, for a store opened read-only (the old
+    /// store of a hand-over): discovery without housekeeping, and signatures reported to
+    /// the plugin's one telemetry instead of the engine's own.
+    pub(crate) async fn start_with(
+        backend: Arc<B>,
+        lifecycle: Option<Arc<dyn KeyLifecycle<Handle = B::Handle>>>,
+        options: EngineOptions,
+        read_only_telemetry: Option<Arc<Telemetry>>,
+    ) -> Result<Self, EngineError> {
         let stats = Arc::new(CallStats::default());
-        let discovered =
-            with_retries(options.retry, "discover", &stats, || backend.discover()).await?;
+        let read_only = read_only_telemetry.is_some();
+        let discovered = with_retries(options.retry, "discover", &stats, || async {
+            if read_only {
+                backend.discover_read_only().await
+            } else {
+                backend.discover().await
+            }
+        })
+        .await?;
         let mut keys = HashMap::with_capacity(discovered.len());
         for stored in discovered {
             let managed = managed_key(stored);
@@ -133,9 +152,16 @@ impl<B: Backend> Engine<B> {
             keys = keys.len(),
             "key engine started"
         );
-        let server_id = lifecycle.as_ref().map(|l| l.identity().server_id);
-        let telemetry = Arc::new(Telemetry::new(backend.name(), server_id, stats.clone()));
-        telemetry.keys_served(keys.len());
+        let telemetry = match read_only_telemetry {
+            // The owner of the shared telemetry counts the keys it serves.
+            Some(shared) => shared,
+            None => {
+                let server_id = lifecycle.as_ref().map(|l| l.identity().server_id);
+                let telemetry = Arc::new(Telemetry::new(backend.name(), server_id, stats.clone()));
+                telemetry.keys_served(keys.len());
+                telemetry
+            }
+        };
         let engine = Self {
             backend,
             lifecycle,
@@ -409,7 +435,7 @@ impl<B: Backend> Engine<B> {
         let public = managed.public.clone();
         let (replaced, served) = {
             let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-            (keys.insert(id.clone(), managed), keys.len())
+            (keys.insert(id.clone(), managed.clone()), keys.len())
         };
         self.telemetry.keys_served(served);
         tracing::info!(
@@ -427,7 +453,7 @@ impl<B: Backend> Engine<B> {
             // Phase 3. The new key is live; failing to retire the old one must not fail the
             // request: discovery no longer finds it, so the sweep finishes the job.
             self.stats.record_call("retire");
-            match self.backend.retire(&old.stored).await {
+            match self.backend.retire(&old.stored, &managed.stored).await {
                 Ok(()) => self.stats.record_success("retire"),
                 Err(error) => {
                     self.stats.record_failure("retire", error.kind);
@@ -563,6 +589,7 @@ impl<B: Backend> Engine<B> {
             .await;
         self.telemetry.sign_finished(
             SignOutcome {
+                backend: self.backend.name(),
                 id,
                 key_type: trace.key.as_ref().map(|k| k.public.key_type),
                 fingerprint: trace.key.as_ref().map(|k| &k.public.fingerprint),

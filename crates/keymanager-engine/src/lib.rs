@@ -10,6 +10,8 @@
 //!   object-safe face for the plugin and the CLI;
 //! - [`config`]: factories, configurations, store identity and run-time setting changes;
 //! - [`lifecycle`]: liveness stamps, sweep rules, the sweep and the background loops;
+//! - [`handover`]: the `migrate_from` hand-over mode (serving an old store read-only
+//!   until SPIRE's rotation has moved every key id to the target store);
 //! - [`admin`]: the operator CLI's view of a backend (listing, pruning with the sweep's
 //!   rules, per-key operations, store checks);
 //! - [`telemetry`]: Prometheus metrics, the `/metrics` endpoint and the audit log;
@@ -22,6 +24,7 @@ pub mod config;
 pub mod core;
 mod engine;
 mod error;
+pub mod handover;
 pub mod kit;
 pub mod lifecycle;
 pub mod resilience;

@@ -105,6 +105,40 @@ pub enum SettingsError {
 }
 
 impl SettingsError {
+    /// The same error for a key inside the block `block` (`keys_path` → `migrate_from.keys_path`).
+    pub fn within(self, block: &str) -> Self {
+        let path = |key: String| format!("{block}.{key}");
+        match self {
+            Self::UnknownKey { key, allowed } => Self::UnknownKey {
+                key: path(key),
+                allowed: allowed
+                    .split(", ")
+                    .map(|k| path(k.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            },
+            Self::Duplicate(key) => Self::Duplicate(path(key)),
+            Self::WrongType {
+                key,
+                expected,
+                found,
+            } => Self::WrongType {
+                key: path(key),
+                expected,
+                found,
+            },
+            Self::Missing { key, hint } => Self::Missing {
+                key: path(key),
+                hint,
+            },
+            Self::Invalid { key, reason } => Self::Invalid {
+                key: path(key),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     /// A value that failed validation.
     pub fn invalid(key: &str, reason: impl fmt::Display) -> Self {
         Self::Invalid {
@@ -303,6 +337,26 @@ impl Settings {
         }
     }
 
+    /// Takes a nested block whose keys are read as top-level keys of their own (a whole
+    /// backend configuration, `migrate_from { backend = "disk" … }`); errors from it name
+    /// their keys without the prefix, so wrap them with [`SettingsError::within`].
+    pub fn take_nested(&mut self, key: &str) -> Result<Option<Settings>, SettingsError> {
+        match self.values.remove(key) {
+            None | Some(SettingValue::Null) => Ok(None),
+            Some(SettingValue::Map(map)) => Ok(Some(Settings::new(map))),
+            // HCL 1 prints a block as a one-element list of objects.
+            Some(SettingValue::List(mut items))
+                if items.len() == 1 && matches!(items[0], SettingValue::Map(_)) =>
+            {
+                match items.pop() {
+                    Some(SettingValue::Map(map)) => Ok(Some(Settings::new(map))),
+                    _ => Ok(None),
+                }
+            }
+            Some(other) => Err(wrong_type(key, "a block of settings", &other)),
+        }
+    }
+
     /// Fails on the first key nobody took, listing what is allowed.
     pub fn finish(self, allowed: &[&str]) -> Result<(), SettingsError> {
         match self.values.into_keys().next() {
@@ -361,6 +415,48 @@ mod tests {
         let mut outer = settings(&[("block", SettingValue::String("x".into()))]);
         let err = outer.take_block("block").unwrap_err().to_string();
         assert!(err.contains("a block of settings"), "{err}");
+    }
+
+    #[test]
+    fn nested_settings_read_plain_keys_and_errors_get_the_block_path() {
+        let inner = BTreeMap::from([
+            ("backend".to_string(), SettingValue::String("disk".into())),
+            ("keys_path".to_string(), SettingValue::Integer(3)),
+        ]);
+        let mut outer = settings(&[(
+            "migrate_from",
+            SettingValue::List(vec![SettingValue::Map(inner)]),
+        )]);
+        let mut nested = outer.take_nested("migrate_from").unwrap().unwrap();
+        assert_eq!(
+            nested.take_string("backend").unwrap().as_deref(),
+            Some("disk")
+        );
+        let err = nested
+            .take_string("keys_path")
+            .unwrap_err()
+            .within("migrate_from");
+        assert_eq!(
+            err.to_string(),
+            "\"migrate_from.keys_path\" must be a string, got a number"
+        );
+        let err = SettingsError::UnknownKey {
+            key: "x".into(),
+            allowed: "backend, keys_path".into(),
+        }
+        .within("migrate_from");
+        assert_eq!(
+            err.to_string(),
+            "unknown key \"migrate_from.x\" in plugin_data; allowed keys: migrate_from.backend, migrate_from.keys_path"
+        );
+        let mut outer = settings(&[("migrate_from", SettingValue::Bool(true))]);
+        assert!(
+            outer
+                .take_nested("migrate_from")
+                .unwrap_err()
+                .to_string()
+                .contains("a block of settings")
+        );
     }
 
     fn settings(pairs: &[(&str, SettingValue)]) -> Settings {

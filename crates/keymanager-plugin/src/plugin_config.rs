@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use keymanager_engine::settings::{SettingsError, echo};
+use keymanager_engine::settings::{Settings, SettingsError, echo};
 use keymanager_engine::{BackendConfig, BackendFactory, CoreConfig, OnChange, SettingState};
 
 use crate::hcl_settings;
@@ -17,6 +17,7 @@ pub const COMMON_KEYS: &[&str] = &[
     "max_signs_per_second",
     "metrics_listen",
     "audit_log",
+    "migrate_from",
 ];
 /// The backend used when `plugin_data` names none: the embedded software default.
 pub const DEFAULT_BACKEND: &str = "disk";
@@ -40,6 +41,34 @@ pub struct PluginConfig {
     pub audit_log: Option<PathBuf>,
     /// The backend's own settings.
     pub backend: Box<dyn BackendConfig>,
+    /// Hand-over mode: the old store, served read-only for the ids the backend lacks.
+    pub migrate_from: Option<MigrateFrom>,
+}
+
+/// The `migrate_from { backend = "…" … }` block: another backend's whole configuration.
+#[derive(Debug)]
+pub struct MigrateFrom {
+    /// The old store's backend name.
+    pub backend_name: &'static str,
+    /// Its settings, parsed by its own factory.
+    pub backend: Box<dyn BackendConfig>,
+}
+
+impl MigrateFrom {
+    /// The block's state for re-Configure: any change applies at the next start (the
+    /// running hand-over keeps the store it opened).
+    fn setting(this: Option<&Self>) -> SettingState {
+        let value = this.map(|m| {
+            let settings: Vec<String> = m
+                .backend
+                .settings()
+                .into_iter()
+                .map(|s| format!("{}={}", s.key, s.value))
+                .collect();
+            format!("{} {}", m.backend.identity(), settings.join(" "))
+        });
+        SettingState::new("migrate_from", value, OnChange::NextStart)
+    }
 }
 
 impl PluginConfig {
@@ -58,7 +87,22 @@ impl PluginConfig {
             SettingState::new("audit_log", &self.audit_log, OnChange::Runtime),
         ];
         states.extend(self.backend.settings());
+        states.push(MigrateFrom::setting(self.migrate_from.as_ref()));
         states
+    }
+
+    /// Problems Validate reports: the backend's, then the `migrate_from` store's.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = self.backend.problems();
+        if let Some(old) = &self.migrate_from {
+            problems.extend(
+                old.backend
+                    .problems()
+                    .into_iter()
+                    .map(|p| format!("migrate_from: {p}")),
+            );
+        }
+        problems
     }
 
     /// The engine options this configuration asks for.
@@ -149,7 +193,17 @@ pub fn parse_plugin_config(
             Some(path)
         }
     };
+    let nested = settings.take_nested("migrate_from")?;
     let backend = factory.parse(&mut settings, &core)?;
+    let migrate_from = match nested {
+        Some(nested) => Some(parse_migrate_from(
+            backends,
+            nested,
+            &core,
+            backend.as_ref(),
+        )?),
+        None => None,
+    };
     let mut allowed: Vec<&str> = COMMON_KEYS.to_vec();
     allowed.extend(factory.setting_keys());
     settings.finish(&allowed)?;
@@ -161,6 +215,67 @@ pub fn parse_plugin_config(
         max_signs_per_second,
         metrics_listen,
         audit_log,
+        backend,
+        migrate_from,
+    })
+}
+
+const MIGRATE_FROM: &str = "migrate_from";
+
+/// The old store's configuration: its own `backend` key and that backend's settings, read
+/// by the backend's own factory with the same rules as a top-level configuration.
+fn parse_migrate_from(
+    backends: &[&'static dyn BackendFactory],
+    mut settings: Settings,
+    core: &CoreConfig,
+    target: &dyn BackendConfig,
+) -> Result<MigrateFrom, SettingsError> {
+    if settings.contains(MIGRATE_FROM) {
+        return Err(SettingsError::invalid(
+            "migrate_from.migrate_from",
+            "migrate_from cannot be nested: a hand-over serves one old store; finish one hand-over (remove its block), then start the next",
+        ));
+    }
+    let within = |e: SettingsError| e.within(MIGRATE_FROM);
+    let name = settings
+        .take_nonempty_string("backend")
+        .map_err(within)?
+        .ok_or_else(|| {
+            SettingsError::missing(
+                "migrate_from.backend",
+                "the old store's backend (e.g. \"disk\"), with its settings as they were in plugin_data",
+            )
+        })?;
+    let factory = backends.iter().find(|f| f.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = backends.iter().map(|f| f.name()).collect();
+        SettingsError::invalid(
+            "migrate_from.backend",
+            format!(
+                "unknown backend {}; available: {}",
+                echo(&name),
+                names.join(", ")
+            ),
+        )
+    })?;
+    let backend = factory.parse(&mut settings, core).map_err(within)?;
+    let mut allowed = vec!["backend"];
+    allowed.extend(factory.setting_keys());
+    settings.finish(&allowed).map_err(within)?;
+    // Identity alone cannot tell two AWS accounts in one region apart; the credentials in
+    // the settings can.
+    if backend.identity().difference(&target.identity()).is_none()
+        && backend.settings() == target.settings()
+    {
+        return Err(SettingsError::invalid(
+            MIGRATE_FROM,
+            format!(
+                "it names the store the plugin already uses ({}); a hand-over moves keys from another store: point migrate_from at the old store, or remove the block",
+                target.identity()
+            ),
+        ));
+    }
+    Ok(MigrateFrom {
+        backend_name: factory.name(),
         backend,
     })
 }
@@ -243,7 +358,7 @@ mod tests {
         );
         assert_eq!(
             err("keys_path = \"/k\"\nkey_path = \"/k\"\n"),
-            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, metrics_listen, audit_log, keys_path"
+            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, metrics_listen, audit_log, migrate_from, keys_path"
         );
         assert_eq!(
             err("keys_path = 7\n"),
@@ -290,6 +405,65 @@ mod tests {
         assert_eq!(
             err("keys_path = \"/k\"\naudit_log = \"audit.jsonl\"\n"),
             "invalid \"audit_log\": \"audit.jsonl\" must be the absolute path of a file, e.g. \"/var/log/spire/kms-audit.jsonl\""
+        );
+    }
+
+    #[test]
+    fn migrate_from_is_a_whole_backend_configuration_checked_at_configure() {
+        let config = parse_plugin_config(
+            BACKENDS,
+            core(),
+            "keys_path = \"/new.json\"\nmigrate_from {\n  backend = \"disk\"\n  keys_path = \"/old.json\"\n}\n",
+        )
+        .unwrap();
+        let old = config.migrate_from.as_ref().unwrap();
+        assert_eq!(old.backend_name, "disk");
+        assert_eq!(old.backend.identity().store, "keys file \"/old.json\"");
+        assert!(
+            config
+                .settings()
+                .iter()
+                .any(|s| s.key == "migrate_from" && s.on_change == OnChange::NextStart)
+        );
+        let err = |text: &str| {
+            parse_plugin_config(BACKENDS, core(), text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("keys_path = \"/new\"\nmigrate_from {\n  keys_path = \"/old\"\n}\n"),
+            "\"migrate_from.backend\" is required: the old store's backend (e.g. \"disk\"), with its settings as they were in plugin_data"
+        );
+        assert_eq!(
+            err("keys_path = \"/new\"\nmigrate_from {\n  backend = \"hsm\"\n}\n"),
+            "invalid \"migrate_from.backend\": unknown backend \"hsm\"; available: disk"
+        );
+        assert_eq!(
+            err("keys_path = \"/new\"\nmigrate_from {\n  backend = \"disk\"\n}\n"),
+            "\"migrate_from.keys_path\" is required: the path of the JSON file that holds the keys"
+        );
+        assert_eq!(
+            err(
+                "keys_path = \"/new\"\nmigrate_from {\n  backend = \"disk\"\n  keys_path = \"/old\"\n  log_level = \"debug\"\n}\n"
+            ),
+            "unknown key \"migrate_from.log_level\" in plugin_data; allowed keys: migrate_from.backend, migrate_from.keys_path"
+        );
+        assert!(
+            err("keys_path = \"/new\"\nmigrate_from {\n  backend = \"disk\"\n  keys_path = \"/old\"\n  migrate_from {\n    backend = \"disk\"\n    keys_path = \"/older\"\n  }\n}\n")
+                .contains("migrate_from cannot be nested")
+        );
+        let same = err(
+            "keys_path = \"/k.json\"\nmigrate_from {\n  backend = \"disk\"\n  keys_path = \"/k.json\"\n}\n",
+        );
+        assert!(
+            same.starts_with(
+                "invalid \"migrate_from\": it names the store the plugin already uses"
+            ),
+            "{same}"
+        );
+        assert_eq!(
+            err("keys_path = \"/new\"\nmigrate_from = \"disk\"\n"),
+            "\"migrate_from\" must be a block of settings, got a string"
         );
     }
 

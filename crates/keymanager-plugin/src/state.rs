@@ -5,13 +5,16 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
+use keymanager_engine::handover::HandOver;
 use keymanager_engine::lifecycle::{LifecycleTasks, spawn_tasks};
 use keymanager_engine::telemetry::http::{MetricsServer, bind};
-use keymanager_engine::{BackendFactory, CoreConfig, KeyService, OnChange, SettingState};
+use keymanager_engine::{
+    BackendFactory, CoreConfig, EngineError, KeyService, OnChange, SettingState,
+};
 use tonic::Status;
 
 use crate::logging::LogControl;
-use crate::plugin_config::{PluginConfig, parse_plugin_config};
+use crate::plugin_config::{MigrateFrom, PluginConfig, parse_plugin_config};
 use crate::status::{RequestError, engine_error_to_status, settings_error_to_status};
 
 struct Active {
@@ -92,12 +95,17 @@ impl PluginState {
             .start(config.engine_options())
             .await
             .map_err(|e| engine_error_to_status(&e))?;
+        let service = match &config.migrate_from {
+            Some(old) => hand_over(service, old, config.engine_options()).await?,
+            None => service,
+        };
         self.log_control.set_level(config.log_level);
         let identity = config.backend.identity();
         tracing::info!(
             backend = config.backend_name,
             store = %identity,
             backend_config = ?config.backend,
+            migrate_from = ?config.migrate_from.as_ref().map(|m| &m.backend),
             "configured"
         );
         let tasks = match config.backend.lifecycle() {
@@ -222,7 +230,7 @@ impl PluginState {
     pub fn validate(&self, core: Option<CoreConfig>, hcl_text: &str) -> (bool, Vec<String>) {
         match parse_plugin_config(self.backends, core, hcl_text) {
             Ok(config) => {
-                let problems = config.backend.problems();
+                let problems = config.problems();
                 tracing::info!(
                     backend = config.backend_name,
                     store = %config.backend.identity(),
@@ -258,6 +266,26 @@ impl PluginState {
             }
         }
     }
+}
+
+/// Hand-over mode: the old store opened read-only behind the target's engine. A store that
+/// cannot be opened fails Configure: the keys of the current bundle may live only there.
+async fn hand_over(
+    target: Arc<dyn KeyService>,
+    old: &MigrateFrom,
+    options: keymanager_engine::EngineOptions,
+) -> Result<Arc<dyn KeyService>, Status> {
+    let store = old.backend.identity().to_string();
+    let opened = old.backend.open().await.map_err(|e| {
+        engine_error_to_status(&EngineError::from(
+            e.context(format!("opening the migrate_from store ({store})")),
+        ))
+    })?;
+    let read_only = opened
+        .start_read_only(options, target.telemetry().clone())
+        .await
+        .map_err(|e| engine_error_to_status(&e))?;
+    Ok(Arc::new(HandOver::new(target, read_only, store)))
 }
 
 async fn bind_metrics(address: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Status> {

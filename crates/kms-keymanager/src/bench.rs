@@ -27,8 +27,12 @@ pub struct BenchArgs {
     startup_runs: usize,
     /// Instead: SignData with telemetry (`metrics_listen` and `audit_log`) off and on, in
     /// process and through the plugin socket, in one run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "handover")]
     telemetry: bool,
+    /// Instead: SignData in process, plain engine vs hand-over mode (`migrate_from`), with a
+    /// key in the old store and a key in the target store, in one run.
+    #[arg(long)]
+    handover: bool,
 }
 
 pub(crate) struct Cell {
@@ -42,6 +46,13 @@ pub(crate) struct Cell {
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.telemetry {
         return crate::bench_telemetry::run(
+            &args.concurrency,
+            Duration::from_millis(args.duration_ms),
+        )
+        .await;
+    }
+    if args.handover {
+        return crate::bench_handover::run(
             &args.concurrency,
             Duration::from_millis(args.duration_ms),
         )

@@ -2,6 +2,7 @@
 //! `KeyManager=KeyManager` magic cookie is set), an operator CLI otherwise.
 
 mod bench;
+mod bench_handover;
 mod bench_telemetry;
 mod cli;
 mod demo;

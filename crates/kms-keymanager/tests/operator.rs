@@ -196,6 +196,24 @@ async fn aws_scenario(mode: &str, discovery: &str) {
             && k["replaced"].as_str().is_some_and(|t| t.ends_with('Z'))),
         "the replaced key shows in --history with when it was replaced: {all:#}"
     );
+    // Rotation history: the replaced key names the key that replaced it (its ARN).
+    let current_ca = keys
+        .iter()
+        .find(|k| {
+            k["server_id"] == "server-a" && k["key_id"] == "x509-CA-A" && k["state"] == "active"
+        })
+        .expect("server-a's current x509-CA-A");
+    let replaced_ca = keys
+        .iter()
+        .find(|k| {
+            k["server_id"] == "server-a"
+                && k["key_id"] == "x509-CA-A"
+                && k["state"] == "pending_deletion"
+        })
+        .expect("server-a's replaced x509-CA-A");
+    assert_eq!(replaced_ca["replaced_by"], current_ca["locator"], "{all:#}");
+    assert_eq!(current_ca["replaced_by"], Value::Null);
+    assert!(keys.iter().all(|k| k["store"] == "target"));
 
     // inspect: the public key PEM and the key policy.
     let inspect = cli(

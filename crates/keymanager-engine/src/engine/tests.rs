@@ -279,7 +279,11 @@ impl Backend for FakeBackend {
         self.store.keys.lock().unwrap()[prepared.n].deleted = true;
         self.store.done("abort", effect)
     }
-    async fn retire(&self, replaced: &StoredKey<FakeHandle>) -> Result<(), BackendError> {
+    async fn retire(
+        &self,
+        replaced: &StoredKey<FakeHandle>,
+        _replaced_by: &StoredKey<FakeHandle>,
+    ) -> Result<(), BackendError> {
         let effect = self.store.enter("retire")?;
         self.store.keys.lock().unwrap()[replaced.handle.n].deleted = true;
         self.store.done("retire", effect)
@@ -948,6 +952,7 @@ impl KeyLifecycle for FlakyLifecycle {
             created: None,
             deletion_intent: false,
             replaced: None,
+            replaced_by: None,
         }])
     }
     async fn delete(&self, _record: &KeyRecord) -> Result<(), BackendError> {
@@ -1261,4 +1266,178 @@ async fn a_failed_publish_of_an_import_follows_generate_keys_rules() {
         .unwrap();
     assert_eq!(done.outcome, ImportOutcome::Imported);
     assert_eq!(store.live("x509-CA-A").len(), 1, "no duplicate");
+}
+
+mod handover {
+    use super::*;
+    use crate::handover::{HandOver, ReadOnlyEngine, ReadOnlyKeys};
+
+    /// What the old store is asked from the moment the hand-over starts.
+    fn calls_since(store: &Store, mark: usize) -> Vec<&'static str> {
+        store.calls.lock().unwrap()[mark..].to_vec()
+    }
+
+    /// An old store holding `ids` (created before the hand-over), and a target store holding
+    /// `target_ids`; the hand-over over both, and the old store's call count at its start.
+    async fn hand_over(ids: &[&str], target_ids: &[&str]) -> (Arc<Store>, Arc<Store>, HandOver) {
+        let old = Arc::new(Store::default());
+        let before = start_on(&old, EngineOptions::default()).await;
+        for key in ids {
+            before.generate_key(id(key), KeyType::EcP256).await.unwrap();
+        }
+        drop(before);
+        let target = Arc::new(Store::default());
+        let engine = start_on(&target, EngineOptions::default()).await;
+        for key in target_ids {
+            engine.generate_key(id(key), KeyType::EcP384).await.unwrap();
+        }
+        let engine: Arc<dyn KeyService> = Arc::new(engine);
+        let read_only: Arc<dyn ReadOnlyKeys> = Arc::new(
+            ReadOnlyEngine::start(
+                Arc::new(FakeBackend {
+                    store: old.clone(),
+                    capabilities: any_capabilities(),
+                }),
+                EngineOptions::default(),
+                engine.telemetry().clone(),
+            )
+            .await
+            .unwrap(),
+        );
+        let handover = HandOver::new(engine, read_only, "fake memory (old)".into());
+        (old, target, handover)
+    }
+
+    async fn sign(service: &dyn KeyService, key: &str) -> Result<Signature, EngineError> {
+        service
+            .sign(
+                &id(key),
+                vec![0; 32],
+                SignerOpts::Hash(HashAlgorithm::Sha256),
+                None,
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn the_old_store_serves_the_ids_the_target_lacks() {
+        let (old, target, handover) =
+            hand_over(&["x509-CA-A", "JWT-Signer-A"], &["JWT-Signer-A"]).await;
+        assert_eq!(handover.served_from_old(), vec![id("x509-CA-A")]);
+        let keys = handover.public_keys();
+        let types: Vec<(&str, KeyType)> =
+            keys.iter().map(|k| (k.id.as_str(), k.key_type)).collect();
+        // The target's key wins for an id both stores hold (P-384 there, P-256 in the old).
+        assert_eq!(
+            types,
+            [
+                ("JWT-Signer-A", KeyType::EcP384),
+                ("x509-CA-A", KeyType::EcP256)
+            ]
+        );
+        assert_eq!(
+            handover.public_key(&id("x509-CA-A")).unwrap().fingerprint,
+            Fingerprint::of_spki(&spki(0))
+        );
+        let (old_signs, target_signs) = (old.count("sign"), target.count("sign"));
+        sign(&handover, "x509-CA-A").await.unwrap();
+        assert_eq!(old.count("sign"), old_signs + 1, "signed in the old store");
+        sign(&handover, "JWT-Signer-A").await.unwrap();
+        assert_eq!(
+            target.count("sign"),
+            target_signs + 1,
+            "signed in the target"
+        );
+        let missing = sign(&handover, "nope").await.unwrap_err();
+        assert!(matches!(missing, EngineError::KeyNotFound(_)), "{missing}");
+        assert!(!handover.complete());
+        // Both stores' calls are reported, apart.
+        let stats = handover.call_stats();
+        assert_eq!(stats["migrate_from_sign"].calls, 1);
+        assert_eq!(stats["sign"].calls, 1);
+    }
+
+    #[tokio::test]
+    async fn generate_key_creates_in_the_target_and_the_old_store_sees_no_write() {
+        let (old, target, handover) = hand_over(&["x509-CA-A", "x509-CA-B"], &[]).await;
+        let mark = old.calls.lock().unwrap().len();
+        let old_keys = old.keys.lock().unwrap().len();
+        let old_fingerprint = handover.public_key(&id("x509-CA-A")).unwrap().fingerprint;
+
+        let new = handover
+            .generate_key(id("x509-CA-A"), KeyType::EcP256)
+            .await
+            .unwrap();
+        assert_eq!(target.live("x509-CA-A").len(), 1, "created in the target");
+        assert_eq!(handover.public_key(&id("x509-CA-A")).unwrap(), new);
+        let target_signs = target.count("sign");
+        let signed = sign(&handover, "x509-CA-A").await.unwrap();
+        assert_eq!(signed.fingerprint, new.fingerprint);
+        assert_eq!(target.count("sign"), target_signs + 1);
+        assert_eq!(handover.served_from_old(), vec![id("x509-CA-B")]);
+        // Stamps and sweeps go to the target only (this fake target has no lifecycle).
+        assert!(!handover.stamp_keys().await.unwrap());
+        sign(&handover, "x509-CA-B").await.unwrap();
+
+        // The old store was read and signed with, nothing else: the moved id's old key is
+        // still there, and no key was created, published, retired or removed.
+        let calls = calls_since(&old, mark);
+        assert!(calls.iter().all(|c| *c == "sign"), "{calls:?}");
+        assert_eq!(old.keys.lock().unwrap().len(), old_keys);
+        assert_eq!(old.live("x509-CA-A").len(), 1);
+        assert!(!old.keys.lock().unwrap().iter().any(|k| k.deleted));
+        assert_ne!(old_fingerprint, Fingerprint::of_spki(b"none"));
+    }
+
+    #[tokio::test]
+    async fn the_hand_over_reports_when_the_block_can_be_removed() {
+        let (_old, _target, handover) = hand_over(&["a", "b"], &[]).await;
+        let telemetry = handover.telemetry().clone();
+        let gauge = || {
+            let text = telemetry.metrics().encode_prometheus();
+            text.lines()
+                .find_map(|l| l.strip_prefix("kms_keymanager_migrate_from_keys{backend=\"fake\"} "))
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("no migrate_from gauge in\n{text}"))
+        };
+        assert_eq!(gauge(), "2");
+        handover
+            .generate_key(id("a"), KeyType::EcP256)
+            .await
+            .unwrap();
+        assert_eq!(gauge(), "1");
+        assert!(!handover.complete());
+        handover
+            .generate_key(id("b"), KeyType::EcP256)
+            .await
+            .unwrap();
+        assert_eq!(gauge(), "0");
+        assert!(handover.complete());
+        assert!(
+            telemetry
+                .metrics()
+                .encode_prometheus()
+                .contains("kms_keymanager_keys{state=\"active\"} 2")
+        );
+        // A new id goes to the target and changes nothing about the old store.
+        handover
+            .generate_key(id("c"), KeyType::EcP256)
+            .await
+            .unwrap();
+        assert!(handover.complete());
+    }
+
+    #[tokio::test]
+    async fn a_failed_generate_keeps_serving_the_old_key() {
+        let (old, target, handover) = hand_over(&["x509-CA-A"], &[]).await;
+        target.faults.lock().unwrap().insert("prepare", Fault::Once);
+        handover
+            .generate_key(id("x509-CA-A"), KeyType::EcP256)
+            .await
+            .unwrap_err();
+        assert_eq!(handover.served_from_old(), vec![id("x509-CA-A")]);
+        let signs = old.count("sign");
+        sign(&handover, "x509-CA-A").await.unwrap();
+        assert_eq!(old.count("sign"), signs + 1);
+    }
 }

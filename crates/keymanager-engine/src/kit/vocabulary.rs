@@ -15,3 +15,7 @@ pub const KEY_ID: &str = "spire-key-id";
 /// When the key was superseded: recorded before deletion is scheduled, so a crash in
 /// between still ends with the key deleted by the next sweep (ours).
 pub const DELETE_INTENT: &str = "spire-delete-intent";
+
+/// Which key replaced this one under its SPIRE key id (its ARN): the rotation history,
+/// written with the deletion intent (ours).
+pub const REPLACED_BY: &str = "spire-replaced-by";

@@ -248,6 +248,7 @@ mod tests {
             created: None,
             deletion_intent: false,
             replaced: None,
+            replaced_by: None,
         }
     }
 

@@ -97,6 +97,9 @@ pub struct KeyRecord {
     /// When the key was replaced under its id, where the store records it (the deletion
     /// intent's time, the next version's creation).
     pub replaced: Option<SystemTime>,
+    /// The key that replaced it (its locator or the store's id for it), where the store
+    /// records it (see README, "Rotation history").
+    pub replaced_by: Option<String>,
 }
 
 /// What the sweep decided for one key, with the reason in words for logs.
@@ -273,6 +276,7 @@ mod tests {
             created: ago(30 * DAY),
             deletion_intent: false,
             replaced: None,
+            replaced_by: None,
         }
     }
 

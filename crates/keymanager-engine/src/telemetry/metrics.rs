@@ -56,6 +56,7 @@ pub struct Metrics {
     rate_limited_wait: Histogram,
     generate_total: Family<Labels<1>, Counter>,
     keys: Family<Labels<1>, Gauge>,
+    migrate_from_keys: Family<Labels<1>, Gauge>,
     last_stamp: Gauge<f64, AtomicU64>,
     last_sweep: Gauge<f64, AtomicU64>,
     swept_keys: Counter,
@@ -99,6 +100,12 @@ impl Metrics {
             "Keys by state: active = keys this server serves; enabled, disabled, pending_deletion = the trust domain's keys in the store as the last sweep listed them",
             keys.clone(),
         );
+        let migrate_from_keys = Family::<Labels<1>, Gauge>::default();
+        registry.register(
+            "kms_keymanager_migrate_from_keys",
+            "Hand-over mode only: keys still served from the migrate_from store, by its backend; 0 means every key has moved and the migrate_from block can be removed",
+            migrate_from_keys.clone(),
+        );
         let last_stamp = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "kms_keymanager_last_stamp_timestamp_seconds",
@@ -133,6 +140,7 @@ impl Metrics {
             rate_limited_wait,
             generate_total,
             keys,
+            migrate_from_keys,
             last_stamp,
             last_sweep,
             swept_keys,
@@ -192,6 +200,12 @@ impl Metrics {
     pub(crate) fn set_keys(&self, state: &'static str, count: usize) {
         self.keys
             .get_or_create(&[("state", state)])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn set_migrate_from_keys(&self, backend: &'static str, count: usize) {
+        self.migrate_from_keys
+            .get_or_create(&[("backend", backend)])
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 

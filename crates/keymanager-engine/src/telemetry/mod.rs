@@ -44,6 +44,8 @@ pub struct Telemetry {
 
 /// What the engine knows about a finished SignData, for metrics and the audit line.
 pub(crate) struct SignOutcome<'a> {
+    /// The backend that signed (in a hand-over, the old store's for the keys it serves).
+    pub backend: &'static str,
     pub id: &'a KeyId,
     pub key_type: Option<KeyType>,
     pub fingerprint: Option<&'a Fingerprint>,
@@ -146,7 +148,7 @@ impl Telemetry {
         self.audit(|| AuditRecord {
             time: at.unwrap_or_else(SystemTime::now),
             operation: AuditOperation::SignData,
-            backend: self.backend,
+            backend: outcome.backend,
             key_id: outcome.id.as_str().to_string(),
             server_id: self.server_id.clone(),
             fingerprint: outcome.fingerprint.cloned(),
@@ -194,6 +196,10 @@ impl Telemetry {
 
     pub(crate) fn keys_served(&self, count: usize) {
         self.metrics.set_keys("active", count);
+    }
+
+    pub(crate) fn migrate_from_keys(&self, backend: &'static str, count: usize) {
+        self.metrics.set_migrate_from_keys(backend, count);
     }
 
     pub(crate) fn stamped(&self, at: SystemTime) {

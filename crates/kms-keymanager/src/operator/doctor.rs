@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use keymanager_engine::admin::{
-    Check, CheckOutcome, EntryState, ListScope, clock_check, inventory,
+    Check, CheckOutcome, EntryState, ListScope, ServedKey, clock_check, hand_over_check,
+    hand_over_entries, inventory,
 };
 use serde_json::json;
 
@@ -102,7 +103,7 @@ async fn checks(source: &SourceArgs) -> Vec<Check> {
             "remove or rename the setting",
         ));
     }
-    for problem in config.backend.problems() {
+    for problem in config.problems() {
         checks.push(Check::fail(
             "configuration",
             problem,
@@ -158,6 +159,9 @@ async fn checks(source: &SourceArgs) -> Vec<Check> {
     let (Ok(served), Ok(records)) = (served, records) else {
         return checks;
     };
+    if let Some(old) = &config.migrate_from {
+        checks.push(hand_over(old, &served).await);
+    }
     if let Some(records) = &records {
         checks.push(Check::ok(
             "listing",
@@ -236,6 +240,30 @@ async fn checks(source: &SourceArgs) -> Vec<Check> {
         ));
     }
     checks
+}
+
+/// Hand-over mode: the old store must be readable (its keys may be the bundle's), and once
+/// it serves no id, the block can go.
+async fn hand_over(old: &keymanager_plugin::MigrateFrom, served: &[ServedKey]) -> Check {
+    let store = old.backend.identity().to_string();
+    let opened = match super::open_old(old).await {
+        Ok(opened) => opened,
+        Err(failure) => {
+            return Check::fail(
+                "hand-over",
+                failure.message().to_string(),
+                "the plugin serves keys from the migrate_from store until SPIRE has rotated them: fix its settings or credentials",
+            );
+        }
+    };
+    match opened.admin.served().await {
+        Ok(old_served) => hand_over_check(&store, &hand_over_entries(served, &old_served)),
+        Err(error) => Check::fail(
+            "hand-over",
+            format!("the migrate_from store ({store}): {error}"),
+            "the plugin serves keys from the migrate_from store until SPIRE has rotated them: fix its settings or credentials",
+        ),
+    }
 }
 
 /// Compares this machine's clock with the store's `Date` header. Only the header is read:

@@ -10,7 +10,8 @@ use clap::{Args, Subcommand};
 use futures_util::future::join_all;
 use keymanager_engine::KeyType;
 use keymanager_engine::admin::{
-    EntryState, KeyAdmin, KeyEntry, ListScope, ServedKey, in_use_reason, inventory, plan_prune,
+    EntryState, KeyAdmin, KeyEntry, ListScope, ServedKey, hand_over_check, hand_over_entries,
+    in_use_reason, inventory, plan_prune,
 };
 use keymanager_engine::kit::pem::public_key_pem;
 use keymanager_engine::lifecycle::{KeyRecord, SweepDecision, SweepPolicy, SweeperIdentity};
@@ -152,7 +153,7 @@ async fn entries(
         .map(|e| e.locator.clone())
         .collect();
     let public_keys = fetch_public_keys(admin.as_ref(), &missing).await;
-    let entries = inventory(
+    let mut entries = inventory(
         now,
         me.as_ref(),
         opened.policy,
@@ -161,6 +162,12 @@ async fn entries(
         &public_keys,
         scope,
     );
+    if let Some(old) = &opened.old {
+        let old_served = old.admin.served().await.map_err(|e| {
+            Failure::store_message(format!("the migrate_from store ({}): {e}", old.store))
+        })?;
+        entries.extend(hand_over_entries(&served, &old_served));
+    }
     Ok((served, entries))
 }
 
@@ -197,6 +204,8 @@ fn entry_json(entry: &KeyEntry) -> serde_json::Value {
         "created": when_json(entry.created),
         "last_stamp": when_json(entry.last_stamp),
         "replaced": when_json(entry.replaced),
+        "replaced_by": entry.replaced_by,
+        "store": if entry.old_store { "migrate_from" } else { "target" },
         "state": entry.state.as_str(),
         "stamped_live": entry.stamped_live,
         "served_here": entry.served_here,
@@ -226,6 +235,13 @@ async fn list(args: ListArgs) -> Result<(), Failure> {
     if args.common.json {
         let mut out = header_json(&opened);
         out["keys"] = entries.iter().map(entry_json).collect();
+        if let Some(old) = &opened.old {
+            out["migrate_from"] = json!({
+                "store": old.store,
+                "backend": old.admin.backend(),
+                "serving": entries.iter().filter(|e| e.old_store).count(),
+            });
+        }
         println!("{out:#}");
         return Ok(());
     }
@@ -241,6 +257,13 @@ async fn list(args: ListArgs) -> Result<(), Failure> {
                 when(e.created),
                 when(e.last_stamp),
                 when(e.replaced),
+                e.replaced_by.clone().unwrap_or_else(|| "-".into()),
+                if e.old_store {
+                    "migrate_from"
+                } else {
+                    "target"
+                }
+                .into(),
                 e.fingerprint.clone().unwrap_or_else(|| "-".into()),
                 e.locator.clone(),
             ]
@@ -258,6 +281,8 @@ async fn list(args: ListArgs) -> Result<(), Failure> {
                 "CREATED",
                 "LAST STAMP",
                 "REPLACED",
+                "REPLACED BY",
+                "STORE",
                 "FINGERPRINT",
                 "LOCATOR",
             ],
@@ -270,6 +295,10 @@ async fn list(args: ListArgs) -> Result<(), Failure> {
         opened.admin.backend(),
         opened.trust_domain
     );
+    if let Some(old) = &opened.old {
+        let from_old: Vec<KeyEntry> = entries.iter().filter(|e| e.old_store).cloned().collect();
+        eprintln!("{}", hand_over_check(&old.store, &from_old).detail);
+    }
     Ok(())
 }
 
@@ -374,6 +403,19 @@ async fn inspect(args: KeyArgs) -> Result<(), Failure> {
     field("created", when(entry.created));
     field("last stamp", when(entry.last_stamp));
     field("replaced", when(entry.replaced));
+    field(
+        "replaced by",
+        entry.replaced_by.clone().unwrap_or_else(|| "-".into()),
+    );
+    field(
+        "store",
+        if entry.old_store {
+            "migrate_from (read-only)"
+        } else {
+            "target"
+        }
+        .into(),
+    );
     field(
         "fingerprint",
         entry.fingerprint.clone().unwrap_or_else(|| "-".into()),
@@ -531,6 +573,12 @@ async fn change(args: ChangeArgs, change: Change) -> Result<(), Failure> {
         Change::Enable => "enable",
         Change::Delete => "delete",
     };
+    if entry.old_store {
+        return Err(Failure::refused(format!(
+            "refusing to {verb} {}: it is served from the migrate_from store, which this configuration only reads; change it with the old store's own configuration",
+            entry.locator
+        )));
+    }
     if change != Change::Enable
         && let Some(reason) = in_use_reason(&entry)
         && !args.force

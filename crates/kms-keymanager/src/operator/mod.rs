@@ -59,6 +59,11 @@ impl Failure {
         }
     }
 
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// Prints the message and gives the exit code.
     pub fn report(self) -> ExitCode {
         eprintln!("error: {}", self.message);
@@ -74,6 +79,16 @@ pub struct Opened {
     pub trust_domain: String,
     /// `stale_key_age` and friends, as configured.
     pub policy: SweepPolicy,
+    /// Hand-over mode: the `migrate_from` store, listed read-only.
+    pub old: Option<OldStore>,
+}
+
+/// The `migrate_from` store of a hand-over, opened for listing only.
+pub struct OldStore {
+    /// Its operator view (only discovery is used: nothing is written).
+    pub admin: Arc<dyn KeyAdmin>,
+    /// The store in words.
+    pub store: String,
 }
 
 /// Parses the configuration as Configure does and opens the backend (no engine: nothing is
@@ -91,9 +106,26 @@ pub async fn open(source: &SourceArgs) -> Result<Opened, Failure> {
             config.backend_name
         ))
     })?;
+    let old = match &config.migrate_from {
+        Some(old) => Some(open_old(old).await?),
+        None => None,
+    };
     Ok(Opened {
         admin: opened.admin(),
         trust_domain,
         policy,
+        old,
+    })
+}
+
+/// Opens the `migrate_from` store as the plugin does (its discovery only).
+pub async fn open_old(old: &keymanager_plugin::MigrateFrom) -> Result<OldStore, Failure> {
+    let store = old.backend.identity().to_string();
+    let opened = old.backend.open().await.map_err(|e| {
+        Failure::store_message(format!("cannot open the migrate_from store ({store}): {e}"))
+    })?;
+    Ok(OldStore {
+        admin: opened.admin(),
+        store,
     })
 }
