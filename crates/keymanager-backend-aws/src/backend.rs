@@ -732,7 +732,7 @@ impl Backend for AwsKmsBackend {
             .create_key(id, key.key_type(), OriginType::External)
             .await?;
         if let Err(error) = self.import_material(&created.arn, key).await {
-            if let Err(cleanup) = self.schedule_deletion(&created.arn).await {
+            if let Err(cleanup) = self.schedule_deletion(&created.arn, None).await {
                 tracing::warn!(key = %created.arn, error = %cleanup, "could not delete the key whose import failed; the sweep removes it");
             }
             return Err(error.context(format_args!("importing key {id} into {}", created.arn)));
