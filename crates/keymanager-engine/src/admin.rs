@@ -533,6 +533,29 @@ pub struct KeyEntry {
     pub record: Option<KeyRecord>,
 }
 
+impl KeyEntry {
+    /// A row for a key discovery serves that no store listing describes (a store without a
+    /// lifecycle, a listing that lags, the old store of a hand-over).
+    fn served(key: &ServedKey, server_id: Option<String>, old_store: bool) -> Self {
+        Self {
+            key_id: Some(key.key_id.clone()),
+            server_id,
+            key_type: Some(key.key_type),
+            fingerprint: Some(Fingerprint::of_spki(&key.spki_der).as_str().to_string()),
+            locator: key.locator.clone(),
+            created: None,
+            last_stamp: None,
+            replaced: None,
+            replaced_by: None,
+            old_store,
+            state: EntryState::Active,
+            stamped_live: false,
+            served_here: true,
+            record: None,
+        }
+    }
+}
+
 /// Which keys `keys list` shows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListScope {
@@ -559,22 +582,7 @@ pub fn inventory(
         // No lifecycle (disk): the store holds exactly the served keys.
         return served
             .iter()
-            .map(|key| KeyEntry {
-                key_id: Some(key.key_id.clone()),
-                server_id: None,
-                key_type: Some(key.key_type),
-                fingerprint: Some(Fingerprint::of_spki(&key.spki_der).as_str().to_string()),
-                locator: key.locator.clone(),
-                created: None,
-                last_stamp: None,
-                replaced: None,
-                replaced_by: None,
-                old_store: false,
-                state: EntryState::Active,
-                stamped_live: false,
-                served_here: true,
-                record: None,
-            })
+            .map(|key| KeyEntry::served(key, None, false))
             .collect();
     };
     let stale_after = policy.stale_after.saturating_add(policy.max_clock_skew);
@@ -629,22 +637,11 @@ pub fn inventory(
         .iter()
         .filter(|k| !listed.contains(k.locator.as_str()))
     {
-        entries.push(KeyEntry {
-            key_id: Some(key.key_id.clone()),
-            server_id: me.map(|me| me.server_id.clone()),
-            key_type: Some(key.key_type),
-            fingerprint: Some(Fingerprint::of_spki(&key.spki_der).as_str().to_string()),
-            locator: key.locator.clone(),
-            created: None,
-            last_stamp: None,
-            replaced: None,
-            replaced_by: None,
-            old_store: false,
-            state: EntryState::Active,
-            stamped_live: false,
-            served_here: true,
-            record: None,
-        });
+        entries.push(KeyEntry::served(
+            key,
+            me.map(|me| me.server_id.clone()),
+            false,
+        ));
     }
     // Per server and id: the current key first, then the newest.
     entries.sort_by(|a, b| {
@@ -663,22 +660,7 @@ pub fn hand_over_entries(target_served: &[ServedKey], old_served: &[ServedKey]) 
     old_served
         .iter()
         .filter(|k| !target_ids.contains(k.key_id.as_str()))
-        .map(|key| KeyEntry {
-            key_id: Some(key.key_id.clone()),
-            server_id: None,
-            key_type: Some(key.key_type),
-            fingerprint: Some(Fingerprint::of_spki(&key.spki_der).as_str().to_string()),
-            locator: key.locator.clone(),
-            created: None,
-            last_stamp: None,
-            replaced: None,
-            replaced_by: None,
-            old_store: true,
-            state: EntryState::Active,
-            stamped_live: false,
-            served_here: true,
-            record: None,
-        })
+        .map(|key| KeyEntry::served(key, None, true))
         .collect()
 }
 
