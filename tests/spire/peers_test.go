@@ -79,10 +79,10 @@ func awsPluginData(endpoint, serverID string) string {
 	return fmt.Sprintf(`backend = "aws_kms"
 region = "us-east-1"
 endpoint = %q
-access_key_id = "test"
-secret_access_key = "test"
+access_key_id = %q
+secret_access_key = %q
 key_identifier_value = %q
-`, endpoint, serverID)
+`, endpoint, plantedAWSAccessKeyID, plantedAWSSecretKey, serverID)
 }
 
 // startLocalStack starts LocalStack (KMS and STS, host mode, no docker) on a free 127.0.0.1

@@ -114,6 +114,7 @@ func (s *spireServer) start(run int) {
 	s.logPath = filepath.Join(s.dir, fmt.Sprintf("server-%d.log", run))
 	logFile, err := os.Create(s.logPath)
 	require.NoError(s.t, err)
+	keepLog(s.t, s.logPath) // registered before the kill below, so it copies after it
 	s.cmd = exec.Command(s.bin, "run", "-config", s.conf)
 	s.cmd.Stdout = logFile
 	s.cmd.Stderr = logFile

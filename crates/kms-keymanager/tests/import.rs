@@ -52,6 +52,7 @@ fn run(args: &[&str]) -> Run {
         .args(args)
         .output()
         .expect("run kms-keymanager");
+    keymanager_conformance::logs::keep_cli_log(args, &output);
     let run = Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -78,7 +79,7 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 
 fn aws_data(endpoint: &str, server_id: &str) -> String {
     format!(
-        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = \"test\"\nsecret_access_key = \"secret-never-logged\"\nkey_identifier_value = {server_id:?}\n"
+        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = \"PLANTED-SECRET-aws-access-key-id\"\nsecret_access_key = \"PLANTED-SECRET-secret-never-logged\"\nkey_identifier_value = {server_id:?}\n"
     )
 }
 
