@@ -475,8 +475,9 @@ func TestAzureDisabledKeyAndDeniedOperations(t *testing.T) {
 	require.NoError(t, signVerified(regenerated, 3))
 }
 
-// The planted Azure client secret and federated assertion of the credential tests.
+// The planted Azure client secret and federated assertion of the credential tests (the
+// fake wants the assertion shaped as a JWT: three dot-separated parts).
 var (
 	azureAppSecret = planted("azure-app-secret")
-	azureAssertion = planted("azure-federated-assertion")
+	azureAssertion = planted("azure-federated-assertion") + ".payload.signature"
 )
