@@ -49,10 +49,12 @@ import (
 
 const (
 	// haCATTL: SPIRE prepares the next X.509 CA and JWT key at half of the current one's
-	// life and activates it at 5/6, so each server prepares one every 30 s. Below ~60 s SPIRE
-	// no longer mints reliably (SVID TTLs are capped to a sixth of it).
-	haCATTL   = 60 * time.Second
-	haSVIDTTL = "10s"
+	// life and activates it at 5/6, checking every 10 s. At 60 s the activation can land
+	// after the current key's expiry (seen: a JWT key issued 40 ms after a tick was replaced
+	// one tick late, and JWT-SVID minting failed with "already expired" in between), so 90 s:
+	// a preparation every 45 s per server, 5 s of margin. SVID TTLs are a sixth of it.
+	haCATTL   = 90 * time.Second
+	haSVIDTTL = "15s"
 	// haServers is how many spire-servers share the datastore.
 	haServers = 3
 	haAud     = "ha-test"
@@ -113,7 +115,8 @@ type haSettings struct {
 }
 
 func haSettingsFromEnv(t *testing.T) haSettings {
-	s := haSettings{minRun: 2*haCATTL + 10*time.Second}
+	// Three preparations per server: at start-up, after ca_ttl/2 and after ca_ttl.
+	s := haSettings{minRun: haCATTL + 15*time.Second}
 	if os.Getenv("KMS_HA_LONG") == "1" {
 		s.long = true
 		s.duration = 15 * time.Minute
@@ -283,9 +286,10 @@ func (h *haRun) mintOnce(i, n int, id spiffeid.ID, csr []byte) {
 
 	// The bundle from the next servers in turn, skipping one that does not answer.
 	var bundle *types.Bundle
+	bundleFrom := 0
 	for k := 1; k <= haServers && bundle == nil; k++ {
-		j := (i + n + k) % haServers
-		if bconn, err := h.dial(j); err == nil {
+		bundleFrom = (i + n + k) % haServers
+		if bconn, err := h.dial(bundleFrom); err == nil {
 			bundle, _ = bundlev1.NewBundleClient(bconn).GetBundle(ctx, &bundlev1.GetBundleRequest{})
 			bconn.Close()
 		}
@@ -297,12 +301,37 @@ func (h *haRun) mintOnce(i, n int, id spiffeid.ID, csr []byte) {
 		return
 	}
 	verr := h.verify(i, id, x509Resp.Svid.CertChain, jwtResp.Svid.Token, bundle)
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	if verr != nil {
-		h.failures = append(h.failures, fmt.Sprintf("%s %s: %v", mintedAt.Format(time.RFC3339), h.ids[i], verr))
+		// Tell a bundle that lags (SPIRE's datastore cache) from one that never learns the
+		// authority: the same SVIDs against every server's bundle a few seconds later.
+		time.Sleep(3 * time.Second)
+		later := map[string]string{}
+		for j := range h.servers {
+			if bconn, err := h.dial(j); err == nil {
+				if b, err := bundlev1.NewBundleClient(bconn).GetBundle(ctx, &bundlev1.GetBundleRequest{}); err == nil {
+					later[h.ids[j]] = fmt.Sprint(h.verify(i, id, x509Resp.Svid.CertChain, jwtResp.Svid.Token, b))
+				}
+				bconn.Close()
+			}
+		}
+		issuer := ""
+		if leaf, err := x509.ParseCertificate(x509Resp.Svid.CertChain[0]); err == nil {
+			issuer = fmt.Sprintf("%x", leaf.AuthorityKeyId)
+		}
+		var skis []string
+		for _, a := range bundle.X509Authorities {
+			if c, err := x509.ParseCertificate(a.Asn1); err == nil {
+				skis = append(skis, fmt.Sprintf("%x", c.SubjectKeyId))
+			}
+		}
+		h.mu.Lock()
+		h.failures = append(h.failures, fmt.Sprintf("%s %s (bundle from %s): %v [leaf issuer %s; bundle authorities %v; 3s later per server: %v]",
+			mintedAt.Format(time.RFC3339Nano), h.ids[i], h.ids[bundleFrom], verr, issuer, skis, later))
+		h.mu.Unlock()
 		return
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	h.verified += 2
 	if mintedAt.After(h.lastOK[i]) {
 		h.lastOK[i] = mintedAt
@@ -638,6 +667,18 @@ func runHA(t *testing.T, backend *haBackend, dataStore string) {
 		}
 	}
 	t.Cleanup(stopLoad)
+	if dir := os.Getenv("KMS_HA_LOG_DIR"); dir != "" {
+		// Keep the servers' logs (their directories go at cleanup).
+		t.Cleanup(func() {
+			for i, s := range h.servers {
+				logs, _ := filepath.Glob(filepath.Join(s.dir, "server-*.log"))
+				for _, l := range logs {
+					data, _ := os.ReadFile(l)
+					_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%s-%s", strings.Fields(backend.name)[0], h.ids[i], filepath.Base(l))), data, 0o600)
+				}
+			}
+		})
+	}
 	h.waitMinted(-1, begin, 60*time.Second)
 
 	for cycle := 0; ; cycle++ {
@@ -687,6 +728,9 @@ func runHA(t *testing.T, backend *haBackend, dataStore string) {
 	t.Logf("HA figures %s: run %s; SVIDs minted %d, verified %d, verification failures %d, mint errors outside faults %d, bundle fetches failed %d",
 		backend.name, elapsed.Round(time.Second), minted, h.verified, len(h.failures), len(steady), h.bundleFails)
 	t.Logf("HA figures %s: mint errors per fault window: %v", backend.name, h.mintErrors)
+	for k, e := range h.firstErrors {
+		t.Logf("first mint error in window %q: %s", k, e)
+	}
 	t.Logf("HA figures %s: rotations: %s", backend.name, strings.Join(prepared, "; "))
 	t.Logf("HA figures %s: KMS at the end: %s", backend.name, inv)
 	require.Empty(t, h.failures, "every minted SVID verifies against the bundle")
@@ -833,16 +877,18 @@ func TestSpireHAOnPostgresAwsKms(t *testing.T) {
 func gcpHABackend(t *testing.T) *haBackend {
 	fake, peer := startPersistentGcpKmsFake(t, "--require-auth", "--generation-delay", "0.05")
 	env := newGcpEnvOn(t, fake, gcpDocumentedPermissions(t))
-	// stale_key_age also retires superseded shared versions: it must outlast the time a
-	// server still signs with a version after another server superseded it (at most 5/6
-	// of ca_ttl), as the 14d default outlasts the 24h default ca_ttl.
-	const lifecycle = "liveness_interval = \"2s\"\nsweep_interval = \"2s\"\nstale_key_age = \"50s\"\nclock_skew_allowance = \"1s\""
-	reuse := 40 * time.Second
+	// stale_key_age also retires superseded shared versions: a server may still sign with a
+	// version for 5/6 of ca_ttl after adopting it, and another server (with another rotation
+	// phase, e.g. after a fresh start) may supersede it right after, so stale_key_age must
+	// exceed 5/6 of ca_ttl, as the 14d default exceeds the 24h default ca_ttl. The reuse
+	// window covers the servers' phase spread and stays below ca_ttl (one slot's period).
+	const lifecycle = "liveness_interval = \"2s\"\nsweep_interval = \"2s\"\nstale_key_age = \"80s\"\nclock_skew_allowance = \"1s\""
+	reuse := 45 * time.Second
 	shared := sharedKeys("ha", fmt.Sprintf("reuse_window = %q", reuse.String()), `lock_lease = "10s"`)
 	b := &haBackend{
 		name:          "gcp_kms shared_keys",
 		pluginData:    func(id string) string { return env.pluginData(id, lifecycle, shared) },
-		staleAfter:    51 * time.Second,
+		staleAfter:    81 * time.Second,
 		sweepInterval: 2 * time.Second,
 		restartKMS:    peer.Restart,
 		shared:        true,
