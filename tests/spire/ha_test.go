@@ -100,6 +100,8 @@ type haInventory struct {
 	// EnabledBy lists, per server id, its enabled keys; InUseBy the ones it serves.
 	EnabledBy, InUseBy map[string][]string
 	Locks              int // gcp_kms: rotation lock CryptoKeys (no versions)
+	// Seen: every key or version of the trust domain, whatever its state.
+	Seen map[string]bool
 }
 
 func (inv haInventory) String() string {
@@ -660,8 +662,17 @@ func (h *haRun) faultRestartKMS() {
 	for i := range h.servers {
 		h.setWindow(i, "kms-restart")
 	}
+	before := h.backend.inventory(h.t, h.ids)
 	started := time.Now()
 	down := h.backend.restartKMS()
+	after := h.backend.inventory(h.t, h.ids)
+	require.GreaterOrEqual(h.t, after.Total, before.Total, "the restarted KMS kept its keys: before %s, after %s", before, after)
+	for id, keys := range before.InUseBy {
+		for _, k := range keys {
+			_, ok := after.Seen[k]
+			require.True(h.t, ok, "%s's key %s is still there after the restart", id, k)
+		}
+	}
 	recovery := h.waitMinted(-1, started, 90*time.Second)
 	for i := range h.servers {
 		h.setWindow(i, "")
@@ -792,6 +803,20 @@ func runHA(t *testing.T, backend *haBackend, dataStore string) {
 		t.Logf("first mint error in window %q: %s", k, e)
 	}
 	t.Logf("HA figures %s: rotations: %s", backend.name, strings.Join(prepared, "; "))
+	byFault := map[string][]time.Duration{}
+	var names []string
+	for _, f := range h.faults {
+		if byFault[f.Name] == nil {
+			names = append(names, f.Name)
+		}
+		byFault[f.Name] = append(byFault[f.Name], f.Recovery)
+	}
+	for _, name := range names {
+		d := byFault[name]
+		slices.Sort(d)
+		t.Logf("HA figures %s: recovery after %q: %d times, median %s, max %s", backend.name, name, len(d),
+			d[len(d)/2].Round(100*time.Millisecond), d[len(d)-1].Round(100*time.Millisecond))
+	}
 	t.Logf("HA figures %s: KMS at the end: %s", backend.name, inv)
 	require.Empty(t, wrong, "every minted SVID verifies against the bundle")
 	require.Empty(t, steadyLag, "outside faults every SVID verifies against any server's current bundle")
@@ -862,7 +887,7 @@ func awsHABackend(t *testing.T) *haBackend {
 func awsInventory(t *testing.T, endpoint string, live []string, grace time.Duration) haInventory {
 	ctx := context.Background()
 	client := kmsClient(endpoint)
-	inv := haInventory{EnabledBy: map[string][]string{}, InUseBy: map[string][]string{}}
+	inv := haInventory{EnabledBy: map[string][]string{}, InUseBy: map[string][]string{}, Seen: map[string]bool{}}
 	served := map[string]string{} // key id → server id whose alias points at it
 	aliases := kms.NewListAliasesPaginator(client, &kms.ListAliasesInput{})
 	prefix := "alias/SPIRE_SERVER/example_org/"
@@ -898,6 +923,7 @@ func awsInventory(t *testing.T, endpoint string, live []string, grace time.Durat
 			inv.Total++
 			id, server := aws.ToString(k.KeyId), tag["spire-server-id"]
 			label := server + "/" + tag["spire-key-id"] + "/" + id
+			inv.Seen[label] = true
 			switch desc.KeyMetadata.KeyState {
 			case kmstypes.KeyStateEnabled:
 				inv.Enabled++
@@ -990,7 +1016,7 @@ func gcpHABackend(t *testing.T) *haBackend {
 // a live server's active CryptoKeys and of the shared ones. Grace: an older enabled shared
 // version, superseded less than grace ago (the sweep retires it after stale_key_age).
 func gcpInventory(t *testing.T, env *gcpEnv, live []string, grace time.Duration) haInventory {
-	inv := haInventory{EnabledBy: map[string][]string{}, InUseBy: map[string][]string{}}
+	inv := haInventory{EnabledBy: map[string][]string{}, InUseBy: map[string][]string{}, Seen: map[string]bool{}}
 	for _, k := range env.fake.State(t, env.ring).CryptoKeys {
 		if k.Labels["spire-lock"] == "true" {
 			inv.Locks++
@@ -1007,6 +1033,7 @@ func gcpInventory(t *testing.T, env *gcpEnv, live []string, grace time.Duration)
 		enabled := enabledVersions(&k)
 		for _, v := range k.Versions {
 			inv.Total++
+			inv.Seen[fmt.Sprintf("%s/%s", short, v.Name[strings.LastIndex(v.Name, "/")+1:])] = true
 			if v.State != "ENABLED" {
 				inv.Deleting++
 			}
