@@ -79,7 +79,6 @@ type haBackend struct {
 	shared bool
 	// sharedVersions lists the shared JWT key versions by name; a destroyed one has no key.
 	sharedVersions func(t *testing.T) map[string]haSharedVersion
-	reuseWindow    time.Duration
 }
 
 // haSharedVersion is one version of a shared JWT CryptoKey.
@@ -858,8 +857,14 @@ func runHA(t *testing.T, backend *haBackend, dataStore string) {
 			all++
 		}
 	}
-	t.Logf("HA figures %s: shared JWT versions created %d for %d JWT key preparations by %d servers; published by all %d servers: %d keys",
-		backend.name, len(versions), jwtPrepared, haServers, haServers, all)
+	signedByAll := 0
+	for _, servers := range h.tokenKeys {
+		if len(servers) >= haServers {
+			signedByAll++
+		}
+	}
+	t.Logf("HA figures %s: shared JWT versions created %d for %d JWT key preparations by %d servers; published by all %d servers: %d keys; signed JWT-SVIDs of all %d servers: %d keys",
+		backend.name, len(versions), jwtPrepared, haServers, haServers, all, haServers, signedByAll)
 	require.GreaterOrEqual(t, all, 2, "several rotations' keys were published by every server")
 	require.Less(t, len(versions), jwtPrepared, "servers adopted each other's versions instead of making one each")
 }
@@ -979,7 +984,6 @@ func gcpHABackend(t *testing.T) *haBackend {
 		sweepInterval: 2 * time.Second,
 		restartKMS:    peer.Restart,
 		shared:        true,
-		reuseWindow:   reuse,
 	}
 	b.inventory = func(t *testing.T, live []string) haInventory {
 		return gcpInventory(t, env, live, b.staleAfter+3*b.sweepInterval)
