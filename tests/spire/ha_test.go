@@ -273,6 +273,10 @@ func (h *haRun) mintOnce(i, n int, id spiffeid.ID, csr []byte) {
 	fail := func(err error) {
 		h.mu.Lock()
 		defer h.mu.Unlock()
+		// A call in flight when a fault starts fails in that fault's window.
+		if window == "" {
+			window = h.window[i]
+		}
 		k := window + "/" + h.ids[i]
 		h.mintErrors[k]++
 		if _, ok := h.firstErrors[k]; !ok {
