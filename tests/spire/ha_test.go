@@ -8,7 +8,7 @@ package spire_test
 // server stopped for longer than the stale age (the others sweep its keys, and only its), and
 // a restart of the KMS peer. The figures (docs/reliability.md) come from t.Log lines that
 // start with "HA figures". KMS_HA_LONG=1 (scripts/ha.sh) repeats the faults for
-// KMS_HA_DURATION (default 15m).
+// KMS_HA_DURATION (default 15m); KMS_HA_LOG_DIR keeps the servers' logs there.
 
 import (
 	"context"
