@@ -132,6 +132,17 @@ printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR
 export SOFTHSM2_CONF=$LOG_DIR/softhsm2.conf
 softhsm2-util --version
 
+step "PostgreSQL (SPIRE's datastore in the HA tests)"
+# Debian's package, installed once (it survives on the machine like softhsm2); the Go tests
+# start a private cluster of their own (initdb into a temporary directory, 127.0.0.1 and a free
+# port, as the package's `postgres` user when run as root) and stop it. Debian keeps initdb
+# and postgres in /usr/lib/postgresql/<major>/bin, where the tests look (or PG_BIN_DIR).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [[ -z ${PG_BIN_DIR:-} ]]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+"$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)/postgres" --version 2>/dev/null || "${PG_BIN_DIR:-}/postgres" --version
+
 step "kryoptic (second PKCS#11 peer) $KRYOPTIC_VERSION"
 # kryoptic's module (a cdylib on crates.io, not installable with `cargo install`), built by
 # the stand-alone package tests/peers/kryoptic at its pinned Cargo.lock against Debian's
