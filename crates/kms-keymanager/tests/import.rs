@@ -1119,16 +1119,21 @@ enum CrashStore {
     Gcp { sa: PathBuf, warm: Option<String> },
 }
 
+/// A command line, given the target's plugin_data file.
+type CommandLine = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
 /// One command killed at every store call of a clean run, then re-run.
 struct CrashScenario {
     name: &'static str,
     store: CrashStore,
     /// The whole command line, given the target's plugin_data file.
-    command: Box<dyn Fn(&str) -> Vec<String> + Send + Sync>,
+    command: CommandLine,
     td: String,
     /// What the target must serve after the re-run: key id → fingerprint.
     expected: BTreeMap<String, String>,
     dir: PathBuf,
+    /// Re-runs repeated because the peer timed out.
+    slow_reruns: std::sync::atomic::AtomicUsize,
 }
 
 /// What a crash left behind once the re-run completed.
@@ -1382,7 +1387,17 @@ impl CrashScenario {
             proxy.clear();
         }
         let start = proxy.count();
-        let rerun = run_async(&args).await;
+        let mut rerun = run_async(&args).await;
+        // A peer too slow to answer within the client's attempt timeout (LocalStack making
+        // RSA-4096 wrapping keys on a busy machine) is not what this test is about: re-run
+        // again, as the operator would, and count it.
+        let mut slow = 0;
+        while rerun.code != 0 && rerun.stderr.contains("timed out") && slow < 2 {
+            slow += 1;
+            self.slow_reruns
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            rerun = run_async(&args).await;
+        }
         assert_eq!(rerun.code, 0, "{}/{run}: {}", self.name, rerun.stderr);
         if crash.is_none() {
             calls = proxy.since(start).iter().map(|r| r.name()).collect();
@@ -1401,8 +1416,14 @@ async fn crash_at_every_store_call(scenario: CrashScenario, only: Option<fn(&str
     assert_eq!(clean, Leftovers::default(), "a clean run leaves nothing");
     let calls = names.len();
     assert!(calls > 0);
-    // A few cases at a time: each runs two processes against one peer.
-    let limit = Arc::new(tokio::sync::Semaphore::new(4));
+    // A few cases at a time; LocalStack makes its wrapping keys one after the other, so more
+    // AWS cases at once only make each call slower.
+    let at_once = if matches!(scenario.store, CrashStore::Aws) {
+        2
+    } else {
+        4
+    };
+    let limit = Arc::new(tokio::sync::Semaphore::new(at_once));
     let mut cases = tokio::task::JoinSet::new();
     // With a filter, one call of each kind (not every poll of the same resource).
     let mut seen = std::collections::HashSet::new();
@@ -1459,9 +1480,12 @@ async fn crash_at_every_store_call(scenario: CrashScenario, only: Option<fn(&str
         lines.join("\n")
     );
     println!(
-        "{}: {calls} store calls in a clean run, {kills} kills (at {} of them), re-run completed every time, in {:.1} s; leftovers {totals:?}\n{}",
+        "{}: {calls} store calls in a clean run, {kills} kills (at {} of them), re-run completed every time ({} repeated after a peer timeout), in {:.1} s; leftovers {totals:?}\n{}",
         scenario.name,
         chosen.len(),
+        scenario
+            .slow_reruns
+            .load(std::sync::atomic::Ordering::SeqCst),
         started.elapsed().as_secs_f64(),
         lines.join("\n")
     );
@@ -1522,6 +1546,7 @@ async fn migrate_to_aws_kms_killed_at_every_store_call_completes_on_rerun() {
             td,
             expected,
             dir: dir.path().to_path_buf(),
+            slow_reruns: Default::default(),
         },
         None,
     )
@@ -1569,6 +1594,7 @@ async fn migrate_to_gcp_kms_killed_at_every_store_call_completes_on_rerun() {
                 td: td.clone(),
                 expected: expected.clone(),
                 dir: dir.path().to_path_buf(),
+                slow_reruns: Default::default(),
             },
             only,
         )
@@ -1596,6 +1622,7 @@ async fn import_into_aws_kms_killed_at_every_store_call_completes_on_rerun() {
             )]
             .into(),
             dir: dir.path().to_path_buf(),
+            slow_reruns: Default::default(),
         },
         None,
     )
