@@ -842,8 +842,12 @@ impl AwsAccount {
         Self { keys, aliases }
     }
 
-    fn key(&self, key_id: &str) -> &AwsStoreKey {
-        self.keys.iter().find(|k| k.key_id == key_id).unwrap()
+    /// The key an alias targets (a key id; LocalStack keeps an ARN given to UpdateAlias).
+    fn key(&self, target: &str) -> &AwsStoreKey {
+        self.keys
+            .iter()
+            .find(|k| k.key_id == target || k.arn == target)
+            .unwrap_or_else(|| panic!("no key {target} among {:#?}", self.keys))
     }
 }
 
