@@ -842,7 +842,8 @@ impl AwsAccount {
         Self { keys, aliases }
     }
 
-    /// The key an alias targets (a key id; LocalStack keeps an ARN given to UpdateAlias).
+    /// The key an alias targets: a key id, or an ARN (LocalStack lists the ARN an
+    /// UpdateAlias was given; AWS gives the key id).
     fn key(&self, target: &str) -> &AwsStoreKey {
         self.keys
             .iter()
