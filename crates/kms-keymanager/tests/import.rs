@@ -1248,10 +1248,10 @@ impl CrashScenario {
                         locator: key.arn.clone(),
                         trust_domain: tag(tags::TRUST_DOMAIN),
                         server_id: tag(tags::SERVER_ID),
-                        state: if key.state == "Enabled" {
-                            StoreKeyState::Enabled
-                        } else {
-                            StoreKeyState::Disabled
+                        state: match key.state.as_str() {
+                            "Enabled" => StoreKeyState::Enabled,
+                            "PendingImport" => StoreKeyState::Incomplete,
+                            _ => StoreKeyState::Disabled,
                         },
                         key_id: tag(tags::KEY_ID),
                         published: false,
