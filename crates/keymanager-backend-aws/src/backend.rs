@@ -945,6 +945,9 @@ impl KeyLifecycle for AwsKmsBackend {
                         Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion) => {
                             StoreKeyState::PendingDeletion
                         }
+                        // Not a disabled key: one an interrupted import left without
+                        // material (`keys enable` cannot help it; the sweep removes it).
+                        Some(KeyState::PendingImport) => StoreKeyState::Incomplete,
                         _ => StoreKeyState::Disabled,
                     },
                     published,
