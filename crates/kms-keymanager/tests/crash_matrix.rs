@@ -127,8 +127,10 @@ fn start_peers() -> Peers {
         let moto = s.spawn(peers::moto);
         let gcp = s.spawn(|| {
             let peer = peers::gcp_fake();
-            let file =
-                std::env::temp_dir().join(format!("kms-keymanager-crash-sa-{}.json", std::process::id()));
+            let file = std::env::temp_dir().join(format!(
+                "kms-keymanager-crash-sa-{}.json",
+                std::process::id()
+            ));
             peers::gcp_service_account(
                 &peer.url,
                 "spire@crash.iam.gserviceaccount.com",
@@ -163,7 +165,8 @@ struct Cell {
 impl Cell {
     fn new(backend: Backend, point: &'static str, n: usize) -> Self {
         let tag = format!("c{n}-{}", std::process::id());
-        let token = (backend == Backend::Pkcs11).then(|| peers::softhsm_token(&format!("crash-{tag}")));
+        let token =
+            (backend == Backend::Pkcs11).then(|| peers::softhsm_token(&format!("crash-{tag}")));
         Self {
             backend,
             point,
@@ -269,15 +272,18 @@ impl Cell {
         for (k, v) in self.env(peers) {
             command.env(k, v);
         }
-        let output = command.output().await.map_err(|e| format!("run CLI: {e}"))?;
+        let output = command
+            .output()
+            .await
+            .map_err(|e| format!("run CLI: {e}"))?;
         if !output.status.success() {
             return Err(format!(
                 "keys list failed: {}",
                 String::from_utf8_lossy(&output.stderr)
             ));
         }
-        let json: Value = serde_json::from_slice(&output.stdout)
-            .map_err(|e| format!("keys list JSON: {e}"))?;
+        let json: Value =
+            serde_json::from_slice(&output.stdout).map_err(|e| format!("keys list JSON: {e}"))?;
         Ok(json["keys"]
             .as_array()
             .cloned()
@@ -377,10 +383,7 @@ async fn generate(plugin: &PluginProcess, id: &str) -> Result<String, tonic::Sta
 /// Waits for the armed plugin to abort at `point`; an error when it ended otherwise or not
 /// at all.
 async fn crashed(mut plugin: PluginProcess, point: &str, within: Duration) -> Result<(), String> {
-    let status = plugin
-        .wait_exit(within)
-        .await
-        .map_err(|e| e.to_string())?;
+    let status = plugin.wait_exit(within).await.map_err(|e| e.to_string())?;
     let socket_dir = plugin.socket_path().parent().map(Path::to_path_buf);
     // The host's stderr reader may lag the exit by a moment.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -392,7 +395,7 @@ async fn crashed(mut plugin: PluginProcess, point: &str, within: Duration) -> Re
     let marker = format!("failpoint {point}@");
     match status {
         None => Err(format!("{point} was never reached within {within:?}")),
-        Some(status) if status.signal() == Some(libc_sigabrt()) => {
+        Some(status) if status.signal() == Some(SIGABRT) => {
             if stderr.iter().any(|l| l.contains(&marker)) {
                 Ok(())
             } else {
@@ -409,10 +412,8 @@ async fn crashed(mut plugin: PluginProcess, point: &str, within: Duration) -> Re
     }
 }
 
-/// SIGABRT on Linux.
-fn libc_sigabrt() -> i32 {
-    6
-}
+/// `std::process::abort` ends the process with SIGABRT.
+const SIGABRT: i32 = 6;
 
 /// Waits until the plugin logged a finished sweep after `since` lines.
 async fn swept(plugin: &PluginProcess, since: usize) -> Result<(), String> {
@@ -500,10 +501,10 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
         .collect();
 
     // The crash.
-    let armed = match (cell.point, drive) {
+    let armed = match cell.point {
         // Half-way: after the first of two keys stamped or deleted.
-        ("stamp.after_key" | "sweep.after_delete", _) => format!("{}@1", cell.point),
-        (point, _) => point.to_string(),
+        "stamp.after_key" | "sweep.after_delete" => format!("{}@1", cell.point),
+        point => point.to_string(),
     };
     let plugin = cell
         .start(peers, drive != Drive::Rotate, Some(&armed))
@@ -541,7 +542,10 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
             .find(|k| k.fingerprint.as_deref() == Some(fp.as_str()) && k.served_here)
             .ok_or_else(|| format!("{id}: the served key {fp} is not in the store's listing"))?;
         if !row.live() {
-            return Err(format!("{id}: the served key {} is {}", row.locator, row.state));
+            return Err(format!(
+                "{id}: the served key {} is {}",
+                row.locator, row.state
+            ));
         }
         if *fp != spire[id] {
             // Only the rotated id may have moved on, and only to the key the crashed step
@@ -692,7 +696,9 @@ async fn a_crash_at_every_step_of_every_backend_keeps_spires_keys_and_leaves_not
     );
     let table = table(&results);
     eprintln!("{table}");
-    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(DOC);
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(DOC);
     if std::env::var_os("CRASH_MATRIX_UPDATE").is_some() {
         update_doc(&doc, &table);
     }
