@@ -753,6 +753,7 @@ impl Backend for AwsKmsBackend {
         let alias = self.alias(&new.id)?;
         self.point_alias(&alias, &new.handle.arn, replaces.is_some())
             .await?;
+        keymanager_engine::failpoint!("publish.after_alias");
         self.tag(&new.handle.arn, &[(tags::ACTIVE, "true")]).await
     }
 

@@ -17,6 +17,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "GenerateKey: the new key exists in the store, discovery does not find it yet",
     ),
     (
+        "publish.after_alias",
+        "GenerateKey, aws_kms: the alias points at the new key, its `active` tag is not set yet",
+    ),
+    (
         "generate.after_publish",
         "GenerateKey: discovery finds the new key; the replaced key is not retired yet",
     ),

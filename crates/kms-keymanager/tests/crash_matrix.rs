@@ -52,6 +52,7 @@ const SECTION: &str = "## Crash at every step";
 enum Backend {
     Disk,
     Aws,
+    AwsTags,
     Gcp,
     Vault,
     Azure,
@@ -59,9 +60,10 @@ enum Backend {
 }
 
 impl Backend {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Disk,
         Self::Aws,
+        Self::AwsTags,
         Self::Gcp,
         Self::Vault,
         Self::Azure,
@@ -72,6 +74,7 @@ impl Backend {
         match self {
             Self::Disk => "disk",
             Self::Aws => "aws_kms (moto)",
+            Self::AwsTags => "aws_kms, tag discovery (moto)",
             Self::Gcp => "gcp_kms (fake)",
             Self::Vault => "hashicorp_vault (OpenBao)",
             Self::Azure => "azure_key_vault (fake)",
@@ -84,9 +87,12 @@ impl Backend {
         let lifecycle = point.starts_with("stamp.") || point.starts_with("sweep.");
         match (self, point) {
             (Self::Disk, _) if lifecycle => Some("no stamps or sweeps"),
-            (Self::Disk, "delete.after_intent") => Some("one file write"),
+            (Self::Disk, "delete.after_intent" | "publish.after_alias") => Some("one file write"),
             (Self::Gcp | Self::Azure, "delete.after_intent") => Some("one store call"),
             (Self::Pkcs11, "stamp.after_key") => Some("no stamps on a token"),
+            (Self::Gcp | Self::Vault | Self::Azure | Self::Pkcs11, "publish.after_alias") => {
+                Some("one store call")
+            }
             _ => None,
         }
     }
@@ -192,9 +198,10 @@ impl Cell {
                     self.dir.path().join("keys.json").display().to_string()
                 );
             }
-            Backend::Aws => format!(
-                "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n",
-                peers.moto.url
+            Backend::Aws | Backend::AwsTags => format!(
+                "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nenable_tag_based_key_discovery = {}\n",
+                peers.moto.url,
+                self.backend == Backend::AwsTags
             ),
             Backend::Gcp => format!(
                 "backend = \"gcp_kms\"\nkey_ring = {GCP_KEY_RING:?}\nendpoint = {:?}\nservice_account_file = {:?}\n",
