@@ -7,7 +7,8 @@
 //!   the store did not hold before the step), and it signs verifiably (*ring*);
 //! - no served key is on its way out of the store;
 //! - whatever the crashed step left (a key discovery does not find) is gone after the next
-//!   sweep: the store holds exactly the served keys.
+//!   sweep: the store holds exactly the served keys;
+//! - SPIRE can rotate again, and the store then holds exactly the new served keys.
 //!
 //! Prints the step × backend table of outcomes and checks that `docs/reliability.md`
 //! holds it (`CRASH_MATRIX_UPDATE=1` rewrites it there).
@@ -588,6 +589,30 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
         if !extra.is_empty() {
             return Err(format!("files beside keys.json: {extra:?}"));
         }
+    }
+    // SPIRE can rotate again: the crash left nothing in the way (a lock, a second active
+    // key), and the store again holds exactly the served keys.
+    let rotated = generate(&plugin, IDS[0])
+        .await
+        .map_err(|e| format!("GenerateKey {} after the restart: {e}", IDS[0]))?;
+    let now = served(&plugin).await?;
+    if now[IDS[0]] != rotated {
+        return Err(format!(
+            "{} was rotated to {rotated} after the restart but serves {}",
+            IDS[0], now[IDS[0]]
+        ));
+    }
+    let store = cell.store_keys(peers).await?;
+    let live: BTreeSet<&str> = store
+        .iter()
+        .filter(|k| k.live())
+        .filter_map(|k| k.fingerprint.as_deref())
+        .collect();
+    let wanted: BTreeSet<&str> = now.values().map(String::as_str).collect();
+    if live != wanted || !leftovers(&store).is_empty() {
+        return Err(format!(
+            "after a rotation following the restart the store's live keys are {live:?}, the served ones {wanted:?}"
+        ));
     }
     let report = plugin.shutdown().await.map_err(|e| e.to_string())?;
     if !report.graceful {
