@@ -41,6 +41,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_kms-keymanager");
 const IDS: [&str; 2] = ["x509-CA-A", "JWT-Signer-A"];
 /// New ids whose GenerateKey crashes after prepare: the leftovers a sweep cell sweeps.
 const LEFTOVER_IDS: [&str; 2] = ["x509-CA-B", "JWT-Signer-B"];
+/// gcp_kms's shared-keys mode: the JWT keys live in one CryptoKey per trust domain and id;
+/// the shortest lease a crashed rotation's lock can have, and a reuse window short enough
+/// that a rotation a moment later makes a new version (within it, a version this process
+/// has not served — one created before a restart too — is adopted instead).
+const SHARED_KEYS: &str = "shared_keys {\n  crypto_key_template = \"s-{{ .TrustDomain }}-{{ .KeyID }}\"\n  key_id_extraction_regex = \"^s-[0-9a-f]+-(.+)$\"\n  lock_lease = \"10s\"\n  reuse_window = \"1s\"\n}\n";
 const GCP_KEY_RING: &str = "projects/crash/locations/global/keyRings/spire";
 /// How long a crash run may take to reach a stamp or sweep (both run every second).
 const CRASH_WAIT: Duration = Duration::from_secs(20);
@@ -55,17 +60,19 @@ enum Backend {
     Aws,
     AwsTags,
     Gcp,
+    GcpShared,
     Vault,
     Azure,
     Pkcs11,
 }
 
 impl Backend {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Disk,
         Self::Aws,
         Self::AwsTags,
         Self::Gcp,
+        Self::GcpShared,
         Self::Vault,
         Self::Azure,
         Self::Pkcs11,
@@ -77,6 +84,7 @@ impl Backend {
             Self::Aws => "aws_kms (moto)",
             Self::AwsTags => "aws_kms, tag discovery (moto)",
             Self::Gcp => "gcp_kms (fake)",
+            Self::GcpShared => "gcp_kms, shared JWT keys (fake)",
             Self::Vault => "hashicorp_vault (OpenBao)",
             Self::Azure => "azure_key_vault (fake)",
             Self::Pkcs11 => "pkcs11 (SoftHSM2)",
@@ -89,11 +97,14 @@ impl Backend {
         match (self, point) {
             (Self::Disk, _) if lifecycle => Some("no stamps or sweeps"),
             (Self::Disk, "delete.after_intent" | "publish.after_alias") => Some("one file write"),
-            (Self::Gcp | Self::Azure, "delete.after_intent") => Some("one store call"),
-            (Self::Pkcs11, "stamp.after_key") => Some("no stamps on a token"),
-            (Self::Gcp | Self::Vault | Self::Azure | Self::Pkcs11, "publish.after_alias") => {
+            (Self::Gcp | Self::GcpShared | Self::Azure, "delete.after_intent") => {
                 Some("one store call")
             }
+            (Self::Pkcs11, "stamp.after_key") => Some("no stamps on a token"),
+            (
+                Self::Gcp | Self::GcpShared | Self::Vault | Self::Azure | Self::Pkcs11,
+                "publish.after_alias",
+            ) => Some("one store call"),
             _ => None,
         }
     }
@@ -102,7 +113,7 @@ impl Backend {
 /// What drives a cell to its step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Drive {
-    /// A GenerateKey that rotates `IDS[0]`.
+    /// A GenerateKey that rotates the cell's rotated id.
     Rotate,
     /// The stamper's next round.
     Stamp,
@@ -184,6 +195,27 @@ impl Cell {
         }
     }
 
+    fn kept_by_design(&self, key: &StoreKey) -> bool {
+        self.backend == Backend::GcpShared && key.server_id.as_deref() == Some("<shared>")
+    }
+
+    /// Waits out gcp_kms's shared `reuse_window` (1 s here), so that the next rotation makes
+    /// a version instead of adopting the newest.
+    async fn past_reuse_window(&self) {
+        if self.backend == Backend::GcpShared {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+
+    /// The id a rotation cell rotates: the shared one in shared-keys mode.
+    fn rotated(&self) -> &'static str {
+        if self.backend == Backend::GcpShared {
+            IDS[1]
+        } else {
+            IDS[0]
+        }
+    }
+
     /// plugin_data; `busy` stamps and sweeps every second (else never within a run).
     fn plugin_data(&self, peers: &Peers, busy: bool) -> String {
         let sid = &self.server_id;
@@ -204,10 +236,15 @@ impl Cell {
                 peers.moto.url,
                 self.backend == Backend::AwsTags
             ),
-            Backend::Gcp => format!(
-                "backend = \"gcp_kms\"\nkey_ring = {GCP_KEY_RING:?}\nendpoint = {:?}\nservice_account_file = {:?}\n",
+            Backend::Gcp | Backend::GcpShared => format!(
+                "backend = \"gcp_kms\"\nkey_ring = {GCP_KEY_RING:?}\nendpoint = {:?}\nservice_account_file = {:?}\n{}",
                 peers.gcp.url,
-                peers.gcp_account.display().to_string()
+                peers.gcp_account.display().to_string(),
+                if self.backend == Backend::GcpShared {
+                    SHARED_KEYS
+                } else {
+                    ""
+                }
             ),
             Backend::Vault => format!(
                 "backend = \"hashicorp_vault\"\nvault_addr = {:?}\ntoken_auth {{\n  token = {:?}\n}}\nliveness_kv_mount = \"secret\"\n",
@@ -274,7 +311,9 @@ impl Cell {
         std::fs::write(&file, self.plugin_data(peers, false)).unwrap();
         let mut command = tokio::process::Command::new(BIN);
         command
-            .args(["keys", "list", "--history", "--json", "--plugin-data"])
+            // Every server's keys of the trust domain, which is the cell's own.
+            .args(["keys", "list", "--all-servers", "--history", "--json"])
+            .arg("--plugin-data")
             .arg(&file)
             .args(["--trust-domain", &self.trust_domain]);
         for (k, v) in self.env(peers) {
@@ -297,13 +336,9 @@ impl Cell {
             .cloned()
             .unwrap_or_default()
             .iter()
-            .filter(|k| {
-                // disk rows carry no server id; every other store's rows are this server's
-                // (the trust domain is the cell's own).
-                k["server_id"].is_null() || k["server_id"] == self.server_id.as_str()
-            })
             .map(|k| StoreKey {
                 key_id: k["key_id"].as_str().unwrap_or_default().to_string(),
+                server_id: k["server_id"].as_str().map(str::to_string),
                 fingerprint: k["fingerprint"].as_str().map(str::to_string),
                 locator: k["locator"].as_str().unwrap_or_default().to_string(),
                 state: k["state"].as_str().unwrap_or_default().to_string(),
@@ -317,6 +352,7 @@ impl Cell {
 #[derive(Clone, Debug)]
 struct StoreKey {
     key_id: String,
+    server_id: Option<String>,
     fingerprint: Option<String>,
     locator: String,
     state: String,
@@ -330,9 +366,13 @@ impl StoreKey {
     }
 }
 
-/// Leftovers: keys the store holds for this server that discovery does not serve.
-fn leftovers(keys: &[StoreKey]) -> Vec<&StoreKey> {
-    keys.iter().filter(|k| k.live() && !k.served_here).collect()
+/// Leftovers: keys the store holds that discovery does not serve, but for a superseded
+/// gcp_kms shared version, which stays for `stale_key_age` by design (other servers may
+/// still sign with it).
+fn leftovers<'a>(cell: &Cell, keys: &'a [StoreKey]) -> Vec<&'a StoreKey> {
+    keys.iter()
+        .filter(|k| k.live() && !k.served_here && !cell.kept_by_design(k))
+        .collect()
 }
 
 fn fingerprint(spki: &[u8]) -> String {
@@ -451,6 +491,10 @@ struct Outcome {
     served: &'static str,
     /// Leftovers the crash left in the store (keys discovery does not serve).
     leftovers: usize,
+    /// A shared id whose GenerateKey crashed is served.
+    shared_extra: bool,
+    /// A superseded shared version stays (for `stale_key_age`).
+    kept_shared: bool,
 }
 
 impl Outcome {
@@ -464,7 +508,17 @@ impl Outcome {
             (n, true) => format!("{n} leftover{} removed by the next sweep", plural(n)),
             (n, false) => format!("{n} leftover{}", plural(n)),
         };
-        format!("{served} served; {rest}")
+        let extra = if self.shared_extra {
+            "; the shared id whose GenerateKey crashed is served too"
+        } else {
+            ""
+        };
+        let kept = if self.kept_shared {
+            "; SPIRE's superseded shared version stays for `stale_key_age`"
+        } else {
+            ""
+        };
+        format!("{served} served{extra}; {rest}{kept}")
     }
 }
 
@@ -517,8 +571,9 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
     let plugin = cell
         .start(peers, drive != Drive::Rotate, Some(&armed))
         .await?;
+    cell.past_reuse_window().await;
     if drive == Drive::Rotate
-        && let Ok(fp) = generate(&plugin, IDS[0]).await
+        && let Ok(fp) = generate(&plugin, cell.rotated()).await
     {
         return Err(format!(
             "the rotation answered ({fp}) despite the failpoint"
@@ -526,13 +581,23 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
     }
     crashed(plugin, cell.point, CRASH_WAIT).await?;
     let after_crash = cell.store_keys(peers).await?;
-    let left = leftovers(&after_crash).len();
+    let left = leftovers(cell, &after_crash).len();
+    let kept = after_crash
+        .iter()
+        .filter(|k| k.live() && !k.served_here && cell.kept_by_design(k))
+        .count();
 
     // The restart.
     let plugin = cell.start(peers, true, None).await?;
     let since = plugin.stderr_lines().len();
     let now = served(&plugin).await?;
-    if now.keys().collect::<Vec<_>>() != spire.keys().collect::<Vec<_>>() {
+    // A shared id whose GenerateKey crashed after prepare is found by every server: the
+    // shared CryptoKey exists (gcp_kms shared keys only).
+    let extra: Vec<&String> = now.keys().filter(|id| !spire.contains_key(*id)).collect();
+    let shared_extra = cell.backend == Backend::GcpShared
+        && drive == Drive::Sweep
+        && extra.iter().all(|id| *id == LEFTOVER_IDS[1]);
+    if spire.keys().any(|id| !now.contains_key(id)) || (!extra.is_empty() && !shared_extra) {
         return Err(format!(
             "the restart serves ids {:?}, SPIRE holds {:?}",
             now.keys().collect::<Vec<_>>(),
@@ -542,6 +607,8 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
     let mut outcome = Outcome {
         served: "SPIRE's key",
         leftovers: left,
+        shared_extra: !extra.is_empty(),
+        kept_shared: kept > 0,
     };
     let store = cell.store_keys(peers).await?;
     for (id, fp) in &now {
@@ -555,13 +622,15 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
                 row.locator, row.state
             ));
         }
-        if *fp != spire[id] {
+        let Some(spires) = spire.get(id) else {
+            continue; // the shared id above
+        };
+        if fp != spires {
             // Only the rotated id may have moved on, and only to the key the crashed step
             // created.
-            if drive != Drive::Rotate || id != IDS[0] || before.contains(&row.locator) {
+            if drive != Drive::Rotate || id != cell.rotated() || before.contains(&row.locator) {
                 return Err(format!(
-                    "{id}: serves {fp}, neither SPIRE's key {} nor one the crashed step created",
-                    spire[id]
+                    "{id}: serves {fp}, neither SPIRE's key {spires} nor one the crashed step created"
                 ));
             }
             outcome.served = "the new key";
@@ -571,7 +640,7 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
         swept(&plugin, since).await?;
     }
     let store = cell.store_keys(peers).await?;
-    let rest = leftovers(&store);
+    let rest = leftovers(cell, &store);
     if !rest.is_empty() {
         return Err(format!(
             "after the next sweep the store still holds keys nobody serves: {:?}",
@@ -592,24 +661,33 @@ async fn run_cell(cell: &Cell, peers: &Peers) -> Result<String, String> {
     }
     // SPIRE can rotate again: the crash left nothing in the way (a lock, a second active
     // key), and the store again holds exactly the served keys.
-    let rotated = generate(&plugin, IDS[0])
+    let previous = now[cell.rotated()].clone();
+    cell.past_reuse_window().await;
+    let rotated = generate(&plugin, cell.rotated())
         .await
-        .map_err(|e| format!("GenerateKey {} after the restart: {e}", IDS[0]))?;
+        .map_err(|e| format!("GenerateKey {} after the restart: {e}", cell.rotated()))?;
+    if rotated == previous {
+        return Err(format!(
+            "GenerateKey {} after the restart answered the key already served ({rotated})",
+            cell.rotated()
+        ));
+    }
     let now = served(&plugin).await?;
-    if now[IDS[0]] != rotated {
+    if now[cell.rotated()] != rotated {
         return Err(format!(
             "{} was rotated to {rotated} after the restart but serves {}",
-            IDS[0], now[IDS[0]]
+            cell.rotated(),
+            now[cell.rotated()]
         ));
     }
     let store = cell.store_keys(peers).await?;
     let live: BTreeSet<&str> = store
         .iter()
-        .filter(|k| k.live())
+        .filter(|k| k.live() && (k.served_here || !cell.kept_by_design(k)))
         .filter_map(|k| k.fingerprint.as_deref())
         .collect();
     let wanted: BTreeSet<&str> = now.values().map(String::as_str).collect();
-    if live != wanted || !leftovers(&store).is_empty() {
+    if live != wanted || !leftovers(cell, &store).is_empty() {
         return Err(format!(
             "after a rotation following the restart the store's live keys are {live:?}, the served ones {wanted:?}"
         ));
