@@ -348,6 +348,19 @@ impl Cell {
     }
 }
 
+impl Drop for Cell {
+    /// A cell's SoftHSM2 token goes with it: the token directory is shared by the run.
+    fn drop(&mut self) {
+        if let Some(token) = &self.token {
+            let _ = std::process::Command::new("softhsm2-util")
+                .args(["--delete-token", "--token", &token.label])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// One row of `keys list`.
 #[derive(Clone, Debug)]
 struct StoreKey {
@@ -793,6 +806,7 @@ async fn a_crash_at_every_step_of_every_backend_keeps_spires_keys_and_leaves_not
             )),
         }
     }
+    let _ = std::fs::remove_file(&peers.gcp_account);
     eprintln!(
         "{n} cells in {:.1?} (peers ready after {:.1?})",
         started.elapsed(),
