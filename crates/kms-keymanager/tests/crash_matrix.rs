@@ -1,8 +1,8 @@
 //! The crash matrix: for every backend × every failpoint (`keymanager_engine::failpoint`),
 //! the real binary is driven to the step, aborts there (no destructors, no reply: a
 //! `kill -9` at that step), and is started again. Checked with the store itself, through
-//! the operator CLI's view (`keys list --history --json`: what discovery serves and every
-//! key the store holds for this server):
+//! the operator CLI's view (`keys list --all-servers --history --json`: what discovery
+//! serves and every key the store holds for the trust domain, which is the cell's own):
 //! - each key id serves the key SPIRE last got, or the key the crashed step created (a key
 //!   the store did not hold before the step), and it signs verifiably (*ring*);
 //! - no served key is on its way out of the store;
@@ -37,7 +37,8 @@ use serde_json::Value;
 use sha2::Digest as _;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kms-keymanager");
-/// The key ids SPIRE holds in every cell; the first is the one rotated.
+/// The key ids SPIRE holds in every cell; a rotation cell rotates the first (the second,
+/// the shared id, in gcp_kms's shared-keys mode).
 const IDS: [&str; 2] = ["x509-CA-A", "JWT-Signer-A"];
 /// New ids whose GenerateKey crashes after prepare: the leftovers a sweep cell sweeps.
 const LEFTOVER_IDS: [&str; 2] = ["x509-CA-B", "JWT-Signer-B"];
