@@ -307,6 +307,15 @@ impl PluginProcess {
             .clone()
     }
 
+    /// Waits up to `timeout` for the process to end by itself (a crash); `None` while it
+    /// still runs.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, HostError> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.map(Some).map_err(HostError::Wait),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Unloads the plugin as SPIRE does: Deinit, close the broker, Shutdown, then wait
     /// [`EXIT_GRACE`] for the process to exit before killing it.
     pub async fn shutdown(mut self) -> Result<ExitReport, HostError> {
