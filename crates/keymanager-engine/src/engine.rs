@@ -850,7 +850,8 @@ enum Settled {
 
 fn kept_after_abort(had_key: bool, aborted: bool) -> &'static str {
     match (had_key, aborted) {
-        (_, true) => kept(had_key),
+        (true, true) => "the current key stays in service; the new key was removed",
+        (false, true) => "the new key was removed; no key is in service under this id",
         (true, false) => {
             "the current key stays in service; the new key could not be removed, and the sweep removes whichever of the two discovery does not find"
         }
@@ -860,11 +861,13 @@ fn kept_after_abort(had_key: bool, aborted: bool) -> &'static str {
     }
 }
 
+/// Phase 1 failed. The store may hold a half-created key (an import whose material never
+/// arrived), but by the backend's contract it is inactive and the sweep removes it.
 fn kept(had_key: bool) -> &'static str {
     if had_key {
         "the current key stays in service"
     } else {
-        "no key was created"
+        "no key was put in service under this id (anything half-created is inactive and the sweep removes it)"
     }
 }
 

@@ -643,7 +643,10 @@ async fn throttled_signs_are_retried_and_counted_but_creation_is_not_retried() {
         .await
         .unwrap_err();
     assert_eq!(err.backend_kind(), Some(BackendErrorKind::Unavailable));
-    assert!(err.to_string().contains("no key was created"), "{err}");
+    assert!(
+        err.to_string().contains("no key was put in service"),
+        "{err}"
+    );
     let stats = engine.stats.snapshot();
     assert_eq!((stats["prepare"].calls, stats["prepare"].failures), (2, 1));
     assert_eq!(store.count("prepare"), 2, "no second attempt");
