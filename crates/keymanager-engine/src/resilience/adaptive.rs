@@ -1,0 +1,384 @@
+//! Adaptive sign-rate control: the engine learns the store's signing quota from its
+//! throttling replies and paces itself, so that a burst queues briefly instead of turning
+//! into a storm of `ThrottlingException`s and failed SignData calls.
+//!
+//! - Until the store first throttles, calls pass at once: an unthrottled store pays one
+//!   uncontended lock per call and nothing else.
+//! - On a throttle, the rate is cut to [`Tuning::decrease`] × the rate the store actually
+//!   served over the last [`Tuning::window`] (what got through is the best estimate of the
+//!   quota). Attempts that were let through before that cut cannot cut again: one cut per
+//!   round of feedback, not one per throttled call in flight.
+//! - While callers are being paced (demand is above the rate) and calls succeed, the rate
+//!   grows additively by [`Tuning::increase`] × the rate set at the last cut, per second, so
+//!   the limiter keeps probing for a quota that rose; the step doubles every
+//!   [`Tuning::step_doubling`] without a throttle, so a quota raised tenfold is found in
+//!   about a minute while the rate near a steady quota moves in small steps.
+//! - After [`Tuning::release_after`] without a throttle while demand stays below the rate,
+//!   the quota is forgotten (calls pass at once again).
+//!
+//! Pacing is a queue in arrival order (a token bucket kept as the next free slot time), so
+//! no caller starves. The lock is held only to compute a slot, never across a wait or a
+//! store call. A caller whose wait would not leave it time to sign before its deadline is
+//! refused at once.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The controller's constants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tuning {
+    /// A throttle sets the rate to this fraction of the rate the store served.
+    pub decrease: f64,
+    /// Additive increase per second of paced success, as a fraction of the last cut rate.
+    pub increase: f64,
+    /// The additive step doubles after each such period without a throttle.
+    pub step_doubling: Duration,
+    /// The rate never drops below this (permits per second).
+    pub min_rate: f64,
+    /// Bursts the limiter lets through at once, as time at the current rate.
+    pub burst: Duration,
+    /// The window over which the served rate is measured.
+    pub window: Duration,
+    /// Without a throttle for this long and with demand below the rate, the limit is dropped.
+    pub release_after: Duration,
+    /// The part of a caller's deadline kept for the store call itself (at most 2 s).
+    pub deadline_share_for_call: f64,
+}
+
+impl Default for Tuning {
+    /// Cut to 90 % of the served rate, climb back by 5 % of it per second: the store's own
+    /// burst allowance absorbs the short dip below the quota, so goodput stays near it.
+    fn default() -> Self {
+        Self {
+            decrease: 0.9,
+            increase: 0.05,
+            step_doubling: Duration::from_secs(10),
+            min_rate: 1.0,
+            burst: Duration::from_millis(100),
+            window: Duration::from_secs(1),
+            release_after: Duration::from_secs(300),
+            deadline_share_for_call: 0.1,
+        }
+    }
+}
+
+/// A permit to make one store call, and the rate it was paced at.
+#[derive(Clone, Copy, Debug)]
+pub struct Permit {
+    /// The number of cuts before the permit was granted.
+    epoch: u64,
+}
+
+/// Why a caller was refused at once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveDenied {
+    /// The learned rate, permits per second.
+    pub per_second: f64,
+    /// The wait the caller's slot would need.
+    pub wait: Duration,
+    /// What the caller had left.
+    pub deadline: Duration,
+}
+
+/// A change of the learned rate, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RateChange {
+    /// A throttle cut the rate to this many permits per second.
+    Cut(f64),
+    /// The rate rose to this many permits per second.
+    Raised(f64),
+    /// The learned limit was dropped: calls pass at once again.
+    Released,
+}
+
+/// The adaptive limiter of one engine's signing calls.
+pub struct AdaptiveLimiter {
+    tuning: Tuning,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Permits per second; `None` until the store throttles (or after a release).
+    rate: Option<f64>,
+    /// Cuts so far: a throttle of a permit granted before the last cut is old news.
+    epoch: u64,
+    /// The rate the last cut set: the additive step is a fraction of it.
+    cut_rate: f64,
+    last_cut: Option<Instant>,
+    last_increase: Instant,
+    /// The schedule: ticket `n` may go at `base_time + (n - base_ticket) / rate - burst`.
+    /// Callers queue by ticket, so order is kept when the rate changes under them.
+    base_time: Instant,
+    base_ticket: f64,
+    next_ticket: u64,
+    /// One past the highest ticket granted.
+    served_ticket: u64,
+    /// When the last caller had to wait: the limit is what holds demand back.
+    last_wait: Option<Instant>,
+    /// Successes within the window, oldest first.
+    successes: VecDeque<Instant>,
+    /// When measuring started (the window is shorter until then).
+    since: Instant,
+    /// The last rate logged, so that a steady climb logs every 10 %, not every call.
+    logged: f64,
+}
+
+impl State {
+    /// When ticket `n` may go at `rate`.
+    fn slot(&self, n: u64, rate: f64, burst: Duration) -> Instant {
+        let offset = (n as f64 - self.base_ticket) / rate - burst.as_secs_f64();
+        if offset >= 0.0 {
+            self.base_time + Duration::from_secs_f64(offset)
+        } else {
+            self.base_time
+                .checked_sub(Duration::from_secs_f64(-offset))
+                .unwrap_or(self.base_time)
+        }
+    }
+
+    /// Moves the schedule's base to `now` at the old rate, before the rate changes.
+    fn rebase(&mut self, now: Instant) {
+        if let Some(rate) = self.rate {
+            self.base_ticket += now.saturating_duration_since(self.base_time).as_secs_f64() * rate;
+        }
+        self.base_time = now;
+    }
+
+    fn set_rate(&mut self, rate: Option<f64>, now: Instant) {
+        self.rebase(now);
+        self.rate = rate;
+    }
+}
+
+/// The most successes remembered: far above any store's quota over one window.
+const MAX_REMEMBERED: usize = 100_000;
+
+impl Default for AdaptiveLimiter {
+    fn default() -> Self {
+        Self::new(Tuning::default())
+    }
+}
+
+impl AdaptiveLimiter {
+    /// A limiter that has learned no quota yet.
+    pub fn new(tuning: Tuning) -> Self {
+        let now = Instant::now();
+        Self {
+            tuning,
+            state: Mutex::new(State {
+                rate: None,
+                epoch: 0,
+                cut_rate: 0.0,
+                last_cut: None,
+                last_increase: now,
+                base_time: now,
+                base_ticket: 0.0,
+                next_ticket: 0,
+                served_ticket: 0,
+                last_wait: None,
+                successes: VecDeque::new(),
+                since: now,
+                logged: 0.0,
+            }),
+        }
+    }
+
+    /// The learned rate (`None`: no quota learned, calls are not paced).
+    pub fn rate(&self) -> Option<f64> {
+        self.lock().rate
+    }
+
+    /// Waits for this caller's slot, in arrival order. Refused at once when the slot would
+    /// not leave time to sign before `deadline` (SPIRE's 30 s when none is given). A caller
+    /// dropped while waiting gives its slot back.
+    pub async fn acquire(&self, deadline: Option<Duration>) -> Result<Permit, AdaptiveDenied> {
+        let deadline = deadline.unwrap_or(Duration::from_secs(30));
+        let kept = deadline
+            .mul_f64(self.tuning.deadline_share_for_call)
+            .min(Duration::from_secs(2));
+        let usable = deadline.saturating_sub(kept);
+        let asked = Instant::now();
+        let ticket = {
+            let mut state = self.lock();
+            let Some(rate) = state.rate else {
+                return Ok(Permit { epoch: state.epoch });
+            };
+            let ticket = state.next_ticket;
+            // An idle limiter starts a fresh schedule: a burst's worth goes at once.
+            if state.slot(ticket, rate, Duration::ZERO) < asked {
+                state.base_time = asked;
+                state.base_ticket = ticket as f64;
+            }
+            let wait = state
+                .slot(ticket, rate, self.tuning.burst)
+                .saturating_duration_since(asked);
+            if wait > usable {
+                return Err(AdaptiveDenied {
+                    per_second: rate,
+                    wait,
+                    deadline,
+                });
+            }
+            state.next_ticket += 1;
+            if wait.is_zero() {
+                state.served_ticket = state.served_ticket.max(ticket + 1);
+                return Ok(Permit { epoch: state.epoch });
+            }
+            state.last_wait = Some(asked);
+            ticket
+        };
+        let mut slot = Slot {
+            limiter: self,
+            held: true,
+        };
+        loop {
+            let until = {
+                let mut state = self.lock();
+                let now = Instant::now();
+                let Some(rate) = state.rate else {
+                    slot.held = false;
+                    return Ok(Permit { epoch: state.epoch });
+                };
+                let at = state.slot(ticket, rate, self.tuning.burst);
+                if at <= now {
+                    slot.held = false;
+                    state.served_ticket = state.served_ticket.max(ticket + 1);
+                    return Ok(Permit { epoch: state.epoch });
+                }
+                // A cut while waiting moved the slot: still refused rather than timing out.
+                if at.saturating_duration_since(asked) > usable {
+                    return Err(AdaptiveDenied {
+                        per_second: rate,
+                        wait: at.saturating_duration_since(asked),
+                        deadline,
+                    });
+                }
+                at
+            };
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    /// Records a store call made under `permit` that succeeded.
+    pub fn on_success(&self, permit: &Permit) -> Option<RateChange> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.successes.push_back(now);
+        if state.successes.len() > MAX_REMEMBERED {
+            state.successes.pop_front();
+        }
+        let Some(rate) = state.rate else {
+            return None;
+        };
+        let elapsed = now.saturating_duration_since(state.last_increase);
+        state.last_increase = now;
+        let paced = state
+            .last_wait
+            .is_some_and(|at| now.saturating_duration_since(at) <= self.tuning.window);
+        if !paced {
+            let calm = state
+                .last_cut
+                .is_none_or(|at| now.saturating_duration_since(at) >= self.tuning.release_after);
+            if calm {
+                state.set_rate(None, now);
+                tracing::debug!(
+                    previous = rate,
+                    "adaptive sign rate: no throttling for a while and demand below the rate; limit dropped"
+                );
+                return Some(RateChange::Released);
+            }
+            return None;
+        }
+        // Attempts let through before the last cut say nothing about the rate after it.
+        if permit.epoch != state.epoch {
+            return None;
+        }
+        let calm_periods = state.last_cut.map_or(0, |cut| {
+            (now.saturating_duration_since(cut).as_secs_f64()
+                / self
+                    .tuning
+                    .step_doubling
+                    .as_secs_f64()
+                    .max(f64::MIN_POSITIVE)) as i32
+        });
+        let step = (self.tuning.increase * state.cut_rate).max(self.tuning.min_rate)
+            * 2f64.powi(calm_periods.min(20));
+        let raised = rate + step * elapsed.min(self.tuning.window).as_secs_f64();
+        state.set_rate(Some(raised), now);
+        if raised >= state.logged * 1.1 {
+            state.logged = raised;
+            tracing::debug!(
+                per_second = raised,
+                "adaptive sign rate raised: calls keep succeeding"
+            );
+        }
+        Some(RateChange::Raised(raised))
+    }
+
+    /// Records a store call made under `permit` that the store throttled.
+    pub fn on_throttle(&self, permit: &Permit) -> Option<RateChange> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if permit.epoch != state.epoch {
+            return None;
+        }
+        let window = self.tuning.window;
+        while state
+            .successes
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) > window)
+        {
+            state.successes.pop_front();
+        }
+        let measured_over = now.saturating_duration_since(state.since).min(window);
+        let served = if measured_over.is_zero() {
+            0.0
+        } else {
+            state.successes.len() as f64 / measured_over.as_secs_f64()
+        };
+        let base = state.rate.map_or(served, |rate| rate.min(served));
+        let cut = (base * self.tuning.decrease).max(self.tuning.min_rate);
+        tracing::debug!(
+            previous = state.rate,
+            served_per_second = served,
+            per_second = cut,
+            "adaptive sign rate cut: the store throttled"
+        );
+        state.rate = Some(cut);
+        // Waiting callers keep their order; the first of them goes now, then one per
+        // interval at the new rate.
+        state.base_time = now;
+        state.base_ticket = state.served_ticket as f64 - self.tuning.burst.as_secs_f64() * cut;
+        state.epoch += 1;
+        state.cut_rate = cut;
+        state.logged = cut;
+        state.last_cut = Some(now);
+        state.last_increase = now;
+        Some(RateChange::Cut(cut))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A reserved slot; handed back if its caller gives up before using it (the callers behind
+/// it move up by one interval).
+struct Slot<'a> {
+    limiter: &'a AdaptiveLimiter,
+    held: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.limiter.lock().base_ticket += 1.0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
