@@ -4,10 +4,12 @@
 //!
 //! - Until the store first throttles, calls pass at once: an unthrottled store pays one
 //!   uncontended lock per call and nothing else.
-//! - On a throttle, the rate is cut to [`Tuning::decrease`] × the rate the store actually
-//!   served over the last [`Tuning::window`] (what got through is the best estimate of the
-//!   quota). Attempts that were let through before that cut cannot cut again: one cut per
-//!   round of feedback, not one per throttled call in flight.
+//! - When [`Tuning::min_throttles`] calls are throttled within [`Tuning::window`], the rate
+//!   is cut to [`Tuning::decrease`] × the rate the store actually served over that window
+//!   (what got through is the best estimate of the quota). A lone throttle is left to the
+//!   retries: it says the store is busy, not that this server asks too much. Attempts let
+//!   through before a cut cannot cut again: one cut per round of feedback, not one per
+//!   throttled call in flight.
 //! - While callers are being paced (demand is above the rate) and calls succeed, the rate
 //!   grows additively by [`Tuning::increase`] × the rate set at the last cut, per second, so
 //!   the limiter keeps probing for a quota that rose; the step doubles every
@@ -32,6 +34,8 @@ use tokio::time::Instant;
 pub struct Tuning {
     /// A throttle sets the rate to this fraction of the rate the store served.
     pub decrease: f64,
+    /// Throttled calls within the window that make a cut.
+    pub min_throttles: usize,
     /// Additive increase per second of paced success, as a fraction of the last cut rate.
     pub increase: f64,
     /// The additive step doubles after each such period without a throttle.
@@ -54,6 +58,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             decrease: 0.9,
+            min_throttles: 3,
             increase: 0.05,
             step_doubling: Duration::from_secs(10),
             min_rate: 1.0,
@@ -120,8 +125,8 @@ struct State {
     last_wait: Option<Instant>,
     /// Successes within the window, oldest first.
     successes: VecDeque<Instant>,
-    /// When measuring started (the window is shorter until then).
-    since: Instant,
+    /// Throttles since the last cut within the window, oldest first.
+    throttles: VecDeque<Instant>,
     /// The last rate logged, so that a steady climb logs every 10 %, not every call.
     logged: f64,
 }
@@ -180,7 +185,7 @@ impl AdaptiveLimiter {
                 served_ticket: 0,
                 last_wait: None,
                 successes: VecDeque::new(),
-                since: now,
+                throttles: VecDeque::new(),
                 logged: 0.0,
             }),
         }
@@ -266,10 +271,16 @@ impl AdaptiveLimiter {
     pub fn on_success(&self, permit: &Permit) -> Option<RateChange> {
         let mut state = self.lock();
         let now = Instant::now();
-        state.successes.push_back(now);
-        if state.successes.len() > MAX_REMEMBERED {
+        let window = self.tuning.window;
+        while state
+            .successes
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) > window)
+            || state.successes.len() >= MAX_REMEMBERED
+        {
             state.successes.pop_front();
         }
+        state.successes.push_back(now);
         let Some(rate) = state.rate else {
             return None;
         };
@@ -326,19 +337,22 @@ impl AdaptiveLimiter {
             return None;
         }
         let window = self.tuning.window;
-        while state
+        let recent = |at: &Instant| now.saturating_duration_since(*at) <= window;
+        state.throttles.retain(recent);
+        state.throttles.push_back(now);
+        if state.throttles.len() < self.tuning.min_throttles.max(1) {
+            return None;
+        }
+        state.throttles.clear();
+        state.successes.retain(recent);
+        // The served rate over the span the window saw (a burst that began 100 ms ago
+        // served its count in 100 ms, not in a whole window).
+        let span = state
             .successes
             .front()
-            .is_some_and(|at| now.saturating_duration_since(*at) > window)
-        {
-            state.successes.pop_front();
-        }
-        let measured_over = now.saturating_duration_since(state.since).min(window);
-        let served = if measured_over.is_zero() {
-            0.0
-        } else {
-            state.successes.len() as f64 / measured_over.as_secs_f64()
-        };
+            .map_or(window, |oldest| now.saturating_duration_since(*oldest))
+            .clamp(window / 10, window);
+        let served = state.successes.len() as f64 / span.as_secs_f64();
         let base = state.rate.map_or(served, |rate| rate.min(served));
         let cut = (base * self.tuning.decrease).max(self.tuning.min_rate);
         tracing::debug!(

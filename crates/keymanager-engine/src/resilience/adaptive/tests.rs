@@ -303,7 +303,13 @@ async fn a_wait_past_the_deadline_is_refused_at_once() {
     let limiter = Arc::new(AdaptiveLimiter::default());
     let permit = limiter.acquire(None).await.unwrap();
     tokio::time::advance(Duration::from_secs(1)).await;
-    // The store throttled after serving nothing: the floor rate, 1/s.
+    // The store throttled three calls after serving nothing: the floor rate, 1/s.
+    assert_eq!(
+        limiter.on_throttle(&permit),
+        None,
+        "a lone throttle is left to retries"
+    );
+    assert_eq!(limiter.on_throttle(&permit), None);
     assert_eq!(limiter.on_throttle(&permit), Some(RateChange::Cut(1.0)));
     let started = Instant::now();
     let mut waiters = Vec::new();
@@ -336,7 +342,10 @@ async fn a_wait_past_the_deadline_is_refused_at_once() {
 async fn a_caller_that_gives_up_returns_its_slot() {
     let limiter = Arc::new(AdaptiveLimiter::default());
     let permit = limiter.acquire(None).await.unwrap();
-    limiter.on_throttle(&permit);
+    for _ in 0..3 {
+        limiter.on_throttle(&permit);
+    }
+    assert_eq!(limiter.rate(), Some(1.0));
     limiter.acquire(None).await.unwrap();
     let started = Instant::now();
     for _ in 0..10 {
@@ -369,13 +378,15 @@ async fn throttles_of_calls_let_through_before_a_cut_do_not_cut_again() {
         limiter.on_success(permit);
     }
     tokio::time::advance(Duration::from_millis(500)).await;
-    // 10 served over the first second: the quota estimate is 10/s, cut once to 9/s.
+    assert_eq!(limiter.on_throttle(&in_flight[10]), None);
+    assert_eq!(limiter.on_throttle(&in_flight[11]), None);
+    // 10 served over the last 500 ms: the quota estimate is 20/s, cut once to 18/s.
     assert_eq!(
-        limiter.on_throttle(&in_flight[10]),
-        Some(RateChange::Cut(9.0))
+        limiter.on_throttle(&in_flight[12]),
+        Some(RateChange::Cut(18.0))
     );
-    for permit in &in_flight[11..] {
+    for permit in &in_flight[13..] {
         assert_eq!(limiter.on_throttle(permit), None);
     }
-    assert_eq!(limiter.rate(), Some(9.0));
+    assert_eq!(limiter.rate(), Some(18.0));
 }
