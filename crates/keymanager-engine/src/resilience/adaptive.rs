@@ -6,15 +6,17 @@
 //!   uncontended lock per call and nothing else.
 //! - When [`Tuning::min_throttles`] calls are throttled within [`Tuning::window`], the rate
 //!   is cut to [`Tuning::decrease`] × the rate the store actually served over that window
-//!   (what got through is the best estimate of the quota). A lone throttle is left to the
+//!   (what got through is the best estimate of the quota), but never by more than half. A lone throttle is left to the
 //!   retries: it says the store is busy, not that this server asks too much. Attempts let
 //!   through before a cut cannot cut again: one cut per round of feedback, not one per
 //!   throttled call in flight.
 //! - While callers are being paced (demand is above the rate) and calls succeed, the rate
-//!   grows additively by [`Tuning::increase`] × the rate set at the last cut, per second, so
-//!   the limiter keeps probing for a quota that rose; the step doubles every
+//!   first climbs back quickly towards the rate at which the store throttled (closing the
+//!   gap with time constant [`Tuning::recovery`]: a cut from a poor estimate costs well
+//!   under a second), then grows by [`Tuning::increase`] × the rate per second, so the
+//!   limiter keeps probing for a quota that rose; that step doubles every
 //!   [`Tuning::step_doubling`] without a throttle, so a quota raised tenfold is found in
-//!   about a minute while the rate near a steady quota moves in small steps.
+//!   well under a minute while the rate near a steady quota moves in small steps.
 //! - After [`Tuning::release_after`] without a throttle while demand stays below the rate,
 //!   the quota is forgotten (calls pass at once again).
 //!
@@ -27,6 +29,7 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The controller's constants.
@@ -36,7 +39,10 @@ pub struct Tuning {
     pub decrease: f64,
     /// Throttled calls within the window that make a cut.
     pub min_throttles: usize,
-    /// Additive increase per second of paced success, as a fraction of the last cut rate.
+    /// Below the rate at which the store last throttled, the gap closes with this time
+    /// constant.
+    pub recovery: Duration,
+    /// Increase per second of paced success, as a fraction of the rate.
     pub increase: f64,
     /// The additive step doubles after each such period without a throttle.
     pub step_doubling: Duration,
@@ -59,6 +65,7 @@ impl Default for Tuning {
         Self {
             decrease: 0.9,
             min_throttles: 3,
+            recovery: Duration::from_secs(1),
             increase: 0.05,
             step_doubling: Duration::from_secs(10),
             min_rate: 1.0,
@@ -103,6 +110,8 @@ pub enum RateChange {
 pub struct AdaptiveLimiter {
     tuning: Tuning,
     state: Mutex<State>,
+    /// Wakes waiting callers when the rate rose enough to move their slots earlier.
+    raised: Notify,
 }
 
 struct State {
@@ -112,6 +121,8 @@ struct State {
     epoch: u64,
     /// The rate the last cut set: the additive step is a fraction of it.
     cut_rate: f64,
+    /// The rate at which the store last throttled (what the quick recovery climbs to).
+    throttled_at: f64,
     last_cut: Option<Instant>,
     last_increase: Instant,
     /// The schedule: ticket `n` may go at `base_time + (n - base_ticket) / rate - burst`.
@@ -127,8 +138,12 @@ struct State {
     successes: VecDeque<Instant>,
     /// Throttles since the last cut within the window, oldest first.
     throttles: VecDeque<Instant>,
+    /// Every permit granted within the window, oldest first: the rate asked of the store.
+    attempts: VecDeque<Instant>,
     /// The last rate logged, so that a steady climb logs every 10 %, not every call.
     logged: f64,
+    /// The rate waiting callers last computed their slots with (woken 5 % above it).
+    announced: f64,
 }
 
 impl State {
@@ -177,6 +192,7 @@ impl AdaptiveLimiter {
                 rate: None,
                 epoch: 0,
                 cut_rate: 0.0,
+                throttled_at: 0.0,
                 last_cut: None,
                 last_increase: now,
                 base_time: now,
@@ -186,8 +202,11 @@ impl AdaptiveLimiter {
                 last_wait: None,
                 successes: VecDeque::new(),
                 throttles: VecDeque::new(),
+                attempts: VecDeque::new(),
                 logged: 0.0,
+                announced: 0.0,
             }),
+            raised: Notify::new(),
         }
     }
 
@@ -208,6 +227,8 @@ impl AdaptiveLimiter {
         let asked = Instant::now();
         let ticket = {
             let mut state = self.lock();
+            let window = self.tuning.window;
+            remember(&mut state.attempts, asked, window);
             let Some(rate) = state.rate else {
                 return Ok(Permit { epoch: state.epoch });
             };
@@ -221,6 +242,7 @@ impl AdaptiveLimiter {
                 .slot(ticket, rate, self.tuning.burst)
                 .saturating_duration_since(asked);
             if wait > usable {
+                state.attempts.pop_back();
                 return Err(AdaptiveDenied {
                     per_second: rate,
                     wait,
@@ -240,6 +262,9 @@ impl AdaptiveLimiter {
             held: true,
         };
         loop {
+            let raised = self.raised.notified();
+            tokio::pin!(raised);
+            raised.as_mut().enable();
             let until = {
                 let mut state = self.lock();
                 let now = Instant::now();
@@ -263,24 +288,39 @@ impl AdaptiveLimiter {
                 }
                 at
             };
-            tokio::time::sleep_until(until).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {}
+                () = raised => {}
+            }
         }
     }
 
     /// Records a store call made under `permit` that succeeded.
     pub fn on_success(&self, permit: &Permit) -> Option<RateChange> {
+        let change = self.record_success(permit);
+        if let Some(RateChange::Released) = change {
+            self.raised.notify_waiters();
+        } else if let Some(RateChange::Raised(rate)) = change {
+            let wake = {
+                let mut state = self.lock();
+                let wake = rate >= state.announced * 1.05;
+                if wake {
+                    state.announced = rate;
+                }
+                wake
+            };
+            if wake {
+                self.raised.notify_waiters();
+            }
+        }
+        change
+    }
+
+    fn record_success(&self, permit: &Permit) -> Option<RateChange> {
         let mut state = self.lock();
         let now = Instant::now();
         let window = self.tuning.window;
-        while state
-            .successes
-            .front()
-            .is_some_and(|at| now.saturating_duration_since(*at) > window)
-            || state.successes.len() >= MAX_REMEMBERED
-        {
-            state.successes.pop_front();
-        }
-        state.successes.push_back(now);
+        remember(&mut state.successes, now, window);
         let Some(rate) = state.rate else {
             return None;
         };
@@ -315,9 +355,15 @@ impl AdaptiveLimiter {
                     .as_secs_f64()
                     .max(f64::MIN_POSITIVE)) as i32
         });
-        let step = (self.tuning.increase * state.cut_rate).max(self.tuning.min_rate)
-            * 2f64.powi(calm_periods.min(20));
-        let raised = rate + step * elapsed.min(self.tuning.window).as_secs_f64();
+        let elapsed = elapsed.min(self.tuning.window).as_secs_f64();
+        let raised = if rate < 0.95 * state.throttled_at {
+            let closing = 1.0 - (-elapsed / self.tuning.recovery.as_secs_f64().max(1e-3)).exp();
+            rate + (state.throttled_at - rate) * closing
+        } else {
+            let step = (self.tuning.increase * rate).max(self.tuning.min_rate)
+                * 2f64.powi(calm_periods.min(20));
+            rate + step * elapsed
+        };
         state.set_rate(Some(raised), now);
         if raised >= state.logged * 1.1 {
             state.logged = raised;
@@ -347,14 +393,24 @@ impl AdaptiveLimiter {
         state.successes.retain(recent);
         // The served rate over the span the window saw (a burst that began 100 ms ago
         // served its count in 100 ms, not in a whole window).
-        let span = state
-            .successes
-            .front()
-            .map_or(window, |oldest| now.saturating_duration_since(*oldest))
-            .clamp(window / 10, window);
-        let served = state.successes.len() as f64 / span.as_secs_f64();
-        let base = state.rate.map_or(served, |rate| rate.min(served));
-        let cut = (base * self.tuning.decrease).max(self.tuning.min_rate);
+        let per_second = |events: &VecDeque<Instant>| {
+            let span = events
+                .front()
+                .map_or(window, |oldest| now.saturating_duration_since(*oldest))
+                .clamp(window / 10, window);
+            events.len() as f64 / span.as_secs_f64()
+        };
+        let served = per_second(&state.successes);
+        // Where the throttling began: the paced rate, or the rate permits were granted at
+        // while unpaced.
+        let asked = state.rate.unwrap_or_else(|| per_second(&state.attempts));
+        // Throttles often come back before the same round's successes, so `served` can be
+        // far too low: a cut never goes below half the asked rate (classic AIMD), and a
+        // few rounds close in on a quota that dropped far.
+        let cut = (asked.min(served) * self.tuning.decrease)
+            .max(asked * 0.5)
+            .max(self.tuning.min_rate);
+        state.throttled_at = asked.max(cut);
         tracing::debug!(
             previous = state.rate,
             served_per_second = served,
@@ -369,6 +425,7 @@ impl AdaptiveLimiter {
         state.epoch += 1;
         state.cut_rate = cut;
         state.logged = cut;
+        state.announced = cut;
         state.last_cut = Some(now);
         state.last_increase = now;
         Some(RateChange::Cut(cut))
@@ -377,6 +434,18 @@ impl AdaptiveLimiter {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Appends `now` to `events`, forgetting those older than `window`.
+fn remember(events: &mut VecDeque<Instant>, now: Instant, window: Duration) {
+    while events
+        .front()
+        .is_some_and(|at| now.saturating_duration_since(*at) > window)
+        || events.len() >= MAX_REMEMBERED
+    {
+        events.pop_front();
+    }
+    events.push_back(now);
 }
 
 /// A reserved slot; handed back if its caller gives up before using it (the callers behind
