@@ -321,9 +321,7 @@ impl AdaptiveLimiter {
         let now = Instant::now();
         let window = self.tuning.window;
         remember(&mut state.successes, now, window);
-        let Some(rate) = state.rate else {
-            return None;
-        };
+        let rate = state.rate?;
         let elapsed = now.saturating_duration_since(state.last_increase);
         state.last_increase = now;
         let paced = state
