@@ -110,7 +110,8 @@ pub enum RateChange {
 pub struct AdaptiveLimiter {
     tuning: Tuning,
     state: Mutex<State>,
-    /// Wakes waiting callers when the rate rose enough to move their slots earlier.
+    /// Wakes waiting callers when their slots moved: the rate rose enough to move them
+    /// earlier, or a cut moved them later.
     raised: Notify,
 }
 
@@ -375,6 +376,16 @@ impl AdaptiveLimiter {
 
     /// Records a store call made under `permit` that the store throttled.
     pub fn on_throttle(&self, permit: &Permit) -> Option<RateChange> {
+        let change = self.record_throttle(permit);
+        if change.is_some() {
+            // Waiting callers look at their slots again now: one that no longer fits its
+            // deadline is refused at the cut, not when its old slot comes.
+            self.raised.notify_waiters();
+        }
+        change
+    }
+
+    fn record_throttle(&self, permit: &Permit) -> Option<RateChange> {
         let mut state = self.lock();
         let now = Instant::now();
         if permit.epoch != state.epoch {
