@@ -230,8 +230,9 @@ func TestAdaptiveRateUnderQuota(t *testing.T) {
 // TestThrottlingGoodput is the benchmark behind docs/reliability.md ("Throttling and
 // adaptive rate control"): a 50 Sign/s quota on moto (through the fault proxy), twice the
 // quota of demand with bursts for 60 s (KMS_THROTTLE_SECONDS), through SPIRE's facade, for
-// no limiter, a fixed limiter at the quota and adaptive rate control, in one run. It is a
-// benchmark, not a test: it runs only with KMS_BENCH=1.
+// no limiter, a fixed limiter at the quota and adaptive rate control, then adaptive rate
+// control on OpenBao's transit/sign behind the same quota, in one run. It is a benchmark,
+// not a test: it runs only with KMS_BENCH=1 (and needs BAO_BIN for the last row).
 func TestThrottlingGoodput(t *testing.T) {
 	if os.Getenv("KMS_BENCH") != "1" {
 		t.Skip("benchmark; run with KMS_BENCH=1")
@@ -244,23 +245,43 @@ func TestThrottlingGoodput(t *testing.T) {
 	const quota = 50.0
 	demand := signDemand{callers: 18, period: 200 * time.Millisecond, burst: 100, burstEvery: 10 * time.Second, duration: time.Duration(seconds) * time.Second}
 	report := []string{
-		fmt.Sprintf("quota %.0f Sign/s (burst 10) on moto; demand %.0f/s (%d callers every %v + %d at once every %v) for %v through SPIRE's facade",
+		fmt.Sprintf("quota %.0f Sign/s (burst 10) on moto (transit/sign on OpenBao for the last row); demand %.0f/s (%d callers every %v + %d at once every %v) for %v through SPIRE's facade",
 			quota, demand.perSecond(), demand.callers, demand.period, demand.burst, demand.burstEvery, demand.duration),
 		"",
 		"| limiter | goodput (signs/s) | % of quota | SignData failures | p50 | p99 | store throttles | deadline burst (300 × 3 s): signed / refused ResourceExhausted (p50, slowest) / other |",
 		"|---|---|---|---|---|---|---|---|",
 	}
-	for _, mode := range []struct{ name, extra string }{
-		{"none", "adaptive_rate_limit = false\n"},
-		{"fixed (max_signs_per_second = 50)", "adaptive_rate_limit = false\nmax_signs_per_second = 50\n"},
-		{"adaptive (default)", ""},
+	onMoto := func(extra string) func() (*loaded, *faultProxy, string) {
+		return func() (*loaded, *faultProxy, string) {
+			p, proxy := throttledMoto(t, quota, 10, extra)
+			return p, proxy, "Sign"
+		}
+	}
+	for _, mode := range []struct {
+		name  string
+		start func() (*loaded, *faultProxy, string)
+	}{
+		{"none", onMoto("adaptive_rate_limit = false\n")},
+		{"fixed (max_signs_per_second = 50)", onMoto("adaptive_rate_limit = false\nmax_signs_per_second = 50\n")},
+		{"adaptive (default)", onMoto("")},
+		// The same engine code on another backend: OpenBao's transit behind the same quota,
+		// throttled with Vault's 429.
+		{"adaptive (default), hashicorp_vault on OpenBao", func() (*loaded, *faultProxy, string) {
+			clearVaultEnv(t)
+			bao := startBao(t)
+			bao.WritePolicy(t, "spire", vaultSpirePolicy)
+			proxy := newFaultProxy(t, bao.Addr)
+			p := loadExternal(t, vaultPluginData(proxy.URL, "throttled", tokenAuth(bao.CreateToken(t, "1h", "spire"))))
+			proxy.quota("transit/sign", quota, 10)
+			return p, proxy, "transit/sign"
+		}},
 	} {
-		p, proxy := throttledMoto(t, quota, 10, mode.extra)
+		p, proxy, operation := mode.start()
 		key, err := p.KeyManager.GenerateKey(context.Background(), "JWT-Signer-A", keymanager.ECP256)
 		require.NoError(t, err)
-		proxy.throttles("Sign")
+		proxy.throttles(operation)
 		out := driveSignDemand(key, demand)
-		throttles := proxy.throttles("Sign")
+		throttles := proxy.throttles(operation)
 		burst := deadlineBurst(t, p.KeyManager, "JWT-Signer-A", 300, 3*time.Second)
 		failures := fmt.Sprint(out.failed())
 		if out.failed() > 0 {
