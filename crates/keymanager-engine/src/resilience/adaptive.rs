@@ -2,14 +2,14 @@
 //! throttling replies and paces itself, so that a burst queues briefly instead of turning
 //! into a storm of `ThrottlingException`s and failed SignData calls.
 //!
-//! - Until the store first throttles, calls pass at once: an unthrottled store pays one
-//!   uncontended lock per call and nothing else.
+//! - Until the store first throttles, calls pass at once: an unthrottled store pays two
+//!   short lock sections per call (noting the grant and the success) and no wait.
 //! - When [`Tuning::min_throttles`] calls are throttled within [`Tuning::window`], the rate
 //!   is cut to [`Tuning::decrease`] × the rate the store actually served over that window
-//!   (what got through is the best estimate of the quota), but never by more than half. A lone throttle is left to the
-//!   retries: it says the store is busy, not that this server asks too much. Attempts let
-//!   through before a cut cannot cut again: one cut per round of feedback, not one per
-//!   throttled call in flight.
+//!   (what got through is the best estimate of the quota), but never by more than half. A
+//!   lone throttle is left to the retries: it says the store is busy, not that this server
+//!   asks too much. Attempts let through before a cut cannot cut again: one cut per round
+//!   of feedback, not one per throttled call in flight.
 //! - While callers are being paced (demand is above the rate) and calls succeed, the rate
 //!   first climbs back quickly towards the rate at which the store throttled (closing the
 //!   gap with time constant [`Tuning::recovery`]: a cut from a poor estimate costs well
@@ -20,10 +20,11 @@
 //! - After [`Tuning::release_after`] without a throttle while demand stays below the rate,
 //!   the quota is forgotten (calls pass at once again).
 //!
-//! Pacing is a queue in arrival order (a token bucket kept as the next free slot time), so
-//! no caller starves. The lock is held only to compute a slot, never across a wait or a
-//! store call. A caller whose wait would not leave it time to sign before its deadline is
-//! refused at once.
+//! Pacing is a queue in arrival order: each caller takes a ticket whose slot follows from
+//! the current rate, and a rate change moves every waiting slot without reordering them,
+//! so no caller starves (waiters are woken when their slots move). The lock is held only
+//! to compute a slot, never across a wait or a store call. A caller whose wait would not
+//! leave it time to sign before its deadline is refused at once.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
@@ -120,8 +121,6 @@ struct State {
     rate: Option<f64>,
     /// Cuts so far: a throttle of a permit granted before the last cut is old news.
     epoch: u64,
-    /// The rate the last cut set: the additive step is a fraction of it.
-    cut_rate: f64,
     /// The rate at which the store last throttled (what the quick recovery climbs to).
     throttled_at: f64,
     last_cut: Option<Instant>,
@@ -192,7 +191,6 @@ impl AdaptiveLimiter {
             state: Mutex::new(State {
                 rate: None,
                 epoch: 0,
-                cut_rate: 0.0,
                 throttled_at: 0.0,
                 last_cut: None,
                 last_increase: now,
@@ -432,7 +430,6 @@ impl AdaptiveLimiter {
         state.base_time = now;
         state.base_ticket = state.served_ticket as f64 - self.tuning.burst.as_secs_f64() * cut;
         state.epoch += 1;
-        state.cut_rate = cut;
         state.logged = cut;
         state.announced = cut;
         state.last_cut = Some(now);
