@@ -27,6 +27,11 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 SPIRE_SERVER_BIN=$CACHE/bin/spire-server-$SPIRE_VERSION
 LOG_DIR=$(mktemp -d)
 trap 'rm -rf "$LOG_DIR"' EXIT
+# Where the tests write their logs (plugin stderr, spire-server logs, CLI output, the
+# backends' tracing) and register peer-generated secrets, for the planted-secret scan at the
+# end (scripts/scan-secrets.py).
+export KMS_KEYMANAGER_TEST_LOG_DIR=$LOG_DIR/logs
+mkdir -p "$KMS_KEYMANAGER_TEST_LOG_DIR"
 
 step() { printf '\n==> %s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { echo "missing tool: $1 ($2)" >&2; exit 1; }; }
@@ -127,6 +132,17 @@ printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR
 export SOFTHSM2_CONF=$LOG_DIR/softhsm2.conf
 softhsm2-util --version
 
+step "PostgreSQL (SPIRE's datastore in the HA tests)"
+# Debian's package, installed once (it survives on the machine like softhsm2); the Go tests
+# start a private cluster of their own (initdb into a temporary directory, 127.0.0.1 and a free
+# port, as the package's `postgres` user when run as root) and stop it. Debian keeps initdb
+# and postgres in /usr/lib/postgresql/<major>/bin, where the tests look (or PG_BIN_DIR).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [[ -z ${PG_BIN_DIR:-} ]]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+"$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)/postgres" --version 2>/dev/null || "${PG_BIN_DIR:-}/postgres" --version
+
 step "kryoptic (second PKCS#11 peer) $KRYOPTIC_VERSION"
 # kryoptic's module (a cdylib on crates.io, not installable with `cargo install`), built by
 # the stand-alone package tests/peers/kryoptic at its pinned Cargo.lock against Debian's
@@ -174,12 +190,19 @@ RUSTC_WORKSPACE_WRAPPER=$(rustup which clippy-driver 2>/dev/null || command -v c
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 
 step "Rust tests and lint (the generated protobuf code is checked by xtask's test)"
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$LOG_DIR/cargo-test.log"
+# The failpoints feature (crash points armed by KMS_KEYMANAGER_FAILPOINT) is on for this one
+# compilation, so the binary the crash matrix and the Go tests use is the same; a release
+# build (default features) must never carry it.
+if cargo tree --locked -p kms-keymanager -e features -i keymanager-engine | grep -q 'feature "failpoints"'; then
+  echo "the default build of kms-keymanager enables the failpoints feature" >&2
+  exit 1
+fi
+cargo test --workspace --locked --no-fail-fast --features kms-keymanager/failpoints 2>&1 | tee "$LOG_DIR/cargo-test.log"
 
 step "quickstart demo"
 # The binary `cargo test` built for the integration tests: no second build.
 PLUGIN_BIN=$CARGO_TARGET_DIR/debug/kms-keymanager
-"$PLUGIN_BIN" demo
+"$PLUGIN_BIN" demo 2>&1 | tee "$LOG_DIR/demo.log"
 
 step "SPIRE conformance suite and real spire-server end to end"
 (cd tests/spire && KMS_KEYMANAGER_BIN=$PLUGIN_BIN SPIRE_SERVER_BIN=$SPIRE_SERVER_BIN \
@@ -189,6 +212,26 @@ if ! grep -q '^ok ' "$LOG_DIR/go-test.log"; then
   echo "Go tests failed" >&2
   exit 1
 fi
+
+step "soak, short form: 2 minutes of SignData/GenerateKey on disk and aws_kms (moto) at once"
+# The 30-minute soak is `scripts/soak.sh` (docs/reliability.md); this form checks the same
+# bounds: no failed signature, no RSS growth after warm-up, no growing fds or threads.
+if ! KMS_KEYMANAGER_BIN=$PLUGIN_BIN scripts/soak.sh 2 >"$LOG_DIR/soak.log" 2>&1; then
+  cat "$LOG_DIR/soak.log"
+  echo "soak failed" >&2
+  exit 1
+fi
+grep -E '^(\||RSS|[a-z_]+ .*\(plugin pid)' "$LOG_DIR/soak.log" || true
+
+step "planted-secret scan of every log the tests wrote"
+# Every secret the tests configure contains PLANTED-SECRET- or is registered (tokens a peer
+# issued, RSA keys); none may appear in any log. The self-test plants hits and checks that
+# they fail the scan; --require checks that each kind of log was written where it is read.
+python3 scripts/scan-secrets.py --self-test
+python3 scripts/scan-secrets.py --registry "$KMS_KEYMANAGER_TEST_LOG_DIR/planted-secrets" \
+  --require 'go/catalog-*.log' --require 'go/*server-*.log' --require 'go/cli-*.log' \
+  --require 'rust/tracing-*.log' --require 'rust/plugin-stderr-*.log' --require 'rust/cli-*.log' \
+  "$KMS_KEYMANAGER_TEST_LOG_DIR" "$LOG_DIR"/*.log
 
 py_passed=$(cat "$LOG_DIR/python-test.log" "$LOG_DIR/python-azure-test.log" | grep -cE ' \.\.\. ok$' || true)
 rust_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG_DIR/cargo-test.log" | awk '{s+=$4} END {print s+0}')

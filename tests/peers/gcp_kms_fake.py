@@ -65,19 +65,27 @@ Python client over REST):
   - POST iam_policy  {"resource": R, "policy": {"bindings": [...]}} replaces R's policy;
     GET iam_policy?resource=R -> policy
 
+With --state-file PATH the key rings (CryptoKeys, versions with their key material, IAM
+policies), custom roles and registered service accounts are loaded from PATH at start-up if it
+exists and written to it on SIGTERM, so that a test can restart the fake and find the same
+keys. Access tokens and test controls (faults, calls) are not kept.
+
 Usage: python gcp_kms_fake.py --host 127.0.0.1 --port N [--generation-delay S] [--require-auth]
-       [--service-account-key FILE ...] [--verbose]
+       [--service-account-key FILE ...] [--state-file PATH] [--verbose]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import copyreg
 import datetime as dt
 import json
 import os
+import pickle
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -2121,6 +2129,54 @@ class Handler(BaseHTTPRequestHandler):
         raise invalid(f"resource {resource!r} must be projects/P, a KeyRing or a CryptoKey name")
 
 
+# What --state-file keeps: the resources, not tokens, faults or counters.
+PERSISTED = ("rings", "project_policies", "custom_roles", "service_accounts")
+
+
+def _load_private_key(der):
+    return serialization.load_der_private_key(der, None)
+
+
+def _load_public_key(der):
+    return serialization.load_der_public_key(der)
+
+
+def _reduce_private_key(key):
+    # cryptography's key objects do not pickle; their DER encodings do.
+    return _load_private_key, (key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()),)
+
+
+def _reduce_public_key(key):
+    return _load_public_key, (key.public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo),)
+
+
+def persist(fake: "Fake", path: str):
+    """Loads fake's resources from path if it exists, and saves them there on SIGTERM."""
+    for key in (ec.generate_private_key(ec.SECP256R1()), rsa.generate_private_key(public_exponent=65537, key_size=1024)):
+        copyreg.pickle(type(key), _reduce_private_key)
+        copyreg.pickle(type(key.public_key()), _reduce_public_key)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        for name in PERSISTED:
+            setattr(fake, name, saved[name])
+        print(f"gcp_kms_fake: loaded state from {path}", file=sys.stderr, flush=True)
+
+    def save(_signum, _frame):
+        with fake.lock:
+            data = pickle.dumps({name: getattr(fake, name) for name in PERSISTED})
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        print(f"gcp_kms_fake: saved state to {path}", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, save)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
@@ -2131,8 +2187,12 @@ def main(argv=None):
     ap.add_argument("--service-account-key", action="append", default=[], metavar="FILE",
                     help="register a service account from its JSON key file (repeatable)")
     ap.add_argument("--verbose", action="store_true", help="log every request and credential shape to stderr")
+    ap.add_argument("--state-file", metavar="PATH",
+                    help="load the resources from PATH at start-up (if it exists) and save them there on SIGTERM")
     args = ap.parse_args(argv)
     fake = Fake(args.generation_delay, args.require_auth)
+    if args.state_file:
+        persist(fake, args.state_file)
     for path in args.service_account_key:
         with open(path) as f:
             email, key_id, public_key = load_service_account(json.load(f))

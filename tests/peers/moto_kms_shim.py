@@ -13,14 +13,21 @@ through it are the ones AWS KMS would make (see shared test-peers notes):
 7. ListAliases pages like AWS: `Limit` (1-100, default 50), `NextMarker`/`Truncated`
    (moto returns every alias at once, which hides pagination bugs).
 
-Usage: python moto_kms_shim.py -H 127.0.0.1 -p PORT
+With `--state-file PATH` (given first), the KMS state (keys with their private key material,
+aliases, tags) is loaded from PATH at start-up if it exists and written to it on SIGTERM, so
+that a test can restart the peer and find the same keys, as a restarted AWS KMS would.
+
+Usage: python moto_kms_shim.py [--state-file PATH] -H 127.0.0.1 -p PORT
 """
 
 import base64
+import copyreg
 import json
+import os
+import pickle
 import sys
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 from moto.core.exceptions import JsonRESTError
 from moto.kms import models, responses
@@ -132,7 +139,59 @@ responses.KmsResponse.list_aliases = list_aliases
 responses.KmsResponse.sign = sign
 responses.KmsResponse.get_public_key = get_public_key
 
-if __name__ == "__main__":
-    from moto.server import main
+def _load_private_key(der):
+    return serialization.load_der_private_key(der, None)
 
-    main(sys.argv[1:])
+
+def _reduce_private_key(key):
+    # cryptography's key objects do not pickle; their PKCS#8 DER does.
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return _load_private_key, (der,)
+
+
+def _key_types():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return {
+        type(ec.generate_private_key(ec.SECP256R1())),
+        type(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+    }
+
+
+def _persist(path, server):
+    """Loads the KMS backends' state from path, and writes it there on SIGTERM."""
+    for cls in _key_types():
+        copyreg.pickle(cls, _reduce_private_key)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        for (account, region), state in saved.items():
+            models.kms_backends[account][region].__dict__.update(state)
+        print(f"moto_kms_shim: loaded {len(saved)} KMS region(s) from {path}", file=sys.stderr, flush=True)
+
+    def save(_signum, _frame):
+        state = {}
+        for account, regions in dict.items(models.kms_backends):
+            for region, backend in dict.items(regions):
+                state[(account, region)] = backend.__dict__
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(state, f)
+        os.replace(tmp, path)
+        print(f"moto_kms_shim: saved {len(state)} KMS region(s) to {path}", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    # moto's main() installs its own SIGTERM handler by this name: make it ours.
+    server.signal_handler = save
+
+
+if __name__ == "__main__":
+    from moto import server
+
+    args = sys.argv[1:]
+    if args[:1] == ["--state-file"]:
+        _persist(args[1], server)
+        args = args[2:]
+    server.main(args)

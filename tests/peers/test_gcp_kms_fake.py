@@ -739,6 +739,46 @@ ALL_KMS_PERMISSIONS = [
 ]
 
 
+class StateFileTest(unittest.TestCase):
+    """--state-file: a fake stopped with SIGTERM and started again on the same file serves the
+    same key rings, CryptoKeys, labels and key material."""
+
+    def test_restart_keeps_keys(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            state = os.path.join(tmp, "state.pickle")
+            port = free_port()
+            proc, endpoint = start_fake("--generation-delay", "0", "--state-file", state, port=port)
+            client = kms_v1.KeyManagementServiceClient(
+                transport="rest", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+            ring = client.create_key_ring(request={"parent": LOCATION, "key_ring_id": "persist"}).name
+            key = client.create_crypto_key(request={"parent": ring, "crypto_key_id": "k", "crypto_key": {
+                "purpose": Purpose.ASYMMETRIC_SIGN, "labels": {"owner": "me"},
+                "version_template": {"algorithm": Alg.EC_SIGN_P256_SHA256}}})
+            version = key.name + "/cryptoKeyVersions/1"
+            deadline = time.time() + 10
+            while client.get_crypto_key_version(request={"name": version}).state != State.ENABLED:
+                self.assertLess(time.time(), deadline, "the version never became ENABLED")
+                time.sleep(0.05)
+            before = client.get_public_key(request={"name": version}).pem
+            proc.terminate()
+            self.assertEqual(proc.wait(timeout=10), 0)
+            proc.stderr.close()
+            self.assertTrue(os.path.exists(state), "SIGTERM wrote the state file")
+
+            proc, endpoint = start_fake("--state-file", state, port=port)
+            try:
+                client = kms_v1.KeyManagementServiceClient(
+                    transport="rest", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+                self.assertEqual(client.get_crypto_key(request={"name": key.name}).labels["owner"], "me")
+                self.assertEqual(client.get_public_key(request={"name": version}).pem, before)
+                digest = hashlib.sha256(b"after a restart").digest()
+                sig = client.asymmetric_sign(request={"name": version, "digest": {"sha256": digest}}).signature
+                public = serialization.load_pem_public_key(before.encode())
+                public.verify(sig, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+            finally:
+                stop_fake(proc)
+
+
 class NoBoundaryLookupCredentials(service_account.Credentials):
     """google-auth's service account credentials, minus the background Regional Access
     Boundary lookup that google-auth >= 2.61 sends to Google's IAM Credentials API: tests must

@@ -39,8 +39,8 @@ func TestAwsKmsSideBySide(t *testing.T) {
 	proxy := newFaultProxy(t, endpoint)
 	// SPIRE's built-in reads the endpoint from the AWS SDK for Go's environment.
 	t.Setenv("AWS_ENDPOINT_URL", proxy.URL)
-	t.Setenv("AWS_ACCESS_KEY_ID", "test")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	t.Setenv("AWS_ACCESS_KEY_ID", plantedAWSAccessKeyID)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", plantedAWSSecretKey)
 
 	// Foreign keys: other servers' aliases and plain keys in the same account.
 	client := kmsClient(endpoint)

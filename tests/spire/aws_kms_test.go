@@ -54,7 +54,7 @@ func kmsClient(endpoint string) *kms.Client {
 	return kms.New(kms.Options{
 		Region:       "us-east-1",
 		BaseEndpoint: aws.String(endpoint),
-		Credentials:  credentials.NewStaticCredentialsProvider("test", "test", ""),
+		Credentials:  credentials.NewStaticCredentialsProvider(plantedAWSAccessKeyID, plantedAWSSecretKey, ""),
 	})
 }
 
@@ -509,7 +509,7 @@ func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
 	require.Contains(t, policy, `"arn:aws:iam::123456789012:role/spire-server"`)
 	require.Contains(t, policy, `"kms:Sign"`)
 	require.NotContains(t, policy, `"kms:*"`)
-	require.NotContains(t, policy, "tenant-7", "the external id is a secret, never in a policy")
+	require.NotContains(t, policy, plantedExternalID, "the external id is a secret, never in a policy")
 	require.NotNil(t, role.Logs.find("new keys get a least-privilege key policy for this server's role"))
 
 	user := loadExternal(t, awsPluginData(endpoint, "as-user"))
@@ -520,7 +520,9 @@ func TestAwsKmsAssumedRoleKeyPolicy(t *testing.T) {
 
 // assumeRole is the plugin_data of TestAwsKmsAssumedRoleKeyPolicy's role (moto's STS lets
 // anyone assume it).
-const assumeRole = "assume_role_arn = \"arn:aws:iam::123456789012:role/spire-server\"\nexternal_id = \"tenant-7\"\n"
+var assumeRole = "assume_role_arn = \"arn:aws:iam::123456789012:role/spire-server\"\nexternal_id = \"" + plantedExternalID + "\"\n"
+
+var plantedExternalID = planted("aws-external-id")
 
 // caKeyPolicy reads the key policy of serverID's x509-CA-A key from KMS.
 func caKeyPolicy(t *testing.T, client *kms.Client, serverID string) string {

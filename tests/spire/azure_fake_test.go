@@ -207,11 +207,11 @@ func TestAzureFakeWithGoSDK(t *testing.T) {
 // discovery must be off: MSAL otherwise asks login.microsoftonline.com about any authority
 // host it does not know, which SPIRE's built-in cannot turn off (it passes nil options).
 func TestAzureFakeClientSecretCredential(t *testing.T) {
-	fake := startAzureKeyVaultFake(t, "--client", "go-app:go-secret")
+	fake := startAzureKeyVaultFake(t, "--client", "go-app:"+planted("azure-go-app-secret"))
 	fake.UseManagedIdentity(t)
 	t.Setenv("AZURE_AUTHORITY_HOST", fake.AuthorityHost)
 	options := &azidentity.ClientSecretCredentialOptions{DisableInstanceDiscovery: true}
-	cred, err := azidentity.NewClientSecretCredential(fake.Tenant, "go-app", "go-secret", options)
+	cred, err := azidentity.NewClientSecretCredential(fake.Tenant, "go-app", planted("azure-go-app-secret"), options)
 	require.NoError(t, err)
 	client, err := azkeys.NewClient(fake.VaultURL, cred, nil)
 	require.NoError(t, err)
@@ -222,7 +222,7 @@ func TestAzureFakeClientSecretCredential(t *testing.T) {
 	// The same authority through an explicit cloud configuration, and a wrong secret.
 	options = &azidentity.ClientSecretCredentialOptions{DisableInstanceDiscovery: true,
 		ClientOptions: azcore.ClientOptions{Cloud: cloud.Configuration{ActiveDirectoryAuthorityHost: fake.AuthorityHost}}}
-	wrong, err := azidentity.NewClientSecretCredential(fake.Tenant, "go-app", "not-the-secret", options)
+	wrong, err := azidentity.NewClientSecretCredential(fake.Tenant, "go-app", planted("azure-wrong-secret"), options)
 	require.NoError(t, err)
 	client, err = azkeys.NewClient(fake.VaultURL, wrong, nil)
 	require.NoError(t, err)

@@ -247,7 +247,7 @@ func TestAzureDuplicateResolvedToNewest(t *testing.T) {
 // no secret is in the plugin's logs. A revoked token (plain expiry or a claims challenge) is
 // replaced without a failed signature; a wrong secret fails Configure without showing it.
 func TestAzureCredentials(t *testing.T) {
-	fake := startAzureKeyVaultFake(t, "--client", "spire-app:s3cr3t-value", "--client-assertion", "wi-app:federated.jwt.assertion")
+	fake := startAzureKeyVaultFake(t, "--client", "spire-app:"+azureAppSecret, "--client-assertion", "wi-app:"+azureAssertion)
 	signs := func(t *testing.T, p *loaded, endpoint string, secrets ...string) {
 		t.Helper()
 		key, err := p.KeyManager.GenerateKey(ctx, "x509-CA-A", keymanager.ECP256)
@@ -289,18 +289,18 @@ func TestAzureCredentials(t *testing.T) {
 		fake.ResetStats(t)
 		fake.UseManagedIdentity(t) // present, but plugin_data's secret wins
 		t.Setenv("AZURE_AUTHORITY_HOST", fake.AuthorityHost)
-		creds := "tenant_id = \"" + fake.Tenant + "\"\nsubscription_id = \"sub\"\napp_id = \"spire-app\"\napp_secret = \"s3cr3t-value\"\n"
+		creds := "tenant_id = \"" + fake.Tenant + "\"\nsubscription_id = \"sub\"\napp_id = \"spire-app\"\napp_secret = \"" + azureAppSecret + "\"\n"
 		p := loadExternal(t, ourAzurePluginData(fake, "cred-secret", creds))
-		signs(t, p, "token_entra", "s3cr3t-value")
+		signs(t, p, "token_entra", azureAppSecret)
 		require.Zero(t, fake.Stats(t)["token_app_service"])
 
-		wrong := strings.Replace(creds, "s3cr3t-value", "not-the-secret", 1)
+		wrong := strings.Replace(creds, azureAppSecret, planted("azure-wrong-app-secret"), 1)
 		l, err := tryLoad(catalogConfig(t, ourAzurePluginData(fake, "cred-wrong", wrong)))
 		if err == nil {
 			_ = l.catalog.Close()
 		}
 		require.Error(t, err, "a wrong secret fails Configure")
-		require.NotContains(t, err.Error(), "not-the-secret")
+		require.NotContains(t, err.Error(), planted("azure-wrong-app-secret"))
 	})
 
 	t.Run("client secret in the environment", func(t *testing.T) {
@@ -309,9 +309,9 @@ func TestAzureCredentials(t *testing.T) {
 		t.Setenv("AZURE_AUTHORITY_HOST", fake.AuthorityHost)
 		t.Setenv("AZURE_TENANT_ID", fake.Tenant)
 		t.Setenv("AZURE_CLIENT_ID", "spire-app")
-		t.Setenv("AZURE_CLIENT_SECRET", "s3cr3t-value")
+		t.Setenv("AZURE_CLIENT_SECRET", azureAppSecret)
 		p := loadExternal(t, ourAzurePluginData(fake, "cred-env"))
-		signs(t, p, "token_entra", "s3cr3t-value")
+		signs(t, p, "token_entra", azureAppSecret)
 		require.Zero(t, fake.Stats(t)["token_app_service"], "the environment's secret comes first in the chain")
 	})
 
@@ -321,13 +321,13 @@ func TestAzureCredentials(t *testing.T) {
 		require.NoError(t, os.Unsetenv("IDENTITY_ENDPOINT"))
 		require.NoError(t, os.Unsetenv("IDENTITY_HEADER"))
 		tokenFile := filepath.Join(t.TempDir(), "azure-identity-token")
-		require.NoError(t, os.WriteFile(tokenFile, []byte("federated.jwt.assertion"), 0o600))
+		require.NoError(t, os.WriteFile(tokenFile, []byte(azureAssertion), 0o600))
 		t.Setenv("AZURE_AUTHORITY_HOST", fake.AuthorityHost)
 		t.Setenv("AZURE_TENANT_ID", fake.Tenant)
 		t.Setenv("AZURE_CLIENT_ID", "wi-app")
 		t.Setenv("AZURE_FEDERATED_TOKEN_FILE", tokenFile)
 		p := loadExternal(t, ourAzurePluginData(fake, "cred-wi"))
-		signs(t, p, "token_entra", "federated.jwt.assertion")
+		signs(t, p, "token_entra", azureAssertion)
 	})
 }
 
@@ -474,3 +474,10 @@ func TestAzureDisabledKeyAndDeniedOperations(t *testing.T) {
 	fake.Deny(t)
 	require.NoError(t, signVerified(regenerated, 3))
 }
+
+// The planted Azure client secret and federated assertion of the credential tests (the
+// fake wants the assertion shaped as a JWT: three dot-separated parts).
+var (
+	azureAppSecret = planted("azure-app-secret")
+	azureAssertion = planted("azure-federated-assertion") + ".payload.signature"
+)

@@ -61,7 +61,13 @@ func newGcpEnv(t *testing.T, fakeArgs ...string) *gcpEnv {
 // newGcpEnvWith is newGcpEnv with these permissions for the plugin on the key ring instead.
 func newGcpEnvWith(t *testing.T, permissions []string, fakeArgs ...string) *gcpEnv {
 	t.Helper()
-	fake := startGcpKmsFake(t, append([]string{"--require-auth"}, fakeArgs...)...)
+	return newGcpEnvOn(t, startGcpKmsFake(t, append([]string{"--require-auth"}, fakeArgs...)...), permissions)
+}
+
+// newGcpEnvOn sets up the key ring and the plugin's service account on a running fake
+// (started with --require-auth).
+func newGcpEnvOn(t *testing.T, fake *gcpKmsFake, permissions []string) *gcpEnv {
+	t.Helper()
 	ring := "projects/" + gcpProject + "/locations/europe-west1/keyRings/spire"
 	fake.CreateKeyRing(t, ring)
 	// A real service account key file: the plugin signs its own JWTs with it.

@@ -69,11 +69,14 @@ func newGcpServiceAccountKey(t *testing.T, email, tokenURI string) *gcpServiceAc
 		t.Fatal(err)
 	}
 	_, domain, _ := strings.Cut(email, "@")
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	// An RSA key has no room for a marker: the scan looks for the key itself.
+	registerPEMKey(t, "gcp-service-account-key", keyPEM)
 	keyFile, err := json.Marshal(map[string]string{
 		"type":           "service_account",
 		"project_id":     strings.TrimSuffix(domain, ".iam.gserviceaccount.com"),
 		"private_key_id": hex.EncodeToString(id),
-		"private_key":    string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
+		"private_key":    string(keyPEM),
 		"client_email":   email,
 		"client_id":      "1234567890",
 		"token_uri":      tokenURI,

@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -141,7 +140,9 @@ func load(t testing.TB, config catalog.PluginConfig) *loaded {
 func tryLoad(config catalog.PluginConfig) (*loaded, error) {
 	capture := &logCapture{}
 	log := logrus.New()
-	log.SetOutput(io.Discard)
+	// Everything the catalog logs, the plugin's own stderr lines included, goes to the test
+	// log dir for the planted-secret scan (testlogs_test.go).
+	log.SetOutput(testLogWriter("catalog-" + config.Name))
 	log.SetLevel(logrus.DebugLevel)
 	log.AddHook(capture)
 	repo := &repository{}

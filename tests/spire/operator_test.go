@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,6 +41,7 @@ func runOperator(t *testing.T, args ...string) operatorRun {
 	} else {
 		require.NoError(t, err)
 	}
+	_, _ = fmt.Fprintf(testLogWriter("cli-"+t.Name()), "$ kms-keymanager %s\n--- exit %d, stdout:\n%s--- stderr:\n%s", strings.Join(args, " "), code, stdout.String(), stderr.String())
 	return operatorRun{code: code, stdout: stdout.String(), stderr: stderr.String()}
 }
 

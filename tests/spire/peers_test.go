@@ -8,7 +8,11 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -79,10 +83,10 @@ func awsPluginData(endpoint, serverID string) string {
 	return fmt.Sprintf(`backend = "aws_kms"
 region = "us-east-1"
 endpoint = %q
-access_key_id = "test"
-secret_access_key = "test"
+access_key_id = %q
+secret_access_key = %q
 key_identifier_value = %q
-`, endpoint, serverID)
+`, endpoint, plantedAWSAccessKeyID, plantedAWSSecretKey, serverID)
 }
 
 // startLocalStack starts LocalStack (KMS and STS, host mode, no docker) on a free 127.0.0.1
@@ -385,4 +389,241 @@ func (f *azureKeyVaultFake) Bulk(t *testing.T, keys ...azureBulkKey) []string {
 	}
 	f.control(t, http.MethodPost, "/_fake/bulk", map[string]any{"keys": keys}, &out)
 	return out.Kids
+}
+
+// restartablePeer is a single-process test peer that keeps its state in a file across
+// restarts (the moto shim's and the Cloud KMS fake's --state-file): Restart stops it with
+// SIGTERM (it saves its state and exits) and starts it again on the same port.
+type restartablePeer struct {
+	t        *testing.T
+	name     string
+	newCmd   func() *exec.Cmd
+	readyURL string
+	logPath  string
+	cmd      *exec.Cmd
+	exited   chan struct{}
+}
+
+func startRestartablePeer(t *testing.T, name string, newCmd func() *exec.Cmd, readyURL string) *restartablePeer {
+	t.Helper()
+	p := &restartablePeer{t: t, name: name, newCmd: newCmd, readyURL: readyURL, logPath: filepath.Join(t.TempDir(), name+".log")}
+	p.start()
+	t.Cleanup(func() {
+		_ = p.cmd.Process.Kill()
+		<-p.exited
+	})
+	return p
+}
+
+func (p *restartablePeer) start() {
+	p.t.Helper()
+	logFile, err := os.OpenFile(p.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	cmd := p.newCmd()
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		p.t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); logFile.Close(); close(exited) }()
+	p.cmd, p.exited = cmd, exited
+	waitReady(p.t, p.name, p.readyURL, 30*time.Second, p.logPath)
+}
+
+// Restart stops the peer with SIGTERM (it writes its state file), waits for it to exit and
+// starts it again; it returns how long the peer was not serving.
+func (p *restartablePeer) Restart() time.Duration {
+	p.t.Helper()
+	started := time.Now()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		p.t.Fatal(err)
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		data, _ := os.ReadFile(p.logPath)
+		p.t.Fatalf("%s did not exit within 30s of SIGTERM:\n%s", p.name, data)
+	}
+	p.start()
+	return time.Since(started)
+}
+
+// startPersistentMoto is startMoto with the KMS state kept across Restart.
+func startPersistentMoto(t *testing.T) (string, *restartablePeer) {
+	t.Helper()
+	python := os.Getenv("MOTO_PYTHON")
+	if python == "" {
+		t.Fatal("MOTO_PYTHON must point at the python of the moto venv (scripts/test-all.sh sets it)")
+	}
+	shim, err := filepath.Abs(filepath.Join("..", "peers", "moto_kms_shim.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t)
+	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
+	state := filepath.Join(t.TempDir(), "moto-state.pickle")
+	peer := startRestartablePeer(t, "moto", func() *exec.Cmd {
+		return exec.Command(python, shim, "--state-file", state, "-H", "127.0.0.1", "-p", fmt.Sprint(port))
+	}, endpoint+"/moto-api/")
+	return endpoint, peer
+}
+
+// startPersistentGcpKmsFake is startGcpKmsFake with the fake's resources kept across Restart.
+func startPersistentGcpKmsFake(t *testing.T, args ...string) (*gcpKmsFake, *restartablePeer) {
+	t.Helper()
+	python := os.Getenv("GCP_FAKE_PYTHON")
+	if python == "" {
+		t.Fatal("GCP_FAKE_PYTHON must point at the python of the venv with tests/peers/requirements-gcp.txt installed")
+	}
+	script, err := filepath.Abs(filepath.Join("..", "peers", "gcp_kms_fake.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t)
+	f := &gcpKmsFake{
+		Endpoint: fmt.Sprintf("http://127.0.0.1:%d", port),
+		client:   &http.Client{Timeout: 30 * time.Second},
+	}
+	f.harness = newGcpServiceAccountKey(t, gcpHarnessEmail, f.Endpoint+"/token")
+	harnessFile := f.harness.File(t)
+	state := filepath.Join(t.TempDir(), "gcp-state.pickle")
+	peer := startRestartablePeer(t, "gcp_kms_fake", func() *exec.Cmd {
+		return exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port),
+			"--service-account-key", harnessFile, "--state-file", state}, args...)...)
+	}, f.Endpoint+"/_fake/health")
+	return f, peer
+}
+
+// postgresCluster is a private PostgreSQL cluster (Debian's postgresql package, which
+// scripts/test-all.sh installs) for one test: initdb into a temporary directory, listening on
+// 127.0.0.1 and a free port only, trust authentication, durability off (a test datastore).
+type postgresCluster struct {
+	Port int
+	User string
+	bin  string
+}
+
+// postgresBinDir finds initdb and postgres: PG_BIN_DIR, else the newest
+// /usr/lib/postgresql/<major>/bin (Debian keeps them off PATH), else PATH.
+func postgresBinDir(t *testing.T) string {
+	t.Helper()
+	if dir := os.Getenv("PG_BIN_DIR"); dir != "" {
+		return dir
+	}
+	if dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin"); len(dirs) > 0 {
+		sort.Slice(dirs, func(i, j int) bool {
+			vi, _ := strconv.Atoi(filepath.Base(filepath.Dir(dirs[i])))
+			vj, _ := strconv.Atoi(filepath.Base(filepath.Dir(dirs[j])))
+			return vi < vj
+		})
+		return dirs[len(dirs)-1]
+	}
+	path, err := exec.LookPath("initdb")
+	if err != nil {
+		t.Fatal("PostgreSQL not found: install Debian's postgresql (scripts/test-all.sh does) or set PG_BIN_DIR")
+	}
+	return filepath.Dir(path)
+}
+
+// startPostgres starts the cluster and stops it (fast shutdown) at cleanup. PostgreSQL
+// refuses to run as root, so under root initdb and postgres run as the `postgres` user the
+// Debian package creates (its directory is chowned to it).
+func startPostgres(t *testing.T) *postgresCluster {
+	t.Helper()
+	bin := postgresBinDir(t)
+	// Not t.TempDir(): its parents are 0700 root, which the postgres user cannot traverse.
+	dir, err := os.MkdirTemp("", "kmskm-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	var cred *syscall.Credential
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			t.Fatalf("running as root, PostgreSQL needs an unprivileged user: %v (install Debian's postgresql, which creates `postgres`)", err)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+		if err := os.Chown(dir, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	asUser := func(cmd *exec.Cmd) *exec.Cmd {
+		if cred != nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		}
+		return cmd
+	}
+	data := filepath.Join(dir, "data")
+	if out, err := asUser(exec.Command(filepath.Join(bin, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
+		"-E", "UTF8", "--no-sync", "--no-instructions")).CombinedOutput(); err != nil {
+		t.Fatalf("initdb failed: %v\n%s", err, out)
+	}
+	p := &postgresCluster{Port: freePort(t), User: "postgres", bin: bin}
+	logPath := filepath.Join(dir, "postgres.log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := asUser(exec.Command(filepath.Join(bin, "postgres"), "-D", data, "-k", dir, "-h", "127.0.0.1",
+		"-p", fmt.Sprint(p.Port), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+		"-c", "max_connections=300"))
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait(); logFile.Close() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGINT) // fast shutdown
+		select {
+		case <-exited:
+		case <-time.After(20 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, err := p.psql("postgres", "SELECT 1")
+		if err == nil {
+			break
+		}
+		select {
+		case err := <-exited:
+			log, _ := os.ReadFile(logPath)
+			t.Fatalf("postgres exited during start-up (%v):\n%s", err, log)
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			log, _ := os.ReadFile(logPath)
+			t.Fatalf("postgres not accepting connections on 127.0.0.1:%d after 30s (%v: %s); log:\n%s", p.Port, err, out, log)
+		}
+	}
+	return p
+}
+
+// psql runs one SQL command as the cluster's superuser over TCP.
+func (p *postgresCluster) psql(database, sql string) (string, error) {
+	psql := filepath.Join(p.bin, "psql")
+	if _, err := os.Stat(psql); err != nil {
+		psql = "psql"
+	}
+	out, err := exec.Command(psql, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+		"-p", fmt.Sprint(p.Port), "-U", p.User, "-d", database, "-c", sql).CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+// CreateDatabase creates a database and returns SPIRE's sql DataStore plugin_data lines for it.
+func (p *postgresCluster) CreateDatabase(t *testing.T, name string) string {
+	t.Helper()
+	if out, err := p.psql("postgres", "CREATE DATABASE "+name); err != nil {
+		t.Fatalf("CREATE DATABASE %s: %v: %s", name, err, out)
+	}
+	return fmt.Sprintf("database_type = \"postgres\"\n            connection_string = \"dbname=%s host=127.0.0.1 port=%d user=%s sslmode=disable\"",
+		name, p.Port, p.User)
 }

@@ -30,7 +30,13 @@ var pkcs11Peers = []struct {
 	new  func(t *testing.T) softToken
 }{{"SoftHSM2", softHSMToken}, {"kryoptic", kryopticToken}}
 
-// softHSMToken initialises a fresh SoftHSM2 token (user PIN 1234) in the run's token
+// The planted PINs of every software token the tests initialise.
+var (
+	pkcs11UserPIN = planted("pkcs11-user-pin")
+	pkcs11SOPIN   = planted("pkcs11-so-pin")
+)
+
+// softHSMToken initialises a fresh SoftHSM2 token (user PIN pkcs11UserPIN) in the run's token
 // directory (SOFTHSM2_CONF, set by scripts/test-all.sh).
 func softHSMToken(t *testing.T) softToken {
 	t.Helper()
@@ -39,9 +45,9 @@ func softHSMToken(t *testing.T) softToken {
 	}
 	label := fmt.Sprintf("go-%d-%d", os.Getpid(), tokenCounter.Add(1))
 	out, err := exec.Command("softhsm2-util", "--init-token", "--free", "--label", label,
-		"--pin", "1234", "--so-pin", "5678").CombinedOutput()
+		"--pin", pkcs11UserPIN, "--so-pin", pkcs11SOPIN).CombinedOutput()
 	require.NoError(t, err, string(out))
-	return softToken{softHSMModule, label, "1234"}
+	return softToken{softHSMModule, label, pkcs11UserPIN}
 }
 
 var uninitializedSlot = regexp.MustCompile(`(?m)^Slot \d+ \((0x[0-9a-f]+)\):.*\n\s*token state:\s*uninitialized`)
@@ -62,9 +68,9 @@ func kryopticToken(t *testing.T) softToken {
 	m := uninitializedSlot.FindStringSubmatch(tool("--list-slots"))
 	require.NotNil(t, m, "no free kryoptic slot in KRYOPTIC_CONF")
 	label := fmt.Sprintf("go-%d-%d", os.Getpid(), tokenCounter.Add(1))
-	tool("--slot", m[1], "--init-token", "--label", label, "--so-pin", "87654321")
-	tool("--slot", m[1], "--init-pin", "--login", "--so-pin", "87654321", "--pin", "12345678")
-	return softToken{module, label, "12345678"}
+	tool("--slot", m[1], "--init-token", "--label", label, "--so-pin", pkcs11SOPIN)
+	tool("--slot", m[1], "--init-pin", "--login", "--so-pin", pkcs11SOPIN, "--pin", pkcs11UserPIN)
+	return softToken{module, label, pkcs11UserPIN}
 }
 
 func pkcs11PluginData(token softToken, serverID string) string {

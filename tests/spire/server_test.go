@@ -55,6 +55,13 @@ func newSpireServerWith(t *testing.T, pluginData func(*spireServer) string) *spi
 // newSpireServerConf is newSpireServerWith with extra lines in the server block (ca_ttl…).
 func newSpireServerConf(t *testing.T, serverExtra string, pluginData func(*spireServer) string) *spireServer {
 	t.Helper()
+	return newSpireServerDS(t, serverExtra, "", pluginData)
+}
+
+// newSpireServerDS is newSpireServerConf with the sql DataStore's plugin_data lines given
+// (database_type, connection_string); "" is a private SQLite file in the server's data_dir.
+func newSpireServerDS(t *testing.T, serverExtra, dataStore string, pluginData func(*spireServer) string) *spireServer {
+	t.Helper()
 	bin := os.Getenv("SPIRE_SERVER_BIN")
 	if bin == "" {
 		t.Fatal("SPIRE_SERVER_BIN must point at the spire-server binary")
@@ -65,6 +72,9 @@ func newSpireServerConf(t *testing.T, serverExtra string, pluginData func(*spire
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	s := &spireServer{t: t, bin: bin, dir: dir, socket: filepath.Join(dir, "api.sock"), conf: filepath.Join(dir, "server.conf")}
 	s.storeKeys = s.keysInStore
+	if dataStore == "" {
+		dataStore = fmt.Sprintf("database_type = \"sqlite3\"\n            connection_string = %q", filepath.Join(dir, "data", "datastore.sqlite3"))
+	}
 	plugin := pluginBinary(t)
 	conf := fmt.Sprintf(`server {
     bind_address = "127.0.0.1"
@@ -81,8 +91,7 @@ func newSpireServerConf(t *testing.T, serverExtra string, pluginData func(*spire
 plugins {
     DataStore "sql" {
         plugin_data {
-            database_type = "sqlite3"
-            connection_string = %q
+            %s
         }
     }
     KeyManager "kms" {
@@ -94,7 +103,7 @@ plugins {
         plugin_data {}
     }
 }
-`, freePort(t), s.socket, trustDomain, filepath.Join(dir, "data"), serverExtra, filepath.Join(dir, "data", "datastore.sqlite3"),
+`, freePort(t), s.socket, trustDomain, filepath.Join(dir, "data"), serverExtra, dataStore,
 		plugin, sha256File(t, plugin), pluginData(s))
 	require.NoError(t, os.WriteFile(s.conf, []byte(conf), 0o600))
 	return s
@@ -114,6 +123,7 @@ func (s *spireServer) start(run int) {
 	s.logPath = filepath.Join(s.dir, fmt.Sprintf("server-%d.log", run))
 	logFile, err := os.Create(s.logPath)
 	require.NoError(s.t, err)
+	keepLog(s.t, s.logPath) // registered before the kill below, so it copies after it
 	s.cmd = exec.Command(s.bin, "run", "-config", s.conf)
 	s.cmd.Stdout = logFile
 	s.cmd.Stderr = logFile

@@ -68,13 +68,13 @@ func TestVaultSideBySide(t *testing.T) {
 	}
 	impls := []impl{
 		{"kms-keymanager", "bench-ours", func(id, extra string) *loaded {
-			return loadExternal(t, vaultPluginData(proxy.URL, id, tokenAuth("root"), extra))
+			return loadExternal(t, vaultPluginData(proxy.URL, id, tokenAuth(baoRootToken), extra))
 		}, true, true},
 		{"kms-keymanager, liveness_kv_mount = \"secret\"", "bench-live", func(id, extra string) *loaded {
-			return loadExternal(t, vaultPluginData(proxy.URL, id, tokenAuth("root"), "liveness_kv_mount = \"secret\"\n", extra))
+			return loadExternal(t, vaultPluginData(proxy.URL, id, tokenAuth(baoRootToken), "liveness_kv_mount = \"secret\"\n", extra))
 		}, true, false},
 		{"SPIRE built-in hashicorp_vault", "bench-spire", func(id, extra string) *loaded {
-			return loadBuiltInVault(t, vaultPluginData(proxy.URL, id, tokenAuth("root"), extra))
+			return loadBuiltInVault(t, vaultPluginData(proxy.URL, id, tokenAuth(baoRootToken), extra))
 		}, false, true},
 	}
 
@@ -298,7 +298,7 @@ func (b *benchVaultAdmin) try(method, path string, body, out any) error {
 	if err != nil {
 		return err
 	}
-	req.Header.Set("X-Vault-Token", "root")
+	req.Header.Set("X-Vault-Token", baoRootToken)
 	resp, err := b.client.Do(req)
 	if err != nil {
 		return err

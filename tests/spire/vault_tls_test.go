@@ -17,7 +17,7 @@ import (
 func TestVaultTLSTrust(t *testing.T) {
 	clearVaultEnv(t)
 	bao := startBaoTLS(t)
-	auth := tokenAuth("root")
+	auth := tokenAuth(baoRootToken)
 
 	_, err := tryLoad(catalogConfig(t, vaultPluginData(bao.Addr, "tls-untrusted", auth)))
 	require.Error(t, err, "an unknown CA must not be trusted")

@@ -614,6 +614,7 @@ impl AwsKmsBackend {
         if let Err(error) = self.tag(arn, &new_tags).await {
             tracing::warn!(key = arn, %error, "could not record the deletion intent; scheduling the deletion anyway");
         }
+        keymanager_engine::failpoint!("delete.after_intent");
         match self
             .clients()
             .kms
@@ -752,6 +753,7 @@ impl Backend for AwsKmsBackend {
         let alias = self.alias(&new.id)?;
         self.point_alias(&alias, &new.handle.arn, replaces.is_some())
             .await?;
+        keymanager_engine::failpoint!("publish.after_alias");
         self.tag(&new.handle.arn, &[(tags::ACTIVE, "true")]).await
     }
 
@@ -879,6 +881,7 @@ impl KeyLifecycle for AwsKmsBackend {
         for key in keys {
             self.tag(&key.handle.arn, &[(tags::LAST_UPDATE, &stamp)])
                 .await?;
+            keymanager_engine::failpoint!("stamp.after_key");
         }
         Ok(())
     }
@@ -945,6 +948,9 @@ impl KeyLifecycle for AwsKmsBackend {
                         Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion) => {
                             StoreKeyState::PendingDeletion
                         }
+                        // Not a disabled key: one an interrupted import left without
+                        // material (`keys enable` cannot help it; the sweep removes it).
+                        Some(KeyState::PendingImport) => StoreKeyState::Incomplete,
                         _ => StoreKeyState::Disabled,
                     },
                     published,

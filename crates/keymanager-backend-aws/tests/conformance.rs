@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use aws_sdk_kms::types::{KeyState, Tag};
 use keymanager_backend_aws::AwsKmsFactory;
+use keymanager_conformance::logs;
 use keymanager_conformance::peers::{self, Peer};
 use keymanager_conformance::proxy::RequestSummary;
 use keymanager_conformance::suite::Subject;
@@ -103,8 +104,10 @@ impl Subject for AwsSubject {
 
     fn plugin_data(&self, server_id: &str, endpoint: Option<&str>) -> String {
         format!(
-            "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nkey_identifier_value = {server_id:?}\nenable_tag_based_key_discovery = {}\n",
+            "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\nkey_identifier_value = {server_id:?}\nenable_tag_based_key_discovery = {}\n",
             endpoint.unwrap_or(&self.peer.url),
+            logs::AWS_ACCESS_KEY_ID,
+            logs::AWS_SECRET_ACCESS_KEY,
             self.tag_discovery
         )
     }

@@ -789,6 +789,7 @@ impl KeyLifecycle for AzureBackend {
                 Err(e) => return Err(e.error.context("refreshing the liveness stamp")),
                 Ok(_) => {}
             }
+            keymanager_engine::failpoint!("stamp.after_key");
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 const IDENTITY_HEADER: &str = "test-identity-header";
 const APP: &str = "spire-app";
-const APP_SECRET: &str = "app-s3cret-value";
+const APP_SECRET: &str = "PLANTED-SECRET-azure-app-secret";
 const TD: &str = "example.org";
 
 /// Environment variables a backend sees.
@@ -502,7 +502,7 @@ async fn every_credential_source_of_the_chain_works() {
                 ("tenant_id", "fake-tenant"),
                 ("subscription_id", "unused"),
                 ("app_id", APP),
-                ("app_secret", "wrong-s3cret"),
+                ("app_secret", "PLANTED-SECRET-azure-wrong-secret"),
             ],
             "client secret from plugin_data",
         ),
@@ -530,7 +530,10 @@ async fn every_credential_source_of_the_chain_works() {
                 (s("AZURE_AUTHORITY_HOST"), s("http://127.0.0.1:1")),
                 (s("AZURE_TENANT_ID"), s("t")),
                 (s("AZURE_CLIENT_ID"), s("c")),
-                (s("AZURE_CLIENT_SECRET"), s("wrong-s3cret")),
+                (
+                    s("AZURE_CLIENT_SECRET"),
+                    s("PLANTED-SECRET-azure-wrong-secret"),
+                ),
             ],
             vec![],
             "AZURE_AUTHORITY_HOST",
@@ -544,7 +547,7 @@ async fn every_credential_source_of_the_chain_works() {
         };
         assert!(err.contains(named), "{what}: {err}");
         assert!(
-            !err.contains("wrong-s3cret"),
+            !err.contains("PLANTED-SECRET-azure-wrong-secret"),
             "{what}: the secret leaked: {err}"
         );
     }

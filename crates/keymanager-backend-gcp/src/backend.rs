@@ -962,6 +962,7 @@ impl KeyLifecycle for GcpKmsBackend {
             let mut labels = key.labels.clone();
             labels.insert(naming::LABEL_LAST_UPDATE.into(), stamp.clone());
             kms.set_labels(&key, labels).await?;
+            keymanager_engine::failpoint!("stamp.after_key");
         }
         Ok(())
     }

@@ -646,6 +646,7 @@ impl Backend for Pkcs11Backend {
         _replaced_by: &StoredKey<Pkcs11Key>,
     ) -> Result<(), BackendError> {
         self.relabel(&replaced.handle, State::Retired).await?;
+        keymanager_engine::failpoint!("delete.after_intent");
         self.destroy(replaced.handle.id.clone(), replaced.locator())
             .await
     }

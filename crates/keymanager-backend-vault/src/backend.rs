@@ -318,6 +318,7 @@ impl VaultBackend {
             Err(e) if e.kind == BackendErrorKind::NotFound => return Ok(()),
             other => other?,
         }
+        keymanager_engine::failpoint!("delete.after_intent");
         match self
             .session()
             .call(
@@ -630,6 +631,7 @@ impl KeyLifecycle for VaultBackend {
             records
                 .stamp(&session, &self.server_id, &key.handle.name, now)
                 .await?;
+            keymanager_engine::failpoint!("stamp.after_key");
         }
         Ok(())
     }

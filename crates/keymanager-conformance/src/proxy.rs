@@ -1,6 +1,8 @@
 //! A loopback HTTP proxy between a backend and its test peer that counts every request,
 //! remembers what it was, and fails, loses or holds the request number N on demand:
-//! the way to inject a failure — or a crash — at each store call of a GenerateKey.
+//! the way to inject a failure — or a crash — at each store call of a GenerateKey. It can
+//! also rewrite answers ([`Fault::Rewrite`], e.g. [`swap_public_key`]): a store that answers
+//! with something other than what it holds.
 //!
 //! For an HTTPS-only peer (the Key Vault fake) the proxy speaks TLS on both sides
 //! ([`FaultProxy::start_tls`]): it serves a 127.0.0.1 certificate issued from the peer's test
@@ -52,8 +54,8 @@ impl RequestSummary {
     }
 }
 
-/// What happens to a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What happens to a request. (No `PartialEq`: function pointers do not compare reliably.)
+#[derive(Clone, Copy, Debug)]
 pub enum Fault {
     /// Answered 503 without reaching the peer.
     Fail,
@@ -64,10 +66,13 @@ pub enum Fault {
     HoldBefore,
     /// Forwarded, then the response is held forever (a crash after the call took effect).
     HoldAfter,
+    /// Forwarded; a successful (2xx) response body is replaced by what the function makes
+    /// of it (it may return the body as it is for requests it does not target).
+    Rewrite(fn(&RequestSummary, Bytes) -> Bytes),
 }
 
 /// Which requests a fault applies to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum Plan {
     /// Every request passes.
     Pass,
@@ -342,6 +347,14 @@ impl FaultProxy {
         match fault {
             Some(Fault::Lose) => Err(std::io::Error::other("response dropped by the fault proxy")),
             Some(Fault::HoldAfter) => match self.hold().await {},
+            Some(Fault::Rewrite(rewrite)) if parts.status.is_success() => {
+                let body = rewrite(&summary, body);
+                let mut response = Response::from_parts(parts, Full::new(body.clone()));
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_LENGTH, body.len().into());
+                Ok(response)
+            }
             _ => Ok(Response::from_parts(parts, Full::new(body))),
         }
     }
@@ -351,6 +364,77 @@ impl FaultProxy {
         self.held.notify_waiters();
         std::future::pending().await
     }
+}
+
+/// A [`Fault::Rewrite`] that swaps the public key in a public-key read for a freshly
+/// generated key of the same curve: AWS KMS `GetPublicKey` (`PublicKey`, base64 DER) and
+/// Cloud KMS `cryptoKeyVersions.getPublicKey` (`pem` with its `pemCrc32c`, kept consistent so
+/// that the answer passes the client's integrity check). Every other answer passes as it is.
+/// EC keys only (P-256, P-384): generating an RSA key per answer would be slow, and a test
+/// needs one swapped key, not every type.
+pub fn swap_public_key(request: &RequestSummary, body: Bytes) -> Bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    let aws = request.name() == "GetPublicKey";
+    let gcp = request.method == "GET"
+        && request
+            .path
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .ends_with("/publicKey");
+    if !aws && !gcp {
+        return body;
+    }
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    if aws {
+        let Some(der) = json["PublicKey"]
+            .as_str()
+            .and_then(|b| STANDARD.decode(b).ok())
+        else {
+            return body;
+        };
+        json["PublicKey"] = STANDARD.encode(other_ec_key(&der)).into();
+    } else {
+        let Some(pem) = json["pem"].as_str() else {
+            return body;
+        };
+        let base64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let Ok(der) = STANDARD.decode(base64) else {
+            return body;
+        };
+        let encoded = STANDARD.encode(other_ec_key(&der));
+        let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+        for line in encoded.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PUBLIC KEY-----\n");
+        // Cloud KMS sends int64 fields as JSON strings.
+        json["pemCrc32c"] = crc32c::crc32c(pem.as_bytes()).to_string().into();
+        json["pem"] = pem.into();
+    }
+    Bytes::from(json.to_string())
+}
+
+/// A new public key (DER SubjectPublicKeyInfo) on the curve of `spki`.
+fn other_ec_key(spki: &[u8]) -> Vec<u8> {
+    use p256::elliptic_curve::Generate;
+    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
+    let der = if p256::PublicKey::from_public_key_der(spki).is_ok() {
+        p256::ecdsa::SigningKey::generate()
+            .verifying_key()
+            .to_public_key_der()
+    } else if p384::PublicKey::from_public_key_der(spki).is_ok() {
+        p384::ecdsa::SigningKey::generate()
+            .verifying_key()
+            .to_public_key_der()
+    } else {
+        panic!("swap_public_key: only EC P-256 and P-384 public keys are swapped")
+    };
+    der.expect("encode a public key").as_bytes().to_vec()
 }
 
 /// How the proxy reaches the peer.

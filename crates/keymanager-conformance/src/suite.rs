@@ -130,6 +130,7 @@ fn scenario(tag: &str) -> (String, String) {
 impl Harness {
     /// Puts a fault proxy in front of the subject's peer, if it has one.
     pub async fn new(subject: Arc<dyn Subject>) -> Self {
+        crate::logs::capture_tracing();
         let proxy = match (subject.peer_url(), subject.peer_tls()) {
             (Some(url), Some((ca_cert, ca_key))) => {
                 Some(FaultProxy::start_tls(&url, &ca_cert, &ca_key).await)

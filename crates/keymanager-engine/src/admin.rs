@@ -833,6 +833,50 @@ mod tests {
         assert!(!all.iter().any(|(l, _)| l == "foreign"));
     }
 
+    /// An import killed between CreateKey and its material (AWS `PendingImport`) leaves a
+    /// key that is neither current nor protected: not in `keys list`, not refused by `keys
+    /// delete`, and swept once older than the grace period.
+    #[test]
+    fn a_key_without_material_is_a_leftover_not_a_disabled_current_key() {
+        let incomplete = KeyRecord {
+            state: StoreKeyState::Incomplete,
+            last_stamp: None,
+            created: Some(now() - Duration::from_secs(2 * 3600)),
+            ..record("half-imported", "me", false, 0)
+        };
+        let records = vec![record("mine", "me", true, 0), incomplete.clone()];
+        let entries = inventory(
+            now(),
+            Some(&me()),
+            SweepPolicy::default(),
+            &[served("mine")],
+            Some(&records),
+            &HashMap::new(),
+            ListScope {
+                all_servers: false,
+                history: true,
+            },
+        );
+        let left = entries
+            .iter()
+            .find(|e| e.locator == "half-imported")
+            .unwrap();
+        assert_eq!(left.state, EntryState::Inactive);
+        assert_eq!(in_use_reason(left), None);
+        let plan = plan_prune(
+            now(),
+            &me(),
+            SweepPolicy::default(),
+            &[served("mine")],
+            &records,
+        );
+        assert!(
+            plan.iter()
+                .any(|(r, d)| r.locator == "half-imported" && d.is_delete()),
+            "{plan:?}"
+        );
+    }
+
     #[test]
     fn entries_carry_the_plugins_fingerprint_and_liveness() {
         let entries = inventory(

@@ -383,6 +383,7 @@ impl<B: Backend> Engine<B> {
         .inspect(|_| self.stats.record_success("prepare"))
         .inspect_err(|e| self.stats.record_failure("prepare", e.kind))
         .map_err(|source| failed(id.clone(), kept(current.is_some()), source))?;
+        crate::failpoint!("generate.after_prepare");
 
         let read = with_retries(self.retry, "public_key", &self.stats, || {
             self.backend.public_key(&prepared)
@@ -465,6 +466,8 @@ impl<B: Backend> Engine<B> {
             }
         }
 
+        crate::failpoint!("generate.after_publish");
+
         let managed = Arc::new(managed_key(new));
         let public = managed.public.clone();
         let (replaced, served) = {
@@ -501,6 +504,7 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
+        crate::failpoint!("generate.before_reply");
         Ok(public)
     }
 
@@ -838,6 +842,7 @@ impl<B: Backend> KeyService for Engine<B> {
             return Ok(false);
         };
         let keys = self.stored_keys();
+        crate::failpoint!("stamp.before");
         self.stats.record_call("stamp");
         let now = std::time::SystemTime::now();
         lifecycle

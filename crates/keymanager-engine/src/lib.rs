@@ -24,6 +24,7 @@ pub mod config;
 pub mod core;
 mod engine;
 mod error;
+pub mod failpoint;
 pub mod handover;
 pub mod kit;
 pub mod lifecycle;

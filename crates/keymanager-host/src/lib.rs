@@ -3,6 +3,7 @@
 //! and stdio streams, Init, Configure, and on close Deinit → broker close → Shutdown → a 2 s
 //! wait before a kill. Used by `kms-keymanager demo`, `bench` and the integration tests.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -73,6 +74,20 @@ pub struct ExitReport {
     pub exit_latency: Duration,
 }
 
+/// With `KMS_KEYMANAGER_TEST_LOG_DIR` set (the test runs), a file under its `rust/` that
+/// receives a copy of the plugin's stderr, for the planted-secret scan
+/// (`scripts/scan-secrets.py`).
+fn stderr_log_file(child: Option<u32>) -> Option<std::fs::File> {
+    let dir = PathBuf::from(std::env::var_os("KMS_KEYMANAGER_TEST_LOG_DIR")?).join("rust");
+    std::fs::create_dir_all(&dir).ok()?;
+    let name = format!(
+        "plugin-stderr-{}-{}.log",
+        std::process::id(),
+        child.unwrap_or_default()
+    );
+    std::fs::File::create(dir.join(name)).ok()
+}
+
 /// A running plugin process and its gRPC clients.
 pub struct PluginProcess {
     child: Child,
@@ -116,9 +131,13 @@ impl PluginProcess {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(pipe) = child.stderr.take() {
             let sink = stderr.clone();
+            let mut tee = stderr_log_file(child.id());
             tokio::spawn(async move {
                 let mut lines = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(file) = tee.as_mut() {
+                        let _ = writeln!(file, "{line}");
+                    }
                     let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
                     if sink.len() < 100_000 {
                         sink.push(line);
@@ -286,6 +305,15 @@ impl PluginProcess {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Waits up to `timeout` for the process to end by itself (a crash); `None` while it
+    /// still runs.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, HostError> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.map(Some).map_err(HostError::Wait),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Unloads the plugin as SPIRE does: Deinit, close the broker, Shutdown, then wait

@@ -35,6 +35,18 @@ pub const BACKENDS: &[&'static dyn BackendFactory] = &[
 ];
 
 fn main() -> ExitCode {
+    // A test build's crash point (see README, "Failpoints"); a typo must not pass silently.
+    match keymanager_engine::failpoint::armed() {
+        Ok(None) => {}
+        Ok(Some(armed)) => eprintln!(
+            "failpoint {}@{} armed: this process aborts there",
+            armed.name, armed.nth
+        ),
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    }
     if keymanager_plugin::is_launched_by_host() {
         return keymanager_plugin::serve(BACKENDS);
     }

@@ -58,7 +58,7 @@ fn id(s: &str) -> KeyId {
 
 fn aws(endpoint: &str, server: &str) -> String {
     format!(
-        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = \"AKIAHANDOVER\"\nsecret_access_key = \"secret\"\nkey_identifier_value = {server:?}\n"
+        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = \"PLANTED-SECRET-AKIAHANDOVER\"\nsecret_access_key = \"PLANTED-SECRET-handover-secret\"\nkey_identifier_value = {server:?}\n"
     )
 }
 
@@ -149,6 +149,7 @@ fn cli(plugin_data: &Path, trust_domain: &str, args: &[&str]) -> serde_json::Val
         .arg(trust_domain)
         .output()
         .expect("run kms-keymanager");
+    keymanager_conformance::logs::keep_cli_log(args, &output);
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "not JSON ({e}): {}\nstderr: {}",

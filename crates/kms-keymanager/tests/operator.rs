@@ -56,6 +56,7 @@ fn cli(dir: &Path, plugin_data: &str, td: &str, args: &[&str]) -> Run {
         .arg(td)
         .output()
         .expect("run kms-keymanager");
+    keymanager_conformance::logs::keep_cli_log(args, &output);
     let run = Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -110,7 +111,7 @@ fn fingerprints(keys: &Value) -> BTreeSet<(String, String)> {
 
 fn aws_data(endpoint: &str, server_id: &str, extra: &str) -> String {
     format!(
-        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = \"test\"\nsecret_access_key = \"secret-never-logged\"\nkey_identifier_value = {server_id:?}\n{extra}"
+        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = \"PLANTED-SECRET-aws-access-key-id\"\nsecret_access_key = \"PLANTED-SECRET-secret-never-logged\"\nkey_identifier_value = {server_id:?}\n{extra}"
     )
 }
 

@@ -52,7 +52,7 @@ fn moto() -> &'static Peer {
 
 fn aws(endpoint: &str, access_key_id: &str, extra: &str) -> String {
     format!(
-        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = {access_key_id:?}\nsecret_access_key = \"secret-of-{access_key_id}\"\nkey_identifier_value = \"reconfigured\"\n{extra}"
+        "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {endpoint:?}\naccess_key_id = {access_key_id:?}\nsecret_access_key = \"PLANTED-SECRET-aws-secret-of-{access_key_id}\"\nkey_identifier_value = \"reconfigured\"\n{extra}"
     )
 }
 
@@ -61,7 +61,7 @@ async fn aws_credentials_and_new_key_settings_apply_at_once_and_store_changes_ar
     let proxy = FaultProxy::start(&moto().url).await;
     let state = state();
     state
-        .configure(core(), &aws(proxy.url(), "AKIAFIRST", ""))
+        .configure(core(), &aws(proxy.url(), "PLANTED-SECRET-AKIAFIRST", ""))
         .await
         .expect("configure");
     let service = state.service().expect("configured");
@@ -76,13 +76,17 @@ async fn aws_credentials_and_new_key_settings_apply_at_once_and_store_changes_ar
         .into_iter()
         .map(|r| r.aws_access_key_id)
         .collect();
-    assert_eq!(used, [Some("AKIAFIRST".to_string())]);
+    assert_eq!(used, [Some("PLANTED-SECRET-AKIAFIRST".to_string())]);
 
     // Rotated static keys and new key tags: applied without a restart, keys kept.
     state
         .configure(
             core(),
-            &aws(proxy.url(), "AKIASECOND", "key_tags = { team = \"pki\" }\n"),
+            &aws(
+                proxy.url(),
+                "PLANTED-SECRET-AKIASECOND",
+                "key_tags = { team = \"pki\" }\n",
+            ),
         )
         .await
         .expect("re-Configure with rotated credentials");
@@ -99,7 +103,7 @@ async fn aws_credentials_and_new_key_settings_apply_at_once_and_store_changes_ar
     let seen = proxy.since(mark);
     assert!(
         seen.iter()
-            .all(|r| r.aws_access_key_id.as_deref() == Some("AKIASECOND")),
+            .all(|r| r.aws_access_key_id.as_deref() == Some("PLANTED-SECRET-AKIASECOND")),
         "every call after the re-Configure uses the rotated key: {:?}",
         seen.iter()
             .map(|r| (r.name(), r.aws_access_key_id.clone()))
@@ -121,7 +125,7 @@ async fn aws_credentials_and_new_key_settings_apply_at_once_and_store_changes_ar
             core(),
             &aws(
                 proxy.url(),
-                "AKIASECOND",
+                "PLANTED-SECRET-AKIASECOND",
                 "key_tags = { team = \"pki\" }\nenable_tag_based_key_discovery = true\n",
             ),
         )
@@ -138,12 +142,13 @@ async fn aws_credentials_and_new_key_settings_apply_at_once_and_store_changes_ar
         }
     };
     refused(
-        aws(proxy.url(), "AKIASECOND", "").replace("\"reconfigured\"", "\"another\""),
+        aws(proxy.url(), "PLANTED-SECRET-AKIASECOND", "")
+            .replace("\"reconfigured\"", "\"another\""),
         "server identity",
     )
     .await;
     refused(
-        aws(proxy.url(), "AKIASECOND", "").replace("us-east-1", "eu-west-1"),
+        aws(proxy.url(), "PLANTED-SECRET-AKIASECOND", "").replace("us-east-1", "eu-west-1"),
         "region",
     )
     .await;
@@ -355,12 +360,17 @@ async fn a_new_vault_token_applies_at_once_a_bad_one_is_refused_and_the_mount_ca
     // A token Vault does not accept fails the re-Configure; signing goes on with the
     // working one.
     let status = state
-        .configure(core(), &vault(&peer.url, "not-a-token", ""))
+        .configure(
+            core(),
+            &vault(&peer.url, "PLANTED-SECRET-not-a-vault-token", ""),
+        )
         .await
         .expect_err("a bad token is refused");
     assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
     assert!(
-        !status.message().contains("not-a-token"),
+        !status
+            .message()
+            .contains("PLANTED-SECRET-not-a-vault-token"),
         "{}",
         status.message()
     );

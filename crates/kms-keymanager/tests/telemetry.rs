@@ -394,7 +394,7 @@ async fn aws_audit_lines_carry_the_kms_request_id_and_the_server_id() {
         .configure(
             "example.org",
             &format!(
-                "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nkey_identifier_value = \"audited-server\"\naudit_log = {:?}\n",
+                "backend = \"aws_kms\"\nregion = \"us-east-1\"\nendpoint = {:?}\naccess_key_id = \"PLANTED-SECRET-aws-access-key-id\"\nsecret_access_key = \"PLANTED-SECRET-aws-secret-access-key\"\nkey_identifier_value = \"audited-server\"\naudit_log = {:?}\n",
                 moto.url,
                 audit.display().to_string()
             ),

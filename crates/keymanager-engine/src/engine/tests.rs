@@ -52,8 +52,6 @@ struct Store {
     transient_sign_failures: AtomicUsize,
     /// Public keys of imported keys, by key number.
     imported: Mutex<HashMap<usize, Arc<[u8]>>>,
-    /// The store "imports" some other key (a wrapping bug, a tampered answer).
-    import_wrong_key: std::sync::atomic::AtomicBool,
     /// The backend has no import.
     no_import: std::sync::atomic::AtomicBool,
 }
@@ -242,13 +240,11 @@ impl Backend for FakeBackend {
             });
             keys.len() - 1
         };
-        if !self.store.import_wrong_key.load(Ordering::SeqCst) {
-            self.store
-                .imported
-                .lock()
-                .unwrap()
-                .insert(n, key.spki_der().clone());
-        }
+        self.store
+            .imported
+            .lock()
+            .unwrap()
+            .insert(n, key.spki_der().clone());
         self.store.done("prepare_import", effect)?;
         Ok(self.store.handle(n))
     }
@@ -1178,36 +1174,6 @@ async fn a_live_key_is_replaced_only_when_asked_and_then_retired() {
     assert_eq!(replaced.public.key_type, KeyType::Rsa2048);
     assert_eq!(store.count("retire"), 1);
     assert!(store.is_deleted(0), "the replaced key is retired");
-}
-
-#[tokio::test]
-async fn a_store_holding_another_public_key_undoes_the_import() {
-    let store = Arc::new(Store::default());
-    let engine = start_on(&store, fast_retries()).await;
-    let old = engine
-        .generate_key(id("x509-CA-A"), KeyType::EcP384)
-        .await
-        .unwrap();
-    store.import_wrong_key.store(true, Ordering::SeqCst);
-    let error = engine
-        .import_key(id("x509-CA-A"), &material("p384"), true)
-        .await
-        .unwrap_err();
-    assert!(matches!(error, EngineError::Import { .. }), "{error}");
-    assert!(
-        error.to_string().contains("the import is undone"),
-        "{error}"
-    );
-    assert_eq!(
-        store.count("publish"),
-        1,
-        "only the generated key was published"
-    );
-    assert_eq!(store.count("abort"), 1);
-    assert!(store.is_deleted(1), "the imported key is removed");
-    assert_eq!(engine.public_key(&id("x509-CA-A")).unwrap(), old);
-    let restarted = start_on(&store, fast_retries()).await;
-    assert_eq!(restarted.public_key(&id("x509-CA-A")).unwrap(), old);
 }
 
 #[tokio::test]

@@ -113,6 +113,9 @@ impl LifecycleSchedule {
         if let Some(skew) = settings.take_duration("clock_skew_allowance")? {
             schedule.policy.max_clock_skew = skew;
         }
+        if let Some(grace) = crate::failpoint::half_created_grace() {
+            schedule.policy.half_created_grace = grace;
+        }
         if schedule.stamp_every >= schedule.policy.stale_after {
             return Err(SettingsError::invalid(
                 "liveness_interval",
@@ -154,12 +157,14 @@ pub async fn run_sweep<H: KeyHandle>(
 ) -> Result<SweepReport, BackendError> {
     let records = lifecycle.list().await?;
     let decisions = plan_sweep(now, &lifecycle.identity(), in_use, &records, policy);
+    crate::failpoint!("sweep.after_list");
     let mut failed = Vec::new();
     for (decision, record) in decisions.iter().zip(&records) {
         match decision {
             SweepDecision::Delete { locator, reason } => match lifecycle.delete(record).await {
                 Ok(()) => {
-                    tracing::info!(key = %locator, %reason, "stale key put on the deletion path")
+                    tracing::info!(key = %locator, %reason, "stale key put on the deletion path");
+                    crate::failpoint!("sweep.after_delete");
                 }
                 Err(error) => {
                     tracing::warn!(key = %locator, %error, "could not delete a stale key; the next sweep retries");

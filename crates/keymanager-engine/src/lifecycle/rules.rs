@@ -67,6 +67,10 @@ pub enum StoreKeyState {
     Enabled,
     /// Disabled but not scheduled for deletion.
     Disabled,
+    /// Created, but the store holds no key material for it yet (AWS `PendingImport`: an
+    /// import interrupted before its material arrived). It never signed and cannot be
+    /// enabled; unpublished, it is a leftover like any other.
+    Incomplete,
     /// Already scheduled for deletion or destruction.
     PendingDeletion,
 }

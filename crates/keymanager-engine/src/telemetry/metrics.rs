@@ -243,6 +243,7 @@ impl Metrics {
         for (state, name) in [
             (StoreKeyState::Enabled, "enabled"),
             (StoreKeyState::Disabled, "disabled"),
+            (StoreKeyState::Incomplete, "incomplete"),
             (StoreKeyState::PendingDeletion, "pending_deletion"),
         ] {
             let count = report.store_states.iter().filter(|s| **s == state).count();
