@@ -36,6 +36,10 @@ type faultProxy struct {
 	mu    sync.Mutex
 	queue map[string][]fault
 	seen  map[string]int
+	// quotas are the store's per-operation request quotas (token buckets); a request
+	// beyond its quota is answered with the store's throttling reply (faultThrottle).
+	quotas    map[string]*tokenBucket
+	throttled map[string]int
 	// latency is added to every request (benchmarks: a KMS round trip).
 	latency time.Duration
 }
@@ -46,7 +50,7 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &faultProxy{queue: map[string][]fault{}, seen: map[string]int{}}
+	p := &faultProxy{queue: map[string][]fault{}, seen: map[string]int{}, quotas: map[string]*tokenBucket{}, throttled: map[string]int{}}
 	forward := httputil.NewSingleHostReverseProxy(upstream)
 	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		operation, query := requestOperation(t, r)
@@ -56,6 +60,10 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 		if queued := p.queue[operation]; len(queued) > 0 {
 			next = &queued[0]
 			p.queue[operation] = queued[1:]
+		} else if bucket := p.quotas[operation]; bucket != nil && !bucket.take(time.Now()) {
+			throttle := faultThrottle
+			next = &throttle
+			p.throttled[operation]++
 		}
 		latency := p.latency
 		p.mu.Unlock()
@@ -178,6 +186,45 @@ func writeVaultFault(w http.ResponseWriter, f fault) {
 			_ = conn.Close()
 		}
 	}
+}
+
+// tokenBucket is a request quota as KMS services enforce them: perSecond requests a second,
+// up to burst at once.
+type tokenBucket struct {
+	perSecond, burst, tokens float64
+	last                     time.Time
+}
+
+func (b *tokenBucket) take(now time.Time) bool {
+	b.tokens = min(b.burst, b.tokens+now.Sub(b.last).Seconds()*b.perSecond)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// quota limits operation to perSecond requests a second with bursts of burst (a full
+// bucket to start); beyond it the proxy answers with the store's throttling reply (AWS:
+// 400 ThrottlingException; Vault API paths: 429). perSecond 0 removes the quota.
+func (p *faultProxy) quota(operation string, perSecond float64, burst int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if perSecond <= 0 {
+		delete(p.quotas, operation)
+		return
+	}
+	p.quotas[operation] = &tokenBucket{perSecond: perSecond, burst: float64(burst), tokens: float64(burst), last: time.Now()}
+}
+
+// throttles returns and resets how many requests of operation the quota turned away.
+func (p *faultProxy) throttles(operation string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := p.throttled[operation]
+	p.throttled[operation] = 0
+	return n
 }
 
 func (p *faultProxy) inject(operation string, faults ...fault) {

@@ -149,7 +149,7 @@ func TestDiskFileInteropWithSpiresBuiltIn(t *testing.T) {
 func TestBadConfigurationIsRejected(t *testing.T) {
 	for _, tc := range []struct{ data, want string }{
 		{``, `"keys_path" is required`},
-		{`keys_path = "/tmp/k.json"` + "\n" + `keys_pth = "x"`, `unknown key "keys_pth" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, metrics_listen, audit_log, migrate_from, keys_path`},
+		{`keys_path = "/tmp/k.json"` + "\n" + `keys_pth = "x"`, `unknown key "keys_pth" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, adaptive_rate_limit, metrics_listen, audit_log, migrate_from, keys_path`},
 		{`keys_path = 42`, `"keys_path" must be a string, got a number`},
 		{`keys_path = "/tmp/k.json"` + "\n" + `log_level = "loud"`, `"loud" is not one of trace, debug, info, warn, error`},
 		{`backend = "aws"`, `unknown backend "aws"; available: `},

@@ -37,20 +37,36 @@ use crate::core::private_key::PrivateKeyMaterial;
 use crate::error::EngineError;
 use crate::lifecycle::{KeyLifecycle, KeyRecord, SweepPolicy, SweepReport, run_sweep};
 use crate::resilience::{
-    CallStats, OperationStats, RateLimitDenied, RateLimiter, RetryPolicy, with_retries,
+    AdaptiveLimiter, CallStats, Gated, OperationStats, RateLimitDenied, RateLimiter, RetryPolicy,
+    with_gated_retries, with_retries,
 };
 use crate::service::KeyService;
 use crate::telemetry::{SignOutcome, Telemetry};
 
 /// Engine settings that do not depend on the backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EngineOptions {
     /// Cap on distinct key ids (`None`: unlimited).
     pub max_keys: Option<usize>,
     /// Client-side limit on SignData calls per second (`None`: unlimited).
     pub max_signs_per_second: Option<f64>,
+    /// Learn the store's signing quota from its throttling replies and pace signing calls
+    /// below it ([`AdaptiveLimiter`]); a `max_signs_per_second` ceiling applies as well.
+    pub adaptive_rate_limit: bool,
     /// Retries of transient failures of idempotent backend calls.
     pub retry: RetryPolicy,
+}
+
+impl Default for EngineOptions {
+    /// No key cap, no fixed sign limit, adaptive rate control on, default retries.
+    fn default() -> Self {
+        Self {
+            max_keys: None,
+            max_signs_per_second: None,
+            adaptive_rate_limit: true,
+            retry: RetryPolicy::default(),
+        }
+    }
 }
 
 /// A signature and the fingerprint of the key instance that made it.
@@ -82,6 +98,8 @@ pub struct Engine<B: Backend> {
     /// 0 means unlimited.
     max_keys: AtomicUsize,
     sign_limiter: RwLock<Option<Arc<Limiter>>>,
+    /// Paces every signing attempt (retries too) below the store's learned quota.
+    adaptive: RwLock<Option<Arc<AdaptiveLimiter>>>,
     retry: RetryPolicy,
     stats: Arc<CallStats>,
     telemetry: Arc<Telemetry>,
@@ -169,6 +187,7 @@ impl<B: Backend> Engine<B> {
             generating: Mutex::new(HashMap::new()),
             max_keys: AtomicUsize::new(0),
             sign_limiter: RwLock::new(None),
+            adaptive: RwLock::new(None),
             retry: options.retry,
             stats,
             telemetry,
@@ -180,6 +199,21 @@ impl<B: Backend> Engine<B> {
     fn apply_options(&self, options: &EngineOptions) {
         self.max_keys
             .store(options.max_keys.unwrap_or(0), Ordering::Relaxed);
+        {
+            // A limiter already running keeps what it learned.
+            let mut adaptive = self
+                .adaptive
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            match (adaptive.is_some(), options.adaptive_rate_limit) {
+                (false, true) => *adaptive = Some(Arc::new(AdaptiveLimiter::default())),
+                (true, false) => {
+                    *adaptive = None;
+                    self.telemetry.adaptive_rate(None);
+                }
+                _ => {}
+            }
+        }
         let mut limiter = self
             .sign_limiter
             .write()
@@ -674,10 +708,50 @@ impl<B: Backend> Engine<B> {
             let left = deadline.saturating_sub(started.elapsed());
             policy.budget = policy.budget.min(left.mul_f64(0.8));
         }
-        let signed = with_retries(policy, "sign", &self.stats, || {
-            self.backend.sign_traced(&key.stored, &digest, scheme)
-        })
-        .await?;
+        let adaptive = self
+            .adaptive
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let adaptive = adaptive.as_deref();
+        // Every attempt, retries included, is paced: a retry is as much load on the store.
+        let gate = || async {
+            let Some(limiter) = adaptive else {
+                return Ok(None);
+            };
+            let left = deadline.map(|d| d.saturating_sub(started.elapsed()));
+            let waiting = tokio::time::Instant::now();
+            let permit = limiter.acquire(left).await?;
+            if !waiting.elapsed().is_zero() {
+                self.telemetry.rate_limit_waited(waiting.elapsed());
+            }
+            Ok(Some(permit))
+        };
+        let (key_ref, digest_ref) = (&key, &digest);
+        let call = |permit| async move {
+            let result = self
+                .backend
+                .sign_traced(&key_ref.stored, digest_ref, scheme)
+                .await;
+            if let (Some(limiter), Some(permit)) = (adaptive, permit) {
+                let change = match &result {
+                    Ok(_) => limiter.on_success(&permit),
+                    Err(e) if e.kind == BackendErrorKind::ResourceExhausted => {
+                        limiter.on_throttle(&permit)
+                    }
+                    Err(_) => None,
+                };
+                if let Some(change) = change {
+                    self.telemetry.adaptive_rate_changed(change);
+                }
+            }
+            result
+        };
+        let signed = match with_gated_retries(policy, "sign", &self.stats, gate, call).await {
+            Ok(signed) => signed,
+            Err(Gated::Failed(error)) => return Err(error.into()),
+            Err(Gated::Refused(denied)) => return Err(EngineError::adaptive_rate_limited(denied)),
+        };
         trace.request_id = signed.request_id;
         let bytes = normalise_signature(id, key_type, signed.signature)?;
         Ok(Signature {

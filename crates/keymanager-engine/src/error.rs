@@ -74,6 +74,19 @@ pub enum EngineError {
         /// Why: queue full, or the wait exceeds the deadline.
         reason: String,
     },
+    /// The store throttles signing and the adaptive pacing queue cannot serve the call
+    /// before its deadline.
+    #[error(
+        "the key store is throttling signatures: at the learned rate of {per_second:.1} signs/s this call would wait {wait_ms} ms, more than it can within its remaining deadline of {deadline_ms} ms; refused at once instead of timing out (adaptive_rate_limit)"
+    )]
+    AdaptiveRateLimited {
+        /// The learned rate.
+        per_second: f64,
+        /// The wait the call would need, in milliseconds.
+        wait_ms: u128,
+        /// The caller's remaining deadline, in milliseconds.
+        deadline_ms: u128,
+    },
     /// The backend returned a malformed signature.
     #[error("backend returned an invalid signature for key {id:?}: {reason}")]
     InvalidBackendSignature {
@@ -219,9 +232,9 @@ impl EngineError {
             | Self::PssSaltUnsupported { .. }
             | Self::SchemeUnsupported { .. } => ErrorClass::InvalidArgument,
             Self::KeyNotFound(_) => ErrorClass::NotFound,
-            Self::KeyLimitReached { .. } | Self::RateLimited { .. } => {
-                ErrorClass::ResourceExhausted
-            }
+            Self::KeyLimitReached { .. }
+            | Self::RateLimited { .. }
+            | Self::AdaptiveRateLimited { .. } => ErrorClass::ResourceExhausted,
             Self::InvalidBackendSignature { .. } => ErrorClass::Internal,
             Self::ImportUnsupported { .. } | Self::KeyExists { .. } => {
                 ErrorClass::FailedPrecondition
@@ -237,6 +250,14 @@ impl EngineError {
         match self {
             Self::Backend(e) | Self::Generate { source: e, .. } => Some(e.kind),
             _ => None,
+        }
+    }
+
+    pub(crate) fn adaptive_rate_limited(denied: crate::resilience::AdaptiveDenied) -> Self {
+        Self::AdaptiveRateLimited {
+            per_second: denied.per_second,
+            wait_ms: denied.wait.as_millis(),
+            deadline_ms: denied.deadline.as_millis(),
         }
     }
 

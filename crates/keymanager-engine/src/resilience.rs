@@ -7,10 +7,13 @@
 //!   The lock is held only to reserve a slot, never while waiting; the queue is bounded, a
 //!   call that could not be served before its deadline is refused at once, and a caller that
 //!   gives up returns its slot.
+//! - [`AdaptiveLimiter`]: learns the store's quota from its throttling replies and paces
+//!   signing calls below it (on by default; see [`adaptive`]).
 //! - [`CallStats`]: backend calls, failures and throttles per operation, for logs, metrics
 //!   and benchmarks.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
@@ -19,6 +22,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backend::{BackendError, BackendErrorKind};
+
+pub mod adaptive;
+
+pub use adaptive::{AdaptiveDenied, AdaptiveLimiter, Permit, RateChange};
 
 /// How transient backend failures are retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,11 +64,45 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, BackendError>>,
 {
+    let open = || std::future::ready(Ok::<(), Infallible>(()));
+    match with_gated_retries(policy, operation, stats, open, |()| call()).await {
+        Ok(value) => Ok(value),
+        Err(Gated::Failed(error)) => Err(error),
+        Err(Gated::Refused(never)) => match never {},
+    }
+}
+
+/// Why [`with_gated_retries`] gave up.
+#[derive(Debug)]
+pub enum Gated<R> {
+    /// The gate refused an attempt (e.g. the pacing queue could not meet the deadline).
+    Refused(R),
+    /// The last attempt failed.
+    Failed(BackendError),
+}
+
+/// As [`with_retries`], with `gate` passed before every attempt (the first and each retry):
+/// it may wait (pacing), refuse (no attempt is made; the refusal is returned), or let the
+/// attempt through with a pass that `call` receives.
+pub async fn with_gated_retries<T, P, R, G, GFut, F, Fut>(
+    policy: RetryPolicy,
+    operation: &'static str,
+    stats: &CallStats,
+    mut gate: G,
+    mut call: F,
+) -> Result<T, Gated<R>>
+where
+    G: FnMut() -> GFut,
+    GFut: Future<Output = Result<P, R>>,
+    F: FnMut(P) -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
     let started = Instant::now();
     let mut attempt = 1;
     loop {
+        let pass = gate().await.map_err(Gated::Refused)?;
         stats.record_call(operation);
-        let error = match call().await {
+        let error = match call(pass).await {
             Ok(value) => {
                 stats.record_success(operation);
                 return Ok(value);
@@ -73,7 +114,7 @@ where
         let backoff = full_jitter(policy, attempt).max(error.retry_after.unwrap_or_default());
         let out_of_budget = started.elapsed() + backoff > policy.budget;
         if !error.kind.is_transient() || attempt >= policy.max_attempts || out_of_budget {
-            return Err(error);
+            return Err(Gated::Failed(error));
         }
         tracing::warn!(
             operation,

@@ -15,6 +15,7 @@ pub const COMMON_KEYS: &[&str] = &[
     "log_level",
     "max_keys",
     "max_signs_per_second",
+    "adaptive_rate_limit",
     "metrics_listen",
     "audit_log",
     "migrate_from",
@@ -35,6 +36,8 @@ pub struct PluginConfig {
     pub max_keys: Option<usize>,
     /// Client-side SignData rate limit (`None`: unlimited).
     pub max_signs_per_second: Option<f64>,
+    /// Adaptive sign-rate control (learned from the store's throttling); on unless `false`.
+    pub adaptive_rate_limit: bool,
     /// Where `/metrics` is served (`None`: no endpoint).
     pub metrics_listen: Option<SocketAddr>,
     /// The audit log file (`None`: no audit log).
@@ -83,6 +86,11 @@ impl PluginConfig {
                 self.max_signs_per_second,
                 OnChange::Runtime,
             ),
+            SettingState::new(
+                "adaptive_rate_limit",
+                self.adaptive_rate_limit,
+                OnChange::Runtime,
+            ),
             SettingState::new("metrics_listen", self.metrics_listen, OnChange::Runtime),
             SettingState::new("audit_log", &self.audit_log, OnChange::Runtime),
         ];
@@ -110,6 +118,7 @@ impl PluginConfig {
         keymanager_engine::EngineOptions {
             max_keys: self.max_keys,
             max_signs_per_second: self.max_signs_per_second,
+            adaptive_rate_limit: self.adaptive_rate_limit,
             ..keymanager_engine::EngineOptions::default()
         }
     }
@@ -165,6 +174,7 @@ pub fn parse_plugin_config(
         }
         Some(n) => Some(n as f64),
     };
+    let adaptive_rate_limit = settings.take_bool("adaptive_rate_limit")?.unwrap_or(true);
     let metrics_listen = match settings.take_nonempty_string("metrics_listen")? {
         None => None,
         Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
@@ -213,6 +223,7 @@ pub fn parse_plugin_config(
         log_level,
         max_keys,
         max_signs_per_second,
+        adaptive_rate_limit,
         metrics_listen,
         audit_log,
         backend,
@@ -334,6 +345,24 @@ mod tests {
         .unwrap();
         assert_eq!(limited.max_signs_per_second, Some(50.0));
         assert_eq!(limited.max_keys, Some(12));
+        assert!(config.adaptive_rate_limit, "on by default");
+        let fixed_only = parse_plugin_config(
+            BACKENDS,
+            core(),
+            "keys_path = \"/k\"\nadaptive_rate_limit = false\n",
+        )
+        .unwrap();
+        assert!(!fixed_only.engine_options().adaptive_rate_limit);
+        assert_eq!(
+            parse_plugin_config(
+                BACKENDS,
+                core(),
+                "keys_path = \"/k\"\nadaptive_rate_limit = \"on\"\n"
+            )
+            .unwrap_err()
+            .to_string(),
+            "\"adaptive_rate_limit\" must be a boolean (true or false), got a string"
+        );
         let err = parse_plugin_config(
             BACKENDS,
             core(),
@@ -358,7 +387,7 @@ mod tests {
         );
         assert_eq!(
             err("keys_path = \"/k\"\nkey_path = \"/k\"\n"),
-            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, metrics_listen, audit_log, migrate_from, keys_path"
+            "unknown key \"key_path\" in plugin_data; allowed keys: backend, log_level, max_keys, max_signs_per_second, adaptive_rate_limit, metrics_listen, audit_log, migrate_from, keys_path"
         );
         assert_eq!(
             err("keys_path = 7\n"),

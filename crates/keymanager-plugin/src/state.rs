@@ -162,6 +162,7 @@ impl PluginState {
                     "log_level"
                         | "max_keys"
                         | "max_signs_per_second"
+                        | "adaptive_rate_limit"
                         | "metrics_listen"
                         | "audit_log"
                 )

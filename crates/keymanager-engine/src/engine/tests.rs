@@ -7,6 +7,7 @@ use super::*;
 use crate::backend::{Capabilities, SchemeFamily, SigningSupport};
 use crate::config::{OpenedBackend, SettingState, StoreIdentity};
 use crate::core::algorithm::{HashAlgorithm, PssSaltLength, SchemeError};
+use crate::error::ErrorClass;
 use crate::lifecycle::{LifecycleSchedule, StoreKeyState, SweeperIdentity, spawn_tasks};
 
 /// One key in the fake store.
@@ -1409,4 +1410,87 @@ mod handover {
         sign(&handover, "x509-CA-A").await.unwrap();
         assert_eq!(old.count("sign"), signs + 1);
     }
+}
+
+/// Adaptive rate control is wired into SignData for every backend: repeated throttling
+/// makes the engine pace itself (the learned rate is a metric), a call that cannot be paced
+/// inside its deadline is refused at once as `ResourceExhausted`, and with
+/// `adaptive_rate_limit = false` the same throttling only retries.
+#[tokio::test(start_paused = true)]
+async fn repeated_throttling_makes_signing_paced_and_refusals_immediate() {
+    let store = Arc::new(Store::default());
+    let engine = start_on(&store, EngineOptions::default()).await;
+    engine.generate_key(id("k"), KeyType::EcP256).await.unwrap();
+    let gauge = |engine: &Engine<FakeBackend>| {
+        let text = engine.telemetry().metrics().encode_prometheus();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kms_keymanager_adaptive_sign_rate "))
+            .map(|v| v.parse::<f64>().unwrap())
+            .unwrap()
+    };
+    assert_eq!(gauge(&engine), 0.0, "not pacing before any throttle");
+    sign_sha256(&engine, "k").await.unwrap();
+
+    store.transient_sign_failures.store(3, Ordering::SeqCst);
+    sign_sha256(&engine, "k").await.unwrap();
+    let rate = gauge(&engine);
+    assert!(rate >= 1.0, "a rate was learned: {rate}");
+    let text = engine.telemetry().metrics().encode_prometheus();
+    assert!(
+        text.lines()
+            .any(|l| l == "kms_keymanager_adaptive_rate_cuts_total 1"),
+        "{text}"
+    );
+
+    // Far more callers than the learned rate serves within a 2 s deadline.
+    let engine = Arc::new(engine);
+    let mut tasks = Vec::new();
+    for _ in 0..(rate as usize * 4 + 20) {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let asked = tokio::time::Instant::now();
+            let result = engine
+                .sign(
+                    &id("k"),
+                    vec![0; 32],
+                    SignerOpts::Hash(HashAlgorithm::Sha256),
+                    Some(Duration::from_secs(2)),
+                )
+                .await;
+            (result, asked.elapsed())
+        }));
+    }
+    let (mut signed, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (Ok(_), took) => {
+                signed += 1;
+                assert!(took < Duration::from_secs(2), "{took:?}");
+            }
+            (Err(err @ EngineError::AdaptiveRateLimited { .. }), took) => {
+                refused += 1;
+                assert_eq!(took, Duration::ZERO, "refused at once");
+                assert_eq!(err.class(), ErrorClass::ResourceExhausted);
+                assert!(err.to_string().contains("refused at once"), "{err}");
+            }
+            (Err(other), _) => panic!("{other}"),
+        }
+    }
+    assert!(
+        signed > 0 && refused > 0,
+        "{signed} signed, {refused} refused"
+    );
+
+    // Off: the same throttling is only retried; nothing is learned or refused.
+    let off = start_on(
+        &store,
+        EngineOptions {
+            adaptive_rate_limit: false,
+            ..EngineOptions::default()
+        },
+    )
+    .await;
+    store.transient_sign_failures.store(3, Ordering::SeqCst);
+    sign_sha256(&off, "k").await.unwrap();
+    assert_eq!(gauge(&off), 0.0);
 }

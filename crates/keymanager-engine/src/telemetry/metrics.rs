@@ -54,6 +54,8 @@ pub struct Metrics {
     sign_slots: [[OnceLock<Counter>; RESULT_SLOTS]; KEY_TYPE_SLOTS],
     sign_duration: Histogram,
     rate_limited_wait: Histogram,
+    adaptive_rate: Gauge<f64, AtomicU64>,
+    adaptive_cuts: Counter,
     generate_total: Family<Labels<1>, Counter>,
     keys: Family<Labels<1>, Gauge>,
     migrate_from_keys: Family<Labels<1>, Gauge>,
@@ -85,8 +87,20 @@ impl Metrics {
         let rate_limited_wait = Histogram::new(WAIT_BUCKETS);
         registry.register(
             "kms_keymanager_rate_limited_wait_seconds",
-            "Time SignData requests waited for a max_signs_per_second permit (only with a limit configured)",
+            "Time SignData requests waited for a sign permit: max_signs_per_second, or the adaptive rate once the store has throttled",
             rate_limited_wait.clone(),
+        );
+        let adaptive_rate = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "kms_keymanager_adaptive_sign_rate",
+            "Signing calls per second the adaptive rate control lets through, learned from the store's throttling (0: not pacing, no throttling seen)",
+            adaptive_rate.clone(),
+        );
+        let adaptive_cuts = Counter::default();
+        registry.register(
+            "kms_keymanager_adaptive_rate_cuts",
+            "Times the store's throttling made the adaptive rate control lower its sign rate",
+            adaptive_cuts.clone(),
         );
         let generate_total = Family::<Labels<1>, Counter>::default();
         registry.register(
@@ -138,6 +152,8 @@ impl Metrics {
             sign_slots: Default::default(),
             sign_duration,
             rate_limited_wait,
+            adaptive_rate,
+            adaptive_cuts,
             generate_total,
             keys,
             migrate_from_keys,
@@ -195,6 +211,14 @@ impl Metrics {
 
     pub(crate) fn rate_limited_wait(&self, wait: Duration) {
         self.rate_limited_wait.observe(wait.as_secs_f64());
+    }
+
+    pub(crate) fn set_adaptive_rate(&self, per_second: f64) {
+        self.adaptive_rate.set(per_second);
+    }
+
+    pub(crate) fn adaptive_cut(&self) {
+        self.adaptive_cuts.inc();
     }
 
     pub(crate) fn set_keys(&self, state: &'static str, count: usize) {

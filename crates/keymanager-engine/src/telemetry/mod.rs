@@ -194,6 +194,24 @@ impl Telemetry {
         }
     }
 
+    /// The adaptive sign rate changed (learned, raised, cut, dropped).
+    pub(crate) fn adaptive_rate_changed(&self, change: crate::resilience::RateChange) {
+        use crate::resilience::RateChange;
+        match change {
+            RateChange::Cut(rate) => {
+                self.metrics.adaptive_cut();
+                self.adaptive_rate(Some(rate));
+            }
+            RateChange::Raised(rate) => self.adaptive_rate(Some(rate)),
+            RateChange::Released => self.adaptive_rate(None),
+        }
+    }
+
+    /// The learned sign rate (`None`: not pacing).
+    pub(crate) fn adaptive_rate(&self, rate: Option<f64>) {
+        self.metrics.set_adaptive_rate(rate.unwrap_or(0.0));
+    }
+
     pub(crate) fn keys_served(&self, count: usize) {
         self.metrics.set_keys("active", count);
     }
