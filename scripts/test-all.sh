@@ -206,7 +206,7 @@ PLUGIN_BIN=$CARGO_TARGET_DIR/debug/kms-keymanager
 
 step "SPIRE conformance suite and real spire-server end to end"
 (cd tests/spire && KMS_KEYMANAGER_BIN=$PLUGIN_BIN SPIRE_SERVER_BIN=$SPIRE_SERVER_BIN \
-  go test -count=1 -v -timeout 15m ./... 2>&1) | tee "$LOG_DIR/go-test.log" | grep -E '^(--- |ok |FAIL)' || true
+  go test -count=1 -v -timeout 30m ./... 2>&1) | tee "$LOG_DIR/go-test.log" | grep -E '^(--- |ok |FAIL)' || true
 if ! grep -q '^ok ' "$LOG_DIR/go-test.log"; then
   cat "$LOG_DIR/go-test.log"
   echo "Go tests failed" >&2

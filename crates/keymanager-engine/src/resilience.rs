@@ -1,8 +1,8 @@
 //! Retries, rate limiting and call counting around backend calls, written once.
 //!
 //! - [`RetryPolicy`]: transient failures (`Unavailable`, `ResourceExhausted`) are retried with
-//!   full-jitter exponential backoff, bounded in attempts and in total time so a call always
-//!   ends inside SPIRE's 30-second RPC deadline.
+//!   jittered exponential backoff, bounded in total time (and attempts) so a call always ends
+//!   inside SPIRE's 30-second RPC deadline.
 //! - [`RateLimiter`]: a token bucket; a burst queues instead of becoming a throttling storm.
 //!   The lock is held only to reserve a slot, never while waiting; the queue is bounded, a
 //!   call that could not be served before its deadline is refused at once, and a caller that
@@ -41,10 +41,13 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 6 attempts, 100 ms doubling to 5 s, within 20 s: well inside SPIRE's 30 s deadline.
+    /// 100 ms doubling to 5 s, within 20 s: well inside SPIRE's 30 s deadline. The time budget
+    /// is the real bound; the attempt cap only stops a store that fails instantly from being
+    /// hammered. Six attempts were too few: they could all fall inside a 1-second restart of
+    /// the store (seen in the HA test), while twelve cover about 8 s of outage at the least.
     fn default() -> Self {
         Self {
-            max_attempts: 6,
+            max_attempts: 12,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             budget: Duration::from_secs(20),
@@ -111,7 +114,7 @@ where
         };
         stats.record_failure(operation, error.kind);
         // A service that said when to come back (`Retry-After`) is not asked sooner.
-        let backoff = full_jitter(policy, attempt).max(error.retry_after.unwrap_or_default());
+        let backoff = jittered_backoff(policy, attempt).max(error.retry_after.unwrap_or_default());
         let out_of_budget = started.elapsed() + backoff > policy.budget;
         if !error.kind.is_transient() || attempt >= policy.max_attempts || out_of_budget {
             return Err(Gated::Failed(error));
@@ -129,8 +132,10 @@ where
     }
 }
 
-/// A uniformly random backoff in `[0, min(max, initial * 2^(attempt-1))]`.
-fn full_jitter(policy: RetryPolicy, attempt: u32) -> Duration {
+/// A backoff drawn uniformly from `[c/2, c]`, `c = min(max, initial * 2^(attempt-1))`
+/// ("equal jitter"): callers are still spread out, but unlike full jitter the waits cannot
+/// all come out near zero, so the retries reliably span an outage of several seconds.
+fn jittered_backoff(policy: RetryPolicy, attempt: u32) -> Duration {
     let ceiling = policy
         .initial_backoff
         .saturating_mul(
@@ -138,11 +143,11 @@ fn full_jitter(policy: RetryPolicy, attempt: u32) -> Duration {
                 .unwrap_or(u32::MAX),
         )
         .min(policy.max_backoff);
-    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-    if nanos == 0 {
-        return Duration::ZERO;
+    let half = u64::try_from((ceiling / 2).as_nanos()).unwrap_or(u64::MAX);
+    if half == 0 {
+        return ceiling;
     }
-    Duration::from_nanos(random_u64() % (nanos + 1))
+    ceiling / 2 + Duration::from_nanos(random_u64() % (half + 1))
 }
 
 /// Jitter only needs to de-correlate callers, not resist prediction: hash the clock and a
@@ -395,6 +400,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_default_policy_rides_out_a_store_restart_of_several_seconds() {
+        // The store refuses connections for 5 s (a restart), then answers. Whatever the
+        // jitter draws, the retries must still be going when it is back.
+        for _ in 0..200 {
+            let stats = CallStats::default();
+            let started = Instant::now();
+            let result = with_retries(RetryPolicy::default(), "sign", &stats, || async {
+                if started.elapsed() < Duration::from_secs(5) {
+                    Err(BackendError::new(
+                        BackendErrorKind::Unavailable,
+                        "connection refused",
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+            assert!(result.is_ok(), "gave up after {:?}", started.elapsed());
+            assert!(started.elapsed() < Duration::from_secs(20));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn permanent_failures_are_not_retried() {
         let stats = CallStats::default();
         let err = with_retries(RetryPolicy::default(), "sign", &stats, || async {
@@ -470,13 +498,14 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_under_the_exponential_ceiling() {
+    fn jitter_stays_between_half_and_all_of_the_exponential_ceiling() {
         let policy = RetryPolicy::default();
         for attempt in 1..=40 {
             let ceiling =
                 (policy.initial_backoff * 2u32.saturating_pow(attempt - 1)).min(policy.max_backoff);
             for _ in 0..50 {
-                assert!(full_jitter(policy, attempt) <= ceiling);
+                let backoff = jittered_backoff(policy, attempt);
+                assert!(backoff <= ceiling && backoff >= ceiling / 2, "{backoff:?}");
             }
         }
         let no_backoff = RetryPolicy {
@@ -485,7 +514,7 @@ mod tests {
             max_backoff: Duration::ZERO,
             budget: Duration::ZERO,
         };
-        assert_eq!(full_jitter(no_backoff, 3), Duration::ZERO);
+        assert_eq!(jittered_backoff(no_backoff, 3), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
