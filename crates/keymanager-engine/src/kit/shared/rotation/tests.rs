@@ -1,6 +1,8 @@
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::*;
+use crate::lifecycle::{parse_stamp, stamp_text};
 
 /// Wall time that follows tokio's (paused) clock, so leases and waits are deterministic.
 struct TestClock {
@@ -28,13 +30,16 @@ impl WallClock for TestClock {
 
 #[derive(Default)]
 struct Store {
-    versions: Vec<VersionInfo>,
-    locks: HashMap<String, HashMap<String, String>>,
+    generations: Vec<Generation>,
+    /// Lock name → (lease end as recorded, holder).
+    locks: HashMap<String, (String, String)>,
     creates: usize,
     fail_creates: bool,
+    /// Like an AWS alias: the store keeps no lease end.
+    unrecorded: bool,
 }
 
-/// Cloud KMS in memory; every call takes 20 ms so that concurrent rotations interleave.
+/// A store in memory; every call takes 20 ms so that concurrent rotations interleave.
 struct FakeOps {
     store: Mutex<Store>,
     clock: TestClock,
@@ -48,13 +53,10 @@ impl FakeOps {
         })
     }
 
-    fn plant_lock(&self, lock_id: &str, expires: &str) {
+    fn plant_lock(&self, lock: &str, expires: &str) {
         self.store.lock().unwrap().locks.insert(
-            lock_id.to_string(),
-            HashMap::from([
-                (naming::LABEL_LOCK_EXPIRES.to_string(), expires.to_string()),
-                (naming::LABEL_LOCK_HOLDER.to_string(), "crashed".to_string()),
-            ]),
+            lock.to_string(),
+            (expires.to_string(), "crashed".to_string()),
         );
     }
 
@@ -67,44 +69,53 @@ async fn latency() {
     tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
+const RELEASED: &str = "0";
+
 #[async_trait]
 impl SharedOps for FakeOps {
-    async fn versions(&self, _crypto_key: &str) -> Result<Vec<VersionInfo>, BackendError> {
-        latency().await;
-        Ok(self.store.lock().unwrap().versions.clone())
+    type Prepared = KeyType;
+
+    fn lock_name(&self, basis: u64, attempt: u32) -> String {
+        format!("lock-{basis}-{attempt}")
     }
-    async fn create_lock(
-        &self,
-        lock_id: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<bool, BackendError> {
+    async fn generations(&self) -> Result<Vec<Generation>, BackendError> {
+        latency().await;
+        Ok(self.store.lock().unwrap().generations.clone())
+    }
+    async fn create_lock(&self, lock: LockRequest<'_>) -> Result<bool, BackendError> {
         latency().await;
         let mut store = self.store.lock().unwrap();
-        if store.locks.contains_key(lock_id) {
+        if store.locks.contains_key(lock.name) {
             return Ok(false);
         }
-        store.locks.insert(lock_id.to_string(), labels);
+        store.locks.insert(
+            lock.name.to_string(),
+            (stamp_text(lock.lease_end), lock.holder.to_string()),
+        );
         Ok(true)
     }
-    async fn lock_labels(&self, lock_id: &str) -> Result<HashMap<String, String>, BackendError> {
+    async fn lock_lease(&self, lock: &str) -> Result<(LockLease, Option<String>), BackendError> {
         latency().await;
-        Ok(self.store.lock().unwrap().locks[lock_id].clone())
+        let store = self.store.lock().unwrap();
+        let (expires, holder) = store.locks[lock].clone();
+        if store.unrecorded {
+            return Ok((LockLease::Unrecorded, None));
+        }
+        let lease = parse_stamp(&expires).map_or(LockLease::Over, LockLease::Until);
+        Ok((lease, Some(holder)))
     }
-    async fn release_lock(&self, lock_id: &str) {
+    async fn release_lock(&self, lock: &str) {
         latency().await;
-        if let Some(labels) = self.store.lock().unwrap().locks.get_mut(lock_id) {
-            labels.insert(naming::LABEL_LOCK_EXPIRES.into(), RELEASED.into());
+        if let Some(entry) = self.store.lock().unwrap().locks.get_mut(lock) {
+            entry.0 = RELEASED.into();
         }
     }
-    async fn set_template_algorithm(
-        &self,
-        _crypto_key: &str,
-        _algorithm: &Algorithm,
-    ) -> Result<(), BackendError> {
+    async fn prepare(&self, _basis: u64, key_type: KeyType) -> Result<KeyType, BackendError> {
         latency().await;
-        Ok(())
+        Ok(key_type)
     }
-    async fn create_version(&self, crypto_key: &str) -> Result<String, BackendError> {
+    async fn discard(&self, _prepared: KeyType) {}
+    async fn commit(&self, key_type: KeyType) -> Result<Generation, BackendError> {
         latency().await;
         let mut store = self.store.lock().unwrap();
         if store.fail_creates {
@@ -114,27 +125,36 @@ impl SharedOps for FakeOps {
             ));
         }
         store.creates += 1;
-        let number = store.versions.iter().map(|v| v.number).max().unwrap_or(0) + 1;
-        let name = format!("{crypto_key}/cryptoKeyVersions/{number}");
-        store.versions.push(VersionInfo {
-            name: name.clone(),
+        let number = store
+            .generations
+            .iter()
+            .map(|g| g.number)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let generation = Generation {
+            name: format!("{KEY}/cryptoKeyVersions/{number}"),
             number,
             live: true,
-            algorithm: Algorithm::EcSignP256Sha256,
+            key_type: Some(key_type),
             created: Some(self.clock.now()),
-        });
-        Ok(name)
+        };
+        store.generations.push(generation.clone());
+        Ok(generation)
     }
 }
 
 const KEY: &str = "projects/p/locations/l/keyRings/r/cryptoKeys/jwt";
 
-fn rotation<'a>(ops: &'a FakeOps, clock: &'a TestClock, holder: &'a str) -> SharedRotation<'a> {
+fn rotation<'a>(
+    ops: &'a FakeOps,
+    clock: &'a TestClock,
+    holder: &'a str,
+) -> SharedRotation<'a, FakeOps> {
     SharedRotation {
         ops,
         clock,
-        crypto_key: KEY,
-        td_hash: "td",
+        key: KEY,
         holder,
         lease: Duration::from_secs(20),
         skew: Duration::from_secs(5),
@@ -151,10 +171,10 @@ async fn rotate(
     clock: Arc<TestClock>,
     holder: String,
 ) -> Result<String, BackendError> {
-    rotation(&ops, &clock, &holder)
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
+    Ok(rotation(&ops, &clock, &holder).rotate(P256).await?.name)
 }
+
+const P256: KeyType = KeyType::EcP256;
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_rotations_create_exactly_one_version_and_all_adopt_it() {
@@ -177,17 +197,11 @@ async fn a_crashed_holders_lock_is_taken_over_after_the_lease_plus_the_skew() {
     let clock = TestClock::new(Duration::ZERO);
     // A holder took attempt 0 and died: its lease ends 20 s from now.
     let lease_end = clock.now() + Duration::from_secs(20);
-    ops.plant_lock(
-        &naming::lock_crypto_key_id(KEY, 0, 0),
-        &stamp_text(lease_end),
-    );
+    ops.plant_lock("lock-0-0", &stamp_text(lease_end));
     let started = Instant::now();
-    let version = rotation(&ops, &clock, "me")
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
-        .unwrap();
+    let version = rotation(&ops, &clock, "me").rotate(P256).await.unwrap();
     let waited = started.elapsed();
-    assert!(version.ends_with("/cryptoKeyVersions/1"));
+    assert!(version.name.ends_with("/cryptoKeyVersions/1"));
     assert_eq!(ops.creates(), 1);
     // The skew comes from clock_skew_allowance (5 s here), not a constant.
     assert!(
@@ -202,23 +216,17 @@ async fn absurd_or_missing_lease_ends_never_hang_a_rotation() {
     for expires in ["18446744073709551615", "junk", ""] {
         let ops = FakeOps::new();
         let clock = TestClock::new(Duration::ZERO);
-        ops.plant_lock(&naming::lock_crypto_key_id(KEY, 0, 0), expires);
+        ops.plant_lock("lock-0-0", expires);
         let started = Instant::now();
-        rotation(&ops, &clock, "me")
-            .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-            .await
-            .unwrap();
+        rotation(&ops, &clock, "me").rotate(P256).await.unwrap();
         assert!(started.elapsed() < Duration::from_secs(1), "{expires:?}");
     }
     // A lease that ends in the year 9999 is respected, but only until the budget ends.
     let ops = FakeOps::new();
     let clock = TestClock::new(Duration::ZERO);
-    ops.plant_lock(&naming::lock_crypto_key_id(KEY, 0, 0), "253402300799");
+    ops.plant_lock("lock-0-0", "253402300799");
     let started = Instant::now();
-    let err = rotation(&ops, &clock, "me")
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
-        .unwrap_err();
+    let err = rotation(&ops, &clock, "me").rotate(P256).await.unwrap_err();
     assert_eq!(err.kind, BackendErrorKind::Unavailable);
     assert!(
         started.elapsed() <= Duration::from_secs(121),
@@ -234,10 +242,7 @@ async fn a_failing_store_ends_the_rotation_inside_its_budget() {
     ops.store.lock().unwrap().fail_creates = true;
     let clock = TestClock::new(Duration::ZERO);
     let started = Instant::now();
-    let err = rotation(&ops, &clock, "me")
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
-        .unwrap_err();
+    let err = rotation(&ops, &clock, "me").rotate(P256).await.unwrap_err();
     assert_eq!(err.message, "backend error");
     assert!(started.elapsed() < Duration::from_secs(1));
 }
@@ -246,37 +251,22 @@ async fn a_failing_store_ends_the_rotation_inside_its_budget() {
 async fn a_fresh_version_of_another_server_is_reused_but_not_one_served_here() {
     let ops = FakeOps::new();
     let clock = TestClock::new(Duration::ZERO);
-    let first = rotation(&ops, &clock, "a")
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
-        .unwrap();
+    let first = rotation(&ops, &clock, "a").rotate(P256).await.unwrap();
     // Another server rotating moments later adopts it.
-    let adopted = rotation(&ops, &clock, "b")
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
-        .unwrap();
+    let adopted = rotation(&ops, &clock, "b").rotate(P256).await.unwrap();
     assert_eq!(adopted, first);
     assert_eq!(ops.creates(), 1);
     // The server that served it rotates for real.
     let mut again = rotation(&ops, &clock, "a");
     again.last_served = Some(1);
-    let second = again
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
-        .unwrap();
+    let second = again.rotate(P256).await.unwrap();
     assert_ne!(second, first);
     assert_eq!(ops.creates(), 2);
     // A different algorithm is never adopted.
     let mut other = rotation(&ops, &clock, "c");
     other.last_served = None;
-    let rsa = other
-        .rotate(
-            &Algorithm::RsaSignPkcs12048Sha256,
-            Algorithm::EcSignP256Sha256,
-        )
-        .await
-        .unwrap();
-    assert!(rsa.ends_with("/3"));
+    let rsa = other.rotate(KeyType::Rsa2048).await.unwrap();
+    assert!(rsa.name.ends_with("/3"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -286,10 +276,51 @@ async fn a_holder_out_of_lease_does_not_create() {
     let mut slow = rotation(&ops, &clock, "me");
     // A call timeout as long as the lease: never enough lease left to start the create.
     slow.call_timeout = slow.lease;
-    let err = slow
-        .rotate(&Algorithm::EcSignP256Sha256, Algorithm::EcSignP256Sha256)
-        .await
-        .unwrap_err();
+    let err = slow.rotate(P256).await.unwrap_err();
     assert!(err.message.contains("held too long"), "{err}");
     assert_eq!(ops.creates(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_adopt_the_holders_generation_even_outside_the_reuse_window() {
+    let ops = FakeOps::new();
+    let clock = Arc::new(TestClock::new(Duration::ZERO));
+    let rotations: Vec<_> = (0..4)
+        .map(|i| {
+            let (ops, clock) = (ops.clone(), clock.clone());
+            tokio::spawn(async move {
+                let holder = format!("server-{i}");
+                let mut rotation = rotation(&ops, &clock, &holder);
+                // Shorter than a poll: a waiter never sees the holder's generation as fresh.
+                rotation.reuse_window = Duration::from_millis(1);
+                rotation.rotate(P256).await.map(|g| g.name)
+            })
+        })
+        .collect();
+    let mut served = Vec::new();
+    for rotation in rotations {
+        served.push(rotation.await.unwrap().unwrap());
+    }
+    assert_eq!(ops.creates(), 1);
+    assert!(served.iter().all(|v| v == &served[0]), "{served:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_the_store_does_not_record_counts_from_first_sight() {
+    let ops = FakeOps::new();
+    ops.store.lock().unwrap().unrecorded = true;
+    let clock = TestClock::new(Duration::ZERO);
+    // A holder took attempt 0 and died; nobody can tell when.
+    ops.plant_lock("lock-0-0", "");
+    let started = Instant::now();
+    let generation = rotation(&ops, &clock, "me").rotate(P256).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(generation.number, 1);
+    assert_eq!(ops.creates(), 1);
+    // A full lease (20 s) plus the skew (5 s) after this waiter first saw the lock.
+    assert!(
+        waited >= Duration::from_secs(25),
+        "took over too early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(27), "{waited:?}");
 }
