@@ -166,6 +166,83 @@ impl Subject for AwsSubject {
         live
     }
 
+    fn shared_plugin_data(
+        &self,
+        server_id: &str,
+        endpoint: Option<&str>,
+        scope: &str,
+    ) -> Option<String> {
+        Some(format!(
+            "{}clock_skew_allowance = \"1s\"\nshared_keys {{\n  alias_template = \"{}/{{{{ .KeyID }}}}\"\n  key_id_extraction_regex = \"^{}/([^/]+)$\"\n  lock_lease = \"10s\"\n}}\n",
+            self.plugin_data(server_id, endpoint),
+            shared_root(scope),
+            shared_root(scope),
+        ))
+    }
+
+    async fn live_shared_keys(&self, trust_domain: &str, scope: &str, key_id: &str) -> Vec<String> {
+        let kms = aws_sdk_kms::Client::new(&self.config().await);
+        let alias = format!("{}/{key_id}", shared_root(scope));
+        let mut keys = kms.list_keys().limit(1000).into_paginator().items().send();
+        let mut live = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.expect("ListKeys");
+            let Some(arn) = key.key_arn() else { continue };
+            let key_tags = kms
+                .list_resource_tags()
+                .key_id(arn)
+                .send()
+                .await
+                .expect("ListResourceTags");
+            let tag = |name: &str| {
+                key_tags
+                    .tags()
+                    .iter()
+                    .find(|t| t.tag_key() == name)
+                    .map(|t| t.tag_value().to_string())
+            };
+            if tag(tags::TRUST_DOMAIN).as_deref() != Some(trust_domain)
+                || tag("spire-shared-alias").as_deref() != Some(alias.as_str())
+            {
+                continue;
+            }
+            let described = kms
+                .describe_key()
+                .key_id(arn)
+                .send()
+                .await
+                .expect("DescribeKey");
+            let state = described.key_metadata().and_then(|m| m.key_state());
+            if !matches!(
+                state,
+                Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion)
+            ) {
+                live.push(arn.to_string());
+            }
+        }
+        live
+    }
+
+    async fn plant_shared_lock(
+        &self,
+        trust_domain: &str,
+        scope: &str,
+        key_id: &str,
+        basis_locator: &str,
+        basis: u64,
+    ) -> bool {
+        let kms = aws_sdk_kms::Client::new(&self.config().await);
+        let alias = format!("{}/{key_id}", shared_root(scope));
+        let lock = keymanager_backend_aws::naming::lock_alias(trust_domain, &alias, basis, 0);
+        kms.create_alias()
+            .alias_name(lock)
+            .target_key_id(basis_locator)
+            .send()
+            .await
+            .expect("CreateAlias of the planted lock");
+        true
+    }
+
     async fn set_stamp(&self, _trust_domain: &str, locator: &str, text: &str) -> bool {
         let kms = aws_sdk_kms::Client::new(&self.config().await);
         kms.tag_resource()
@@ -182,6 +259,11 @@ impl Subject for AwsSubject {
             .expect("TagResource");
         true
     }
+}
+
+/// The alias root of a scenario's shared keys.
+fn shared_root(scope: &str) -> String {
+    format!("alias/KMS_KEYMANAGER_TEST/{scope}")
 }
 
 mod moto {
