@@ -21,6 +21,10 @@ struct AwsSubject {
     tagging_api: bool,
     /// `enable_tag_based_key_discovery`.
     tag_discovery: bool,
+    /// Whether concurrent `CreateAlias` calls of one name let exactly one succeed, as in
+    /// AWS (moto through the project's shim). LocalStack 2026.3.0 checks and then adds, so
+    /// several can succeed: the shared-keys cases, whose lock relies on it, skip there.
+    atomic_aliases: bool,
 }
 
 impl AwsSubject {
@@ -172,6 +176,9 @@ impl Subject for AwsSubject {
         endpoint: Option<&str>,
         scope: &str,
     ) -> Option<String> {
+        if !self.atomic_aliases {
+            return None;
+        }
         Some(format!(
             "{}clock_skew_allowance = \"1s\"\nshared_keys {{\n  alias_template = \"{}/{{{{ .KeyID }}}}\"\n  key_id_extraction_regex = \"^{}/([^/]+)$\"\n  lock_lease = \"10s\"\n}}\n",
             self.plugin_data(server_id, endpoint),
@@ -276,6 +283,7 @@ mod moto {
             peer: PEER.get_or_init(peers::moto),
             tagging_api: true,
             tag_discovery: false,
+            atomic_aliases: true,
         }) as Arc<dyn Subject>
     });
 }
@@ -291,6 +299,7 @@ mod moto_tag_discovery {
             peer: PEER.get_or_init(peers::moto),
             tagging_api: true,
             tag_discovery: true,
+            atomic_aliases: true,
         }) as Arc<dyn Subject>
     });
 }
@@ -305,6 +314,7 @@ mod localstack {
             peer: PEER.get_or_init(peers::localstack),
             tagging_api: false,
             tag_discovery: false,
+            atomic_aliases: false,
         }) as Arc<dyn Subject>
     });
 }
