@@ -774,10 +774,7 @@ impl AwsKmsBackend {
         &self,
         described: &[(String, BTreeMap<String, String>, KeyMetadata)],
     ) -> Result<Vec<KeyRecord>, BackendError> {
-        let mut by_alias: BTreeMap<
-            &str,
-            Vec<(u64, &str, &BTreeMap<String, String>, &KeyMetadata)>,
-        > = BTreeMap::new();
+        let mut by_alias: BTreeMap<&str, Vec<SharedEntry<'_>>> = BTreeMap::new();
         for (arn, key_tags, metadata) in described {
             if key_tags.get(naming::TAG_SHARED).map(String::as_str) != Some("true") {
                 continue;
@@ -1294,6 +1291,9 @@ impl KeyLifecycle for AwsKmsBackend {
         self.schedule_deletion(&record.locator, None).await
     }
 }
+
+/// A shared key while the sweep records are built: generation, ARN, tags, metadata.
+type SharedEntry<'a> = (u64, &'a str, &'a BTreeMap<String, String>, &'a KeyMetadata);
 
 /// The sweep's view of a KMS key state.
 fn store_state(metadata: &KeyMetadata) -> StoreKeyState {

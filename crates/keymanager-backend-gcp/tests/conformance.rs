@@ -49,6 +49,24 @@ struct GcpSubject {
 }
 
 impl GcpSubject {
+    /// The versions of `name` not scheduled for destruction.
+    async fn live_versions(&self, name: &str) -> Vec<String> {
+        let state = self.state().await;
+        let Some(key) = state["cryptoKeys"]
+            .as_array()
+            .and_then(|keys| keys.iter().find(|k| k["name"] == name))
+        else {
+            return Vec::new();
+        };
+        key["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| !matches!(v["state"].as_str(), Some("DESTROY_SCHEDULED" | "DESTROYED")))
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     async fn state(&self) -> serde_json::Value {
         reqwest::Client::new()
             .get(format!(
@@ -87,21 +105,36 @@ impl Subject for GcpSubject {
     }
 
     async fn live_keys(&self, _trust_domain: &str, server_id: &str, key_id: &str) -> Vec<String> {
-        let name = format!("{KEY_RING}/cryptoKeys/spire-key-{server_id}-{key_id}");
-        let state = self.state().await;
-        let Some(key) = state["cryptoKeys"]
-            .as_array()
-            .and_then(|keys| keys.iter().find(|k| k["name"] == name.as_str()))
-        else {
-            return Vec::new();
-        };
-        key["versions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|v| !matches!(v["state"].as_str(), Some("DESTROY_SCHEDULED" | "DESTROYED")))
-            .filter_map(|v| v["name"].as_str().map(str::to_string))
-            .collect()
+        self.live_versions(&format!(
+            "{KEY_RING}/cryptoKeys/spire-key-{server_id}-{key_id}"
+        ))
+        .await
+    }
+    fn shared_plugin_data(
+        &self,
+        server_id: &str,
+        endpoint: Option<&str>,
+        scope: &str,
+    ) -> Option<String> {
+        Some(format!(
+            "{}clock_skew_allowance = \"1s\"\nshared_keys {{\n  crypto_key_template = \"sk-{scope}-{{{{ .KeyID }}}}\"\n  key_id_extraction_regex = \"^sk-{scope}-(.+)$\"\n  lock_lease = \"10s\"\n}}\n",
+            self.plugin_data(server_id, endpoint)
+        ))
+    }
+
+    /// Labels belong to the CryptoKey: a stamp cannot tell which version a server serves.
+    fn stamps_each_shared_generation(&self) -> bool {
+        false
+    }
+
+    async fn live_shared_keys(
+        &self,
+        _trust_domain: &str,
+        scope: &str,
+        key_id: &str,
+    ) -> Vec<String> {
+        self.live_versions(&format!("{KEY_RING}/cryptoKeys/sk-{scope}-{key_id}"))
+            .await
     }
 
     async fn set_stamp(&self, _trust_domain: &str, locator: &str, text: &str) -> bool {
