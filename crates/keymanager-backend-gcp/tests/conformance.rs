@@ -137,6 +137,45 @@ impl Subject for GcpSubject {
             .await
     }
 
+    /// A lock CryptoKey as a holder that crashed leaves it: its lease ends 12 s from now
+    /// (whole seconds, so at least 11 s), the case expecting a takeover no sooner than the
+    /// 10 s lease plus the 1 s skew after the plant.
+    async fn plant_shared_lock(
+        &self,
+        trust_domain: &str,
+        scope: &str,
+        key_id: &str,
+        _basis_locator: &str,
+        basis: u64,
+    ) -> bool {
+        use keymanager_backend_gcp::naming;
+        let crypto_key = format!("{KEY_RING}/cryptoKeys/sk-{scope}-{key_id}");
+        let lock = naming::lock_crypto_key_id(&crypto_key, basis, 0);
+        let expires = keymanager_engine::lifecycle::stamp_text(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(12),
+        );
+        let response = reqwest::Client::new()
+            .post(format!(
+                "{}/v1/{KEY_RING}/cryptoKeys?cryptoKeyId={lock}&skipInitialVersionCreation=true",
+                self.fake.peer.url
+            ))
+            .json(&serde_json::json!({
+                "purpose": "ASYMMETRIC_SIGN",
+                "versionTemplate": { "algorithm": "EC_SIGN_P256_SHA256" },
+                "labels": {
+                    (naming::LABEL_TRUST_DOMAIN): naming::trust_domain_hash(trust_domain),
+                    (naming::LABEL_LOCK): "true",
+                    (naming::LABEL_LOCK_HOLDER): "crashed",
+                    (naming::LABEL_LOCK_EXPIRES): expires,
+                },
+            }))
+            .send()
+            .await
+            .expect("CreateCryptoKey of the planted lock");
+        assert!(response.status().is_success(), "{response:?}");
+        true
+    }
+
     async fn set_stamp(&self, _trust_domain: &str, locator: &str, text: &str) -> bool {
         let crypto_key = locator
             .split_once("/cryptoKeyVersions/")

@@ -1064,6 +1064,11 @@ pub async fn shared_rotations_make_one_key_every_server_serves(h: &Harness) {
         assert!(previous.is_disjoint(&fingerprints), "round {round} rotated");
         previous.extend(fingerprints);
         let live = h.subject.live_shared_keys(&td, &scope, jwt).await;
+        eprintln!(
+            "figure: round {round}: {} servers rotating at once, store keys of the shared id: {}",
+            services.len(),
+            live.len()
+        );
         assert_eq!(
             live.len(),
             round,
@@ -1143,6 +1148,7 @@ pub async fn a_crashed_shared_lock_holder_is_taken_over(h: &Harness) {
         .await
         .expect("rotated after the lease");
     let waited = started.elapsed();
+    eprintln!("figure: rotation behind a crashed holder's lock took {waited:?}");
     assert_ne!(first.fingerprint, second.fingerprint);
     // 10 s lease + 1 s skew allowance (see `Subject::shared_plugin_data`).
     assert!(
