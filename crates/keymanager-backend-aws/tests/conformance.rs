@@ -288,6 +288,42 @@ mod moto {
     });
 }
 
+/// Shared-keys mode under load: `SHARED_SERVERS` engines (default 8) rotate one shared key
+/// at once, `SHARED_ROUNDS` times (default 10), on moto. Not in CI (`--ignored`); figures
+/// in docs/reliability.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a long run: cargo test -p keymanager-backend-aws --test conformance -- --ignored shared_rotation_load --nocapture"]
+async fn shared_rotation_load() {
+    static PEER: OnceLock<Peer> = OnceLock::new();
+    let number = |var: &str, default: usize| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (servers, rounds) = (number("SHARED_SERVERS", 8), number("SHARED_ROUNDS", 10));
+    let subject = Arc::new(AwsSubject {
+        peer: PEER.get_or_init(peers::moto),
+        tagging_api: true,
+        tag_discovery: false,
+        atomic_aliases: true,
+    });
+    let harness = keymanager_conformance::suite::Harness::new(subject).await;
+    let results =
+        keymanager_conformance::suite::shared_rotation_rounds(&harness, servers, rounds).await;
+    for (round, (keys, _)) in results.iter().enumerate() {
+        assert_eq!(*keys, round + 1, "exactly one new key per rotation");
+    }
+    let mut seconds: Vec<f64> = results.iter().map(|(_, s)| *s).collect();
+    seconds.sort_by(f64::total_cmp);
+    eprintln!(
+        "figure: {servers} servers x {rounds} rotations: {} store keys; rotation time median {:.2} s, max {:.2} s",
+        results.last().map_or(0, |r| r.0),
+        seconds[seconds.len() / 2],
+        seconds[seconds.len() - 1]
+    );
+}
+
 /// Tag-based discovery finds, publishes and lists keys differently: the same suite again.
 mod moto_tag_discovery {
     use super::*;

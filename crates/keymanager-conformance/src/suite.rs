@@ -1238,6 +1238,46 @@ pub async fn superseded_shared_keys_go_only_when_stale_and_unstamped(h: &Harness
     assert_eq!(after.len(), 1, "the current shared key stays: {after:?}");
 }
 
+/// Shared-keys mode under load (not in the macro: a long run behind an ignored test):
+/// `servers` engines rotate a shared key at once, `rounds` times. Returns the store keys
+/// of the shared id after each round and the seconds each round took; panics unless every
+/// server serves the same key after each round.
+pub async fn shared_rotation_rounds(
+    h: &Harness,
+    servers: usize,
+    rounds: usize,
+) -> Vec<(usize, f64)> {
+    let (td, scope) = scenario("sharedload");
+    let mut services = Vec::new();
+    for n in 0..servers {
+        services.push(
+            h.start_shared(&td, &format!("{scope}-{n}"), &scope)
+                .await
+                .expect("a subject with the shared-keys mode"),
+        );
+    }
+    let jwt = "JWT-Signer-B";
+    let key_type = services[0].capabilities().key_types[0];
+    let mut out = Vec::new();
+    for round in 1..=rounds {
+        let started = std::time::Instant::now();
+        let generated = futures_util::future::join_all(
+            services.iter().map(|s| s.generate_key(id(jwt), key_type)),
+        )
+        .await;
+        let seconds = started.elapsed().as_secs_f64();
+        let fingerprints: BTreeSet<String> = generated
+            .into_iter()
+            .map(|p| p.expect("shared rotation").fingerprint.to_string())
+            .collect();
+        assert_eq!(fingerprints.len(), 1, "round {round}: {fingerprints:?}");
+        let keys = h.subject.live_shared_keys(&td, &scope, jwt).await.len();
+        eprintln!("figure: round {round}: {servers} servers, {keys} store keys, {seconds:.2} s");
+        out.push((keys, seconds));
+    }
+    out
+}
+
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {
