@@ -28,7 +28,7 @@ use aws_sdk_kms::types::{
     OriginType, SigningAlgorithmSpec, Tag, WrappingKeySpec,
 };
 use futures_util::future::join_all;
-use keymanager_engine::kit::shared::{SharedKeys, SharedRotation, SystemClock};
+use keymanager_engine::kit::shared::{LockSightings, SharedKeys, SharedRotation, SystemClock};
 use keymanager_engine::kit::swap::Swap;
 use keymanager_engine::kit::vocabulary as tags;
 use keymanager_engine::kit::wrap;
@@ -129,6 +129,9 @@ pub struct AwsKmsBackend {
     /// Per shared alias, the highest generation this process served from a GenerateKey:
     /// bounded by the number of shared keys. Never held across I/O.
     served: Mutex<HashMap<String, u64>>,
+    /// When this process first saw each rotation lock (aliases record no lease end), kept
+    /// across GenerateKey calls that SPIRE abandons after 30 s.
+    sightings: LockSightings,
 }
 
 #[async_trait]
@@ -171,6 +174,7 @@ impl KmsAdapter for AwsKmsBackend {
             shared: config.backend.shared.clone(),
             skew: config.schedule.policy.max_clock_skew,
             served: Mutex::new(HashMap::new()),
+            sightings: LockSightings::default(),
         })
     }
 }
@@ -699,6 +703,7 @@ impl AwsKmsBackend {
             call_timeout: ATTEMPT_TIMEOUT,
             poll: SHARED_POLL,
             last_served,
+            sightings: &self.sightings,
         };
         let generation = rotation.rotate(key_type).await?;
         let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
@@ -725,6 +730,12 @@ impl AwsKmsBackend {
             return Ok(None);
         };
         let (key_type, spki_der) = self.read_public_key(&generation.name).await?;
+        // Served from now on: a rotation of this id must not "reuse" it as another
+        // server's fresh generation.
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = served.entry(alias.to_string()).or_insert(generation.number);
+        *entry = (*entry).max(generation.number);
+        drop(served);
         Ok(Some(StoredKey {
             id: key_id,
             key_type,

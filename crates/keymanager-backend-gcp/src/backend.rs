@@ -23,7 +23,7 @@ use google_cloud_kms_v1::model::crypto_key_version::{
     CryptoKeyVersionAlgorithm as Algorithm, CryptoKeyVersionState as State,
 };
 use google_cloud_kms_v1::model::{CryptoKey, CryptoKeyVersion};
-use keymanager_engine::kit::shared::{SharedKeys, SharedRotation, SystemClock};
+use keymanager_engine::kit::shared::{LockSightings, SharedKeys, SharedRotation, SystemClock};
 use keymanager_engine::kit::swap::Swap;
 use keymanager_engine::kit::wrap;
 use keymanager_engine::kit::{KmsAdapter, KmsConfig};
@@ -139,6 +139,8 @@ pub struct GcpKmsBackend {
     /// Per shared CryptoKey, the highest version number this process served from a
     /// GenerateKey: bounded by the number of shared keys. Never held across I/O.
     served: Mutex<HashMap<String, u64>>,
+    /// First sightings of rotation locks (only used where no lease end is recorded).
+    sightings: LockSightings,
     /// The ImportJob the last import used, so the keys of one `keys migrate` share one
     /// lookup. Never held across I/O.
     import_job: Mutex<Option<CachedImportJob>>,
@@ -192,6 +194,7 @@ impl KmsAdapter for GcpKmsBackend {
                 policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
             }),
             served: Mutex::new(HashMap::new()),
+            sightings: LockSightings::default(),
             import_job: Mutex::new(None),
         })
     }
@@ -452,6 +455,7 @@ impl GcpKmsBackend {
             call_timeout: ATTEMPT_TIMEOUT,
             poll: SHARED_POLL,
             last_served,
+            sightings: &self.sightings,
         };
         let version = rotation.rotate(key_type).await?;
         let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);

@@ -21,6 +21,7 @@ pub use config::{
     SharedKeys, SharedKeysSpec, extract_key_id, parse_shared_keys,
 };
 pub use rotation::{
-    Generation, LockLease, LockRequest, SharedOps, SharedRotation, SystemClock, WallClock,
+    Generation, LockLease, LockRequest, LockSightings, SharedOps, SharedRotation, SystemClock,
+    WallClock,
 };
 pub use template::{KEY_ID_FIELD, NameTemplate};

@@ -21,6 +21,8 @@
 //!    waiter first saw the lock. So a slow holder and its successor never both commit, as
 //!    long as clocks disagree by less than the allowance.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -112,6 +114,38 @@ impl WallClock for SystemClock {
     }
 }
 
+/// When this process first saw each lock whose store records no lease end. Kept by the
+/// backend across rotations: SPIRE abandons a GenerateKey after 30 s, and a lease plus the
+/// skew allowance is longer, so a waiter that started counting afresh on every call would
+/// never take over a crashed holder's lock. Never held across I/O.
+#[derive(Debug, Default)]
+pub struct LockSightings(Mutex<HashMap<String, Instant>>);
+
+/// Sightings kept at most: older ones are forgotten first (a forgotten lock is counted
+/// afresh, which only delays a takeover).
+const MAX_SIGHTINGS: usize = 256;
+
+impl LockSightings {
+    /// When `lock` was first seen (now, if never before).
+    pub fn first_seen(&self, lock: &str) -> Instant {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = seen.get(lock) {
+            return *at;
+        }
+        if seen.len() >= MAX_SIGHTINGS
+            && let Some(oldest) = seen
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(k, _)| k.clone())
+        {
+            seen.remove(&oldest);
+        }
+        let now = Instant::now();
+        seen.insert(lock.to_string(), now);
+        now
+    }
+}
+
 /// One rotation of one shared key.
 pub struct SharedRotation<'a, O: SharedOps> {
     /// The store.
@@ -136,6 +170,8 @@ pub struct SharedRotation<'a, O: SharedOps> {
     pub poll: Duration,
     /// The highest generation of this key this process served from a GenerateKey.
     pub last_served: Option<u64>,
+    /// First sightings of locks without a recorded lease, kept across rotations.
+    pub sightings: &'a LockSightings,
 }
 
 /// How a lock holder's turn ended.
@@ -218,7 +254,7 @@ impl<O: SharedOps> SharedRotation<'_, O> {
                 }
                 return held;
             }
-            let first_seen = Instant::now();
+            let first_seen = self.sightings.first_seen(&lock);
             let (lease, holder) = self.ops.lock_lease(&lock).await?;
             if self.lease_over(&lease, first_seen) {
                 tracing::warn!(key = self.key, lock = %lock, holder = ?holder, "rotation lock lease expired; taking over");

@@ -43,6 +43,8 @@ struct Store {
 struct FakeOps {
     store: Mutex<Store>,
     clock: TestClock,
+    /// The servers' lock sightings (one process's would do the same).
+    sightings: LockSightings,
 }
 
 impl FakeOps {
@@ -50,6 +52,7 @@ impl FakeOps {
         Arc::new(Self {
             store: Mutex::new(Store::default()),
             clock: TestClock::new(Duration::ZERO),
+            sightings: LockSightings::default(),
         })
     }
 
@@ -163,6 +166,7 @@ fn rotation<'a>(
         call_timeout: Duration::from_secs(8),
         poll: Duration::from_millis(200),
         last_served: None,
+        sightings: &ops.sightings,
     }
 }
 
@@ -323,4 +327,32 @@ async fn a_lease_the_store_does_not_record_counts_from_first_sight() {
         "took over too early: {waited:?}"
     );
     assert!(waited < Duration::from_secs(27), "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unrecorded_lease_counts_from_the_first_sight_across_abandoned_rotations() {
+    let ops = FakeOps::new();
+    ops.store.lock().unwrap().unrecorded = true;
+    let clock = TestClock::new(Duration::ZERO);
+    ops.plant_lock("lock-0-0", "");
+    let started = Instant::now();
+    // SPIRE gives up on a GenerateKey after 30 s: three calls of at most 10 s each.
+    let mut tries = 0;
+    let generation = loop {
+        tries += 1;
+        let mut short = rotation(&ops, &clock, "me");
+        short.budget = Duration::from_secs(10);
+        match short.rotate(P256).await {
+            Ok(generation) => break generation,
+            Err(e) => assert_eq!(e.kind, BackendErrorKind::Unavailable, "{e}"),
+        }
+        assert!(tries < 5, "never took over");
+    };
+    assert_eq!(generation.number, 1);
+    assert_eq!(ops.creates(), 1);
+    // Lease 20 s + skew 5 s after the first call first saw the lock, not after the last.
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(25), "{waited:?}");
+    assert!(waited < Duration::from_secs(32), "{waited:?}");
+    assert_eq!(tries, 3);
 }
