@@ -56,8 +56,9 @@ const CONCURRENCY: usize = 16;
 pub(crate) const DELETION_WINDOW_DAYS: i32 = 7;
 /// The longest a shared rotation may take, waits for another server's included.
 const SHARED_BUDGET: Duration = Duration::from_secs(5 * 60);
-/// How often a server waiting for a shared rotation looks for the holder's key.
-const SHARED_POLL: Duration = Duration::from_millis(200);
+/// How often a server waiting for a shared rotation looks for the holder's key: one
+/// `DescribeKey` per waiter per poll (KMS's DescribeKey quota is shared by the account).
+const SHARED_POLL: Duration = Duration::from_millis(500);
 /// The owner marker of shared keys in sweep records: no server owns them.
 const SHARED_OWNER: &str = "<shared>";
 
