@@ -12,6 +12,10 @@ through it are the ones AWS KMS would make (see shared test-peers notes):
 6. ScheduleKeyDeletion enforces AWS's 7-30 day window (moto silently ignores others).
 7. ListAliases pages like AWS: `Limit` (1-100, default 50), `NextMarker`/`Truncated`
    (moto returns every alias at once, which hides pagination bugs).
+8. CreateAlias and UpdateAlias are atomic, as in AWS: moto checks that an alias name is
+   free and then adds it, and its server runs requests on threads, so two concurrent
+   CreateAlias of one name could both succeed (the shared-keys mode's rotation lock relies
+   on exactly one succeeding).
 
 With `--state-file PATH` (given first), the KMS state (keys with their private key material,
 aliases, tags) is loaded from PATH at start-up if it exists and written to it on SIGTERM, so
@@ -26,6 +30,7 @@ import json
 import os
 import pickle
 import sys
+import threading
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
@@ -136,6 +141,17 @@ def list_aliases(self):
 
 
 responses.KmsResponse.list_aliases = list_aliases
+
+_ALIAS_LOCK = threading.Lock()
+_set_alias = responses.KmsResponse._set_alias
+
+
+def set_alias(self, update=False):
+    with _ALIAS_LOCK:
+        return _set_alias(self, update)
+
+
+responses.KmsResponse._set_alias = set_alias
 responses.KmsResponse.sign = sign
 responses.KmsResponse.get_public_key = get_public_key
 

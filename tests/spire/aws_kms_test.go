@@ -31,6 +31,33 @@ func TestConformanceAwsKms(t *testing.T) {
 	awsConformance(t, awsPluginData(endpoint, ""), "conformance")
 }
 
+// TestConformanceAwsKmsSharedKeys runs SPIRE's conformance suite on aws_kms in shared-keys
+// mode: every key id is shared (`shared_key_ids = ".*"`), under aliases of a fresh prefix
+// per key manager (the suite expects an empty store each time).
+func TestConformanceAwsKmsSharedKeys(t *testing.T) {
+	t.Parallel()
+	endpoint := startMoto(t)
+	n := 0
+	keymanagertest.Test(t, keymanagertest.Config{
+		Create: func(t *testing.T) keymanager.KeyManager {
+			n++
+			data := strings.Replace(awsPluginData(endpoint, ""), `key_identifier_value = ""`,
+				fmt.Sprintf("key_identifier_value = %q", fmt.Sprintf("shared-%d", n)), 1)
+			data += fmt.Sprintf(`shared_keys {
+    alias_template = "alias/SPIRE_SHARED/conf%d/{{ .KeyID }}"
+    key_id_extraction_regex = "^alias/SPIRE_SHARED/conf%d/([^/]+)$"
+    shared_key_ids = ".*"
+}
+`, n, n)
+			return loadExternal(t, data).KeyManager
+		},
+		UnsupportedSignatureAlgorithms: map[keymanager.KeyType][]x509.SignatureAlgorithm{
+			keymanager.ECP256: {x509.ECDSAWithSHA384, x509.ECDSAWithSHA512},
+			keymanager.ECP384: {x509.ECDSAWithSHA256, x509.ECDSAWithSHA512},
+		},
+	})
+}
+
 // awsConformance runs SPIRE's conformance suite on aws_kms, each instance with a fresh
 // server id (`key_identifier_value` replaces the empty one in pluginData). The exclusions
 // are AWS's own: ECDSA only with the curve's hash, as SPIRE's built-in aws_kms test declares.

@@ -9,9 +9,14 @@
 //!   key of an id wins);
 //! - *retire* / *abort*: tag the deletion intent and `spire-active=false` in one call, then
 //!   `ScheduleKeyDeletion` (7 days).
+//!
+//! Shared keys (`shared_keys`): *prepare* rotates under the lock (see `shared`), which
+//! publishes the new generation to every server at once; *retire* leaves the superseded
+//! generation to the sweep, which deletes it once nobody has stamped it and it has been
+//! superseded for longer than `stale_key_age`.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -23,6 +28,7 @@ use aws_sdk_kms::types::{
     OriginType, SigningAlgorithmSpec, Tag, WrappingKeySpec,
 };
 use futures_util::future::join_all;
+use keymanager_engine::kit::shared::{LockSightings, SharedKeys, SharedRotation, SystemClock};
 use keymanager_engine::kit::swap::Swap;
 use keymanager_engine::kit::vocabulary as tags;
 use keymanager_engine::kit::wrap;
@@ -37,16 +43,24 @@ use keymanager_engine::{
     Signed, SigningSupport, StoredKey,
 };
 
-use crate::client::Clients;
+use crate::client::{ATTEMPT_TIMEOUT, Clients};
 use crate::config::{AwsKmsSettings, Discovery};
 use crate::errors::{Service, sdk_error};
 use crate::naming;
 use crate::policy::CallerRole;
+use crate::shared::{self, AwsShared};
 
 /// Keys described and loaded at once during discovery and listing.
 const CONCURRENCY: usize = 16;
 /// KMS's deletion window for replaced keys.
 pub(crate) const DELETION_WINDOW_DAYS: i32 = 7;
+/// The longest a shared rotation may take, waits for another server's included.
+const SHARED_BUDGET: Duration = Duration::from_secs(5 * 60);
+/// How often a server waiting for a shared rotation looks for the holder's key: one
+/// `DescribeKey` per waiter per poll (KMS's DescribeKey quota is shared by the account).
+const SHARED_POLL: Duration = Duration::from_millis(500);
+/// The owner marker of shared keys in sweep records: no server owns them.
+const SHARED_OWNER: &str = "<shared>";
 
 const CAPABILITIES: Capabilities = Capabilities {
     key_types: &KeyType::ALL,
@@ -59,12 +73,22 @@ const CAPABILITIES: Capabilities = Capabilities {
 #[derive(Clone, Debug)]
 pub struct AwsKey {
     arn: Arc<str>,
+    /// The generation of a shared key (`shared_keys`); `None` for a per-server key.
+    shared: Option<u64>,
 }
 
 impl AwsKey {
     fn new(arn: &str) -> Self {
         Self {
             arn: Arc::from(arn),
+            shared: None,
+        }
+    }
+
+    fn shared(arn: &str, generation: u64) -> Self {
+        Self {
+            arn: Arc::from(arn),
+            shared: Some(generation),
         }
     }
 }
@@ -97,6 +121,18 @@ pub struct AwsKmsBackend {
     pub(crate) credential_source: String,
     /// The KMS endpoint (for `doctor`'s clock check).
     pub(crate) service_url: String,
+    /// The region (the `alias_template`'s `{{ .Region }}`).
+    pub(crate) region: String,
+    /// The shared-keys mode, if configured.
+    pub(crate) shared: Option<SharedKeys>,
+    /// `clock_skew_allowance`: also how long after a lock's lease a waiter takes over.
+    skew: Duration,
+    /// Per shared alias, the highest generation this process served from a GenerateKey:
+    /// bounded by the number of shared keys. Never held across I/O.
+    served: Mutex<HashMap<String, u64>>,
+    /// When this process first saw each rotation lock (aliases record no lease end), kept
+    /// across GenerateKey calls that SPIRE abandons after 30 s.
+    sightings: LockSightings,
 }
 
 #[async_trait]
@@ -118,6 +154,7 @@ impl KmsAdapter for AwsKmsBackend {
             server_id = %server_id,
             alias_prefix = %naming::alias_prefix(&config.trust_domain, &server_id),
             discovery = ?config.backend.discovery,
+            shared_keys = config.backend.shared.as_ref().map_or("off", |s| s.template.source()),
             "aws_kms backend ready"
         );
         Ok(Self {
@@ -134,6 +171,11 @@ impl KmsAdapter for AwsKmsBackend {
                 || format!("https://kms.{}.amazonaws.com", config.backend.region),
                 |e| e.as_str().to_string(),
             ),
+            region: config.backend.region.clone(),
+            shared: config.backend.shared.clone(),
+            skew: config.schedule.policy.max_clock_skew,
+            served: Mutex::new(HashMap::new()),
+            sightings: LockSightings::default(),
         })
     }
 }
@@ -188,6 +230,37 @@ impl AwsKmsBackend {
 
     fn new_keys(&self) -> Arc<NewKeys> {
         self.new_keys.get()
+    }
+
+    /// `DescribeKey` of a key or alias; `None` when it does not exist.
+    pub(crate) async fn describe_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<KeyMetadata>, BackendError> {
+        self.describe(key).await
+    }
+
+    /// False (and says so) for a per-server key of an id that is shared now.
+    fn not_shared_now(&self, id: &str) -> bool {
+        if self.shared_for(id).is_some() {
+            tracing::info!(
+                key_id = id,
+                "per-server key of a key id that is shared now; not used"
+            );
+            return false;
+        }
+        true
+    }
+
+    /// The shared-keys configuration, when `id` is served from a shared key.
+    fn shared_for(&self, id: &str) -> Option<&SharedKeys> {
+        self.shared.as_ref().filter(|s| s.is_shared(id))
+    }
+
+    /// The alias of a shared key id.
+    fn shared_alias(&self, shared: &SharedKeys, id: &str) -> Result<String, BackendError> {
+        naming::render_shared(&shared.template, &self.trust_domain, &self.region, id)
+            .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))
     }
 
     async fn describe(&self, key: &str) -> Result<Option<KeyMetadata>, BackendError> {
@@ -290,6 +363,14 @@ impl AwsKmsBackend {
             naming::ALIAS_ROOT,
             naming::alias_trust_domain(&self.trust_domain)
         );
+        self.aliases(|name| name.starts_with(&root)).await
+    }
+
+    /// Every alias whose name `keep` accepts: (alias name, target key id).
+    async fn aliases(
+        &self,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, String)>, BackendError> {
         let mut found = Vec::new();
         // 100 is KMS's largest page (the default is 50). The paginator stops on a repeated
         // token.
@@ -305,7 +386,7 @@ impl AwsKmsBackend {
             let alias =
                 alias.map_err(|e| sdk_error(Service::Kms, "ListAliases", "this account", e))?;
             if let (Some(name), Some(target)) = (alias.alias_name(), alias.target_key_id())
-                && name.starts_with(&root)
+                && keep(name)
             {
                 found.push((name.to_string(), target.to_string()));
             }
@@ -494,13 +575,6 @@ impl AwsKmsBackend {
         origin: OriginType,
     ) -> Result<AwsKey, BackendError> {
         self.alias(id)?; // refuse an id whose alias would be too long before creating anything
-        let spec = match key_type {
-            KeyType::EcP256 => KeySpec::EccNistP256,
-            KeyType::EcP384 => KeySpec::EccNistP384,
-            KeyType::Rsa2048 => KeySpec::Rsa2048,
-            KeyType::Rsa4096 => KeySpec::Rsa4096,
-        };
-        let new_keys = self.new_keys();
         let now = stamp_text(SystemTime::now());
         let ours = [
             (tags::TRUST_DOMAIN, self.trust_domain.as_str()),
@@ -511,6 +585,61 @@ impl AwsKmsBackend {
             (tags::ACTIVE, "false"),
             (tags::LAST_UPDATE, now.as_str()),
         ];
+        let description = naming::description(&self.trust_domain, id.as_str());
+        let arn = self
+            .create_kms_key(id.as_str(), key_type, origin, description, &ours)
+            .await?;
+        Ok(AwsKey::new(&arn))
+    }
+
+    /// A new generation of the shared key behind `alias`: no server id (every server uses
+    /// it), tagged active at once (a crash before the alias moves leaves a key the sweep
+    /// removes once stale, never one it could take for unpublished while it is in use).
+    pub(crate) async fn create_shared_key(
+        &self,
+        alias: &str,
+        id: &KeyId,
+        key_type: KeyType,
+        generation: u64,
+    ) -> Result<String, BackendError> {
+        let now = stamp_text(SystemTime::now());
+        let generation_text = generation.to_string();
+        let ours = [
+            (tags::TRUST_DOMAIN, self.trust_domain.as_str()),
+            (tags::KEY_ID, id.as_str()),
+            (naming::TAG_SHARED, "true"),
+            (naming::TAG_SHARED_ALIAS, alias),
+            (naming::TAG_GENERATION, generation_text.as_str()),
+            (tags::ACTIVE, "true"),
+            (tags::LAST_UPDATE, now.as_str()),
+        ];
+        let description = naming::shared_description(&self.trust_domain, id.as_str(), generation);
+        self.create_kms_key(
+            id.as_str(),
+            key_type,
+            OriginType::AwsKms,
+            description,
+            &ours,
+        )
+        .await
+    }
+
+    /// `CreateKey` with this backend's tags plus the configured ones; returns the ARN.
+    async fn create_kms_key(
+        &self,
+        what: &str,
+        key_type: KeyType,
+        origin: OriginType,
+        description: String,
+        ours: &[(&str, &str)],
+    ) -> Result<String, BackendError> {
+        let spec = match key_type {
+            KeyType::EcP256 => KeySpec::EccNistP256,
+            KeyType::EcP384 => KeySpec::EccNistP384,
+            KeyType::Rsa2048 => KeySpec::Rsa2048,
+            KeyType::Rsa4096 => KeySpec::Rsa4096,
+        };
+        let new_keys = self.new_keys();
         let key_tags = ours
             .iter()
             .map(|(k, v)| tag(k, v))
@@ -524,7 +653,7 @@ impl AwsKmsBackend {
             .key_usage(KeyUsageType::SignVerify)
             // Only imports say so: a generated key keeps CreateKey's default request.
             .set_origin((origin == OriginType::External).then_some(origin))
-            .description(naming::description(&self.trust_domain, id.as_str()))
+            .description(description)
             .set_tags(Some(key_tags));
         if let Some(policy) = &new_keys.policy {
             request = request.policy(policy);
@@ -532,14 +661,185 @@ impl AwsKmsBackend {
         let created = request
             .send()
             .await
-            .map_err(|e| sdk_error(Service::Kms, "CreateKey", id.as_str(), e))?;
-        let arn = created
+            .map_err(|e| sdk_error(Service::Kms, "CreateKey", what, e))?;
+        created
             .key_metadata()
             .and_then(|m| m.arn())
+            .map(str::to_string)
             .ok_or_else(|| {
                 BackendError::new(BackendErrorKind::Internal, "CreateKey returned no key ARN")
-            })?;
-        Ok(AwsKey::new(arn))
+            })
+    }
+
+    /// Shared mode: rotate (or adopt) under the lock; the key returned is published to every
+    /// server already.
+    async fn prepare_shared(
+        &self,
+        shared: &SharedKeys,
+        id: &KeyId,
+        key_type: KeyType,
+    ) -> Result<AwsKey, BackendError> {
+        let alias = self.shared_alias(shared, id.as_str())?;
+        let last_served = self
+            .served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&alias)
+            .copied();
+        let ops = AwsShared {
+            backend: self,
+            alias: &alias,
+            key_id: id,
+            published_first: Mutex::new(None),
+        };
+        let rotation = SharedRotation {
+            ops: &ops,
+            clock: &SystemClock,
+            key: &alias,
+            holder: &self.server_id,
+            lease: shared.lock_lease,
+            skew: self.skew,
+            reuse_window: shared.reuse_window,
+            budget: SHARED_BUDGET,
+            call_timeout: ATTEMPT_TIMEOUT,
+            poll: SHARED_POLL,
+            last_served,
+            sightings: &self.sightings,
+        };
+        let generation = rotation.rotate(key_type).await?;
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = served.entry(alias).or_insert(generation.number);
+        *entry = (*entry).max(generation.number);
+        Ok(AwsKey::shared(&generation.name, generation.number))
+    }
+
+    /// The current generation of a shared key id, if it has one and it is enabled.
+    async fn load_shared(
+        &self,
+        id: &str,
+        alias: &str,
+    ) -> Result<Option<StoredKey<AwsKey>>, BackendError> {
+        let Some(metadata) = self.describe(alias).await? else {
+            return Ok(None);
+        };
+        let generation = shared::generation_of(&metadata, alias, &self.trust_domain)?;
+        if !generation.live {
+            tracing::warn!(key_id = id, key = %generation.name, state = ?metadata.key_state(), "skipping a shared key that is not enabled");
+            return Ok(None);
+        }
+        let Ok(key_id) = KeyId::new(id) else {
+            return Ok(None);
+        };
+        let (key_type, spki_der) = self.read_public_key(&generation.name).await?;
+        // Served from now on: a rotation of this id must not "reuse" it as another
+        // server's fresh generation.
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = served.entry(alias.to_string()).or_insert(generation.number);
+        *entry = (*entry).max(generation.number);
+        drop(served);
+        Ok(Some(StoredKey {
+            id: key_id,
+            key_type,
+            spki_der,
+            handle: AwsKey::shared(&generation.name, generation.number),
+        }))
+    }
+
+    /// Shared discovery: the aliases this configuration names, found by the regex.
+    async fn discover_shared(
+        &self,
+        shared: &SharedKeys,
+    ) -> Result<Vec<StoredKey<AwsKey>>, BackendError> {
+        let found: Vec<(String, String)> = self
+            .aliases(|name| shared.key_id_in(name).is_some())
+            .await?
+            .into_iter()
+            .filter_map(|(alias, _)| {
+                let id = naming::decode_key_id(&shared.key_id_in(&alias)?);
+                // Only what this configuration would name itself: same template, same ids.
+                let named = self.shared_alias(shared, &id).ok()?;
+                if named != alias || !shared.is_shared(&id) {
+                    tracing::debug!(alias = %alias, "shared alias not named by this configuration; ignored");
+                    return None;
+                }
+                Some((id, alias))
+            })
+            .collect();
+        let mut keys = Vec::with_capacity(found.len());
+        for batch in found.chunks(CONCURRENCY) {
+            let loaded =
+                join_all(batch.iter().map(|(id, alias)| self.load_shared(id, alias))).await;
+            for key in loaded {
+                keys.extend(key?);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Sweep records of the shared keys among `described` (tagged `spire-shared`): the
+    /// alias's target is published; a superseded generation's liveness evidence is the
+    /// later of its own stamp (every server serving it stamps it) and the moment it was
+    /// superseded (the next generation's creation), so the sweep deletes it only once it
+    /// has been superseded for longer than `stale_key_age` *and* nobody has stamped it for
+    /// as long.
+    async fn shared_records(
+        &self,
+        described: &[(String, BTreeMap<String, String>, KeyMetadata)],
+    ) -> Result<Vec<KeyRecord>, BackendError> {
+        let mut by_alias: BTreeMap<&str, Vec<SharedEntry<'_>>> = BTreeMap::new();
+        for (arn, key_tags, metadata) in described {
+            if key_tags.get(naming::TAG_SHARED).map(String::as_str) != Some("true") {
+                continue;
+            }
+            let (Some(alias), Some(generation)) = (
+                key_tags.get(naming::TAG_SHARED_ALIAS),
+                key_tags
+                    .get(naming::TAG_GENERATION)
+                    .and_then(|g| g.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            by_alias.entry(alias.as_str()).or_default().push((
+                generation,
+                arn.as_str(),
+                key_tags,
+                metadata,
+            ));
+        }
+        let mut records = Vec::new();
+        for (alias, mut keys) in by_alias {
+            let current = self.describe(alias).await?.map(|m| m.key_id().to_string());
+            keys.sort_by_key(|(generation, ..)| *generation);
+            for (generation, arn, key_tags, metadata) in &keys {
+                let tag = |key: &str| key_tags.get(key).cloned();
+                let published = current.as_deref() == Some(metadata.key_id());
+                let successor = (!published)
+                    .then(|| {
+                        keys.iter()
+                            .filter(|(g, ..)| g > generation)
+                            .filter_map(|(_, arn, _, m)| Some((created_at(m)?, *arn)))
+                            .min()
+                    })
+                    .flatten();
+                let stamp = tag(tags::LAST_UPDATE).and_then(|v| parse_stamp(&v));
+                let superseded = successor.map(|(at, _)| at);
+                records.push(KeyRecord {
+                    locator: arn.to_string(),
+                    trust_domain: tag(tags::TRUST_DOMAIN),
+                    server_id: Some(SHARED_OWNER.to_string()),
+                    key_id: tag(tags::KEY_ID),
+                    state: store_state(metadata),
+                    published,
+                    last_stamp: stamp.max(superseded),
+                    created: created_at(metadata),
+                    deletion_intent: tag(tags::DELETE_INTENT).is_some(),
+                    replaced: superseded,
+                    replaced_by: tag(tags::REPLACED_BY)
+                        .or_else(|| successor.map(|(_, arn)| arn.to_string())),
+                });
+            }
+        }
+        Ok(records)
     }
 
     /// `GetParametersForImport`, the wrapping, `ImportKeyMaterial` (no expiry).
@@ -601,7 +901,7 @@ impl AwsKmsBackend {
     /// its deletion. If the process dies in between, the next sweep finishes the job.
     /// Records the intent (and, for a key replaced under its id, which key replaced it: the
     /// rotation history) in one TagResource, then schedules the deletion.
-    async fn schedule_deletion(
+    pub(crate) async fn schedule_deletion(
         &self,
         arn: &str,
         replaced_by: Option<&str>,
@@ -667,6 +967,7 @@ impl Backend for AwsKmsBackend {
                     naming::key_id_from_alias(&alias, &self.trust_domain, &self.server_id)
                         .map(|id| (id, target))
                 })
+                .filter(|(id, _)| self.not_shared_now(id))
                 .collect(),
             // The tagging API gives ARNs: one GetPublicKey per key, which also refuses a key
             // that is not enabled. Several active keys of one id are resolved first.
@@ -674,6 +975,9 @@ impl Backend for AwsKmsBackend {
                 let mut single = Vec::new();
                 let mut resolved = Vec::new();
                 for (id, arns) in self.active_by_tags(None).await? {
+                    if !self.not_shared_now(&id) {
+                        continue;
+                    }
                     match arns.as_slice() {
                         [arn] => single.push((id, arn.clone())),
                         _ => {
@@ -693,6 +997,9 @@ impl Backend for AwsKmsBackend {
                         keys.extend(key?);
                     }
                 }
+                if let Some(shared) = &self.shared {
+                    keys.extend(self.discover_shared(shared).await?);
+                }
                 return Ok(keys);
             }
         };
@@ -703,6 +1010,9 @@ impl Backend for AwsKmsBackend {
                 keys.extend(key?);
             }
         }
+        if let Some(shared) = &self.shared {
+            keys.extend(self.discover_shared(shared).await?);
+        }
         Ok(keys)
     }
 
@@ -712,6 +1022,9 @@ impl Backend for AwsKmsBackend {
         key_type: KeyType,
         _replaces: Option<&StoredKey<AwsKey>>,
     ) -> Result<AwsKey, BackendError> {
+        if let Some(shared) = self.shared_for(id.as_str()) {
+            return self.prepare_shared(shared, id, key_type).await;
+        }
         self.create_key(id, key_type, OriginType::AwsKms).await
     }
 
@@ -729,6 +1042,14 @@ impl Backend for AwsKmsBackend {
         key: &PrivateKeyMaterial,
         _replaces: Option<&StoredKey<AwsKey>>,
     ) -> Result<AwsKey, BackendError> {
+        if self.shared_for(id.as_str()).is_some() {
+            return Err(BackendError::new(
+                BackendErrorKind::FailedPrecondition,
+                format!(
+                    "key {id} is a shared key (shared_keys), which every server rotates under a lock: import is not supported there"
+                ),
+            ));
+        }
         let created = self
             .create_key(id, key.key_type(), OriginType::External)
             .await?;
@@ -750,6 +1071,10 @@ impl Backend for AwsKmsBackend {
         new: &StoredKey<AwsKey>,
         replaces: Option<&StoredKey<AwsKey>>,
     ) -> Result<(), BackendError> {
+        if new.handle.shared.is_some() {
+            // The rotation moved the shared alias already: every server sees it.
+            return Ok(());
+        }
         let alias = self.alias(&new.id)?;
         self.point_alias(&alias, &new.handle.arn, replaces.is_some())
             .await?;
@@ -758,6 +1083,14 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn find(&self, id: &KeyId) -> Result<Option<String>, BackendError> {
+        if let Some(shared) = self.shared_for(id.as_str()) {
+            let alias = self.shared_alias(shared, id.as_str())?;
+            return Ok(self
+                .describe(&alias)
+                .await?
+                .filter(|m| m.key_state() == Some(&KeyState::Enabled))
+                .and_then(|m| m.arn().map(str::to_string)));
+        }
         match self.discovery {
             Discovery::Alias => {
                 let alias = self.alias(id)?;
@@ -779,6 +1112,10 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn abort(&self, prepared: &AwsKey) -> Result<(), BackendError> {
+        if prepared.shared.is_some() {
+            // Published to (and maybe adopted by) other servers: the sweep retires it.
+            return Ok(());
+        }
         self.schedule_deletion(&prepared.arn, None).await
     }
 
@@ -787,6 +1124,12 @@ impl Backend for AwsKmsBackend {
         replaced: &StoredKey<AwsKey>,
         replaced_by: &StoredKey<AwsKey>,
     ) -> Result<(), BackendError> {
+        if replaced.handle.shared.is_some() {
+            // Other servers may still sign with it; the sweep deletes it once it has been
+            // superseded for longer than stale_key_age and nobody stamps it any more.
+            tracing::debug!(key = %replaced.handle.arn, "superseded shared key kept for other servers");
+            return Ok(());
+        }
         self.schedule_deletion(&replaced.handle.arn, Some(&replaced_by.handle.arn))
             .await
     }
@@ -930,46 +1273,63 @@ impl KeyLifecycle for AwsKmsBackend {
                 newest.extend(self.current_of(server, id, candidates).await?);
             }
         }
-        Ok(described
-            .iter()
-            .map(|(arn, key_tags, metadata)| {
-                let tag = |key: &str| key_tags.get(key).cloned();
-                let published = match self.discovery {
-                    Discovery::Alias => alias_targets.contains(metadata.key_id()),
-                    Discovery::Tags => newest.contains(arn),
-                };
-                KeyRecord {
-                    locator: arn.clone(),
-                    trust_domain: tag(tags::TRUST_DOMAIN),
-                    server_id: tag(tags::SERVER_ID),
-                    key_id: tag(tags::KEY_ID),
-                    state: match metadata.key_state() {
-                        Some(KeyState::Enabled) => StoreKeyState::Enabled,
-                        Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion) => {
-                            StoreKeyState::PendingDeletion
-                        }
-                        // Not a disabled key: one an interrupted import left without
-                        // material (`keys enable` cannot help it; the sweep removes it).
-                        Some(KeyState::PendingImport) => StoreKeyState::Incomplete,
-                        _ => StoreKeyState::Disabled,
-                    },
-                    published,
-                    last_stamp: tag(tags::LAST_UPDATE).and_then(|v| parse_stamp(&v)),
-                    created: metadata
-                        .creation_date()
-                        .and_then(|d| u64::try_from(d.secs()).ok())
-                        .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
-                    deletion_intent: tag(tags::DELETE_INTENT).is_some(),
-                    replaced: tag(tags::DELETE_INTENT).and_then(|v| parse_stamp(&v)),
-                    replaced_by: tag(tags::REPLACED_BY),
-                }
-            })
-            .collect())
+        let mut records = self.shared_records(&described).await?;
+        records.extend(
+            described
+                .iter()
+                .filter(|(_, key_tags, _)| !key_tags.contains_key(naming::TAG_SHARED))
+                .map(|(arn, key_tags, metadata)| {
+                    let tag = |key: &str| key_tags.get(key).cloned();
+                    let published = match self.discovery {
+                        Discovery::Alias => alias_targets.contains(metadata.key_id()),
+                        Discovery::Tags => newest.contains(arn),
+                    };
+                    KeyRecord {
+                        locator: arn.clone(),
+                        trust_domain: tag(tags::TRUST_DOMAIN),
+                        server_id: tag(tags::SERVER_ID),
+                        key_id: tag(tags::KEY_ID),
+                        state: store_state(metadata),
+                        published,
+                        last_stamp: tag(tags::LAST_UPDATE).and_then(|v| parse_stamp(&v)),
+                        created: created_at(metadata),
+                        deletion_intent: tag(tags::DELETE_INTENT).is_some(),
+                        replaced: tag(tags::DELETE_INTENT).and_then(|v| parse_stamp(&v)),
+                        replaced_by: tag(tags::REPLACED_BY),
+                    }
+                }),
+        );
+        Ok(records)
     }
 
     async fn delete(&self, record: &KeyRecord) -> Result<(), BackendError> {
         self.schedule_deletion(&record.locator, None).await
     }
+}
+
+/// A shared key while the sweep records are built: generation, ARN, tags, metadata.
+type SharedEntry<'a> = (u64, &'a str, &'a BTreeMap<String, String>, &'a KeyMetadata);
+
+/// The sweep's view of a KMS key state.
+fn store_state(metadata: &KeyMetadata) -> StoreKeyState {
+    match metadata.key_state() {
+        Some(KeyState::Enabled) => StoreKeyState::Enabled,
+        Some(KeyState::PendingDeletion | KeyState::PendingReplicaDeletion) => {
+            StoreKeyState::PendingDeletion
+        }
+        // Not a disabled key: one an interrupted import left without material (`keys
+        // enable` cannot help it; the sweep removes it).
+        Some(KeyState::PendingImport) => StoreKeyState::Incomplete,
+        _ => StoreKeyState::Disabled,
+    }
+}
+
+/// When KMS created a key.
+fn created_at(metadata: &KeyMetadata) -> Option<SystemTime> {
+    metadata
+        .creation_date()
+        .and_then(|d| u64::try_from(d.secs()).ok())
+        .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
 }
 
 /// A KMS tag.

@@ -7,12 +7,18 @@
 //! deprecated), `assume_role_arn`, `external_id`, `role_session_name`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use keymanager_engine::kit::KmsSettings;
 use keymanager_engine::kit::policy_file::PolicyFile;
 use keymanager_engine::kit::server_identity::check_value_chars;
+use keymanager_engine::kit::shared::{
+    SHARED_MODE_IDENTITY_HINT, SharedKeys, SharedKeysSpec, parse_shared_keys,
+};
 use keymanager_engine::settings::{Secret, Settings, SettingsError, echo};
 use keymanager_engine::{OnChange, SettingState};
+
+use crate::naming;
 
 /// The keys this backend reads itself.
 pub const SETTING_KEYS: &[&str] = &[
@@ -26,7 +32,23 @@ pub const SETTING_KEYS: &[&str] = &[
     "assume_role_arn",
     "external_id",
     "role_session_name",
+    "shared_keys",
 ];
+
+/// A lease must outlast one KMS call of the holder (see `client::ATTEMPT_TIMEOUT`).
+pub const MIN_LOCK_LEASE: Duration = Duration::from_secs(10);
+
+/// The `shared_keys` block of `aws_kms`: the same block as `gcp_kms`'s, with the shared
+/// key's alias named by `alias_template`.
+pub const SHARED_KEYS: SharedKeysSpec = SharedKeysSpec {
+    template_key: "alias_template",
+    fields: naming::TEMPLATE_FIELDS,
+    template_example: "alias/SPIRE_SHARED/{{ .TrustDomain }}/{{ .KeyID }}",
+    regex_example: "^alias/SPIRE_SHARED/[^/]+/([^/]+)$",
+    names: "alias",
+    min_lock_lease: MIN_LOCK_LEASE,
+    store: "AWS KMS",
+};
 
 /// Default STS session name when assuming a role.
 pub const DEFAULT_ROLE_SESSION_NAME: &str = "kms-keymanager";
@@ -82,7 +104,7 @@ pub struct AssumeRole {
 }
 
 /// The `aws_kms` backend's own validated settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AwsKmsSettings {
     /// The KMS region.
     pub region: String,
@@ -96,6 +118,8 @@ pub struct AwsKmsSettings {
     pub discovery: Discovery,
     /// Cross-account role, if any.
     pub assume_role: Option<AssumeRole>,
+    /// The shared-keys mode, if configured.
+    pub shared: Option<SharedKeys>,
 }
 
 impl KmsSettings for AwsKmsSettings {
@@ -207,6 +231,15 @@ impl KmsSettings for AwsKmsSettings {
             }
         };
 
+        let shared = match settings.take_block("shared_keys")? {
+            None => None,
+            Some(block) => Some(parse_shared_keys(
+                block,
+                &SHARED_KEYS,
+                |template, key_id| naming::render_shared(template, "example.org", &region, key_id),
+            )?),
+        };
+
         Ok(Self {
             region,
             credentials,
@@ -214,11 +247,16 @@ impl KmsSettings for AwsKmsSettings {
             key_tags,
             discovery,
             assume_role,
+            shared,
         })
     }
 
     fn check_server_id(value: &str) -> Result<(), String> {
         check_identifier_value(value)
+    }
+
+    fn missing_identity_hint(&self) -> Option<&'static str> {
+        self.shared.is_some().then_some(SHARED_MODE_IDENTITY_HINT)
     }
 
     fn store(&self) -> String {
@@ -281,6 +319,12 @@ impl KmsSettings for AwsKmsSettings {
                 "enable_tag_based_key_discovery",
                 self.discovery,
                 OnChange::NextStart,
+            ),
+            // Which aliases hold which keys: a change would strand keys in use.
+            SettingState::new(
+                "shared_keys",
+                self.shared.as_ref().map(SharedKeys::summary),
+                OnChange::Refused,
             ),
         ]
     }
@@ -654,6 +698,99 @@ mod tests {
             parse(&[("key_policy_file", s(missing.to_str().unwrap()))])
                 .unwrap_err()
                 .contains("cannot read")
+        );
+    }
+
+    fn shared(pairs: &[(&str, &str)]) -> SettingValue {
+        SettingValue::Map(pairs.iter().map(|(k, v)| (k.to_string(), s(v))).collect())
+    }
+
+    const TEMPLATE: (&str, &str) = (
+        "alias_template",
+        "alias/SPIRE_SHARED/{{ .TrustDomain }}/{{ .KeyID }}",
+    );
+    const REGEX: (&str, &str) = (
+        "key_id_extraction_regex",
+        "^alias/SPIRE_SHARED/[^/]+/([^/]+)$",
+    );
+
+    #[test]
+    fn shared_keys_block_is_the_kits_with_an_alias_template() {
+        let config = parse(&[("shared_keys", shared(&[TEMPLATE, REGEX]))]).unwrap();
+        let shared_keys = config.backend.shared.unwrap();
+        assert!(shared_keys.is_shared("JWT-Signer-A"));
+        assert!(!shared_keys.is_shared("x509-CA-A"));
+        assert_eq!(
+            shared_keys.lock_lease,
+            keymanager_engine::kit::shared::DEFAULT_LOCK_LEASE
+        );
+        let region = parse(&[(
+            "shared_keys",
+            shared(&[
+                ("alias_template", "alias/s/{{ .Region }}/{{ .KeyID }}"),
+                ("key_id_extraction_regex", "^alias/s/us-east-1/(.+)$"),
+                ("shared_key_ids", "^(JWT|WIT)-Signer-"),
+                ("reuse_window", "5m"),
+                ("lock_lease", "30s"),
+            ]),
+        )])
+        .unwrap()
+        .backend
+        .shared
+        .unwrap();
+        assert!(region.is_shared("WIT-Signer-B"));
+        assert_eq!(region.lock_lease, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn shared_keys_errors_name_the_key_and_what_is_allowed() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[REGEX], "\"shared_keys.alias_template\" is required"),
+            (
+                &[("alias_template", "alias/x/{{ .Env }}/{{ .KeyID }}"), REGEX],
+                "{{ .TrustDomain }}, {{ .Region }}, {{ .KeyID }}",
+            ),
+            (
+                &[("alias_template", "alias/SPIRE_SERVER/{{ .KeyID }}"), REGEX],
+                "choose another prefix",
+            ),
+            (
+                &[
+                    TEMPLATE,
+                    ("key_id_extraction_regex", "^alias/(SPIRE_SHARED)/"),
+                ],
+                "finds \"SPIRE_SHARED\"",
+            ),
+            (
+                &[TEMPLATE, ("key_id_extraction_regex", "(")],
+                "does not compile",
+            ),
+            (&[TEMPLATE, REGEX, ("lock_lease", "5s")], "at least 10s"),
+            (
+                &[TEMPLATE, REGEX, ("reuse_window", "soon")],
+                "shared_keys.reuse_window",
+            ),
+            (
+                &[TEMPLATE, REGEX, ("shared_key_ids", "[")],
+                "shared_keys.shared_key_ids",
+            ),
+            (
+                &[TEMPLATE, REGEX, ("jwt_key_alias_template", "x")],
+                "shared_keys.alias_template",
+            ),
+        ];
+        for (pairs, expected) in cases {
+            let err = parse(&[("shared_keys", shared(pairs))]).unwrap_err();
+            assert!(err.contains(expected), "{pairs:?}: {err}");
+        }
+        let err = parse_all(settings(&[
+            ("region", s("us-east-1")),
+            ("shared_keys", shared(&[TEMPLATE, REGEX])),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.contains("X509 CA and WIT keys stay per-server"),
+            "{err}"
         );
     }
 }

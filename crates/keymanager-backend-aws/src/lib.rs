@@ -9,7 +9,9 @@
 //! - `client`: the SDK clients on credentials that can be rotated at run time;
 //! - `errors`: SDK failures → error kinds, with the whole cause chain;
 //! - `backend`: the KMS adapter behind the engine's `Backend` and `KeyLifecycle` traits;
-//! - `operator`: what the operator CLI runs by hand (enable, disable, key policy, `doctor`).
+//! - `operator`: what the operator CLI runs by hand (enable, disable, key policy, `doctor`);
+//! - `shared`: the shared-keys mode's store side (generations behind an alias, the lock as
+//!   a `CreateAlias`); the rotation itself is the kit's.
 
 mod backend;
 mod client;
@@ -18,6 +20,7 @@ mod errors;
 pub mod naming;
 mod operator;
 pub mod policy;
+mod shared;
 
 pub use backend::{AwsKey, AwsKmsBackend};
 pub use config::{AwsKmsSettings, Credentials, Discovery};

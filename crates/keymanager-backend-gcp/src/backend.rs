@@ -23,6 +23,7 @@ use google_cloud_kms_v1::model::crypto_key_version::{
     CryptoKeyVersionAlgorithm as Algorithm, CryptoKeyVersionState as State,
 };
 use google_cloud_kms_v1::model::{CryptoKey, CryptoKeyVersion};
+use keymanager_engine::kit::shared::{LockSightings, SharedKeys, SharedRotation, SystemClock};
 use keymanager_engine::kit::swap::Swap;
 use keymanager_engine::kit::wrap;
 use keymanager_engine::kit::{KmsAdapter, KmsConfig};
@@ -35,10 +36,10 @@ use keymanager_engine::{
     SigningSupport, StoredKey,
 };
 
-use crate::config::{GcpKmsSettings, ProtectionLevel, SharedKeys};
+use crate::config::{GcpKmsSettings, ProtectionLevel};
 use crate::kms::{self, ATTEMPT_TIMEOUT, Auth, ENABLED_FILTER, Kms, KmsError};
 use crate::naming;
-use crate::shared::{RELEASED, SharedOps, SharedRotation, SystemClock, VersionInfo};
+use crate::shared::GcpShared;
 
 /// How long a new version may stay in PENDING_GENERATION (RSA-4096 and HSM keys take
 /// minutes; SPIRE's ten quick tries give up, spiffe/spire#6923).
@@ -138,6 +139,8 @@ pub struct GcpKmsBackend {
     /// Per shared CryptoKey, the highest version number this process served from a
     /// GenerateKey: bounded by the number of shared keys. Never held across I/O.
     served: Mutex<HashMap<String, u64>>,
+    /// First sightings of rotation locks (only used where no lease end is recorded).
+    sightings: LockSightings,
     /// The ImportJob the last import used, so the keys of one `keys migrate` share one
     /// lookup. Never held across I/O.
     import_job: Mutex<Option<CachedImportJob>>,
@@ -191,6 +194,7 @@ impl KmsAdapter for GcpKmsBackend {
                 policy: settings.key_policy.as_ref().map(|(_, p)| p.clone()),
             }),
             served: Mutex::new(HashMap::new()),
+            sightings: LockSightings::default(),
             import_job: Mutex::new(None),
         })
     }
@@ -207,21 +211,17 @@ impl GcpKmsBackend {
 
     /// True when `id` is served from a shared CryptoKey.
     fn is_shared(&self, id: &str) -> bool {
-        self.shared
-            .as_ref()
-            .is_some_and(|s| s.shared_key_ids.is_match(id))
+        self.shared.as_ref().is_some_and(|s| s.is_shared(id))
     }
 
-    fn crypto_key_name(&self, crypto_key_id: &str) -> String {
+    pub(crate) fn crypto_key_name(&self, crypto_key_id: &str) -> String {
         format!("{}/cryptoKeys/{crypto_key_id}", self.key_ring)
     }
 
     /// The CryptoKey that holds `id`, and whether it is shared.
     fn crypto_key_for(&self, id: &KeyId) -> Result<(String, bool), BackendError> {
         if let Some(shared) = self.shared.as_ref().filter(|_| self.is_shared(id.as_str())) {
-            let crypto_key_id = shared
-                .template
-                .render(&self.td_hash, id.as_str())
+            let crypto_key_id = naming::render_shared(&shared.template, &self.td_hash, id.as_str())
                 .map_err(|reason| BackendError::new(BackendErrorKind::InvalidArgument, reason))?;
             return Ok((self.crypto_key_name(&crypto_key_id), true));
         }
@@ -270,7 +270,7 @@ impl GcpKmsBackend {
         self.kms().ensure_policy(crypto_key, policy.as_ref()).await
     }
 
-    async fn create_crypto_key(
+    pub(crate) async fn create_crypto_key(
         &self,
         crypto_key_id: &str,
         algorithm: Algorithm,
@@ -437,11 +437,16 @@ impl GcpKmsBackend {
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
             .copied();
-        let rotation = SharedRotation {
-            ops: self,
-            clock: &SystemClock,
+        let ops = GcpShared {
+            backend: self,
             crypto_key: name,
             td_hash: &self.td_hash,
+            template: Mutex::new(template),
+        };
+        let rotation = SharedRotation {
+            ops: &ops,
+            clock: &SystemClock,
+            key: name,
             holder: &self.server_id,
             lease: shared.lock_lease,
             skew: self.skew,
@@ -450,13 +455,13 @@ impl GcpKmsBackend {
             call_timeout: ATTEMPT_TIMEOUT,
             poll: SHARED_POLL,
             last_served,
+            sightings: &self.sightings,
         };
-        let version = rotation.rotate(&algorithm, template).await?;
-        let number = kms::version_number(&version);
+        let version = rotation.rotate(key_type).await?;
         let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = served.entry(name.to_string()).or_insert(number);
-        *entry = (*entry).max(number);
-        Ok(GcpKey::new(&version, algorithm, true, false))
+        let entry = served.entry(name.to_string()).or_insert(version.number);
+        *entry = (*entry).max(version.number);
+        Ok(GcpKey::new(&version.name, algorithm, true, false))
     }
 
     /// Makes sure the shared CryptoKey exists (created without a version: versions are only
@@ -558,10 +563,10 @@ impl GcpKmsBackend {
             .into_iter()
             .filter_map(|key| {
                 let crypto_key_id = naming::last_segment(&key.name);
-                let id = naming::extract_key_id(&shared.key_id_regex, crypto_key_id)?;
+                let id = shared.key_id_in(crypto_key_id)?;
                 // Only what this configuration would name itself: same template, same key ids.
-                let named = shared.template.render(&self.td_hash, &id).ok()?;
-                if named != crypto_key_id || !shared.shared_key_ids.is_match(&id) {
+                let named = naming::render_shared(&shared.template, &self.td_hash, &id).ok()?;
+                if named != crypto_key_id || !shared.is_shared(&id) {
                     tracing::debug!(crypto_key = %key.name, "shared CryptoKey not named by this configuration; ignored");
                     return None;
                 }
@@ -585,76 +590,6 @@ fn key_type_and_spki(
         )
     })?;
     Ok((key_type, public.spki_der.into()))
-}
-
-#[async_trait]
-impl SharedOps for GcpKmsBackend {
-    async fn versions(&self, crypto_key: &str) -> Result<Vec<VersionInfo>, BackendError> {
-        Ok(self
-            .kms()
-            .list_versions(crypto_key, "")
-            .await?
-            .into_iter()
-            .map(|v| VersionInfo {
-                number: kms::version_number(&v.name),
-                live: kms::is_live(&v.state),
-                created: kms::to_system_time(v.create_time.as_ref()),
-                algorithm: v.algorithm,
-                name: v.name,
-            })
-            .collect())
-    }
-
-    async fn create_lock(
-        &self,
-        lock_id: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<bool, BackendError> {
-        match self
-            .create_crypto_key(lock_id, Algorithm::EcSignP256Sha256, labels, true)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.already_exists() => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn lock_labels(&self, lock_id: &str) -> Result<HashMap<String, String>, BackendError> {
-        Ok(self
-            .kms()
-            .get_crypto_key(&self.crypto_key_name(lock_id))
-            .await?
-            .labels)
-    }
-
-    async fn release_lock(&self, lock_id: &str) {
-        let kms = self.kms();
-        let name = self.crypto_key_name(lock_id);
-        let released = async {
-            let lock = kms.get_crypto_key(&name).await?;
-            let mut labels = lock.labels.clone();
-            labels.insert(naming::LABEL_LOCK_EXPIRES.into(), RELEASED.into());
-            kms.set_labels(&lock, labels).await
-        };
-        if let Err(e) = released.await {
-            tracing::debug!(lock = %name, error = %e.error, "could not release the rotation lock; its lease ends it");
-        }
-    }
-
-    async fn set_template_algorithm(
-        &self,
-        crypto_key: &str,
-        algorithm: &Algorithm,
-    ) -> Result<(), BackendError> {
-        let kms = self.kms();
-        let key = kms.get_crypto_key(crypto_key).await?;
-        Ok(kms.set_template_algorithm(&key, algorithm.clone()).await?)
-    }
-
-    async fn create_version(&self, crypto_key: &str) -> Result<String, BackendError> {
-        Ok(self.kms().create_version(crypto_key).await?.name)
-    }
 }
 
 #[async_trait]

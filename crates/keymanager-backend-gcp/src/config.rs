@@ -12,10 +12,13 @@ use std::time::Duration;
 
 use keymanager_engine::kit::KmsSettings;
 use keymanager_engine::kit::policy_file::PolicyFile;
+use keymanager_engine::kit::shared::{
+    SHARED_MODE_IDENTITY_HINT, SharedKeys, SharedKeysSpec, parse_shared_keys,
+};
 use keymanager_engine::settings::{Settings, SettingsError, echo};
 use keymanager_engine::{OnChange, SettingState};
 
-use crate::naming::{self, KeyTemplate};
+use crate::naming;
 
 /// The keys this backend reads itself (the kit's shell reads `key_identifier_file`,
 /// `key_identifier_value`, `endpoint` and the lifecycle schedule).
@@ -28,23 +31,19 @@ pub const SETTING_KEYS: &[&str] = &[
     "protection_level",
 ];
 
-/// The keys of the `shared_keys` block.
-pub const SHARED_KEYS_SETTING_KEYS: &[&str] = &[
-    "shared_keys.crypto_key_template",
-    "shared_keys.key_id_extraction_regex",
-    "shared_keys.shared_key_ids",
-    "shared_keys.reuse_window",
-    "shared_keys.lock_lease",
-];
-
-/// SPIRE's JWT signing keys (`JWT-Signer-A`, `JWT-Signer-B`): the keys shared by default.
-pub const DEFAULT_SHARED_KEY_IDS: &str = "^JWT-Signer-";
-/// A version another server created less than this long ago is reused, not duplicated.
-pub const DEFAULT_REUSE_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// How long a rotation lock protects its holder before others may take it over.
-pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(60);
 /// A lease must outlast one KMS call of the holder (see `kms::ATTEMPT_TIMEOUT`).
 pub const MIN_LOCK_LEASE: Duration = Duration::from_secs(10);
+
+/// The `shared_keys` block of `gcp_kms`: SPIRE's `crypto_key_template`, the kit's rest.
+pub const SHARED_KEYS: SharedKeysSpec = SharedKeysSpec {
+    template_key: "crypto_key_template",
+    fields: naming::TEMPLATE_FIELDS,
+    template_example: "spire-key-{{ .TrustDomain }}-{{ .KeyID }}",
+    regex_example: "^spire-key-[^-]+-(.+)$",
+    names: "CryptoKey id",
+    min_lock_lease: MIN_LOCK_LEASE,
+    store: "Cloud KMS",
+};
 
 /// Where Cloud KMS keys are protected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,31 +52,6 @@ pub enum ProtectionLevel {
     Software,
     /// Cloud HSM (FIPS 140-2 Level 3).
     Hsm,
-}
-
-/// The shared-keys mode: several servers use the same CryptoKeys for some key ids.
-#[derive(Clone, Debug)]
-pub struct SharedKeys {
-    /// Names the CryptoKey of a shared key id.
-    pub template: KeyTemplate,
-    /// Finds the SPIRE key id in a CryptoKey id (one capturing group).
-    pub key_id_regex: regex::Regex,
-    /// Which SPIRE key ids are shared (the others stay per-server).
-    pub shared_key_ids: regex::Regex,
-    /// Reuse a version created less than this long ago.
-    pub reuse_window: Duration,
-    /// Lease of the rotation lock.
-    pub lock_lease: Duration,
-}
-
-impl PartialEq for SharedKeys {
-    fn eq(&self, other: &Self) -> bool {
-        self.template == other.template
-            && self.key_id_regex.as_str() == other.key_id_regex.as_str()
-            && self.shared_key_ids.as_str() == other.shared_key_ids.as_str()
-            && self.reuse_window == other.reuse_window
-            && self.lock_lease == other.lock_lease
-    }
 }
 
 /// A service account key file: its path and a digest of its content, so that a rotated
@@ -174,7 +148,17 @@ impl KmsSettings for GcpKmsSettings {
 
         let shared = match settings.take_block("shared_keys")? {
             None => None,
-            Some(block) => Some(parse_shared_keys(block)?),
+            Some(block) => Some(parse_shared_keys(
+                block,
+                &SHARED_KEYS,
+                |template, key_id| {
+                    naming::render_shared(
+                        template,
+                        &naming::trust_domain_hash("example.org"),
+                        key_id,
+                    )
+                },
+            )?),
         };
 
         Ok(Self {
@@ -222,108 +206,11 @@ impl KmsSettings for GcpKmsSettings {
             SettingState::new("protection_level", self.protection_level, OnChange::Runtime),
             SettingState::new(
                 "shared_keys",
-                self.shared.as_ref().map(|s| {
-                    (
-                        s.template.source().to_string(),
-                        s.key_id_regex.as_str().to_string(),
-                        s.shared_key_ids.as_str().to_string(),
-                        s.reuse_window,
-                        s.lock_lease,
-                    )
-                }),
+                self.shared.as_ref().map(SharedKeys::summary),
                 OnChange::Refused,
             ),
         ]
     }
-}
-
-/// In shared-keys mode the identity is still needed (X509 CA and WIT keys stay
-/// per-server); SPIRE's draft documentation calls it optional there, so say why.
-pub const SHARED_MODE_IDENTITY_HINT: &str = "also in shared-keys mode: only the keys named by shared_keys.shared_key_ids are shared; X509 CA and WIT keys stay per-server";
-
-fn parse_shared_keys(mut block: Settings) -> Result<SharedKeys, SettingsError> {
-    const TEMPLATE: &str = "shared_keys.crypto_key_template";
-    const REGEX: &str = "shared_keys.key_id_extraction_regex";
-    const IDS: &str = "shared_keys.shared_key_ids";
-    let template_text = block.take_nonempty_string(TEMPLATE)?.ok_or_else(|| {
-        SettingsError::missing(
-            TEMPLATE,
-            "a Go template naming the shared CryptoKey, e.g. \"spire-key-{{ .TrustDomain }}-{{ .KeyID }}\"",
-        )
-    })?;
-    let template =
-        KeyTemplate::parse(&template_text).map_err(|e| SettingsError::invalid(TEMPLATE, e))?;
-    let regex_text = block.take_nonempty_string(REGEX)?.ok_or_else(|| {
-        SettingsError::missing(
-            REGEX,
-            "a regular expression with one capturing group that finds the SPIRE key id in a CryptoKey id, e.g. \"^spire-key-[^-]+-(.+)$\"",
-        )
-    })?;
-    let key_id_regex = regex::Regex::new(&regex_text).map_err(|e| {
-        SettingsError::invalid(REGEX, format!("{regex_text:?} does not compile: {e}"))
-    })?;
-    let groups = key_id_regex.captures_len() - 1;
-    if groups != 1 {
-        return Err(SettingsError::invalid(
-            REGEX,
-            format!(
-                "{regex_text:?} has {groups} capturing groups; it needs exactly one (the SPIRE key id)"
-            ),
-        ));
-    }
-    // The template and the regex must agree: what one names, the other must find.
-    for sample in ["JWT-Signer-A", "x509-CA-B", "WIT-Signer-A"] {
-        let name = template
-            .render(&naming::trust_domain_hash("example.org"), sample)
-            .map_err(|e| SettingsError::invalid(TEMPLATE, e))?;
-        match naming::extract_key_id(&key_id_regex, &name) {
-            Some(found) if found == sample => {}
-            Some(found) => {
-                return Err(SettingsError::invalid(
-                    REGEX,
-                    format!(
-                        "{regex_text:?} finds {found:?} in {name:?} (the template's CryptoKey id for key id {sample:?}); it must find {sample:?}"
-                    ),
-                ));
-            }
-            None => {
-                return Err(SettingsError::invalid(
-                    REGEX,
-                    format!(
-                        "{regex_text:?} does not match {name:?}, the CryptoKey id the template gives key id {sample:?}"
-                    ),
-                ));
-            }
-        }
-    }
-    let ids_text = block
-        .take_nonempty_string(IDS)?
-        .unwrap_or_else(|| DEFAULT_SHARED_KEY_IDS.to_string());
-    let shared_key_ids = regex::Regex::new(&ids_text)
-        .map_err(|e| SettingsError::invalid(IDS, format!("{ids_text:?} does not compile: {e}")))?;
-    let reuse_window = block
-        .take_duration("shared_keys.reuse_window")?
-        .unwrap_or(DEFAULT_REUSE_WINDOW);
-    let lock_lease = block
-        .take_duration("shared_keys.lock_lease")?
-        .unwrap_or(DEFAULT_LOCK_LEASE);
-    if lock_lease < MIN_LOCK_LEASE {
-        return Err(SettingsError::invalid(
-            "shared_keys.lock_lease",
-            format!(
-                "must be at least {}s: the lease has to outlast one Cloud KMS call of the lock holder",
-                MIN_LOCK_LEASE.as_secs()
-            ),
-        ));
-    }
-    block.finish(SHARED_KEYS_SETTING_KEYS)?;
-    Ok(SharedKeys {
-        template,
-        key_id_regex,
-        shared_key_ids,
-        reuse_window,
-        lock_lease,
-    })
 }
 
 /// `projects/<p>/locations/<l>/keyRings/<r>` with non-empty, slash-free parts.
@@ -395,6 +282,8 @@ mod tests {
     use keymanager_engine::kit::KmsConfig;
     use keymanager_engine::kit::server_identity::ServerIdSource;
     use keymanager_engine::settings::SettingValue;
+
+    use keymanager_engine::kit::shared::DEFAULT_REUSE_WINDOW;
 
     use super::*;
     use crate::GcpKmsBackend;

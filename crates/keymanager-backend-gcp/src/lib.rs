@@ -18,7 +18,8 @@ mod operator;
 mod shared;
 
 pub use backend::{GcpKey, GcpKmsBackend};
-pub use config::{GcpKmsSettings, ProtectionLevel, SharedKeys};
+pub use config::{GcpKmsSettings, ProtectionLevel};
+pub use keymanager_engine::kit::shared::SharedKeys;
 
 /// Registers the `gcp_kms` backend.
 pub type GcpKmsFactory = keymanager_engine::kit::KmsFactory<GcpKmsBackend>;

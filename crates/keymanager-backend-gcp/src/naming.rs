@@ -1,6 +1,7 @@
 //! CryptoKey ids and labels, as SPIRE's `gcp_kms` writes them, plus the shared-keys mode's
 //! template and the rotation lock's key ids.
 
+use keymanager_engine::kit::shared::{KEY_ID_FIELD, NameTemplate};
 use keymanager_engine::kit::vocabulary as tags;
 use sha1::{Digest, Sha1};
 
@@ -94,15 +95,6 @@ pub fn last_segment(name: &str) -> &str {
     name.rsplit('/').next().unwrap_or(name)
 }
 
-/// The first capture of `regex` in `crypto_key_id`.
-pub fn extract_key_id(regex: &regex::Regex, crypto_key_id: &str) -> Option<String> {
-    regex
-        .captures(crypto_key_id)
-        .and_then(|c| c.get(1))
-        .map(|m| m.as_str().to_string())
-        .filter(|id| !id.is_empty())
-}
-
 /// The rotation lock's CryptoKey id for replacing version `basis` (0: no version yet) of
 /// `crypto_key`, attempt `attempt` (bumped when an expired lease is taken over). Creating a
 /// CryptoKey is atomic in Cloud KMS: exactly one creator of an id succeeds.
@@ -111,84 +103,20 @@ pub fn lock_crypto_key_id(crypto_key: &str, basis: u64, attempt: u32) -> String 
     format!("spire-lock-{}-{attempt}", &hex::encode(digest)[..24])
 }
 
-/// One piece of a `crypto_key_template`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Piece {
-    Text(String),
-    TrustDomain,
-    KeyId,
-}
+/// The fields of a `crypto_key_template`, as SPIRE documents them: `{{ .TrustDomain }}`
+/// (the SHA-1 hex of the trust domain, as in labels) and `{{ .KeyID }}`.
+pub const TEMPLATE_FIELDS: &[&str] = &["TrustDomain", KEY_ID_FIELD];
 
-/// A `crypto_key_template`: Go template syntax with the two fields SPIRE documents,
-/// `{{ .TrustDomain }}` (the SHA-1 hex of the trust domain) and `{{ .KeyID }}`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyTemplate {
-    source: String,
-    pieces: Vec<Piece>,
-}
-
-impl KeyTemplate {
-    /// Parses a template; every action must be `.TrustDomain` or `.KeyID`, and `.KeyID`
-    /// must appear (otherwise every key id would name the same CryptoKey).
-    pub fn parse(source: &str) -> Result<Self, String> {
-        let mut pieces = Vec::new();
-        let mut rest = source;
-        while let Some(start) = rest.find("{{") {
-            if start > 0 {
-                pieces.push(Piece::Text(rest[..start].to_string()));
-            }
-            let after = &rest[start + 2..];
-            let end = after
-                .find("}}")
-                .ok_or_else(|| format!("{source:?}: \"{{{{\" without a closing \"}}}}\""))?;
-            let action = after[..end]
-                .trim_start_matches('-')
-                .trim_end_matches('-')
-                .trim();
-            pieces.push(match action {
-                ".TrustDomain" => Piece::TrustDomain,
-                ".KeyID" => Piece::KeyId,
-                other => {
-                    return Err(format!(
-                        "{source:?}: unsupported action {{{{ {other} }}}}; only {{{{ .TrustDomain }}}} and {{{{ .KeyID }}}} are available"
-                    ));
-                }
-            });
-            rest = &after[end + 2..];
-        }
-        if !rest.is_empty() {
-            pieces.push(Piece::Text(rest.to_string()));
-        }
-        if !pieces.contains(&Piece::KeyId) {
-            return Err(format!(
-                "{source:?} must contain {{{{ .KeyID }}}}: without it every key id names the same CryptoKey"
-            ));
-        }
-        Ok(Self {
-            source: source.to_string(),
-            pieces,
-        })
-    }
-
-    /// The CryptoKey id for a key id, checked against Cloud KMS's id rules.
-    pub fn render(&self, trust_domain_hash: &str, key_id: &str) -> Result<String, String> {
-        let id: String = self
-            .pieces
-            .iter()
-            .map(|piece| match piece {
-                Piece::Text(text) => text.as_str(),
-                Piece::TrustDomain => trust_domain_hash,
-                Piece::KeyId => key_id,
-            })
-            .collect();
-        check_crypto_key_id(&id).map_err(|e| format!("template {:?} gives {e}", self.source))?;
-        Ok(id)
-    }
-
-    /// The template text.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
+/// The CryptoKey id a `crypto_key_template` gives a key id, checked against Cloud KMS's id
+/// rules.
+pub fn render_shared(
+    template: &NameTemplate,
+    trust_domain_hash: &str,
+    key_id: &str,
+) -> Result<String, String> {
+    let id = template.render(&[trust_domain_hash, key_id]);
+    check_crypto_key_id(&id).map_err(|e| format!("template {:?} gives {e}", template.source()))?;
+    Ok(id)
 }
 
 #[cfg(test)]
@@ -220,30 +148,20 @@ mod tests {
     }
 
     #[test]
-    fn templates_render_the_two_fields_and_refuse_others() {
-        let t = KeyTemplate::parse("spire-key-{{ .TrustDomain }}-{{.KeyID}}").unwrap();
+    fn shared_names_are_checked_against_crypto_key_id_rules() {
+        let t = NameTemplate::parse("spire-key-{{ .TrustDomain }}-{{.KeyID}}", TEMPLATE_FIELDS)
+            .unwrap();
         assert_eq!(
-            t.render("abc", "JWT-Signer-A").unwrap(),
+            render_shared(&t, "abc", "JWT-Signer-A").unwrap(),
             "spire-key-abc-JWT-Signer-A"
         );
+        let long = NameTemplate::parse(
+            &format!("{}-{{{{ .KeyID }}}}", "x".repeat(60)),
+            TEMPLATE_FIELDS,
+        )
+        .unwrap();
         assert!(
-            KeyTemplate::parse("k-{{ .TrustDomain }}")
-                .unwrap_err()
-                .contains(".KeyID")
-        );
-        assert!(
-            KeyTemplate::parse("k-{{ .KeyID | upper }}")
-                .unwrap_err()
-                .contains("unsupported")
-        );
-        assert!(
-            KeyTemplate::parse("k-{{ .KeyID")
-                .unwrap_err()
-                .contains("closing")
-        );
-        let long = KeyTemplate::parse(&format!("{}-{{{{ .KeyID }}}}", "x".repeat(60))).unwrap();
-        assert!(
-            long.render("t", "JWT-Signer-A")
+            render_shared(&long, "t", "JWT-Signer-A")
                 .unwrap_err()
                 .contains("1 to 63")
         );

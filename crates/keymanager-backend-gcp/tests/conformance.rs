@@ -49,6 +49,24 @@ struct GcpSubject {
 }
 
 impl GcpSubject {
+    /// The versions of `name` not scheduled for destruction.
+    async fn live_versions(&self, name: &str) -> Vec<String> {
+        let state = self.state().await;
+        let Some(key) = state["cryptoKeys"]
+            .as_array()
+            .and_then(|keys| keys.iter().find(|k| k["name"] == name))
+        else {
+            return Vec::new();
+        };
+        key["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| !matches!(v["state"].as_str(), Some("DESTROY_SCHEDULED" | "DESTROYED")))
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     async fn state(&self) -> serde_json::Value {
         reqwest::Client::new()
             .get(format!(
@@ -87,21 +105,75 @@ impl Subject for GcpSubject {
     }
 
     async fn live_keys(&self, _trust_domain: &str, server_id: &str, key_id: &str) -> Vec<String> {
-        let name = format!("{KEY_RING}/cryptoKeys/spire-key-{server_id}-{key_id}");
-        let state = self.state().await;
-        let Some(key) = state["cryptoKeys"]
-            .as_array()
-            .and_then(|keys| keys.iter().find(|k| k["name"] == name.as_str()))
-        else {
-            return Vec::new();
-        };
-        key["versions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|v| !matches!(v["state"].as_str(), Some("DESTROY_SCHEDULED" | "DESTROYED")))
-            .filter_map(|v| v["name"].as_str().map(str::to_string))
-            .collect()
+        self.live_versions(&format!(
+            "{KEY_RING}/cryptoKeys/spire-key-{server_id}-{key_id}"
+        ))
+        .await
+    }
+    fn shared_plugin_data(
+        &self,
+        server_id: &str,
+        endpoint: Option<&str>,
+        scope: &str,
+    ) -> Option<String> {
+        Some(format!(
+            "{}clock_skew_allowance = \"1s\"\nshared_keys {{\n  crypto_key_template = \"sk-{scope}-{{{{ .KeyID }}}}\"\n  key_id_extraction_regex = \"^sk-{scope}-(.+)$\"\n  lock_lease = \"10s\"\n}}\n",
+            self.plugin_data(server_id, endpoint)
+        ))
+    }
+
+    /// Labels belong to the CryptoKey: a stamp cannot tell which version a server serves.
+    fn stamps_each_shared_generation(&self) -> bool {
+        false
+    }
+
+    async fn live_shared_keys(
+        &self,
+        _trust_domain: &str,
+        scope: &str,
+        key_id: &str,
+    ) -> Vec<String> {
+        self.live_versions(&format!("{KEY_RING}/cryptoKeys/sk-{scope}-{key_id}"))
+            .await
+    }
+
+    /// A lock CryptoKey as a holder that crashed leaves it: its lease ends 12 s from now
+    /// (whole seconds, so at least 11 s), the case expecting a takeover no sooner than the
+    /// 10 s lease plus the 1 s skew after the plant.
+    async fn plant_shared_lock(
+        &self,
+        trust_domain: &str,
+        scope: &str,
+        key_id: &str,
+        _basis_locator: &str,
+        basis: u64,
+    ) -> bool {
+        use keymanager_backend_gcp::naming;
+        let crypto_key = format!("{KEY_RING}/cryptoKeys/sk-{scope}-{key_id}");
+        let lock = naming::lock_crypto_key_id(&crypto_key, basis, 0);
+        let expires = keymanager_engine::lifecycle::stamp_text(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(12),
+        );
+        let response = reqwest::Client::new()
+            .post(format!(
+                "{}/v1/{KEY_RING}/cryptoKeys?cryptoKeyId={lock}&skipInitialVersionCreation=true",
+                self.fake.peer.url
+            ))
+            .json(&serde_json::json!({
+                "purpose": "ASYMMETRIC_SIGN",
+                "versionTemplate": { "algorithm": "EC_SIGN_P256_SHA256" },
+                "labels": {
+                    (naming::LABEL_TRUST_DOMAIN): naming::trust_domain_hash(trust_domain),
+                    (naming::LABEL_LOCK): "true",
+                    (naming::LABEL_LOCK_HOLDER): "crashed",
+                    (naming::LABEL_LOCK_EXPIRES): expires,
+                },
+            }))
+            .send()
+            .await
+            .expect("CreateCryptoKey of the planted lock");
+        assert!(response.status().is_success(), "{response:?}");
+        true
     }
 
     async fn set_stamp(&self, _trust_domain: &str, locator: &str, text: &str) -> bool {

@@ -83,6 +83,52 @@ pub trait Subject: Send + Sync + 'static {
         false
     }
 
+    /// `plugin_data` for `server_id` with the shared-keys mode on for SPIRE's JWT keys (the
+    /// default `shared_key_ids`), the shared names scoped by `scope` so that scenarios never
+    /// share keys, a 10 s lock lease and a 1 s clock-skew allowance. `None` for a backend
+    /// without the mode: the shared cases are skipped, and say so.
+    fn shared_plugin_data(
+        &self,
+        _server_id: &str,
+        _endpoint: Option<&str>,
+        _scope: &str,
+    ) -> Option<String> {
+        None
+    }
+
+    /// The store keys (locators) of shared key `key_id` in `scope` that are not on the way
+    /// out, read directly from the store.
+    async fn live_shared_keys(
+        &self,
+        _trust_domain: &str,
+        _scope: &str,
+        _key_id: &str,
+    ) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Whether every generation of a shared key carries its own liveness stamp, so that a
+    /// server still serving a superseded one keeps it (AWS: one KMS key per generation).
+    /// Cloud KMS labels belong to the CryptoKey, not the version: there a superseded
+    /// version's evidence is only when it was superseded.
+    fn stamps_each_shared_generation(&self) -> bool {
+        true
+    }
+
+    /// Leaves the rotation lock a holder that crashed right after taking it would leave,
+    /// for replacing generation `basis` (at `basis_locator`) of shared key `key_id` in
+    /// `scope`. `false` when the subject cannot.
+    async fn plant_shared_lock(
+        &self,
+        _trust_domain: &str,
+        _scope: &str,
+        _key_id: &str,
+        _basis_locator: &str,
+        _basis: u64,
+    ) -> bool {
+        false
+    }
+
     /// Starts (`true`) or ends a store outage, for a backend without a peer to put the
     /// proxy in front of. `false` when the backend cannot simulate one.
     async fn outage(&self, _server_id: &str, _on: bool) -> bool {
@@ -158,8 +204,44 @@ impl Harness {
         let text = self
             .subject
             .plugin_data(server_id, self.proxy.as_ref().map(|p| p.url()));
+        self.open_text(trust_domain, &text).await
+    }
+
+    /// Starts an engine for `server_id` with the shared-keys mode on (names scoped by
+    /// `scope`); `None` when the subject has no shared-keys mode.
+    pub async fn start_shared(
+        &self,
+        trust_domain: &str,
+        server_id: &str,
+        scope: &str,
+    ) -> Option<Arc<dyn KeyService>> {
+        let text = self.subject.shared_plugin_data(
+            server_id,
+            self.proxy.as_ref().map(|p| p.url()),
+            scope,
+        )?;
+        let opened = self
+            .open_text(trust_domain, &text)
+            .await
+            .unwrap_or_else(|e| panic!("opening {server_id} in shared-keys mode: {e}"));
+        Some(
+            opened
+                .start(EngineOptions {
+                    retry: fast_retries(),
+                    ..EngineOptions::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("starting {server_id} in shared-keys mode: {e}")),
+        )
+    }
+
+    async fn open_text(
+        &self,
+        trust_domain: &str,
+        text: &str,
+    ) -> Result<Box<dyn keymanager_engine::OpenedBackend>, String> {
         let mut settings =
-            keymanager_plugin::hcl_settings::parse(&text).map_err(|e| e.to_string())?;
+            keymanager_plugin::hcl_settings::parse(text).map_err(|e| e.to_string())?;
         let factory = self.subject.factory();
         // The runtime's own key; the backend's factory takes the rest.
         let named = settings
@@ -944,6 +1026,259 @@ pub async fn rotation_history_is_recorded(h: &Harness) {
 
 /// Generates one `#[tokio::test]` per conformance case for a subject. `$make` is an async
 /// expression yielding an `Arc<dyn Subject>`.
+/// Shared-keys mode: the servers of one trust domain rotating a shared key at once create
+/// exactly one store key per rotation, every server serves it, and the signatures verify;
+/// per-server keys stay per server; a restarted server finds the shared key.
+pub async fn shared_rotations_make_one_key_every_server_serves(h: &Harness) {
+    let (td, scope) = scenario("shared");
+    let servers = ["a", "b", "c"].map(|s| format!("{scope}-{s}"));
+    let mut services = Vec::new();
+    for server in &servers {
+        match h.start_shared(&td, server, &scope).await {
+            Some(service) => services.push(service),
+            None => {
+                eprintln!(
+                    "skipped: {} has no shared-keys mode",
+                    h.subject.factory().name()
+                );
+                return;
+            }
+        }
+    }
+    let jwt = "JWT-Signer-A";
+    let key_type = services[0].capabilities().key_types[0];
+    let mut previous = BTreeSet::new();
+    for round in 1..=2usize {
+        let generated = futures_util::future::join_all(
+            services.iter().map(|s| s.generate_key(id(jwt), key_type)),
+        )
+        .await;
+        let fingerprints: BTreeSet<String> = generated
+            .into_iter()
+            .map(|p| p.expect("shared rotation").fingerprint.to_string())
+            .collect();
+        assert_eq!(
+            fingerprints.len(),
+            1,
+            "round {round}: every server serves the same key: {fingerprints:?}"
+        );
+        assert!(previous.is_disjoint(&fingerprints), "round {round} rotated");
+        previous.extend(fingerprints);
+        let live = h.subject.live_shared_keys(&td, &scope, jwt).await;
+        eprintln!(
+            "figure: round {round}: {} servers rotating at once, store keys of the shared id: {}",
+            services.len(),
+            live.len()
+        );
+        assert_eq!(
+            live.len(),
+            round,
+            "round {round}: exactly one new store key per rotation (the superseded ones stay for the sweep): {live:?}"
+        );
+        for service in &services {
+            let opts = *declared(service.capabilities(), key_type)
+                .first()
+                .expect("a declared scheme");
+            verify::sign_and_verify(service.as_ref(), jwt, key_type, opts)
+                .await
+                .expect("every server signs verifiably with the shared key");
+        }
+    }
+    // Per-server keys stay per server.
+    let ca = "x509-CA-A";
+    let mut ca_keys = BTreeSet::new();
+    for service in &services {
+        let public = service
+            .generate_key(id(ca), key_type)
+            .await
+            .expect("CA key");
+        ca_keys.insert(public.fingerprint.to_string());
+    }
+    assert_eq!(ca_keys.len(), services.len(), "X509 CA keys are per server");
+    // A restarted server finds the current shared key; so does a new one.
+    let current = services[0]
+        .public_key(&id(jwt))
+        .expect("served")
+        .fingerprint;
+    drop(services);
+    for server in [servers[1].clone(), format!("{scope}-new")] {
+        let restarted = h
+            .start_shared(&td, &server, &scope)
+            .await
+            .expect("shared-keys mode");
+        assert_eq!(
+            restarted.public_key(&id(jwt)).expect("found").fingerprint,
+            current,
+            "{server} finds the shared key"
+        );
+    }
+}
+
+/// Shared-keys mode: a holder that took the rotation lock and crashed blocks others only
+/// for its lease (plus the clock-skew allowance); then one server takes over and creates
+/// exactly one key.
+pub async fn a_crashed_shared_lock_holder_is_taken_over(h: &Harness) {
+    let (td, scope) = scenario("sharedlock");
+    let server = format!("{scope}-a");
+    let Some(service) = h.start_shared(&td, &server, &scope).await else {
+        eprintln!(
+            "skipped: {} has no shared-keys mode",
+            h.subject.factory().name()
+        );
+        return;
+    };
+    let jwt = "JWT-Signer-A";
+    let key_type = service.capabilities().key_types[0];
+    let first = service
+        .generate_key(id(jwt), key_type)
+        .await
+        .expect("first");
+    let live = h.subject.live_shared_keys(&td, &scope, jwt).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    if !h
+        .subject
+        .plant_shared_lock(&td, &scope, jwt, &live[0], 1)
+        .await
+    {
+        eprintln!("skipped: the subject cannot plant a rotation lock");
+        return;
+    }
+    let started = std::time::Instant::now();
+    let second = service
+        .generate_key(id(jwt), key_type)
+        .await
+        .expect("rotated after the lease");
+    let waited = started.elapsed();
+    eprintln!("figure: rotation behind a crashed holder's lock took {waited:?}");
+    assert_ne!(first.fingerprint, second.fingerprint);
+    // 10 s lease + 1 s skew allowance (see `Subject::shared_plugin_data`).
+    assert!(
+        waited >= Duration::from_secs(11),
+        "took the lock over before its lease ended: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    let live = h.subject.live_shared_keys(&td, &scope, jwt).await;
+    assert_eq!(live.len(), 2, "exactly one new key: {live:?}");
+}
+
+/// Shared-keys mode: a superseded shared key is swept only once it has been superseded for
+/// longer than the stale age *and* no server has stamped it for as long; the current one
+/// stays.
+pub async fn superseded_shared_keys_go_only_when_stale_and_unstamped(h: &Harness) {
+    let (td, scope) = scenario("sharedsweep");
+    let mut services = Vec::new();
+    for s in ["a", "b", "c"] {
+        match h.start_shared(&td, &format!("{scope}-{s}"), &scope).await {
+            Some(service) => services.push(service),
+            None => {
+                eprintln!(
+                    "skipped: {} has no shared-keys mode",
+                    h.subject.factory().name()
+                );
+                return;
+            }
+        }
+    }
+    if !h.subject.peer_lists_keys() {
+        eprintln!("skipped: the peer cannot list the trust domain's keys");
+        return;
+    }
+    let jwt = "JWT-Signer-A";
+    let key_type = services[0].capabilities().key_types[0];
+    for service in &services {
+        service
+            .generate_key(id(jwt), key_type)
+            .await
+            .expect("first");
+    }
+    let old = h.subject.live_shared_keys(&td, &scope, jwt).await;
+    assert_eq!(old.len(), 1, "{old:?}");
+    // a and b rotate; c keeps serving the superseded key.
+    let (ra, rb) = tokio::join!(
+        services[0].generate_key(id(jwt), key_type),
+        services[1].generate_key(id(jwt), key_type)
+    );
+    assert_eq!(ra.expect("a").fingerprint, rb.expect("b").fingerprint);
+    let policy = SweepPolicy {
+        stale_after: Duration::from_secs(5),
+        half_created_grace: Duration::ZERO,
+        max_clock_skew: Duration::ZERO,
+    };
+    let live = |when: &'static str| {
+        let (td, scope) = (td.clone(), scope.clone());
+        async move {
+            let live = h.subject.live_shared_keys(&td, &scope, jwt).await;
+            eprintln!("{when}: {live:?}");
+            live
+        }
+    };
+    services[0].sweep(policy).await.expect("sweep");
+    assert!(
+        live("just superseded").await.contains(&old[0]),
+        "superseded moments ago: kept"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    if h.subject.stamps_each_shared_generation() {
+        assert!(services[2].stamp_keys().await.expect("stamp"));
+        services[0].sweep(policy).await.expect("sweep");
+        assert!(
+            live("superseded long ago, stamped by c")
+                .await
+                .contains(&old[0]),
+            "a server still serving the superseded key keeps it"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    } else {
+        eprintln!(
+            "the store stamps no single generation: the stamped-by-another-server step is skipped"
+        );
+    }
+    services[0].sweep(policy).await.expect("sweep");
+    let after = live("superseded and unstamped").await;
+    assert!(!after.contains(&old[0]), "stale and unstamped: swept");
+    assert_eq!(after.len(), 1, "the current shared key stays: {after:?}");
+}
+
+/// Shared-keys mode under load (not in the macro: a long run behind an ignored test):
+/// `servers` engines rotate a shared key at once, `rounds` times. Returns the store keys
+/// of the shared id after each round and the seconds each round took; panics unless every
+/// server serves the same key after each round.
+pub async fn shared_rotation_rounds(
+    h: &Harness,
+    servers: usize,
+    rounds: usize,
+) -> Vec<(usize, f64)> {
+    let (td, scope) = scenario("sharedload");
+    let mut services = Vec::new();
+    for n in 0..servers {
+        services.push(
+            h.start_shared(&td, &format!("{scope}-{n}"), &scope)
+                .await
+                .expect("a subject with the shared-keys mode"),
+        );
+    }
+    let jwt = "JWT-Signer-B";
+    let key_type = services[0].capabilities().key_types[0];
+    let mut out = Vec::new();
+    for round in 1..=rounds {
+        let started = std::time::Instant::now();
+        let generated = futures_util::future::join_all(
+            services.iter().map(|s| s.generate_key(id(jwt), key_type)),
+        )
+        .await;
+        let seconds = started.elapsed().as_secs_f64();
+        let fingerprints: BTreeSet<String> = generated
+            .into_iter()
+            .map(|p| p.expect("shared rotation").fingerprint.to_string())
+            .collect();
+        assert_eq!(fingerprints.len(), 1, "round {round}: {fingerprints:?}");
+        let keys = h.subject.live_shared_keys(&td, &scope, jwt).await.len();
+        eprintln!("figure: round {round}: {servers} servers, {keys} store keys, {seconds:.2} s");
+        out.push((keys, seconds));
+    }
+    out
+}
+
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -956,6 +1291,9 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@case $make, junk_stamps_are_no_evidence);
         $crate::conformance_suite!(@case $make, operator_view_matches_the_engine);
         $crate::conformance_suite!(@case $make, rotation_history_is_recorded);
+        $crate::conformance_suite!(@case $make, shared_rotations_make_one_key_every_server_serves);
+        $crate::conformance_suite!(@case $make, a_crashed_shared_lock_holder_is_taken_over);
+        $crate::conformance_suite!(@case $make, superseded_shared_keys_go_only_when_stale_and_unstamped);
     };
     (@case $make:expr, $case:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

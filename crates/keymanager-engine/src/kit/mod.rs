@@ -9,6 +9,7 @@
 //! - [`classify`]: failed calls → error kinds and messages with their whole cause chain;
 //! - [`paging`]: list loops that cannot loop forever;
 //! - [`pem`]: public keys handed out as PEM;
+//! - [`shared`]: the shared-keys mode (config block, name template, locked rotation);
 //! - [`spki`]: public keys handed out as raw parts (EC point, RSA modulus);
 //! - [`swap`]: values a re-Configure replaces while calls use them;
 //! - [`uuid_name`]: `<owner>-<uuid>-<key id>` key names (Vault, Key Vault);
@@ -20,6 +21,7 @@ pub mod paging;
 pub mod pem;
 pub mod policy_file;
 pub mod server_identity;
+pub mod shared;
 mod shell;
 pub mod spki;
 pub mod swap;
