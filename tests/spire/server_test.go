@@ -24,8 +24,8 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// spireServer is a real spire-server (built from the module's pinned SPIRE version) with
-// kms-keymanager as its KeyManager, listening on 127.0.0.1 only.
+// spireServer is a real spire-server (SPIRE_SERVER_BIN, or the release a test runs on: see
+// forEachSpireServer) with kms-keymanager as its KeyManager, listening on 127.0.0.1 only.
 type spireServer struct {
 	t       *testing.T
 	bin     string
@@ -37,6 +37,9 @@ type spireServer struct {
 	logPath string
 	// storeKeys lists the public keys the backend holds for this server, by SPIRE key id.
 	storeKeys func() map[string]crypto.PublicKey
+	// env, when set, is the whole environment of spire-server (and so of its plugins);
+	// otherwise it inherits the test's.
+	env []string
 }
 
 func newSpireServer(t *testing.T) *spireServer {
@@ -55,10 +58,7 @@ func newSpireServerWith(t *testing.T, pluginData func(*spireServer) string) *spi
 // newSpireServerConf is newSpireServerWith with extra lines in the server block (ca_ttl…).
 func newSpireServerConf(t *testing.T, serverExtra string, pluginData func(*spireServer) string) *spireServer {
 	t.Helper()
-	bin := os.Getenv("SPIRE_SERVER_BIN")
-	if bin == "" {
-		t.Fatal("SPIRE_SERVER_BIN must point at the spire-server binary")
-	}
+	bin := spireServerBin(t)
 	// A short directory: unix socket paths are limited to ~107 bytes.
 	dir, err := os.MkdirTemp("", "kmskm-e2e-")
 	require.NoError(t, err)
@@ -115,6 +115,7 @@ func (s *spireServer) start(run int) {
 	logFile, err := os.Create(s.logPath)
 	require.NoError(s.t, err)
 	s.cmd = exec.Command(s.bin, "run", "-config", s.conf)
+	s.cmd.Env = s.env
 	s.cmd.Stdout = logFile
 	s.cmd.Stderr = logFile
 	require.NoError(s.t, s.cmd.Start())
@@ -263,7 +264,11 @@ func requireCleanPluginExit(t *testing.T, log string) {
 
 // TestRealSpireServer runs spire-server with kms-keymanager (disk backend), mints SVIDs,
 // verifies them against the bundle, restarts, and checks that the CA key was reused.
-func TestRealSpireServer(t *testing.T) {
+// It runs on every spire-server release, one after the other (requireCleanPluginExit checks
+// that no plugin process of the binary is left anywhere).
+func TestRealSpireServer(t *testing.T) { forEachSpireServer(t, false, realSpireServerDisk) }
+
+func realSpireServerDisk(t *testing.T, _ spireServerRelease) {
 	s := newSpireServer(t)
 	s.start(1)
 	root1 := s.mintAndVerify(t)
