@@ -157,10 +157,12 @@ func (s *spireServer) log() string {
 }
 
 func (s *spireServer) cli(args ...string) (string, error) {
-	full := append([]string{args[0], "-socketPath", s.socket}, args[1:]...)
-	if len(args) > 1 && !strings.HasPrefix(args[1], "-") {
-		full = append([]string{args[0], args[1], "-socketPath", s.socket}, args[2:]...)
+	// -socketPath goes after the (sub)command words: "bundle show", "localauthority x509 show".
+	words := 1
+	for words < len(args) && !strings.HasPrefix(args[words], "-") {
+		words++
 	}
+	full := append(append(append([]string{}, args[:words]...), "-socketPath", s.socket), args[words:]...)
 	var stdout, stderr bytes.Buffer
 	cmd := exec.Command(s.bin, full...)
 	cmd.Stdout = &stdout
