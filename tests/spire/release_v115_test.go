@@ -20,3 +20,7 @@ const spireModuleRelease = "v1.15.3"
 func spireBuiltIns() []catalog.BuiltIn {
 	return []catalog.BuiltIn{disk.BuiltIn(), awskms.BuiltIn(), hashicorpvault.BuiltIn(), azurekeyvault.BuiltIn()}
 }
+
+// spireAzureAnswersClaimsChallenge: whether SPIRE's built-in azure_key_vault gets a new token
+// when Key Vault revokes one with a continuous access evaluation claims challenge.
+const spireAzureAnswersClaimsChallenge = true
