@@ -218,7 +218,10 @@ func kmsKeysOf(t *testing.T, endpoint, serverID string) map[string]crypto.Public
 // the same CA key; while both run, each one's stamps protect its keys from the other's
 // sweeps; once server-a is gone for good (its identity changed), server-b's sweep puts
 // server-a's keys on the deletion path.
-func TestRealSpireServerAwsKms(t *testing.T) {
+// It runs on every spire-server release, side by side (each with its own moto).
+func TestRealSpireServerAwsKms(t *testing.T) { forEachSpireServer(t, true, realSpireServerAwsKms) }
+
+func realSpireServerAwsKms(t *testing.T, _ spireServerRelease) {
 	ctx := context.Background()
 	endpoint := startMoto(t)
 	fast := "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"6s\"\nclock_skew_allowance = \"1s\"\n"

@@ -143,12 +143,6 @@ func TestAzurePeerWithSpiresBuiltIn(t *testing.T) {
 	byID := requireSameKeys(t, map[string]crypto.PublicKey{"x509-CA-A": rotated.Public(), "JWT-Signer-A": rsaKey.Public()}, keys)
 	require.NoError(t, signVerified(byID["x509-CA-A"], 3))
 
-	// A revoked token: SPIRE's credential chain gets a new one after the claims challenge.
-	fake.ResetStats(t)
-	fake.ExpireTokens(t, "cae")
-	require.NoError(t, signVerified(byID["x509-CA-A"], 4))
-	require.Equal(t, 1, fake.Stats(t)["token"], "one new token")
-
 	// Another server id in the same vault sees none of them.
 	other := loadBuiltInAzureKeyVault(t, fake, azurePluginData(fake.VaultURL, "srv-b"))
 	keys, err = other.KeyManager.GetKeys(ctx)
@@ -160,4 +154,20 @@ func TestAzurePeerWithSpiresBuiltIn(t *testing.T) {
 	fake.SetKeyEnabled(t, newEC.Name, false)
 	_, err = tryLoad(catalog.PluginConfig{Type: "KeyManager", Name: "azure_key_vault", DataSource: catalog.FixedData(pluginData)})
 	require.ErrorContains(t, err, "found disabled SPIRE key")
+	fake.SetKeyEnabled(t, newEC.Name, true)
+
+	// A revoked token: SPIRE's credential chain gets a new one after the claims challenge.
+	// SPIRE v1.14's built-in (on sdk/keyvault/azkeys v0.10) does not answer the challenge:
+	// it keeps the revoked token, and every call of this process fails until the token
+	// expires (a difference between the releases); hence this check comes last.
+	fake.ResetStats(t)
+	fake.ExpireTokens(t, "cae")
+	if spireAzureAnswersClaimsChallenge {
+		require.NoError(t, signVerified(byID["x509-CA-A"], 4))
+		require.Equal(t, 1, fake.Stats(t)["token"], "one new token")
+	} else {
+		err = signVerified(byID["x509-CA-A"], 4)
+		require.ErrorContains(t, err, "The access token has been revoked (continuous access evaluation)")
+		require.Zero(t, fake.Stats(t)["token"], "no new token")
+	}
 }

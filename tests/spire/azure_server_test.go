@@ -74,7 +74,11 @@ func sortedNames(m map[string]bool) []string {
 // While both run, each one's keys are stamped (their `updated` stays fresh) and neither
 // touches the other's. Once server-a is stopped for good, server-b's sweep soft-deletes
 // server-a's keys, once stale and not before; server-b's keys stay.
-func TestAzureRealSpireServer(t *testing.T) {
+// It runs on every spire-server release, one after the other (the managed identity
+// environment points at one fake).
+func TestAzureRealSpireServer(t *testing.T) { forEachSpireServer(t, false, azureRealSpireServer) }
+
+func azureRealSpireServer(t *testing.T, _ spireServerRelease) {
 	fake := startAzureKeyVaultFake(t)
 	const fast = "liveness_interval = \"1s\"\nsweep_interval = \"1s\"\nstale_key_age = \"6s\"\nclock_skew_allowance = \"1s\"\n"
 	const staleAfter = 7 * time.Second // stale_key_age + clock_skew_allowance

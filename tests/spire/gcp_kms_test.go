@@ -364,7 +364,10 @@ func TestGcpKmsCustomPolicyAndBadInput(t *testing.T) {
 
 // TestRealSpireServerGcpKms: a real spire-server on gcp_kms mints SVIDs that verify against
 // its bundle with keys that live in Cloud KMS, and finds the same CA key after a restart.
-func TestRealSpireServerGcpKms(t *testing.T) {
+// It runs on every spire-server release, side by side (each with its own fake).
+func TestRealSpireServerGcpKms(t *testing.T) { forEachSpireServer(t, true, realSpireServerGcpKms) }
+
+func realSpireServerGcpKms(t *testing.T, _ spireServerRelease) {
 	env := newGcpEnv(t, "--generation-delay", "0.05")
 	s := newSpireServerWith(t, func(*spireServer) string {
 		return "plugin_data {\n" + env.pluginData("server-a") + "}"

@@ -15,10 +15,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/spire/pkg/common/catalog"
 	"github.com/spiffe/spire/pkg/server/plugin/keymanager"
-	"github.com/spiffe/spire/pkg/server/plugin/keymanager/awskms"
-	"github.com/spiffe/spire/pkg/server/plugin/keymanager/azurekeyvault"
-	"github.com/spiffe/spire/pkg/server/plugin/keymanager/disk"
-	"github.com/spiffe/spire/pkg/server/plugin/keymanager/hashicorpvault"
 )
 
 const trustDomain = "example.org"
@@ -48,8 +44,8 @@ func sha256File(t testing.TB, path string) string {
 }
 
 // keyManagerRepo is the KeyManager repository SPIRE's server catalog uses, rebuilt from
-// exported parts: exactly one KeyManager, facade version v1, SPIRE's built-ins disk, aws_kms,
-// hashicorp_vault and azure_key_vault.
+// exported parts: exactly one KeyManager, facade version v1, the built-ins of the SPIRE release
+// this package is compiled against (spireBuiltIns).
 type keyManagerRepo struct {
 	keymanager.Repository
 }
@@ -58,7 +54,7 @@ func (r *keyManagerRepo) Binder() any                      { return r.SetKeyMana
 func (r *keyManagerRepo) Constraints() catalog.Constraints { return catalog.ExactlyOne() }
 func (r *keyManagerRepo) Versions() []catalog.Version      { return []catalog.Version{v1{}} }
 func (r *keyManagerRepo) BuiltIns() []catalog.BuiltIn {
-	return []catalog.BuiltIn{disk.BuiltIn(), awskms.BuiltIn(), hashicorpvault.BuiltIn(), azurekeyvault.BuiltIn()}
+	return spireBuiltIns()
 }
 
 type v1 struct{}

@@ -148,7 +148,10 @@ func tokenKeys(t *testing.T, token softToken, serverID string) map[string]crypto
 // TestRealSpireServerPkcs11: a real spire-server with its keys on a SoftHSM2 token mints
 // X.509- and JWT-SVIDs that verify against its bundle, signed by keys that live on the
 // token (read back with pkcs11-tool), and restarts onto the same CA key.
-func TestRealSpireServerPkcs11(t *testing.T) {
+// It runs on every spire-server release, one after the other.
+func TestRealSpireServerPkcs11(t *testing.T) { forEachSpireServer(t, false, realSpireServerPkcs11) }
+
+func realSpireServerPkcs11(t *testing.T, _ spireServerRelease) {
 	for _, peer := range pkcs11Peers {
 		t.Run(peer.name, func(t *testing.T) {
 			token := peer.new(t)

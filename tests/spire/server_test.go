@@ -24,8 +24,8 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// spireServer is a real spire-server (built from the module's pinned SPIRE version) with
-// kms-keymanager as its KeyManager, listening on 127.0.0.1 only.
+// spireServer is a real spire-server (SPIRE_SERVER_BIN, or the release a test runs on: see
+// forEachSpireServer) with kms-keymanager as its KeyManager, listening on 127.0.0.1 only.
 type spireServer struct {
 	t       *testing.T
 	bin     string
@@ -37,6 +37,9 @@ type spireServer struct {
 	logPath string
 	// storeKeys lists the public keys the backend holds for this server, by SPIRE key id.
 	storeKeys func() map[string]crypto.PublicKey
+	// env, when set, is the whole environment of spire-server (and so of its plugins);
+	// otherwise it inherits the test's.
+	env []string
 }
 
 func newSpireServer(t *testing.T) *spireServer {
@@ -62,10 +65,7 @@ func newSpireServerConf(t *testing.T, serverExtra string, pluginData func(*spire
 // (database_type, connection_string); "" is a private SQLite file in the server's data_dir.
 func newSpireServerDS(t *testing.T, serverExtra, dataStore string, pluginData func(*spireServer) string) *spireServer {
 	t.Helper()
-	bin := os.Getenv("SPIRE_SERVER_BIN")
-	if bin == "" {
-		t.Fatal("SPIRE_SERVER_BIN must point at the spire-server binary")
-	}
+	bin := spireServerBin(t)
 	// A short directory: unix socket paths are limited to ~107 bytes.
 	dir, err := os.MkdirTemp("", "kmskm-e2e-")
 	require.NoError(t, err)
@@ -125,6 +125,7 @@ func (s *spireServer) start(run int) {
 	require.NoError(s.t, err)
 	keepLog(s.t, s.logPath) // registered before the kill below, so it copies after it
 	s.cmd = exec.Command(s.bin, "run", "-config", s.conf)
+	s.cmd.Env = s.env
 	s.cmd.Stdout = logFile
 	s.cmd.Stderr = logFile
 	require.NoError(s.t, s.cmd.Start())
@@ -166,10 +167,12 @@ func (s *spireServer) log() string {
 }
 
 func (s *spireServer) cli(args ...string) (string, error) {
-	full := append([]string{args[0], "-socketPath", s.socket}, args[1:]...)
-	if len(args) > 1 && !strings.HasPrefix(args[1], "-") {
-		full = append([]string{args[0], args[1], "-socketPath", s.socket}, args[2:]...)
+	// -socketPath goes after the (sub)command words: "bundle show", "localauthority x509 show".
+	words := 1
+	for words < len(args) && !strings.HasPrefix(args[words], "-") {
+		words++
 	}
+	full := append(append(append([]string{}, args[:words]...), "-socketPath", s.socket), args[words:]...)
 	var stdout, stderr bytes.Buffer
 	cmd := exec.Command(s.bin, full...)
 	cmd.Stdout = &stdout
@@ -273,7 +276,11 @@ func requireCleanPluginExit(t *testing.T, log string) {
 
 // TestRealSpireServer runs spire-server with kms-keymanager (disk backend), mints SVIDs,
 // verifies them against the bundle, restarts, and checks that the CA key was reused.
-func TestRealSpireServer(t *testing.T) {
+// It runs on every spire-server release, one after the other (requireCleanPluginExit checks
+// that no plugin process of the binary is left anywhere).
+func TestRealSpireServer(t *testing.T) { forEachSpireServer(t, false, realSpireServerDisk) }
+
+func realSpireServerDisk(t *testing.T, _ spireServerRelease) {
 	s := newSpireServer(t)
 	s.start(1)
 	root1 := s.mintAndVerify(t)

@@ -670,6 +670,9 @@ func k8sAuth(mount, role, tokenPath string) string {
 // Vault environment variables cleared (they would override plugin_data).
 func loadBuiltInVault(t *testing.T, pluginData string) *loaded {
 	t.Helper()
+	if !spireHasBuiltIn("hashicorp_vault") {
+		t.Skipf("SPIRE %s has no built-in hashicorp_vault KeyManager (it came with v1.15)", spireModuleRelease)
+	}
 	clearVaultEnv(t)
 	return load(t, catalog.PluginConfig{
 		Type:       "KeyManager",

@@ -43,7 +43,13 @@ func keyNames(keys map[string]*transitKey) []string {
 // records (one per key) stay fresh and neither touches the other's keys. Once server-a is stopped for good,
 // server-b's sweep deletes server-a's keys and their records, once stale and not before; keys of
 // a server that never wrote a record ("bystander") are never touched.
+// It runs on every spire-server release, side by side (each with its own OpenBao).
 func TestVaultRealSpireServer(t *testing.T) {
+	clearVaultEnv(t) // here: a parallel subtest may not set the environment
+	forEachSpireServer(t, true, vaultRealSpireServer)
+}
+
+func vaultRealSpireServer(t *testing.T, _ spireServerRelease) {
 	ctx := context.Background()
 	clearVaultEnv(t)
 	bao := startBao(t)
