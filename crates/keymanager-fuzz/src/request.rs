@@ -225,13 +225,21 @@ fn sign_data(harness: &mut Harness, request: SignDataRequest) {
     let signed = match answer {
         Ok(response) => response.into_inner(),
         Err(status) => {
-            let expected = if id.is_empty() || opts.is_err() {
-                Code::InvalidArgument
-            } else if known.is_none() {
-                Code::NotFound
-            } else {
-                // A known key and good options: only the digest or the scheme can be wrong.
-                Code::InvalidArgument
+            let expected = match (known, &opts) {
+                _ if id.is_empty() => Code::InvalidArgument,
+                (_, Err(_)) => Code::InvalidArgument,
+                (None, Ok(_)) => Code::NotFound,
+                (Some((key_type, _)), Ok(opts)) => {
+                    // The disk store signs every scheme: only a scheme the key cannot use
+                    // or a digest of the wrong length may be refused.
+                    let signable = SignatureScheme::resolve(*key_type, *opts)
+                        .is_ok_and(|scheme| scheme.hash().output_len() == digest.len());
+                    assert!(
+                        !signable,
+                        "SignData refused a request it must sign: {status:?}"
+                    );
+                    Code::InvalidArgument
+                }
             };
             assert_eq!(
                 status.code(),

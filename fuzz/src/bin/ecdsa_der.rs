@@ -1,5 +1,8 @@
-//! AFL entry point of the `ecdsa_der` target (see `keymanager_fuzz::ecdsa_der`).
+//! AFL++ entry point of the `ecdsa_der` target (see `keymanager_fuzz::ecdsa_der`).
+
+#[path = "../afl.rs"]
+mod afl;
 
 fn main() {
-    afl::fuzz!(|data: &[u8]| keymanager_fuzz::ecdsa_der::run(data));
+    afl::fuzz(keymanager_fuzz::ecdsa_der::run);
 }

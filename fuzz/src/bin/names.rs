@@ -1,5 +1,8 @@
-//! AFL entry point of the `names` target (see `keymanager_fuzz::names`).
+//! AFL++ entry point of the `names` target (see `keymanager_fuzz::names`).
+
+#[path = "../afl.rs"]
+mod afl;
 
 fn main() {
-    afl::fuzz!(|data: &[u8]| keymanager_fuzz::names::run(data));
+    afl::fuzz(keymanager_fuzz::names::run);
 }

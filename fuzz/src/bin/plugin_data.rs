@@ -1,5 +1,8 @@
-//! AFL entry point of the `plugin_data` target (see `keymanager_fuzz::plugin_data`).
+//! AFL++ entry point of the `plugin_data` target (see `keymanager_fuzz::plugin_data`).
+
+#[path = "../afl.rs"]
+mod afl;
 
 fn main() {
-    afl::fuzz!(|data: &[u8]| keymanager_fuzz::plugin_data::run(data));
+    afl::fuzz(keymanager_fuzz::plugin_data::run);
 }

@@ -1,5 +1,8 @@
-//! AFL entry point of the `request` target (see `keymanager_fuzz::request`).
+//! AFL++ entry point of the `request` target (see `keymanager_fuzz::request`).
+
+#[path = "../afl.rs"]
+mod afl;
 
 fn main() {
-    afl::fuzz!(|data: &[u8]| keymanager_fuzz::request::run(data));
+    afl::fuzz(keymanager_fuzz::request::run);
 }
