@@ -63,7 +63,8 @@ fn is_alias_text(s: &str) -> bool {
 fn aws_alias(alias: &str, trust_domain: &str, server_id: &str) {
     if let Some(id) = aws::key_id_from_alias(alias, trust_domain, server_id) {
         assert!(!id.is_empty());
-        if is_alias_text(alias) {
+        // KMS never returns an alias longer than its limit, which alias_name refuses.
+        if is_alias_text(alias) && alias.len() <= aws::MAX_ALIAS_LEN {
             assert_eq!(
                 aws::alias_name(trust_domain, server_id, &id).as_deref(),
                 Ok(alias),
