@@ -4,9 +4,11 @@
 
 mod backend;
 pub mod config;
-mod der;
+/// Public for the fuzz targets (`crates/keymanager-fuzz`).
+pub mod der;
 mod errors;
-mod labels;
+/// Public for the fuzz targets (`crates/keymanager-fuzz`).
+pub mod labels;
 mod module;
 mod pool;
 

@@ -5,7 +5,8 @@ mod backend;
 mod client;
 pub mod config;
 mod liveness;
-mod naming;
+/// Public for the fuzz targets (`crates/keymanager-fuzz`).
+pub mod naming;
 mod session;
 
 pub use backend::{VaultBackend, VaultKey};

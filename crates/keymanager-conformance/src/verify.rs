@@ -47,6 +47,18 @@ pub fn verify(
     rustcrypto(spki, key_type, scheme, &hashed, signature).map(|()| "RustCrypto")
 }
 
+/// Checks `signature` over an already hashed `digest` (what SPIRE's SignData carries),
+/// with RustCrypto's verifiers; `Err` says why it was refused.
+pub fn verify_digest(
+    spki: &[u8],
+    key_type: KeyType,
+    scheme: SignatureScheme,
+    digest: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    rustcrypto(spki, key_type, scheme, digest, signature)
+}
+
 fn ring_algorithm(
     key_type: KeyType,
     scheme: SignatureScheme,

@@ -19,12 +19,15 @@ use crate::wire;
 /// SPIRE's server calls the KeyManager with a 30 s deadline; assumed when none is sent.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
-pub(crate) struct KeyManagerService {
+/// SPIRE's KeyManager service over a [`PluginState`]; public so that request decoding can
+/// be fuzzed without a socket.
+pub struct KeyManagerService {
     state: Arc<PluginState>,
 }
 
 impl KeyManagerService {
-    pub(crate) fn new(state: Arc<PluginState>) -> Self {
+    /// The service answering for `state`.
+    pub fn new(state: Arc<PluginState>) -> Self {
         Self { state }
     }
 }

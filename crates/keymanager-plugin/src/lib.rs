@@ -19,6 +19,7 @@ mod status;
 pub mod wire;
 
 pub use handshake::{HandshakeError, MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE, is_launched_by_host};
+pub use keymanager_service::KeyManagerService;
 pub use plugin_config::{MigrateFrom, PluginConfig, parse_plugin_config};
 pub use state::PluginState;
 pub use status::{RequestError, engine_error_to_status, request_error_to_status};

@@ -135,7 +135,8 @@ pub fn grpc_timeout(header: &str) -> Option<std::time::Duration> {
     if header.len() < 2 || header.len() > 9 {
         return None;
     }
-    let (digits, unit) = header.split_at(header.len() - 1);
+    // A multi-byte last character is no unit (and no char boundary to split at).
+    let (digits, unit) = header.split_at_checked(header.len() - 1)?;
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -200,7 +201,17 @@ mod tests {
         assert_eq!(grpc_timeout("30S"), Some(Duration::from_secs(30)));
         assert_eq!(grpc_timeout("29999m"), Some(Duration::from_millis(29_999)));
         assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        for junk in ["", "S", "10", "10x", "-1S", "123456789S", "1 S"] {
+        for junk in [
+            "",
+            "S",
+            "10",
+            "10x",
+            "-1S",
+            "123456789S",
+            "1 S",
+            "1é",
+            "30\u{1F600}",
+        ] {
             assert_eq!(grpc_timeout(junk), None, "{junk:?}");
         }
     }

@@ -1,0 +1,6 @@
+backend = "azure_key_vault"
+key_vault_uri = "https://fuzz.vault.azure.net/"
+tenant_id = "00000000-0000-0000-0000-000000000000"
+app_id = "11111111-1111-1111-1111-111111111111"
+app_secret = "fuzzAppSecret987"
+key_identifier_value = "az-a"

@@ -1,0 +1,2 @@
+backend = "disk"
+"keys_path" = "/k.json"

@@ -1,0 +1,2 @@
+keys_path = "/a"
+keys_path = "/b"

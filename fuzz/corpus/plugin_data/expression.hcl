@@ -1,0 +1,2 @@
+keys_path = upper("x")
+log_level = 1 + 2

@@ -1,0 +1,5 @@
+backend = "disk"
+keys_path = <<-EOF
+  /x
+  EOF
+log_level = "%{if true}x%{endif}"

@@ -1,0 +1,1 @@
+keys_path = "${var.x}"

@@ -1,0 +1,3 @@
+backend   = "disk"                         # the default
+keys_path = "/opt/spire/data/server/keys.json"
+log_level = "info"

@@ -1,0 +1,5 @@
+backend             = "pkcs11"
+module              = "/usr/lib/libCryptoki2_64.so"
+token_label         = "spire-ca"
+pin_file            = "/opt/spire/conf/server/hsm-pin"
+key_identifier_file = "/opt/spire/data/server/hsm_server_id"

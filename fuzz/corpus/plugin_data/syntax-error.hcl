@@ -1,0 +1,3 @@
+keys_path = "/a"
+"log_level" == "x"
+foo {
