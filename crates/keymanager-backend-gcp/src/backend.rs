@@ -358,14 +358,6 @@ impl GcpKmsBackend {
         let public = self.kms().public_key(&newest.name).await?;
         let algorithm = public.algorithm.clone();
         let (key_type, spki_der) = key_type_and_spki(&newest.name, public)?;
-        if shared {
-            // Served from now on: after a restart, a rotation of this id must not adopt the
-            // version SPIRE already holds as if it were another server's fresh one.
-            let number = kms::version_number(&newest.name);
-            let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
-            let entry = served.entry(crypto_key.to_string()).or_insert(number);
-            *entry = (*entry).max(number);
-        }
         Ok(Some(StoredKey {
             id,
             key_type,
