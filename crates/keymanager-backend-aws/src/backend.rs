@@ -731,12 +731,9 @@ impl AwsKmsBackend {
             return Ok(None);
         };
         let (key_type, spki_der) = self.read_public_key(&generation.name).await?;
-        // Served from now on: a rotation of this id must not "reuse" it as another
-        // server's fresh generation.
-        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = served.entry(alias.to_string()).or_insert(generation.number);
-        *entry = (*entry).max(generation.number);
-        drop(served);
+        // Not recorded as served here: a server starting with an empty SPIRE journal asks for
+        // this id at once and must adopt the generation another server has just made, not add
+        // one (the HA test starts three servers a second apart). Only GenerateKey records.
         Ok(Some(StoredKey {
             id: key_id,
             key_type,
