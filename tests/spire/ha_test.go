@@ -1158,14 +1158,6 @@ func (r *awsSharedRetires) record(id string, after time.Duration) {
 // TestSpireHAOnPostgresAwsKmsShared: three spire-servers in HA on PostgreSQL with aws_kms
 // (moto) and shared JWT keys (CreateAlias compare-and-swap).
 func TestSpireHAOnPostgresAwsKmsShared(t *testing.T) {
-	// Why skipped: docs/reliability.md, "aws_kms with shared JWT keys". KMS_HA_AWS_SHARED=1
-	// runs it anyway (to check a fix).
-	if os.Getenv("KMS_HA_AWS_SHARED") != "1" {
-		t.Skip("a shared key that discovery loads at start counts as served (commit 4b9332a), so every " +
-			"spire-server that starts after another published JWT-Signer-A rotates it again at once: 3 " +
-			"generations within 2 s at start-up, not one per rotation (gcp_kms shared fails the same way); " +
-			"passes when the discovery load does not count as served (KMS_HA_AWS_SHARED=1 runs it)")
-	}
 	t.Parallel()
 	pg := startPostgres(t)
 	backend, retires := awsSharedHABackend(t)
