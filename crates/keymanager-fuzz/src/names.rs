@@ -13,6 +13,7 @@ use keymanager_backend_azure::naming as azure;
 use keymanager_backend_gcp::naming as gcp;
 use keymanager_backend_pkcs11::labels::{Label, State};
 use keymanager_backend_vault::naming as vault;
+use keymanager_engine::kit::shared::{NameTemplate, extract_key_id};
 use keymanager_engine::kit::{endpoint::Endpoint, pem, uuid_name};
 use keymanager_engine::lifecycle::{parse_stamp, stamp_text};
 
@@ -116,10 +117,10 @@ fn gcp_ids(server_id: &str, key_id: &str, name: &str) {
 }
 
 fn gcp_template(source: &str, key_id: &str, pattern: &str) {
-    if let Ok(template) = gcp::KeyTemplate::parse(source) {
+    if let Ok(template) = NameTemplate::parse(source, gcp::TEMPLATE_FIELDS) {
         assert_eq!(template.source(), source);
         let hash = gcp::trust_domain_hash("example.org");
-        if let Ok(id) = template.render(&hash, key_id) {
+        if let Ok(id) = gcp::render_shared(&template, &hash, key_id) {
             assert!(gcp::check_crypto_key_id(&id).is_ok());
             assert!(id.contains(key_id), "{id:?} lost the key id {key_id:?}");
         }
@@ -130,7 +131,7 @@ fn gcp_template(source: &str, key_id: &str, pattern: &str) {
         .nest_limit(16)
         .build();
     if let Ok(regex) = compiled
-        && let Some(id) = gcp::extract_key_id(&regex, key_id)
+        && let Some(id) = extract_key_id(&regex, key_id)
     {
         assert!(!id.is_empty());
         assert!(key_id.contains(&id));
