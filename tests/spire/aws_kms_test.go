@@ -399,7 +399,12 @@ func TestAwsKmsFaults(t *testing.T) {
 	}
 
 	t.Run("persistent throttling fails cleanly within the deadline", func(t *testing.T) {
-		proxy.inject("Sign", faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle, faultThrottle)
+		// More throttles than the retry policy makes attempts (12, in a 20 s budget).
+		persistent := make([]fault, 30)
+		for i := range persistent {
+			persistent[i] = faultThrottle
+		}
+		proxy.inject("Sign", persistent...)
 		started := time.Now()
 		_, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
 		require.Error(t, err)
