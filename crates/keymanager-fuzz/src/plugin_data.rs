@@ -73,7 +73,7 @@ pub fn quote_attribute_names(text: &str) -> String {
             out.push_str(line);
             continue;
         }
-        heredoc_end = heredoc_tag(line);
+        heredoc_end = keymanager_plugin::hcl_settings::heredoc_start(line);
         let rest = line.trim_start();
         let indent = &line[..line.len() - rest.len()];
         let name_len = rest
@@ -92,16 +92,6 @@ pub fn quote_attribute_names(text: &str) -> String {
         }
     }
     out
-}
-
-fn heredoc_tag(line: &str) -> Option<String> {
-    let marker = line.find("<<")?;
-    let tag: String = line[marker + 2..]
-        .trim_start_matches('-')
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
-    (!tag.is_empty()).then_some(tag)
 }
 
 /// The values of `secret = "value"` lines, where the value is a plain literal of at least

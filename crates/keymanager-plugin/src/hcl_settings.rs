@@ -211,7 +211,7 @@ fn heredoc_text_lines(text: &str) -> std::collections::BTreeSet<usize> {
 }
 
 /// The end marker of a heredoc that starts on `line`, if one does.
-fn heredoc_start(line: &str) -> Option<String> {
+pub fn heredoc_start(line: &str) -> Option<String> {
     let marker = line.find("<<")?;
     let tag: String = line[marker + 2..]
         .trim_start_matches('-')
