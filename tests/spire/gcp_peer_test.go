@@ -179,8 +179,17 @@ func (s *gcpFakeState) Key(id string) *gcpFakeCryptoKey {
 // startGcpKmsFake starts tests/peers/gcp_kms_fake.py on a free 127.0.0.1 port and stops it at
 // cleanup. args are passed on (e.g. "--generation-delay", "0.5", "--require-auth"); the
 // harness's key is registered with --service-account-key.
-// GCP_FAKE_PYTHON is the interpreter of the venv holding tests/peers/requirements-gcp.txt.
 func startGcpKmsFake(t *testing.T, args ...string) *gcpKmsFake {
+	t.Helper()
+	f, argv := gcpKmsFakeCommandLine(t, args...)
+	startPeerProcess(t, "gcp_kms_fake", exec.Command(argv[0], argv[1:]...), f.Endpoint+"/_fake/health")
+	return f
+}
+
+// gcpKmsFakeCommandLine picks a free 127.0.0.1 port and returns the client side of a fake there
+// (with the harness's service-account key) and the fake's command line, args appended.
+// GCP_FAKE_PYTHON is the interpreter of the venv holding tests/peers/requirements-gcp.txt.
+func gcpKmsFakeCommandLine(t *testing.T, args ...string) (*gcpKmsFake, []string) {
 	t.Helper()
 	python := os.Getenv("GCP_FAKE_PYTHON")
 	if python == "" {
@@ -196,10 +205,9 @@ func startGcpKmsFake(t *testing.T, args ...string) *gcpKmsFake {
 		client:   &http.Client{Timeout: 30 * time.Second},
 	}
 	f.harness = newGcpServiceAccountKey(t, gcpHarnessEmail, f.Endpoint+"/token")
-	cmd := exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port),
-		"--service-account-key", f.harness.File(t)}, args...)...)
-	startPeerProcess(t, "gcp_kms_fake", cmd, f.Endpoint+"/_fake/health")
-	return f
+	argv := append([]string{python, script, "--host", "127.0.0.1", "--port", fmt.Sprint(port),
+		"--service-account-key", f.harness.File(t)}, args...)
+	return f, argv
 }
 
 // do sends a JSON request as the harness and decodes a 200 answer into out (if non-nil); any

@@ -20,8 +20,17 @@ import (
 
 // startMoto starts moto's KMS with the project's compatibility shim
 // (tests/peers/moto_kms_shim.py) on a free 127.0.0.1 port and stops it at cleanup.
-// MOTO_PYTHON is the venv interpreter that scripts/test-all.sh installs moto into.
 func startMoto(t *testing.T) string {
+	t.Helper()
+	endpoint, argv := motoCommandLine(t)
+	startPeerProcess(t, "moto", exec.Command(argv[0], argv[1:]...), endpoint+"/moto-api/")
+	return endpoint
+}
+
+// motoCommandLine picks a free 127.0.0.1 port and returns moto's endpoint there and the shim's
+// command line (extra arguments appended). MOTO_PYTHON is the venv interpreter that
+// scripts/test-all.sh installs moto into.
+func motoCommandLine(t *testing.T, extra ...string) (string, []string) {
 	t.Helper()
 	python := os.Getenv("MOTO_PYTHON")
 	if python == "" {
@@ -32,9 +41,8 @@ func startMoto(t *testing.T) string {
 		t.Fatal(err)
 	}
 	port := freePort(t)
-	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
-	startPeerProcess(t, "moto", exec.Command(python, shim, "-H", "127.0.0.1", "-p", fmt.Sprint(port)), endpoint+"/moto-api/")
-	return endpoint
+	argv := append([]string{python, shim, "-H", "127.0.0.1", "-p", fmt.Sprint(port)}, extra...)
+	return fmt.Sprintf("http://127.0.0.1:%d", port), argv
 }
 
 // startPeerProcess starts a single-process test peer with its output in a log file, kills it
@@ -453,19 +461,10 @@ func (p *restartablePeer) Restart() time.Duration {
 // startPersistentMoto is startMoto with the KMS state kept across Restart.
 func startPersistentMoto(t *testing.T) (string, *restartablePeer) {
 	t.Helper()
-	python := os.Getenv("MOTO_PYTHON")
-	if python == "" {
-		t.Fatal("MOTO_PYTHON must point at the python of the moto venv (scripts/test-all.sh sets it)")
-	}
-	shim, err := filepath.Abs(filepath.Join("..", "peers", "moto_kms_shim.py"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := freePort(t)
-	endpoint := fmt.Sprintf("http://127.0.0.1:%d", port)
 	state := filepath.Join(t.TempDir(), "moto-state.pickle")
+	endpoint, argv := motoCommandLine(t, "--state-file", state)
 	peer := startRestartablePeer(t, "moto", func() *exec.Cmd {
-		return exec.Command(python, shim, "--state-file", state, "-H", "127.0.0.1", "-p", fmt.Sprint(port))
+		return exec.Command(argv[0], argv[1:]...)
 	}, endpoint+"/moto-api/")
 	return endpoint, peer
 }
@@ -473,25 +472,10 @@ func startPersistentMoto(t *testing.T) (string, *restartablePeer) {
 // startPersistentGcpKmsFake is startGcpKmsFake with the fake's resources kept across Restart.
 func startPersistentGcpKmsFake(t *testing.T, args ...string) (*gcpKmsFake, *restartablePeer) {
 	t.Helper()
-	python := os.Getenv("GCP_FAKE_PYTHON")
-	if python == "" {
-		t.Fatal("GCP_FAKE_PYTHON must point at the python of the venv with tests/peers/requirements-gcp.txt installed")
-	}
-	script, err := filepath.Abs(filepath.Join("..", "peers", "gcp_kms_fake.py"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := freePort(t)
-	f := &gcpKmsFake{
-		Endpoint: fmt.Sprintf("http://127.0.0.1:%d", port),
-		client:   &http.Client{Timeout: 30 * time.Second},
-	}
-	f.harness = newGcpServiceAccountKey(t, gcpHarnessEmail, f.Endpoint+"/token")
-	harnessFile := f.harness.File(t)
 	state := filepath.Join(t.TempDir(), "gcp-state.pickle")
+	f, argv := gcpKmsFakeCommandLine(t, append([]string{"--state-file", state}, args...)...)
 	peer := startRestartablePeer(t, "gcp_kms_fake", func() *exec.Cmd {
-		return exec.Command(python, append([]string{script, "--host", "127.0.0.1", "--port", fmt.Sprint(port),
-			"--service-account-key", harnessFile, "--state-file", state}, args...)...)
+		return exec.Command(argv[0], argv[1:]...)
 	}, f.Endpoint+"/_fake/health")
 	return f, peer
 }
