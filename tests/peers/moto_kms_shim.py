@@ -17,7 +17,7 @@ through it are the ones AWS KMS would make (see shared test-peers notes):
    CreateAlias of one name could both succeed (the shared-keys mode's rotation lock relies
    on exactly one succeeding).
 
-With `--state-file PATH` (given first), the KMS state (keys with their private key material,
+With `--state-file PATH` (anywhere on the command line), the KMS state (keys with their private key material,
 aliases, tags) is loaded from PATH at start-up if it exists and written to it on SIGTERM, so
 that a test can restart the peer and find the same keys, as a restarted AWS KMS would.
 
@@ -207,7 +207,11 @@ if __name__ == "__main__":
     from moto import server
 
     args = sys.argv[1:]
-    if args[:1] == ["--state-file"]:
-        _persist(args[1], server)
-        args = args[2:]
+    # Ours, not moto's: taken out wherever it stands, since moto's parser would refuse it.
+    if "--state-file" in args:
+        at = args.index("--state-file")
+        if at + 1 >= len(args):
+            sys.exit("moto_kms_shim: --state-file needs a path")
+        _persist(args[at + 1], server)
+        del args[at : at + 2]
     server.main(args)
