@@ -205,6 +205,12 @@ if cargo tree --locked -p kms-keymanager -e features -i keymanager-engine | grep
   exit 1
 fi
 cargo test --workspace --locked --no-fail-fast --features kms-keymanager/failpoints 2>&1 | tee "$LOG_DIR/cargo-test.log"
+# The fuzz workspace (scripts/fuzz.sh builds it with --locked) has its own Cargo.lock: it must
+# follow the main workspace's dependencies, or the campaign script stops before it starts.
+if ! cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null; then
+  echo "fuzz/Cargo.lock is out of date: run \`cargo metadata --manifest-path fuzz/Cargo.toml\` and commit it" >&2
+  exit 1
+fi
 
 step "quickstart demo"
 # The binary `cargo test` built for the integration tests: no second build.
