@@ -2,6 +2,7 @@ package spire_test
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -17,7 +18,7 @@ import (
 type fault int
 
 const (
-	faultThrottle    fault = iota // 400 ThrottlingException (Vault: 429)
+	faultThrottle    fault = iota // 400 ThrottlingException (Vault: 429; Cloud KMS: 429 RESOURCE_EXHAUSTED)
 	faultServer500                // 500 KMSInternalException (Vault: 500)
 	faultDrop                     // the connection is closed without a response
 	faultSlow                     // the response comes after the plugin's per-attempt timeout
@@ -28,9 +29,11 @@ const (
 // queued requests of an operation: a JSON-protocol call by its X-Amz-Target ("Sign" for
 // "TrentService.Sign"), a query-protocol call (STS) by the Action of its form body
 // ("GetCallerIdentity", "AssumeRole"), a Vault API call by the first two segments of its
-// path after /v1/ ("transit/sign", "transit/keys", "auth/approle"). Query-protocol faults are
-// answered in that protocol's XML error shape, Vault faults in Vault's {"errors": [...]}
-// shape, so that clients read them as they would the real service's.
+// path after /v1/ ("transit/sign", "transit/keys", "auth/approle"), a Cloud KMS REST call
+// by its custom verb or else its collection ("asymmetricSign", "cryptoKeyVersions").
+// Query-protocol faults are answered in that protocol's XML error shape, Vault faults in
+// Vault's {"errors": [...]} shape, Cloud KMS faults in Google's {"error": {...}} shape, so
+// that clients read them as they would the real service's.
 type faultProxy struct {
 	URL   string
 	mu    sync.Mutex
@@ -83,6 +86,10 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 			writeQueryFault(w, *next)
 			return
 		}
+		if strings.HasPrefix(r.URL.Path, cloudKmsPathPrefix) {
+			writeCloudKmsFault(w, *next)
+			return
+		}
 		if strings.HasPrefix(r.URL.Path, "/v1/") {
 			writeVaultFault(w, *next)
 			return
@@ -116,6 +123,17 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 // (the service prefix dropped), else the Action of a query-protocol form body (query is then
 // true). The body is read and put back for forwarding.
 func requestOperation(t *testing.T, r *http.Request) (operation string, query bool) {
+	if rest, found := strings.CutPrefix(r.URL.Path, cloudKmsPathPrefix); found {
+		segments := strings.Split(rest, "/")
+		last := segments[len(segments)-1]
+		if _, verb, custom := strings.Cut(last, ":"); custom {
+			return verb, false
+		}
+		if len(segments)%2 == 1 {
+			return last, false // a collection: list or create
+		}
+		return segments[len(segments)-2], false
+	}
 	if rest, found := strings.CutPrefix(r.URL.Path, "/v1/"); found {
 		segments := strings.SplitN(rest, "/", 3)
 		return strings.Join(segments[:min(2, len(segments))], "/"), false
@@ -158,6 +176,33 @@ func writeQueryFault(w http.ResponseWriter, f fault) {
 		queryError(http.StatusBadRequest, "Sender", "Throttling")
 	case faultServer500:
 		queryError(http.StatusInternalServerError, "Receiver", "InternalFailure")
+	case faultDrop:
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			_ = conn.Close()
+		}
+	}
+}
+
+// cloudKmsPathPrefix starts every Cloud KMS REST resource path (Vault's API is under /v1/ too).
+const cloudKmsPathPrefix = "/v1/projects/"
+
+// writeCloudKmsFault answers a Cloud KMS REST call with the fault, in Google's JSON error
+// shape (the HTTP status and the canonical code name, as Cloud KMS answers).
+func writeCloudKmsFault(w http.ResponseWriter, f fault) {
+	googleError := func(status int, code, message string) {
+		w.Header().Set("Content-Type", "application/json; charset=UTF-8")
+		w.WriteHeader(status)
+		_, _ = fmt.Fprintf(w, `{"error":{"code":%d,"message":%q,"status":%q}}`, status, message, code)
+	}
+	switch f {
+	case faultThrottle:
+		googleError(http.StatusTooManyRequests, "RESOURCE_EXHAUSTED",
+			"Quota exceeded for quota metric 'Cryptographic requests' (injected by the fault proxy).")
+	case faultServer500:
+		googleError(http.StatusInternalServerError, "INTERNAL", "Internal error encountered (injected).")
+	case faultUnavailable:
+		googleError(http.StatusServiceUnavailable, "UNAVAILABLE", "The service is currently unavailable (injected).")
 	case faultDrop:
 		conn, _, err := w.(http.Hijacker).Hijack()
 		if err == nil {

@@ -109,12 +109,18 @@ func without(perms []string, drop ...string) []string {
 
 // pluginData configures the gcp_kms backend against the fake.
 func (e *gcpEnv) pluginData(serverID string, extra ...string) string {
+	return e.pluginDataVia(e.fake.Endpoint, serverID, extra...)
+}
+
+// pluginDataVia is pluginData with the Cloud KMS API at endpoint (a fault proxy in front of
+// the fake; the service account's token endpoint stays the fake's).
+func (e *gcpEnv) pluginDataVia(endpoint, serverID string, extra ...string) string {
 	return fmt.Sprintf(`backend = "gcp_kms"
 key_ring = %q
 endpoint = %q
 service_account_file = %q
 key_identifier_value = %q
-`, e.ring, e.fake.Endpoint, e.saFile, serverID) + strings.Join(extra, "\n") + "\n"
+`, e.ring, endpoint, e.saFile, serverID) + strings.Join(extra, "\n") + "\n"
 }
 
 // sharedKeys is a shared_keys block whose CryptoKeys start with prefix.

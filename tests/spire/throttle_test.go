@@ -197,22 +197,53 @@ func throttledMoto(t *testing.T, perSecond float64, burst int, extra string) (*l
 	return p, proxy
 }
 
+// throttledGcpKms starts the Cloud KMS fake behind a fault proxy whose asymmetricSign quota
+// is perSecond with a burst (answered 429 RESOURCE_EXHAUSTED, as Cloud KMS does), and a
+// plugin on it with extra plugin_data; returns the plugin and the proxy.
+func throttledGcpKms(t *testing.T, perSecond float64, burst int, extra string) (*loaded, *faultProxy) {
+	t.Helper()
+	env := newGcpEnv(t)
+	proxy := newFaultProxy(t, env.fake.Endpoint)
+	p := loadExternal(t, env.pluginDataVia(proxy.URL, "throttled")+extra)
+	proxy.quota("asymmetricSign", perSecond, burst)
+	return p, proxy
+}
+
 // TestAdaptiveRateUnderQuota: with a 50 Sign/s quota on the store and twice that demand
 // (with a burst), SPIRE sees no SignData failure and the plugin gets at least 90 % of the
 // quota without being told it (adaptive rate control is on by default); a burst that
 // cannot be served before its callers' deadline is refused at once with ResourceExhausted,
-// not left to time out.
+// not left to time out. On aws_kms (moto, 400 ThrottlingException) and gcp_kms (the fake,
+// 429 RESOURCE_EXHAUSTED).
 func TestAdaptiveRateUnderQuota(t *testing.T) {
 	t.Parallel()
+	for _, store := range []struct {
+		name, operation string
+		start           func(t *testing.T, perSecond float64, burst int, extra string) (*loaded, *faultProxy)
+	}{
+		{"aws_kms", "Sign", throttledMoto},
+		{"gcp_kms", "asymmetricSign", throttledGcpKms},
+	} {
+		t.Run(store.name, func(t *testing.T) {
+			t.Parallel()
+			adaptiveRateUnderQuota(t, store.operation, store.start)
+		})
+	}
+}
+
+func adaptiveRateUnderQuota(t *testing.T, operation string, start func(t *testing.T, perSecond float64, burst int, extra string) (*loaded, *faultProxy)) {
 	const quota = 50.0
-	p, proxy := throttledMoto(t, quota, 10, "")
+	p, proxy := start(t, quota, 10, "")
 	key, err := p.KeyManager.GenerateKey(context.Background(), "JWT-Signer-A", keymanager.ECP256)
 	require.NoError(t, err)
 
 	demand := signDemand{callers: 18, period: 200 * time.Millisecond, burst: 50, burstEvery: 5 * time.Second, duration: 10 * time.Second}
 	out := driveSignDemand(key, demand)
+	throttled := proxy.throttles(operation)
 	t.Logf("demand %.0f/s: goodput %.1f/s (%.0f%% of the quota), failures %v, p50 %v, p99 %v, throttled by the store %d",
-		demand.perSecond(), out.goodput(), 100*out.goodput()/quota, out.failures, out.percentile(50), out.percentile(99), proxy.throttles("Sign"))
+		demand.perSecond(), out.goodput(), 100*out.goodput()/quota, out.failures, out.percentile(50), out.percentile(99), throttled)
+	// The quota must have bitten, or the test proves nothing about throttling.
+	require.Positive(t, throttled, "the store never throttled: is the quota on the right operation?")
 	require.Zero(t, out.failed(), "SignData failures seen by SPIRE (first: %v)", out.firstErr)
 	require.GreaterOrEqual(t, out.goodput(), 0.9*quota, "goodput")
 
@@ -231,8 +262,9 @@ func TestAdaptiveRateUnderQuota(t *testing.T) {
 // adaptive rate control"): a 50 Sign/s quota on moto (through the fault proxy), twice the
 // quota of demand with bursts for 60 s (KMS_THROTTLE_SECONDS), through SPIRE's facade, for
 // no limiter, a fixed limiter at the quota and adaptive rate control, then adaptive rate
-// control on OpenBao's transit/sign behind the same quota, in one run. It is a benchmark,
-// not a test: it runs only with KMS_BENCH=1 (and needs BAO_BIN for the last row).
+// control on OpenBao's transit/sign behind the same quota, then no limiter and adaptive
+// rate control on the Cloud KMS fake's asymmetricSign, in one run. It is a benchmark, not a
+// test: it runs only with KMS_BENCH=1 (and needs BAO_BIN for the OpenBao row).
 func TestThrottlingGoodput(t *testing.T) {
 	if os.Getenv("KMS_BENCH") != "1" {
 		t.Skip("benchmark; run with KMS_BENCH=1")
@@ -245,7 +277,7 @@ func TestThrottlingGoodput(t *testing.T) {
 	const quota = 50.0
 	demand := signDemand{callers: 18, period: 200 * time.Millisecond, burst: 100, burstEvery: 10 * time.Second, duration: time.Duration(seconds) * time.Second}
 	report := []string{
-		fmt.Sprintf("quota %.0f Sign/s (burst 10) on moto (transit/sign on OpenBao for the last row); demand %.0f/s (%d callers every %v + %d at once every %v) for %v through SPIRE's facade",
+		fmt.Sprintf("quota %.0f Sign/s (burst 10) on moto (transit/sign on OpenBao, asymmetricSign on the Cloud KMS fake for the last rows); demand %.0f/s (%d callers every %v + %d at once every %v) for %v through SPIRE's facade",
 			quota, demand.perSecond(), demand.callers, demand.period, demand.burst, demand.burstEvery, demand.duration),
 		"",
 		"| limiter | goodput (signs/s) | % of quota | SignData failures | p50 | p99 | store throttles | deadline burst (300 × 3 s): signed / refused ResourceExhausted (p50, slowest) / other |",
@@ -255,6 +287,12 @@ func TestThrottlingGoodput(t *testing.T) {
 		return func() (*loaded, *faultProxy, string) {
 			p, proxy := throttledMoto(t, quota, 10, extra)
 			return p, proxy, "Sign"
+		}
+	}
+	onGcpKms := func(extra string) func() (*loaded, *faultProxy, string) {
+		return func() (*loaded, *faultProxy, string) {
+			p, proxy := throttledGcpKms(t, quota, 10, extra)
+			return p, proxy, "asymmetricSign"
 		}
 	}
 	for _, mode := range []struct {
@@ -275,6 +313,9 @@ func TestThrottlingGoodput(t *testing.T) {
 			proxy.quota("transit/sign", quota, 10)
 			return p, proxy, "transit/sign"
 		}},
+		// And on Cloud KMS's REST API, throttled with 429 RESOURCE_EXHAUSTED.
+		{"none, gcp_kms on the fake", onGcpKms("adaptive_rate_limit = false\n")},
+		{"adaptive (default), gcp_kms on the fake", onGcpKms("")},
 	} {
 		p, proxy, operation := mode.start()
 		key, err := p.KeyManager.GenerateKey(context.Background(), "JWT-Signer-A", keymanager.ECP256)
