@@ -48,7 +48,7 @@ fuzz_one() {
     for q in "$dir"/run-???/default/queue; do
         [ -d "$q" ] || continue
         local prev; prev=$(basename "$(dirname "$(dirname "$q")")")
-        find "$q" -maxdepth 1 -type f -name 'id:*' -exec sh -c 'for f; do cp "$f" "$0/$1-$(basename "$f" | cut -d, -f1 | tr : _)"; done' "$input" "$prev" {} +
+        find "$q" -maxdepth 1 -type f -name 'id:*' -exec sh -c 'into=$1 run=$2; shift 2; for f; do cp "$f" "$into/$run-$(basename "$f" | cut -d, -f1 | tr : _)"; done' sh "$input" "$prev" {} +
     done
     local dict=()
     [ -f "$ROOT/fuzz/dict/$t.dict" ] && dict=(-x "$ROOT/fuzz/dict/$t.dict")

@@ -31,7 +31,7 @@ pub fn parse(text: &str) -> Result<Settings, SettingsError> {
         }
     }
     let mut body = body;
-    check_body(&mut body, "")?;
+    check_body(&mut body, "", 0)?;
     // The body holds literals only; hcl-rs's own messages quote values, so none is passed on.
     let value: hcl::Value = hcl::from_body(body)
         .map_err(|_| SettingsError::Syntax("it cannot be read as key = value settings".into()))?;
@@ -51,47 +51,70 @@ const NOT_LITERAL_TEMPLATE: &str = "must be a quoted string literal; ${…} inte
 const NOT_LITERAL_KEY: &str =
     "object keys must be names or quoted string literals; expressions are not allowed";
 
+/// How deep blocks (each label a level, as hcl-rs reads them), objects and lists may nest.
+/// SPIRE's configurations nest three levels at most. hcl-rs converts a body recursively, so
+/// an unbounded depth overflows the stack: fuzzing found a block with 12,000 labels.
+const MAX_DEPTH: usize = 32;
+
+fn too_deep(key: &str) -> SettingsError {
+    SettingsError::invalid(
+        key,
+        format!("nests blocks, block labels, objects and lists more than {MAX_DEPTH} levels deep"),
+    )
+}
+
 /// Refuses every value that is not a literal (null, boolean, number, string without
 /// interpolation, heredoc without interpolation, or a list or object of those), naming the
 /// key as `block.label.key`, `key.item` or `key[index]`, never the value. A heredoc becomes
-/// the string it stands for (`$${` read as `${`).
-fn check_body(body: &mut hcl::Body, path: &str) -> Result<(), SettingsError> {
+/// the string it stands for (`$${` read as `${`). Refuses nesting deeper than [`MAX_DEPTH`],
+/// naming the outermost key (a deeper path could be as long as the input).
+fn check_body(body: &mut hcl::Body, path: &str, depth: usize) -> Result<(), SettingsError> {
     for structure in body.iter_mut() {
         match structure {
             Structure::Attribute(attribute) => {
                 let key = join(path, attribute.key.as_str());
-                check_expression(&mut attribute.expr, &key)?;
+                check_expression(&mut attribute.expr, &key, depth)?;
             }
             Structure::Block(block) => {
+                let depth = depth + 1 + block.labels.len();
+                if depth > MAX_DEPTH {
+                    return Err(too_deep(&join(path, block.identifier.as_str())));
+                }
                 let path = block
                     .labels
                     .iter()
                     .fold(join(path, block.identifier.as_str()), |path, label| {
                         join(&path, label.as_str())
                     });
-                check_body(&mut block.body, &path)?;
+                check_body(&mut block.body, &path, depth)?;
             }
         }
     }
     Ok(())
 }
 
-fn check_expression(expression: &mut Expression, key: &str) -> Result<(), SettingsError> {
+fn check_expression(
+    expression: &mut Expression,
+    key: &str,
+    depth: usize,
+) -> Result<(), SettingsError> {
+    if matches!(expression, Expression::Array(_) | Expression::Object(_)) && depth >= MAX_DEPTH {
+        return Err(too_deep(key));
+    }
     match expression {
         Expression::Null | Expression::Bool(_) | Expression::Number(_) | Expression::String(_) => {
             Ok(())
         }
-        Expression::Array(items) => items
-            .iter_mut()
-            .enumerate()
-            .try_for_each(|(index, item)| check_expression(item, &format!("{key}[{index}]"))),
+        Expression::Array(items) => items.iter_mut().enumerate().try_for_each(|(index, item)| {
+            check_expression(item, &format!("{key}[{index}]"), depth + 1)
+        }),
         Expression::Object(object) => object.iter_mut().try_for_each(|(name, value)| {
             let name = match name {
                 ObjectKey::Identifier(name) => name.as_str(),
                 ObjectKey::Expression(Expression::String(name)) => name.as_str(),
                 _ => return Err(SettingsError::invalid(key, NOT_LITERAL_KEY)),
             };
-            check_expression(value, &join(key, name))
+            check_expression(value, &join(key, name), depth + 1)
         }),
         // hcl-rs keeps a quoted string as a template only when it has `${…}` or `%{…}`;
         // a heredoc is always one, so its parts are looked at.
@@ -381,6 +404,79 @@ fn unquote_line(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `f` on a thread with the stack of a tokio worker (2 MiB), where Configure runs.
+    fn on_worker_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn nesting_beyond_the_limit_is_refused_without_exhausting_the_stack() {
+        // The fuzzer's input: a block with thousands of labels (each `""` is one), which
+        // hcl-rs turns into as many nested objects and converted recursively.
+        let labels = "\"\" ".repeat(12_000);
+        let deep_labels = format!("backend = \"disk\"\nshared_keys {labels}{{\n  x = \"y\"\n}}\n");
+        let deep_lists = format!(
+            "key_tags = {}\"x\"{}\n",
+            "[".repeat(5_000),
+            "]".repeat(5_000)
+        );
+        let deep_objects = format!(
+            "key_tags = {}\"x\"{}\n",
+            "{a = ".repeat(5_000),
+            "}".repeat(5_000)
+        );
+        let deep_blocks = format!(
+            "{}x = \"y\"\n{}",
+            "a {\n".repeat(2_000),
+            "}\n".repeat(2_000)
+        );
+        for (what, text) in [
+            ("labels", deep_labels),
+            ("lists", deep_lists),
+            ("objects", deep_objects),
+            ("blocks", deep_blocks),
+        ] {
+            let error = on_worker_stack(move || parse(&text).map(|_| ()).unwrap_err());
+            let message = error.to_string();
+            assert!(
+                message.contains("levels deep") || message.contains("line "),
+                "{what}: {message}"
+            );
+            assert!(
+                message.len() < 400,
+                "{what}: the message is bounded: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_read() {
+        let lists = format!(
+            "key_tags = {}\"x\"{}\n",
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert!(parse(&lists).is_ok());
+        let too_deep = format!(
+            "key_tags = {}\"x\"{}\n",
+            "[".repeat(MAX_DEPTH + 1),
+            "]".repeat(MAX_DEPTH + 1)
+        );
+        let message = parse(&too_deep).unwrap_err().to_string();
+        assert!(message.contains("key_tags"), "{message}");
+        assert!(message.contains("32 levels deep"), "{message}");
+        let labels = format!("b {}{{\n  x = \"y\"\n}}\n", "\"l\" ".repeat(MAX_DEPTH - 1));
+        assert!(parse(&labels).is_ok());
+        let labels = format!("b {}{{\n  x = \"y\"\n}}\n", "\"l\" ".repeat(MAX_DEPTH));
+        let message = parse(&labels).unwrap_err().to_string();
+        assert!(message.contains("\"b\""), "{message}");
+    }
 
     #[test]
     fn parses_native_hcl() {
