@@ -8,24 +8,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use keymanager_backend_aws::AwsKmsFactory;
-use keymanager_backend_disk::DiskFactory;
-use keymanager_backend_gcp::GcpKmsFactory;
 use keymanager_conformance::peers::{self, Peer};
 use keymanager_conformance::proxy::{FaultProxy, RequestSummary};
 use keymanager_conformance::verify;
 use keymanager_engine::lifecycle::SweepPolicy;
 use keymanager_engine::{
-    BackendFactory, CoreConfig, HashAlgorithm, KeyId, KeyService, KeyType, SignatureScheme,
-    SignerOpts,
+    CoreConfig, HashAlgorithm, KeyService, KeyType, SignatureScheme, SignerOpts,
 };
-use keymanager_plugin::PluginState;
-use keymanager_plugin::logging::LogControl;
 use sha2::Digest as _;
 
-static AWS: AwsKmsFactory = AwsKmsFactory::new();
-static GCP: GcpKmsFactory = GcpKmsFactory::new();
-static BACKENDS: &[&dyn BackendFactory] = &[&DiskFactory, &AWS, &GCP];
+mod common;
+use common::{id, run_on, state};
 
 const IDS: [&str; 2] = ["x509-CA-A", "JWT-Signer-A"];
 
@@ -34,10 +27,6 @@ fn core(trust_domain: &str) -> Option<CoreConfig> {
     Some(CoreConfig {
         trust_domain: trust_domain.into(),
     })
-}
-
-fn state() -> PluginState {
-    PluginState::new(BACKENDS, LogControl::detached())
 }
 
 fn moto() -> &'static Peer {
@@ -51,10 +40,6 @@ fn gcp_fake() -> &'static Peer {
 }
 
 const RING: &str = "projects/handover/locations/global/keyRings/spire";
-
-fn id(s: &str) -> KeyId {
-    KeyId::new(s).expect("id")
-}
 
 fn aws(endpoint: &str, server: &str) -> String {
     format!(
@@ -141,22 +126,7 @@ fn directory_state(dir: &Path) -> BTreeMap<String, String> {
 
 /// Runs the operator CLI on a plugin_data file; its JSON output.
 fn cli(plugin_data: &Path, trust_domain: &str, args: &[&str]) -> serde_json::Value {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kms-keymanager"))
-        .args(args)
-        .arg("--plugin-data")
-        .arg(plugin_data)
-        .arg("--trust-domain")
-        .arg(trust_domain)
-        .output()
-        .expect("run kms-keymanager");
-    keymanager_conformance::logs::keep_cli_log(args, &output);
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
+    run_on(plugin_data, trust_domain, args).json()
 }
 
 /// The store calls a read-only old store may make: reads (STS's GetCallerIdentity at

@@ -8,52 +8,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use keymanager_backend_aws::AwsKmsFactory;
-use keymanager_backend_disk::DiskFactory;
-use keymanager_backend_gcp::GcpKmsFactory;
 use keymanager_conformance::peers::{self, Peer};
 use keymanager_conformance::proxy::{Fault, FaultProxy, Plan, swap_public_key};
 use keymanager_conformance::verify;
-use keymanager_engine::{
-    BackendFactory, CoreConfig, HashAlgorithm, KeyId, KeyService, KeyType, SignatureScheme,
-    SignerOpts,
-};
-use keymanager_plugin::PluginState;
-use keymanager_plugin::logging::LogControl;
+use keymanager_engine::{HashAlgorithm, KeyService, KeyType, SignatureScheme, SignerOpts};
 use serde_json::Value;
 
-static AWS: AwsKmsFactory = AwsKmsFactory::new();
-static GCP: GcpKmsFactory = GcpKmsFactory::new();
-static BACKENDS: &[&dyn BackendFactory] = &[&DiskFactory, &AWS, &GCP];
+mod common;
+use common::{Run, id, run, server};
 
 fn localstack() -> &'static Peer {
     static PEER: OnceLock<Peer> = OnceLock::new();
     PEER.get_or_init(peers::localstack)
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
-    }
-}
-
-fn run(args: &[&str]) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_kms-keymanager"))
-        .args(args)
-        .output()
-        .expect("run kms-keymanager");
-    keymanager_conformance::logs::keep_cli_log(args, &output);
-    checked(output)
 }
 
 /// [`run`] off the async runtime's threads (tests that run several commands at once).
@@ -62,26 +30,6 @@ async fn run_async(args: &[String]) -> Run {
     tokio::task::spawn_blocking(move || run(&args.iter().map(String::as_str).collect::<Vec<_>>()))
         .await
         .unwrap()
-}
-
-/// The outcome, checked for secrets and key material.
-fn checked(output: std::process::Output) -> Run {
-    let run = Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    assert!(
-        !run.stderr.contains("secret-never-logged") && !run.stdout.contains("secret-never-logged"),
-        "a secret was printed: {}{}",
-        run.stdout,
-        run.stderr
-    );
-    assert!(
-        !run.stderr.contains("PRIVATE KEY") && !run.stdout.contains("PRIVATE KEY"),
-        "key material was printed"
-    );
-    run
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -112,25 +60,6 @@ fn fresh_account() -> String {
 
 fn disk_data(keys: &Path) -> String {
     format!("keys_path = {:?}\n", keys.display().to_string())
-}
-
-async fn server(td: &str, plugin_data: &str) -> (PluginState, Arc<dyn KeyService>) {
-    let state = PluginState::new(BACKENDS, LogControl::detached());
-    state
-        .configure(
-            Some(CoreConfig {
-                trust_domain: td.into(),
-            }),
-            plugin_data,
-        )
-        .await
-        .expect("configure");
-    let service = state.service().expect("service");
-    (state, service)
-}
-
-fn id(s: &str) -> KeyId {
-    KeyId::new(s).unwrap()
 }
 
 /// SPIRE's four keys (two CAs, two JWT signers) on disk; their fingerprints by id.

@@ -7,93 +7,34 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use keymanager_backend_aws::AwsKmsFactory;
-use keymanager_backend_disk::DiskFactory;
-use keymanager_backend_gcp::GcpKmsFactory;
 use keymanager_conformance::peers::{self, Peer};
 use keymanager_conformance::proxy::FaultProxy;
+use keymanager_engine::KeyType;
 use keymanager_engine::lifecycle::{SweepDecision, SweepPolicy};
-use keymanager_engine::{BackendFactory, CoreConfig, KeyId, KeyService, KeyType};
-use keymanager_plugin::PluginState;
-use keymanager_plugin::logging::LogControl;
 use serde_json::Value;
 
-static AWS: AwsKmsFactory = AwsKmsFactory::new();
-static GCP: GcpKmsFactory = GcpKmsFactory::new();
-static BACKENDS: &[&dyn BackendFactory] = &[&DiskFactory, &AWS, &GCP];
+mod common;
+use common::{Run, id, run_on, server};
 
 fn moto() -> &'static Peer {
     static PEER: OnceLock<Peer> = OnceLock::new();
     PEER.get_or_init(peers::moto)
 }
 
-/// The CLI's outcome: exit code, stdout (JSON when asked), stderr.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
-    }
-}
-
+/// Runs the CLI on `plugin_data` (written to a file in `dir`) for trust domain `td`.
 fn cli(dir: &Path, plugin_data: &str, td: &str, args: &[&str]) -> Run {
     let file = dir.join(format!("plugin-data-{}.hcl", rand_suffix()));
     std::fs::write(&file, plugin_data).expect("write plugin data");
-    let output = Command::new(env!("CARGO_BIN_EXE_kms-keymanager"))
-        .args(args)
-        .arg("--plugin-data")
-        .arg(&file)
-        .arg("--trust-domain")
-        .arg(td)
-        .output()
-        .expect("run kms-keymanager");
-    keymanager_conformance::logs::keep_cli_log(args, &output);
-    let run = Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    assert!(
-        !run.stderr.contains("secret-never-logged") && !run.stdout.contains("secret-never-logged"),
-        "a secret was printed: {}{}",
-        run.stdout,
-        run.stderr
-    );
-    run
+    run_on(&file, td, args)
 }
 
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::SeqCst)
-}
-
-async fn server(td: &str, plugin_data: &str) -> (PluginState, std::sync::Arc<dyn KeyService>) {
-    let state = PluginState::new(BACKENDS, LogControl::detached());
-    state
-        .configure(
-            Some(CoreConfig {
-                trust_domain: td.into(),
-            }),
-            plugin_data,
-        )
-        .await
-        .expect("configure");
-    let service = state.service().expect("service");
-    (state, service)
-}
-
-fn id(s: &str) -> KeyId {
-    KeyId::new(s).expect("key id")
 }
 
 fn fingerprints(keys: &Value) -> BTreeSet<(String, String)> {
