@@ -108,10 +108,7 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = w.Write([]byte(`{"__type":"ServiceUnavailableException","message":"injected"}`))
 		case faultDrop:
-			conn, _, err := w.(http.Hijacker).Hijack()
-			if err == nil {
-				_ = conn.Close()
-			}
+			dropConnection(w)
 		}
 	}))
 	t.Cleanup(server.Close)
@@ -162,6 +159,14 @@ func requestOperation(t *testing.T, r *http.Request) (operation string, query bo
 	return form.Get("Action"), true
 }
 
+// dropConnection closes the client's connection without a response.
+func dropConnection(w http.ResponseWriter) {
+	conn, _, err := w.(http.Hijacker).Hijack()
+	if err == nil {
+		_ = conn.Close()
+	}
+}
+
 // writeQueryFault answers a query-protocol (STS) call with the fault, in the XML error shape
 // of that protocol.
 func writeQueryFault(w http.ResponseWriter, f fault) {
@@ -177,10 +182,7 @@ func writeQueryFault(w http.ResponseWriter, f fault) {
 	case faultServer500:
 		queryError(http.StatusInternalServerError, "Receiver", "InternalFailure")
 	case faultDrop:
-		conn, _, err := w.(http.Hijacker).Hijack()
-		if err == nil {
-			_ = conn.Close()
-		}
+		dropConnection(w)
 	}
 }
 
@@ -204,10 +206,7 @@ func writeCloudKmsFault(w http.ResponseWriter, f fault) {
 	case faultUnavailable:
 		googleError(http.StatusServiceUnavailable, "UNAVAILABLE", "The service is currently unavailable (injected).")
 	case faultDrop:
-		conn, _, err := w.(http.Hijacker).Hijack()
-		if err == nil {
-			_ = conn.Close()
-		}
+		dropConnection(w)
 	}
 }
 
@@ -226,10 +225,7 @@ func writeVaultFault(w http.ResponseWriter, f fault) {
 	case faultUnavailable:
 		vaultError(http.StatusServiceUnavailable, "injected: service unavailable")
 	case faultDrop:
-		conn, _, err := w.(http.Hijacker).Hijack()
-		if err == nil {
-			_ = conn.Close()
-		}
+		dropConnection(w)
 	}
 }
 
