@@ -33,7 +33,7 @@ trap 'rm -rf "$LOG_DIR"' EXIT
 export KMS_KEYMANAGER_TEST_LOG_DIR=$LOG_DIR/logs
 mkdir -p "$KMS_KEYMANAGER_TEST_LOG_DIR"
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s (%d min %02d s into the run)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 need() { command -v "$1" >/dev/null || { echo "missing tool: $1 ($2)" >&2; exit 1; }; }
 need cargo "Rust toolchain 1.95 (rustup)"
 need go "Go 1.26"
@@ -265,3 +265,4 @@ go_failed=$(cat "$LOG_DIR/go-test.log" "$LOG_DIR/go-test-v114.log" | grep -cE '^
 echo
 echo "Rust: $rust_passed tests passed; Python (Cloud KMS and Key Vault fakes vs Google's and Microsoft's clients): $py_passed passed; Go (SPIRE conformance and end to end): $go_passed tests and subtests passed"
 echo "$((rust_passed + py_passed + go_passed)) passed, $go_failed failed"
+echo "run time: $((SECONDS / 60)) min $((SECONDS % 60)) s"
